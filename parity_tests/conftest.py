@@ -1,0 +1,23 @@
+"""Test settings: Hypothesis profiles and JAX's 64-bit mode.
+
+Profiles: `dev` (fast, the default), `ci` (200 examples per property,
+derandomized; chosen automatically when the CI variable is set), `thorough`
+(thousands, opt-in with HYPOTHESIS_PROFILE=thorough).
+"""
+
+import os
+
+import hypothesis
+from hypothesis import HealthCheck
+
+import jax_impl  # noqa: F401  (switches on x64 before any test builds an array)
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+hypothesis.settings.register_profile("dev", max_examples=30, **_common)
+hypothesis.settings.register_profile(
+    "ci", max_examples=200, derandomize=True, database=None, print_blob=True, **_common
+)
+hypothesis.settings.register_profile("thorough", max_examples=3000, **_common)
+
+_default = "ci" if os.environ.get("CI") else "dev"
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default))
