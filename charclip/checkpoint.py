@@ -1,0 +1,210 @@
+"""The checkpoint format, one for both backends. No pickle anywhere.
+
+A run directory holds `checkpoints/step-NNNNNNNN/` folders and a `checkpoints/LATEST`
+file naming the newest. Each folder holds:
+
+- `model.safetensors`: the parameters under PyTorch `state_dict` names, so
+  `CharRNN.load_state_dict(safetensors.torch.load_file(...))` works as is;
+- `train_state.safetensors`: Adam's moments (`adam.exp_avg.<name>`,
+  `adam.exp_avg_sq.<name>`) and the hidden state carried between batches
+  (`hidden.h`, and `hidden.c` for an LSTM), each of shape (layers, batch, hidden);
+- `checkpoint.json`: format version, backend, configuration, vocabulary, step,
+  data position, and the SHA-256 of both tensor files.
+
+Writes are atomic: the folder is written under a temporary name, flushed, and
+renamed; then LATEST is replaced atomically. A crash at any moment leaves the
+previous checkpoint whole and LATEST pointing at it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from charclip import config as C
+from charclip.batching import Position
+from charclip.errors import CharclipError
+from charclip.vocab import Vocab
+from charclip.weights import param_shapes
+
+FORMAT = "charclip-checkpoint"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.safetensors"
+META_FILE = "checkpoint.json"
+KEEP = 2  # checkpoints kept per run; older ones are removed after a new one lands
+_META_KEYS = {"format", "format_version", "backend", "model", "train", "vocab", "step", "position", "corpus", "files"}
+
+
+@dataclass
+class Checkpoint:
+    model: C.ModelConfig
+    train: C.TrainConfig
+    vocab: Vocab
+    params: dict[str, np.ndarray]
+    step: int = 0
+    position: Position = field(default_factory=Position)
+    backend: str = ""
+    corpus: dict = field(default_factory=dict)
+    adam: dict[str, np.ndarray] | None = None  # "step", "exp_avg.<name>", "exp_avg_sq.<name>"
+    hidden: dict[str, np.ndarray] | None = None  # "h", and "c" for an LSTM
+    path: Path | None = None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def save(run_dir: str | os.PathLike, ckpt: Checkpoint) -> Path:
+    """Write `ckpt` atomically under `run_dir/checkpoints/` and point LATEST at it."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{ckpt.step:08d}"
+    final = root / name
+    tmp = root / f".{name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _write_tensors(tmp / MODEL_FILE, ckpt.params)
+    state = {f"adam.{k}": v for k, v in (ckpt.adam or {}).items()}
+    state.update({f"hidden.{k}": v for k, v in (ckpt.hidden or {}).items()})
+    _write_tensors(tmp / STATE_FILE, state)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "backend": ckpt.backend,
+        "model": C.to_dict(ckpt.model),
+        "train": C.to_dict(ckpt.train),
+        "vocab": list(ckpt.vocab.chars),
+        "step": ckpt.step,
+        "position": {"epoch": ckpt.position.epoch, "batch": ckpt.position.batch},
+        "corpus": ckpt.corpus,
+        "files": {MODEL_FILE: _sha256(tmp / MODEL_FILE), STATE_FILE: _sha256(tmp / STATE_FILE)},
+    }
+    with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # the same step written again (a resumed run): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = root / f".LATEST.tmp{os.getpid()}"
+    latest_tmp.write_text(name + "\n", encoding="utf-8")
+    os.replace(latest_tmp, root / "LATEST")
+    _fsync_dir(root)
+    for old in sorted(p for p in root.glob("step-*") if p.name != name)[:-(KEEP - 1) or None]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The checkpoint folder meant by `path`: a checkpoint folder, a run folder, or its checkpoints/."""
+    p = Path(path)
+    if not p.exists():
+        raise CharclipError(f"checkpoint not found: {p}")
+    if (p / META_FILE).is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        latest = root / "LATEST"
+        if latest.is_file():
+            target = root / latest.read_text(encoding="utf-8", errors="replace").strip()
+            if not (target / META_FILE).is_file():
+                raise CharclipError(f"{latest} names {target.name}, which is not a complete checkpoint")
+            return target
+    raise CharclipError(f"{p} is neither a checkpoint folder (with {META_FILE}) nor a run folder with checkpoints/LATEST")
+
+
+def _read_meta(folder: Path) -> dict:
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CharclipError(f"{folder / META_FILE} is not readable JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CharclipError(f"{folder / META_FILE} is not a charclip checkpoint")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CharclipError(
+            f"{folder} has checkpoint format version {version!r}; this charclip reads up to {FORMAT_VERSION}: upgrade charclip"
+        )
+    missing, extra = _META_KEYS - meta.keys(), meta.keys() - _META_KEYS
+    if missing or extra:
+        raise CharclipError(f"{folder / META_FILE} has missing keys {sorted(missing)} / unknown keys {sorted(extra)}")
+    return meta
+
+
+def _read_tensors(path: Path, expected_sha: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        raise CharclipError(f"{path} is missing; the checkpoint is incomplete")
+    if _sha256(path) != expected_sha:
+        raise CharclipError(f"{path} does not match the SHA-256 recorded in {META_FILE}: the file is truncated or corrupted")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CharclipError(f"{path} is not a valid safetensors file: {e}") from None
+
+
+def load(path: str | os.PathLike) -> Checkpoint:
+    """Read and validate a checkpoint completely before returning anything."""
+    folder = resolve(path)
+    meta = _read_meta(folder)
+    try:
+        model = C.model_from_dict(meta["model"])
+        train = C.train_from_dict(meta["train"])
+        vocab = Vocab("".join(meta["vocab"]))
+        step = int(meta["step"])
+        position = Position(int(meta["position"]["epoch"]), int(meta["position"]["batch"]))
+        files = dict(meta["files"])
+    except CharclipError as e:
+        raise CharclipError(f"{folder / META_FILE}: {e}") from None
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        raise CharclipError(f"{folder / META_FILE} has a malformed field ({type(e).__name__}: {e})") from None
+    if len(vocab) != model.vocab_size:
+        raise CharclipError(f"{folder}: the vocabulary has {len(vocab)} characters but the model expects {model.vocab_size}")
+    params = _read_tensors(folder / MODEL_FILE, files.get(MODEL_FILE, ""))
+    expected = param_shapes(model)
+    if set(params) != set(expected):
+        raise CharclipError(f"{folder / MODEL_FILE} holds tensors {sorted(set(params) ^ set(expected))} that do not fit the configuration")
+    for name, shape in expected.items():
+        if params[name].shape != shape or params[name].dtype != np.dtype(train.dtype):
+            raise CharclipError(
+                f"{folder / MODEL_FILE}: {name} is {params[name].dtype}{list(params[name].shape)}, expected {train.dtype}{list(shape)}"
+            )
+    state = _read_tensors(folder / STATE_FILE, files.get(STATE_FILE, ""))
+    adam = {k[len("adam."):]: v for k, v in state.items() if k.startswith("adam.")}
+    hidden = {k[len("hidden."):]: v for k, v in state.items() if k.startswith("hidden.")}
+    if adam and set(adam) != {"step"} | {f"{m}.{n}" for m in ("exp_avg", "exp_avg_sq") for n in expected}:
+        raise CharclipError(f"{folder / STATE_FILE}: the optimizer state does not match the parameters")
+    return Checkpoint(
+        model=model, train=train, vocab=vocab, params=params, step=step, position=position,
+        backend=str(meta["backend"]), corpus=dict(meta["corpus"]), adam=adam or None,
+        hidden=hidden or None, path=folder,
+    )

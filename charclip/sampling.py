@@ -1,0 +1,68 @@
+"""The random draw of sampling, shared by both backends.
+
+A backend turns a character and a hidden state into next-character logits;
+this module turns logits into a character with NumPy float64 arithmetic and one
+seeded generator, so the same checkpoint, prime and seed give the same text in
+PyTorch and in JAX.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from charclip.errors import CharclipError
+from charclip.vocab import Vocab
+
+
+def check_options(vocab: Vocab, prime: str, length: int, temperature: float, top_k: int | None) -> None:
+    if not prime:
+        raise CharclipError("--prime must hold at least one character")
+    vocab.encode(prime, what="the prime text")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise CharclipError(f"--length must be a non-negative integer, got {length!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise CharclipError(f"--temperature must be a positive finite number, got {temperature!r}")
+    if top_k is not None and not (1 <= top_k <= len(vocab)):
+        raise CharclipError(f"--top-k must lie between 1 and the vocabulary size {len(vocab)}, got {top_k}")
+
+
+def draw(logits: np.ndarray, u: float, temperature: float, top_k: int | None) -> int:
+    """Index of the next character: inverse-CDF of softmax(logits / temperature) at u in [0, 1)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    if top_k is not None and top_k < len(z):
+        kth = np.sort(z)[-top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    cdf = np.cumsum(p / p.sum())
+    return int(min(np.searchsorted(cdf, u, side="right"), len(z) - 1))
+
+
+def generate(
+    step: Callable[[int, object], tuple[np.ndarray, object]],
+    vocab: Vocab,
+    prime: str,
+    length: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> str:
+    """Feed the prime, then sample `length` characters one at a time, feeding each back.
+
+    `step(token, state) -> (logits, state)` is the backend's one-character
+    forward pass (state None means zeros).
+    """
+    check_options(vocab, prime, length, temperature, top_k)
+    rng = np.random.default_rng(seed)
+    state = None
+    for token in vocab.encode(prime, what="the prime text"):
+        logits, state = step(int(token), state)
+    out = []
+    for _ in range(length):
+        token = draw(logits, rng.random(), temperature, top_k)
+        out.append(token)
+        logits, state = step(token, state)
+    return prime + vocab.decode(out)

@@ -1,0 +1,84 @@
+"""The char-RNN as pure JAX functions over PyTorch's state_dict.
+
+`params` is a dict whose keys, shapes and layouts are exactly those of
+`torch_impl.model.CharRNN(cfg).state_dict()` (see `charclip.weights`), so a
+checkpoint moves between the backends without conversion. Gate order follows
+PyTorch: i, f, g, o for the LSTM; r, z, n for the GRU, whose candidate is
+n = tanh(W_in x + b_in + r * (W_hn h + b_hn)).
+
+Each layer computes its input projection for all time steps as one matmul,
+then runs the recurrence as a `lax.scan` over time.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from charclip.config import ModelConfig
+from charclip.weights import init_params
+
+
+def init(cfg: ModelConfig, seed: int, dtype: str = "float32") -> dict[str, jax.Array]:
+    """The same initial weights as torch_impl for the same seed (drawn by charclip.weights)."""
+    return {k: jnp.asarray(v) for k, v in init_params(cfg, seed, dtype).items()}
+
+
+def zero_state(cfg: ModelConfig, batch: int, dtype) -> tuple[jax.Array, ...]:
+    """The initial hidden state: (h,) or, for an LSTM, (h, c); each (L, B, H)."""
+    h = jnp.zeros((cfg.num_layers, batch, cfg.hidden_size), dtype)
+    return (h, h) if cfg.cell == "lstm" else (h,)
+
+
+def _cell(cell: str, xw_t, state, w_hh, b_hh):
+    """One time step. xw_t = x_t W_ih^T + b_ih, precomputed; state = (h,) or (h, c)."""
+    hw = state[0] @ w_hh.T + b_hh  # (B, G*H)
+    if cell == "rnn":
+        return (jnp.tanh(xw_t + hw),)
+    if cell == "lstm":
+        i, f, g, o = jnp.split(xw_t + hw, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * state[1] + jax.nn.sigmoid(i) * jnp.tanh(g)
+        return (jax.nn.sigmoid(o) * jnp.tanh(c), c)
+    x_r, x_z, x_n = jnp.split(xw_t, 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(hw, 3, axis=-1)
+    r = jax.nn.sigmoid(x_r + h_r)
+    z = jax.nn.sigmoid(x_z + h_z)
+    n = jnp.tanh(x_n + r * h_n)  # PyTorch's form: the reset gate multiplies W_hn h + b_hn
+    return ((1 - z) * n + z * state[0],)
+
+
+def apply(params, x, state, *, cfg: ModelConfig, unroll: int = 1):
+    """Logits (B, T, V) for tokens x (B, T) and the final state, each part (L, B, H)."""
+    seq = params["embedding.weight"][x]  # (B, T, E)
+    finals = []
+    for k in range(cfg.num_layers):
+        xw = seq @ params[f"rnn.weight_ih_l{k}"].T + params[f"rnn.bias_ih_l{k}"]  # (B, T, G*H), all steps at once
+        w_hh, b_hh = params[f"rnn.weight_hh_l{k}"], params[f"rnn.bias_hh_l{k}"]
+
+        def step(s, xw_t, w_hh=w_hh, b_hh=b_hh):
+            s = _cell(cfg.cell, xw_t, s, w_hh, b_hh)
+            return s, s[0]
+
+        s_k, hs = jax.lax.scan(step, tuple(part[k] for part in state), jnp.swapaxes(xw, 0, 1), unroll=unroll)
+        seq = jnp.swapaxes(hs, 0, 1)  # (B, T, H)
+        finals.append(s_k)
+    final = tuple(jnp.stack([f[i] for f in finals]) for i in range(len(state)))
+    return seq @ params["head.weight"].T + params["head.bias"], final
+
+
+def loss(params, x, y, state, *, cfg: ModelConfig, unroll: int = 1):
+    """Mean cross-entropy over every position (nats per character), and the final state."""
+    logits, final = apply(params, x, state, cfg=cfg, unroll=unroll)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)
+    return jnp.mean(nll), final
+
+
+def hidden_to_numpy(state) -> dict[str, np.ndarray]:
+    names = ("h", "c")
+    return {names[i]: np.asarray(part).copy() for i, part in enumerate(state)}
+
+
+def hidden_from_numpy(h: dict[str, np.ndarray]):
+    return (jnp.asarray(h["h"]), jnp.asarray(h["c"])) if "c" in h else (jnp.asarray(h["h"]),)

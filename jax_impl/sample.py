@@ -1,0 +1,28 @@
+"""Autoregressive sampling in JAX: one character in, next-character logits out."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from charclip import sampling
+from charclip.config import ModelConfig
+from charclip.vocab import Vocab
+from jax_impl import model as M
+from jax_impl.train import device_of
+
+
+def sample(cfg: ModelConfig, params: dict[str, np.ndarray], vocab: Vocab, prime: str, length: int, *,
+           temperature: float = 1.0, top_k: int | None = None, seed: int = 0, device: str = "cpu") -> str:
+    dev = device_of(device)
+    p = jax.device_put({k: jnp.asarray(v) for k, v in params.items()}, dev)
+    dtype = next(iter(p.values())).dtype
+    forward = jax.jit(lambda p, token, state: M.apply(p, token, state, cfg=cfg))
+
+    def step(token: int, state):
+        state = state if state is not None else M.zero_state(cfg, 1, dtype)
+        logits, state = forward(p, jnp.full((1, 1), token, jnp.int32), state)  # (1, 1, V)
+        return np.asarray(logits[0, -1]), state
+
+    return sampling.generate(step, vocab, prime, length, temperature=temperature, top_k=top_k, seed=seed)

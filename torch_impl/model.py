@@ -1,0 +1,54 @@
+"""The char-RNN as an ordinary PyTorch module: embedding -> nn.RNN/LSTM/GRU -> linear head."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from charclip.config import ModelConfig
+
+_RNN = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+
+
+class CharRNN(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim)
+        self.rnn = _RNN[cfg.cell](cfg.embedding_dim, cfg.hidden_size, cfg.num_layers, batch_first=True)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def forward(self, x: torch.Tensor, h=None):
+        """Logits at every step and the final hidden state (a tensor, or (h, c) for an LSTM)."""
+        e = self.embedding(x)  # (B, T, E)
+        out, h = self.rnn(e, h)  # (B, T, H); h: (L, B, H)
+        return self.head(out), h  # (B, T, V)
+
+
+def build(cfg: ModelConfig, params: dict[str, np.ndarray], device: str = "cpu") -> CharRNN:
+    """A CharRNN holding `params` (PyTorch state_dict names), in their dtype, on `device`."""
+    dtype = torch.float64 if next(iter(params.values())).dtype == np.float64 else torch.float32
+    model = CharRNN(cfg).to(dtype=dtype)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params.items()})
+    return model.to(device)
+
+
+def to_numpy(model: CharRNN) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def hidden_to_numpy(h) -> dict[str, np.ndarray] | None:
+    if h is None:
+        return None
+    if isinstance(h, tuple):
+        return {"h": h[0].detach().cpu().numpy().copy(), "c": h[1].detach().cpu().numpy().copy()}
+    return {"h": h.detach().cpu().numpy().copy()}
+
+
+def hidden_from_numpy(h: dict[str, np.ndarray] | None, device: str = "cpu"):
+    if h is None:
+        return None
+    if "c" in h:
+        return (torch.from_numpy(np.array(h["h"])).to(device), torch.from_numpy(np.array(h["c"])).to(device))
+    return torch.from_numpy(np.array(h["h"])).to(device)
