@@ -1,0 +1,5 @@
+import sys
+
+from charclip.cli import main
+
+sys.exit(main())
