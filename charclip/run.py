@@ -92,17 +92,25 @@ class Metrics:
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
         if resume_step is not None and path.exists():  # drop what was logged after the checkpoint
-            kept = [l for l in path.read_text(encoding="utf-8").splitlines() if l and json.loads(l)["step"] <= resume_step]
+            kept = [l for l in path.read_text(encoding="utf-8", errors="replace").splitlines() if l and _step_of(l) <= resume_step]
             path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
         elif path.exists():
             path.unlink()
-        self.file = open(path, "a", encoding="utf-8")
+        # Line-buffered: a killed run has logged every step it took, so none goes missing on resume.
+        self.file = open(path, "a", encoding="utf-8", buffering=1)
 
     def write(self, **record) -> None:
         self.file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         self.file.close()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line torn by a crash mid-write: dropped
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
