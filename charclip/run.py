@@ -13,6 +13,8 @@ import importlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +47,32 @@ class NonFiniteStep(Exception):
     def __init__(self, result: StepResult):
         super().__init__(f"loss {result.loss}, gradient norm {result.grad_norm}")
         self.result = result
+
+
+class _DeferInterrupt:
+    """Ctrl-C asks the loop to stop after the current step instead of breaking into it.
+
+    A KeyboardInterrupt raised inside a step (say, halfway through Adam's in-place
+    update) would leave a checkpoint whose parameters and step disagree. A second
+    Ctrl-C still stops at once, without a checkpoint.
+    """
+
+    requested = False
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def backend_module(backend: str, name: str):
@@ -155,11 +183,15 @@ def train(
     train_mod = backend_module(backend, "train")
     trainer = train_mod.Trainer(model_cfg, cfg, params, adam=adam, hidden=hidden, device=device)
 
+    saved: dict[int, Path] = {}
+
     def save(step: int, pos: Position) -> Path:
-        return ckpt_io.save(out, ckpt_io.Checkpoint(
-            model=model_cfg, train=cfg, vocab=vocab, params=trainer.params_numpy(), step=step, position=pos,
-            backend=backend, corpus=data.info, adam=trainer.adam_state(), hidden=trainer.hidden_state(),
-        ))
+        if step not in saved:  # once per step: Ctrl-C just after a periodic checkpoint does not rewrite it
+            saved[step] = ckpt_io.save(out, ckpt_io.Checkpoint(
+                model=model_cfg, train=cfg, vocab=vocab, params=trainer.params_numpy(), step=step, position=pos,
+                backend=backend, corpus=data.info, adam=trainer.adam_state(), hidden=trainer.hidden_state(),
+            ))
+        return saved[step]
 
     metrics = Metrics(out / "metrics.jsonl", start_step if resume else None)
     n_params = sum(int(np.prod(v.shape)) for v in params.values())
@@ -170,8 +202,8 @@ def train(
     val_loss = None
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
-    try:
-        while step < cfg.steps:
+    with _DeferInterrupt() as interrupt:
+        while step < cfg.steps and not interrupt.requested:
             if position.batch == 0:
                 trainer.reset_hidden()  # a new epoch starts the streams afresh
             x, y = data.train.batch(cfg.seed, position)
@@ -201,15 +233,12 @@ def train(
                 metrics.write(step=step, val_loss=val_loss)
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 save(step, position)
-    except KeyboardInterrupt:
-        bar.close()
-        metrics.close()
-        path = save(step, position)
-        log(f"charclip: interrupted at step {step}; checkpoint written to {path}; continue with --resume {out}")
-        raise SystemExit(130)
     bar.close()
     metrics.close()
     path = save(step, position)
+    if interrupt.requested:
+        log(f"charclip: interrupted at step {step}; checkpoint written to {path}; continue with --resume {out}")
+        raise SystemExit(130)
     elapsed = time.perf_counter() - t0
     ran = step - start_step
     summary = {
