@@ -254,6 +254,7 @@ def train(
         log("charclip: note: matplotlib is not installed; skipped the loss plot")
     if sample_chars:
         sample_mod = backend_module(backend, "sample")
-        summary["sample"] = sample_mod.sample(model_cfg, trainer.params_numpy(), vocab, "\n", sample_chars,
+        prime = "\n" if "\n" in vocab.chars else vocab.chars[0]  # a corpus without newlines has no "\n" to start from
+        summary["sample"] = sample_mod.sample(model_cfg, trainer.params_numpy(), vocab, prime, sample_chars,
                                               temperature=0.8, seed=cfg.seed, device=device)
     return summary
