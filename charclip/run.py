@@ -172,6 +172,10 @@ def train(
             log("charclip: note: the corpus differs from the one this checkpoint was trained on (fine-tuning)")
         params, adam, hidden = ck.params, ck.adam, ck.hidden
         start_step, position = ck.step, ck.position
+        if position.batch >= data.train.batches_per_epoch:  # a shorter corpus than the checkpoint's: an index error later
+            log(f"charclip: note: this corpus has {data.train.batches_per_epoch} batches per epoch, fewer than the "
+                f"checkpoint's position {position.batch}; continuing from the start of epoch {position.epoch + 1}")
+            position = Position(position.epoch + 1, 0)
         if start_step >= cfg.steps:
             raise CharclipError(f"the checkpoint is at step {start_step}, already at --steps {cfg.steps}; pass a larger --steps")
     else:
