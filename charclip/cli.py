@@ -54,7 +54,7 @@ def _add_train(sub) -> None:
     g.add_argument("--hidden", type=int, default=_M.hidden_size, help="hidden units per layer")
     g.add_argument("--embed", type=int, default=_M.embedding_dim, help="embedding size")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=_D.steps)
+    g.add_argument("--steps", type=int, default=None, help=f"training steps (default: {_D.steps}; with --resume, the checkpoint's)")
     g.add_argument("--batch-size", type=int, default=_D.batch_size, help="parallel streams per batch")
     g.add_argument("--seq-len", type=int, default=_D.seq_len, help="truncated-BPTT length")
     g.add_argument("--lr", type=float, default=_D.lr, help="Adam learning rate")
@@ -92,7 +92,7 @@ def _train(a) -> int:
     from charclip import run
 
     cfg = TrainConfig(
-        steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, seed=a.seed, dtype=a.dtype,
+        steps=_D.steps if a.steps is None else a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, seed=a.seed, dtype=a.dtype,
         val_fraction=a.val_fraction, eval_every=a.eval_every, eval_batches=a.eval_batches,
         checkpoint_every=a.checkpoint_every, nonfinite=a.nonfinite, clip=_clip_config(a),
     )
@@ -100,7 +100,7 @@ def _train(a) -> int:
     if a.sample_chars < 0:
         raise CharclipError(f"--sample-chars must be zero or more, got {a.sample_chars}")
     out = a.out or a.resume or f"runs/{a.backend}-{time.strftime('%Y%m%d-%H%M%S')}"
-    s = run.train(model, cfg, backend=a.backend, out_dir=out, data_path=a.data, resume=a.resume,
+    s = run.train(model, None if a.resume and a.steps is None else cfg, backend=a.backend, out_dir=out, data_path=a.data, resume=a.resume,
                   device=a.device, progress=not a.no_progress, sample_chars=a.sample_chars)
     print(f"\ndone: {s['steps']} steps in {s['seconds']:.0f} s; training loss {s['train_loss']:.3f}, "
           f"validation loss {s['val_loss']:.3f} nats/char; {s['clipped_fraction']:.0%} of steps clipped"

@@ -147,7 +147,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 def train(
     model_cfg: ModelConfig | None,
-    cfg: TrainConfig,
+    cfg: TrainConfig | None,
     *,
     backend: str,
     out_dir: str | os.PathLike,
@@ -158,7 +158,10 @@ def train(
     sample_chars: int = 300,
     log=print,
 ) -> dict:
-    """Train (or resume) a run; return a summary. Everything lands in `out_dir`."""
+    """Train (or resume) a run; return a summary. Everything lands in `out_dir`.
+
+    A resumed run keeps the checkpoint's configurations; `cfg.steps` may extend it (cfg None: unchanged).
+    """
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
@@ -166,7 +169,7 @@ def train(
     if resume:
         ck = ckpt_io.load(resume)
         model_cfg, vocab = ck.model, ck.vocab
-        cfg = replace(ck.train, steps=cfg.steps) if cfg.steps != ck.train.steps else ck.train
+        cfg = replace(ck.train, steps=cfg.steps) if cfg is not None and cfg.steps != ck.train.steps else ck.train
         data = prepare_data(data_path if data_path is not None else ck.corpus.get("path"), cfg, vocab)
         if data.info["sha256_16"] != ck.corpus.get("sha256_16"):
             log("charclip: note: the corpus differs from the one this checkpoint was trained on (fine-tuning)")
