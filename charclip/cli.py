@@ -78,6 +78,11 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_train)
 
 
+def _check_seed(seed: int) -> None:
+    if seed < 0:  # NumPy's generators take only non-negative seeds
+        raise CharclipError(f"--seed must be zero or more, got {seed}")
+
+
 def _clip_config(a) -> ClipConfig:
     if a.no_clip:
         return ClipConfig(mode="none", impl=a.clip_impl)
@@ -99,6 +104,7 @@ def _train(a) -> int:
     model = ModelConfig(vocab_size=1, cell=a.cell, hidden_size=a.hidden, num_layers=a.layers, embedding_dim=a.embed)
     if a.sample_chars < 0:
         raise CharclipError(f"--sample-chars must be zero or more, got {a.sample_chars}")
+    _check_seed(a.seed)
     out = a.out or a.resume or f"runs/{a.backend}-{time.strftime('%Y%m%d-%H%M%S')}"
     s = run.train(model, None if a.resume and a.steps is None else cfg, backend=a.backend, out_dir=out, data_path=a.data, resume=a.resume,
                   device=a.device, progress=not a.no_progress, sample_chars=a.sample_chars)
@@ -129,6 +135,7 @@ def _sample(a) -> int:
     from charclip import checkpoint
     from charclip.run import backend_module
 
+    _check_seed(a.seed)
     ck = checkpoint.load(a.checkpoint)
     text = backend_module(a.backend, "sample").sample(
         ck.model, ck.params, ck.vocab, a.prime, a.length, temperature=a.temperature, top_k=a.top_k, seed=a.seed, device=a.device
