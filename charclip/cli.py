@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 from charclip import __version__
 from charclip.config import CELLS, DTYPES, NONFINITE, ClipConfig, ModelConfig, TrainConfig
@@ -78,6 +79,14 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_train)
 
 
+def _run_dir(resume: str) -> str:
+    """The run folder of a --resume path, so that resuming from a step folder writes beside it, not inside it."""
+    p = Path(resume)
+    if (p / "checkpoint.json").is_file() and p.parent.name == "checkpoints":
+        return str(p.parent.parent)
+    return str(p.parent) if p.name == "checkpoints" else resume
+
+
 def _check_seed(seed: int) -> None:
     if seed < 0:  # NumPy's generators take only non-negative seeds
         raise CharclipError(f"--seed must be zero or more, got {seed}")
@@ -105,7 +114,7 @@ def _train(a) -> int:
     if a.sample_chars < 0:
         raise CharclipError(f"--sample-chars must be zero or more, got {a.sample_chars}")
     _check_seed(a.seed)
-    out = a.out or a.resume or f"runs/{a.backend}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = a.out or (_run_dir(a.resume) if a.resume else None) or f"runs/{a.backend}-{time.strftime('%Y%m%d-%H%M%S')}"
     s = run.train(model, None if a.resume and a.steps is None else cfg, backend=a.backend, out_dir=out, data_path=a.data, resume=a.resume,
                   device=a.device, progress=not a.no_progress, sample_chars=a.sample_chars)
     print(f"\ndone: {s['steps']} steps in {s['seconds']:.0f} s; training loss {s['train_loss']:.3f}, "
