@@ -143,8 +143,8 @@ def resolve(path: str | os.PathLike) -> Path:
 def _read_meta(folder: Path) -> dict:
     try:
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CharclipError(f"{folder / META_FILE} is not readable JSON ({e}); the checkpoint is damaged") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
+        raise CharclipError(f"{folder / META_FILE} is not readable JSON ({type(e).__name__}); the checkpoint is damaged") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CharclipError(f"{folder / META_FILE} is not a charclip checkpoint")
     version = meta.get("format_version")
@@ -179,10 +179,15 @@ def load(path: str | os.PathLike) -> Checkpoint:
     try:
         model = C.model_from_dict(meta["model"])
         train = C.train_from_dict(meta["train"])
+        if not isinstance(meta["vocab"], list) or not all(isinstance(c, str) and len(c) == 1 for c in meta["vocab"]):
+            raise CharclipError("the vocabulary is not a list of single characters")
         vocab = Vocab("".join(meta["vocab"]))
-        step = int(meta["step"])
-        position = Position(int(meta["position"]["epoch"]), int(meta["position"]["batch"]))
+        step = _count(meta["step"], "step")
+        position = Position(_count(meta["position"]["epoch"], "epoch"), _count(meta["position"]["batch"], "batch"))
         files = dict(meta["files"])
+        corpus = meta["corpus"]
+        if not isinstance(corpus, dict) or not isinstance(corpus.get("path"), (str, type(None))) or not isinstance(meta["backend"], str):
+            raise CharclipError("the corpus or backend entry is malformed")
     except CharclipError as e:
         raise CharclipError(f"{folder / META_FILE}: {e}") from None
     except (TypeError, KeyError, ValueError, AttributeError) as e:
@@ -199,12 +204,36 @@ def load(path: str | os.PathLike) -> Checkpoint:
                 f"{folder / MODEL_FILE}: {name} is {params[name].dtype}{list(params[name].shape)}, expected {train.dtype}{list(shape)}"
             )
     state = _read_tensors(folder / STATE_FILE, files.get(STATE_FILE, ""))
+    _check_state(folder / STATE_FILE, state, model, train, expected, step)
     adam = {k[len("adam."):]: v for k, v in state.items() if k.startswith("adam.")}
     hidden = {k[len("hidden."):]: v for k, v in state.items() if k.startswith("hidden.")}
-    if adam and set(adam) != {"step"} | {f"{m}.{n}" for m in ("exp_avg", "exp_avg_sq") for n in expected}:
-        raise CharclipError(f"{folder / STATE_FILE}: the optimizer state does not match the parameters")
     return Checkpoint(
         model=model, train=train, vocab=vocab, params=params, step=step, position=position,
-        backend=str(meta["backend"]), corpus=dict(meta["corpus"]), adam=adam or None,
-        hidden=hidden or None, path=folder,
+        backend=meta["backend"], corpus=corpus, adam=adam or None, hidden=hidden or None, path=folder,
     )
+
+
+def _count(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CharclipError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _check_state(where: Path, state: dict[str, np.ndarray], model: C.ModelConfig, train: C.TrainConfig,
+                 shapes: dict[str, tuple], step: int) -> None:
+    """Adam's moments and the carried hidden state must fit the model exactly, or the first step fails."""
+    dtype = np.dtype(train.dtype)
+    expect: dict[str, tuple[tuple, np.dtype]] = {}
+    if any(k.startswith("adam.") for k in state):
+        expect["adam.step"] = ((), np.dtype(np.int64))
+        expect.update({f"adam.{m}.{n}": (s, dtype) for m in ("exp_avg", "exp_avg_sq") for n, s in shapes.items()})
+    if any(k.startswith("hidden.") for k in state):
+        h_shape = (model.num_layers, train.batch_size, model.hidden_size)  # (L, B, H)
+        expect.update({f"hidden.{k}": (h_shape, dtype) for k in (("h", "c") if model.cell == "lstm" else ("h",))})
+    if set(state) != set(expect):
+        raise CharclipError(f"{where} holds tensors {sorted(set(state) ^ set(expect))} that do not fit the configuration")
+    for name, (shape, dt) in expect.items():
+        if state[name].shape != shape or state[name].dtype != dt:
+            raise CharclipError(f"{where}: {name} is {state[name].dtype}{list(state[name].shape)}, expected {dt}{list(shape)}")
+    if "adam.step" in state and not 0 <= int(state["adam.step"]) <= step:
+        raise CharclipError(f"{where}: the optimizer has taken {int(state['adam.step'])} steps, not between 0 and the checkpoint's {step}")
