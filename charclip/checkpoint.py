@@ -148,7 +148,7 @@ def _read_meta(folder: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CharclipError(f"{folder / META_FILE} is not a charclip checkpoint")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
         raise CharclipError(
             f"{folder} has checkpoint format version {version!r}; this charclip reads up to {FORMAT_VERSION}: upgrade charclip"
         )
@@ -225,7 +225,7 @@ def _check_state(where: Path, state: dict[str, np.ndarray], model: C.ModelConfig
     dtype = np.dtype(train.dtype)
     expect: dict[str, tuple[tuple, np.dtype]] = {}
     if any(k.startswith("adam.") for k in state):
-        expect["adam.step"] = ((), np.dtype(np.int64))
+        expect["adam.step"] = ((), np.dtype(np.int64))  # (1,) in files written before 0-d arrays were kept 0-d
         expect.update({f"adam.{m}.{n}": (s, dtype) for m in ("exp_avg", "exp_avg_sq") for n, s in shapes.items()})
     if any(k.startswith("hidden.") for k in state):
         h_shape = (model.num_layers, train.batch_size, model.hidden_size)  # (L, B, H)
@@ -233,7 +233,7 @@ def _check_state(where: Path, state: dict[str, np.ndarray], model: C.ModelConfig
     if set(state) != set(expect):
         raise CharclipError(f"{where} holds tensors {sorted(set(state) ^ set(expect))} that do not fit the configuration")
     for name, (shape, dt) in expect.items():
-        if state[name].shape != shape or state[name].dtype != dt:
+        if state[name].shape != shape and not (name == "adam.step" and state[name].shape == (1,)) or state[name].dtype != dt:
             raise CharclipError(f"{where}: {name} is {state[name].dtype}{list(state[name].shape)}, expected {dt}{list(shape)}")
     if "adam.step" in state and not 0 <= int(state["adam.step"]) <= step:
         raise CharclipError(f"{where}: the optimizer has taken {int(state['adam.step'])} steps, not between 0 and the checkpoint's {step}")
