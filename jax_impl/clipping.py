@@ -1,0 +1,264 @@
+"""Gradient clipping by global norm and by value, as pure functions over pytrees.
+
+The math is written once, in docs/clipping.md; this module follows it step by step.
+For a gradient g (all leaves viewed as one vector), a threshold tau and a norm order p:
+
+    n = ||g||_p
+    optax convention:  g' = g                 if n < tau (strict)
+                       g' = (g / n) * tau     otherwise
+    torch convention:  g' = g * min(1, tau / (n + 1e-6))
+
+Both conventions reproduce their library bit for bit on ordinary float32/float64
+inputs (parity_tests/test_clipping_properties.py checks it). Where the libraries are
+wrong, this module is not (docs/divergences.md lists each case and its test):
+
+- the norm is measured on g scaled by a power of two chosen from max|g|, so squares
+  cannot overflow or underflow; multiplying by a power of two is exact, so on ordinary
+  inputs the result is the library's to the last bit;
+- float16/bfloat16 gradients are measured and scaled in float32, and the result is
+  rounded toward zero into the gradient's dtype after a shrink of 2**-20, so the
+  clipped norm is <= tau after rounding;
+- thresholds that are negative or NaN, and norm orders that are not norms, raise.
+
+Everything is branch-free (`jnp.where`, never a Python `if` on an array value): under
+`jit` the values are tracers and a branch on them cannot be taken, and `lax.select`
+keeps one compiled program for every step.
+
+Non-finite gradients (`nonfinite=`):
+    "propagate"  what the libraries do: NaN/inf spread through the clipped gradient;
+    "skip"       the clipped gradient is all zeros (a zero update); the returned norm
+                 is not finite, so `~jnp.isfinite(norm)` counts skipped steps;
+    "error"      called on concrete arrays it raises FloatingPointError; under `jit`
+                 nothing can raise, so it behaves as "skip" and the training loop
+                 calls `raise_if_nonfinite(norm)` on the returned norm, outside jit.
+"""
+
+import functools
+import math
+import operator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+TORCH_EPS = 1e-6  # the epsilon PyTorch adds to the norm before dividing
+LOW_PRECISION_MARGIN = 2.0**-20  # shrink for float16/bfloat16 results; below their ulp
+CONVENTIONS = ("optax", "torch")
+NONFINITE_POLICIES = ("propagate", "skip", "error")
+
+
+def _check_threshold(name: str, value: float) -> float:
+    value = float(value)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be >= 0 (got {value}); a negative threshold would flip the gradient's sign.")
+    return value
+
+
+def _check_norm_type(norm_type: float) -> float:
+    p = float(norm_type)
+    if not p >= 1:
+        raise ValueError(
+            f"norm_type must be >= 1 or inf (got {norm_type}); below 1 it is not a norm "
+            "(norm_type=0 counts non-zeros) and cannot bound a gradient."
+        )
+    return p
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))} (got {value!r}).")
+    return value
+
+
+def _accumulation_dtype(leaves: list[jax.Array]) -> jnp.dtype:
+    """float32 at least: float16/bfloat16 are measured and scaled in float32."""
+    return jnp.result_type(jnp.float32, *(leaf.dtype for leaf in leaves))
+
+
+def _power_of_two_scale(leaves: list[jax.Array], acc: jnp.dtype) -> jax.Array:
+    """2**-e with max|g| = f * 2**e, f in [0.5, 1): scaled entries lie in [0, 1).
+
+    The exponent is clamped so the scale itself is a normal number of `acc`.
+    Non-finite or zero max|g| gives exponent 0, i.e. scale 1.
+    """
+    max_abs = functools.reduce(
+        jnp.maximum, [jnp.max(jnp.abs(leaf.astype(acc)), initial=0) for leaf in leaves]
+    )
+    _, exponent = jnp.frexp(max_abs)
+    limit = jnp.finfo(acc).maxexp - 2
+    exponent = jnp.clip(exponent, -limit, limit)
+    return jnp.ldexp(jnp.ones((), acc), -exponent)
+
+
+def _scaled_norm(scaled: list[jax.Array], p: float) -> jax.Array:
+    """||scaled||_p, summed over leaves left to right from zero, as optax.tree.norm does."""
+    zero = jnp.zeros((), scaled[0].dtype)
+    if p == math.inf:
+        return functools.reduce(jnp.maximum, [jnp.max(jnp.abs(u), initial=0) for u in scaled], zero)
+    if p == 2:
+        return jnp.sqrt(functools.reduce(operator.add, [jnp.sum(jnp.square(u)) for u in scaled], zero))
+    if p == 1:
+        return functools.reduce(operator.add, [jnp.sum(jnp.abs(u)) for u in scaled], zero)
+    return functools.reduce(operator.add, [jnp.sum(jnp.abs(u) ** p) for u in scaled], zero) ** (1 / p)
+
+
+def global_norm(tree: Any, norm_type: float = 2) -> jax.Array:
+    """||g||_p of all leaves viewed as one vector, accumulated in float32 or wider.
+
+    Measured on g * 2**-e (exact), so a finite gradient has a finite norm whenever the
+    norm itself is representable. Returns 0.0 (float32) for a tree without leaves.
+    """
+    p = _check_norm_type(norm_type)
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    acc = _accumulation_dtype(leaves)
+    scale = _power_of_two_scale(leaves, acc)
+    return _scaled_norm([leaf.astype(acc) * scale for leaf in leaves], p) / scale
+
+
+def _round_toward_zero(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Round x into `dtype` so that |result| <= |x|: rounding cannot raise the norm."""
+    nearest = x.astype(dtype)
+    away = jnp.abs(nearest.astype(x.dtype)) > jnp.abs(x)
+    return jnp.where(away, jnp.nextafter(nearest, jnp.zeros_like(nearest)), nearest)
+
+
+def _clip_leaf(leaf, scale, scaled_norm, norm, tau, convention, shrink):
+    """One leaf of the clipped gradient, computed in the accumulation dtype.
+
+    The formulas are written exactly as the libraries write them, so that XLA compiles
+    them the same way and the bits agree under `jit` too.
+    """
+    t = leaf.astype(norm.dtype)
+    if convention == "optax":
+        # A zero gradient stays zero, also for tau == 0, where optax computes 0 / 0.
+        keep = (norm < tau) | (norm == 0)
+        clipped = jnp.where(keep, t, (t / norm) * tau * shrink)
+    else:
+        # PyTorch writes max_norm / (norm + eps) and evaluates it as reciprocal * max_norm.
+        coef = jnp.minimum((1 / (norm + TORCH_EPS)) * tau, 1)
+        clipped = t * jnp.where(coef < 1, coef * shrink, coef)
+    # A norm too large for the dtype (inf while every entry is finite): the direction
+    # still comes out right from the scaled gradient, (g * 2**-e) / (n * 2**-e).
+    overflowed = jnp.isinf(norm) & jnp.isfinite(scaled_norm)
+    return jnp.where(overflowed, (t * scale) / scaled_norm * tau * shrink, clipped)
+
+
+def _into_dtype(clipped: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    if jnp.finfo(dtype).bits < 32:
+        return _round_toward_zero(clipped, dtype)
+    return clipped.astype(dtype)
+
+
+def _rounded_down(tau: float, dtype: jnp.dtype) -> float:
+    """The largest value of `dtype` that is <= tau, so a comparison in `dtype` is safe."""
+    down = np.asarray(tau, dtype)
+    return float(np.nextafter(down, np.zeros((), dtype)) if down > tau else down)
+
+
+def clip_by_global_norm(
+    tree: Any,
+    max_norm: float,
+    *,
+    norm_type: float = 2,
+    convention: str = "optax",
+    nonfinite: str = "propagate",
+) -> tuple[Any, jax.Array]:
+    """Scale `tree` so that its global p-norm is at most `max_norm`; return (clipped, norm).
+
+    `norm` is the norm before clipping (float32 for float16/bfloat16 leaves). The
+    direction is kept: clipped = c * tree with 0 <= c <= 1. Pascanu, Mikolov & Bengio,
+    "On the difficulty of training recurrent neural networks", ICML 2013.
+    """
+    tau = _check_threshold("max_norm", max_norm)
+    p = _check_norm_type(norm_type)
+    _check_choice("convention", convention, CONVENTIONS)
+    _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+    leaves, treedef = jax.tree.flatten(tree)
+    if not leaves:
+        return tree, jnp.zeros((), jnp.float32)
+    acc = _accumulation_dtype(leaves)
+    scale = _power_of_two_scale(leaves, acc)
+    scaled_norm = _scaled_norm([leaf.astype(acc) * scale for leaf in leaves], p)
+    norm = scaled_norm / scale
+    finite = jnp.isfinite(scaled_norm)  # the scaled norm is finite iff every entry is
+    if nonfinite == "error" and not isinstance(finite, jax.core.Tracer):
+        raise_if_nonfinite(norm)
+    clipped = [
+        _into_dtype(_clip_leaf(leaf, scale, scaled_norm, norm, tau, convention, 1), leaf.dtype) for leaf in leaves
+    ]
+    low_precision = [jnp.finfo(leaf.dtype).bits < 32 for leaf in leaves]
+    if any(low_precision):
+        # Rounding toward zero cannot raise the norm, but the float32 factor may be a few
+        # ulps high. Check the rounded result; if it is above tau, use a factor shrunk by
+        # 2**-20 (invisible at float16/bfloat16 resolution) instead.
+        shrunk = [
+            _into_dtype(_clip_leaf(leaf, scale, scaled_norm, norm, tau, convention, 1 - LOW_PRECISION_MARGIN), leaf.dtype)
+            if low else c
+            for leaf, c, low in zip(leaves, clipped, low_precision)
+        ]
+        within = global_norm(clipped, p) <= _rounded_down(tau, acc)
+        clipped = [jnp.where(within, c, s) for c, s in zip(clipped, shrunk)]
+    if nonfinite != "propagate":
+        clipped = [jnp.where(finite, c, jnp.zeros_like(c)) for c in clipped]
+    return jax.tree.unflatten(treedef, clipped), norm
+
+
+def raise_if_nonfinite(norm: jax.Array) -> None:
+    """Host-side check for nonfinite="error": call it on the norm a jitted step returned."""
+    if not bool(jnp.isfinite(norm)):
+        raise FloatingPointError(
+            f"gradient norm is {float(norm)}: a gradient entry is NaN or infinite; lower the learning rate or check the loss."
+        )
+
+
+def clip_by_value(tree: Any, clip_value: float) -> Any:
+    """Clamp every entry of `tree` to [-clip_value, clip_value] (changes the direction)."""
+    v = _check_threshold("clip_value", clip_value)
+    return jax.tree.map(lambda t: jnp.clip(t, -v, v), tree)
+
+
+class ClipByGlobalNormState(NamedTuple):
+    """Last pre-clip norm, and how many steps had a non-finite gradient."""
+
+    norm: jax.Array
+    nonfinite_count: jax.Array
+
+
+def clip_by_global_norm_reference(
+    max_norm: float,
+    *,
+    norm_type: float = 2,
+    convention: str = "optax",
+    nonfinite: str = "propagate",
+) -> optax.GradientTransformation:
+    """`clip_by_global_norm` as an optax transformation, to stand where
+    `optax.clip_by_global_norm` stands in `optax.chain` (before the optimizer).
+
+    Its state keeps the last norm (to log, or for `raise_if_nonfinite`) and counts
+    non-finite steps. With nonfinite="skip" the update passed on is zero; a stateful
+    optimizer after it still decays its moments (wrap it in `optax.apply_if_finite`
+    to leave its state untouched).
+    """
+    _check_threshold("max_norm", max_norm)
+    _check_norm_type(norm_type)
+    _check_choice("convention", convention, CONVENTIONS)
+    _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+
+    def init_fn(params):
+        leaves = jax.tree.leaves(params)
+        acc = _accumulation_dtype(leaves) if leaves else jnp.float32
+        return ClipByGlobalNormState(jnp.zeros((), acc), jnp.zeros((), jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        clipped, norm = clip_by_global_norm(
+            updates, max_norm, norm_type=norm_type, convention=convention, nonfinite=nonfinite
+        )
+        count = state.nonfinite_count + (~jnp.isfinite(norm)).astype(jnp.int32)
+        return clipped, ClipByGlobalNormState(norm.astype(state.norm.dtype), count)
+
+    return optax.GradientTransformation(init_fn, update_fn)
