@@ -157,10 +157,12 @@ def train(
     progress: bool = True,
     sample_chars: int = 300,
     log=print,
+    make_trainer=None,
 ) -> dict:
     """Train (or resume) a run; return a summary. Everything lands in `out_dir`.
 
     A resumed run keeps the checkpoint's configurations; `cfg.steps` may extend it (cfg None: unchanged).
+    `make_trainer` replaces the backend's `Trainer` class (same arguments), e.g. a multi-device one.
     """
     from tqdm.auto import tqdm
 
@@ -187,8 +189,8 @@ def train(
         params = init_params(model_cfg, cfg.seed, cfg.dtype)
     vocab = data.vocab
     out.mkdir(parents=True, exist_ok=True)
-    train_mod = backend_module(backend, "train")
-    trainer = train_mod.Trainer(model_cfg, cfg, params, adam=adam, hidden=hidden, device=device)
+    make_trainer = make_trainer or backend_module(backend, "train").Trainer
+    trainer = make_trainer(model_cfg, cfg, params, adam=adam, hidden=hidden, device=device)
 
     saved: dict[int, Path] = {}
 
