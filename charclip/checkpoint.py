@@ -81,6 +81,13 @@ def _write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
         os.fsync(f.fileno())
 
 
+def _point_latest(root: Path, name: str) -> None:
+    latest_tmp = root / f".LATEST.tmp{os.getpid()}"
+    latest_tmp.write_text(name + "\n", encoding="utf-8")
+    os.replace(latest_tmp, root / "LATEST")
+    _fsync_dir(root)
+
+
 def save(run_dir: str | os.PathLike, ckpt: Checkpoint) -> Path:
     """Write `ckpt` atomically under `run_dir/checkpoints/` and point LATEST at it."""
     root = Path(run_dir) / "checkpoints"
@@ -111,13 +118,18 @@ def save(run_dir: str | os.PathLike, ckpt: Checkpoint) -> Path:
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
-    if final.exists():  # the same step written again (a resumed run): replace it
+    if final.exists():  # the same step written again: LATEST must name a whole folder at every moment
+        _point_latest(root, tmp.name)  # the new copy, whole, while the old one goes
         shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = root / f".LATEST.tmp{os.getpid()}"
-    latest_tmp.write_text(name + "\n", encoding="utf-8")
-    os.replace(latest_tmp, root / "LATEST")
-    _fsync_dir(root)
+        linked = root / f".{name}.link{os.getpid()}"
+        shutil.rmtree(linked, ignore_errors=True)
+        shutil.copytree(tmp, linked, copy_function=os.link)  # hard links: no data copied
+        os.replace(linked, final)
+        _point_latest(root, name)
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, final)
+        _point_latest(root, name)
     for old in sorted(p for p in root.glob("step-*") if p.name != name)[:-(KEEP - 1) or None]:
         shutil.rmtree(old, ignore_errors=True)
     return final
