@@ -7,6 +7,7 @@ Further subcommands live in their own modules, listed in COMMANDS; each exposes
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import sys
@@ -16,7 +17,7 @@ from charclip import __version__
 from charclip.config import CELLS, DTYPES, NONFINITE, ClipConfig, ModelConfig, TrainConfig
 from charclip.errors import CharclipError
 
-COMMANDS: tuple[str, ...] = ()  # modules adding subcommands, e.g. "charclip.parity"
+COMMANDS: tuple[str, ...] = ("charclip.parity",)  # modules adding subcommands
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where it says something (not None, not a flag, not already in the text)."""
@@ -76,6 +77,12 @@ def _add_train(sub) -> None:
     g.add_argument("--checkpoint-every", type=int, default=_D.checkpoint_every)
     g.add_argument("--sample-chars", type=int, default=400, help="characters sampled at the end (0: none)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("several devices (docs/distributed.md)")
+    g.add_argument("--nproc", type=int, default=1, help="torch: processes, the global batch split between them")
+    g.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="torch: replicated (DDP) or sharded (FSDP2) parameters")
+    g.add_argument("--devices", type=int, default=1, help="jax: devices in the mesh (virtual ones on the CPU)")
+    g.add_argument("--mesh", choices=("data", "model", "fsdp", "2d", "shard_map"), default="data",
+                   help="jax: shard the batch, the parameters, both on one axis, both on two axes, or fsdp by hand")
     p.set_defaults(func=_train)
 
 
@@ -115,8 +122,12 @@ def _train(a) -> int:
         raise CharclipError(f"--sample-chars must be zero or more, got {a.sample_chars}")
     _check_seed(a.seed)
     out = a.out or (_run_dir(a.resume) if a.resume else None) or f"runs/{a.backend}-{time.strftime('%Y%m%d-%H%M%S')}"
-    s = run.train(model, None if a.resume and a.steps is None else cfg, backend=a.backend, out_dir=out, data_path=a.data, resume=a.resume,
-                  device=a.device, progress=not a.no_progress, sample_chars=a.sample_chars)
+    world, layout, other = (a.nproc, a.parallel, a.devices) if a.backend == "torch" else (a.devices, a.mesh, a.nproc)
+    if other != 1:
+        raise CharclipError("--nproc is for --backend torch and --devices for --backend jax")
+    train = run.train if world == 1 else functools.partial(run.backend_module(a.backend, "distributed").train, world=world, layout=layout)
+    s = train(model, None if a.resume and a.steps is None else cfg, backend=a.backend, out_dir=out, data_path=a.data, resume=a.resume,
+              device=a.device, progress=not a.no_progress, sample_chars=a.sample_chars)
     print(f"\ndone: {s['steps']} steps in {s['seconds']:.0f} s; training loss {s['train_loss']:.3f}, "
           f"validation loss {s['val_loss']:.3f} nats/char; {s['clipped_fraction']:.0%} of steps clipped"
           + (f"; {s['skipped_steps']} skipped" if s["skipped_steps"] else ""))
