@@ -1,0 +1,399 @@
+"""Training on several processes: DDP or FSDP2, one global batch, one global norm.
+
+`charclip train --backend torch --nproc N --parallel ddp|fsdp` starts N processes on
+this machine (gloo on the CPU, NCCL on GPUs; loopback addresses only). The global
+batch of `batch_size` streams is cut into N equal slices, one per rank, and each rank
+carries the hidden state of its own streams. The gradient every rank clips is the
+mean over the whole batch, so the step equals one process running the whole batch:
+
+- DDP all-reduces the gradient during `backward()`; every rank then holds the whole,
+  identical gradient, and `clip_grad_norm_` measures it locally. Summing the ranks'
+  squared norms here would count every tensor N times (norm * sqrt(N)).
+- FSDP2 (`fully_shard`) reduce-scatters it: each rank holds a slice (a DTensor).
+  `clip_grad_norm_` on DTensor gradients all-reduces the squared slice norms, so it
+  returns the global norm as a replicated DTensor (`full_tensor()` reads it). A norm
+  of the local slices alone would let every rank clip by a different number.
+
+docs/distributed.md writes the global norm out as an equation and says what the
+tests prove.
+
+Rank 0 runs the ordinary loop (`charclip.run.train`): it logs, plots and writes the
+checkpoint, in the single-process format. Its trainer is a `_Leader` that
+broadcasts every call (step, evaluate, gather the parameters, ...) to the other
+ranks, which `_follow` and run the same call, so every collective is entered by all
+ranks in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from datetime import timedelta
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from charclip.config import ModelConfig, TrainConfig
+from charclip.errors import CharclipError
+from charclip.run import NonFiniteStep, StepResult
+from torch_impl import model as M
+from torch_impl.train import Trainer, device_name
+
+PARALLEL = ("ddp", "fsdp")
+HOST = "127.0.0.1"  # loopback only: nothing listens beyond this machine
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank stuck this long in a collective gives up
+GRACE_SECONDS = 15.0  # after one rank fails, the others get this long to stop by themselves
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a DTensor (a collective); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class DistributedTrainer(Trainer):
+    """`torch_impl.train.Trainer` on one rank of a process group.
+
+    Every rank is given the same global batch and trains on its slice of the streams;
+    the checkpoint-facing methods (`params_numpy`, `adam_state`, `hidden_state`)
+    return whole tensors, gathered, so a checkpoint loads anywhere.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, params: dict[str, np.ndarray], *, parallel: str,
+                 adam: dict[str, np.ndarray] | None = None, hidden: dict[str, np.ndarray] | None = None,
+                 device: str = "cpu"):
+        if parallel not in PARALLEL:
+            raise CharclipError(f"unknown --parallel {parallel!r}; use ddp or fsdp")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if cfg.batch_size % self.world:
+            raise CharclipError(f"--batch-size {cfg.batch_size} does not split into {self.world} equal slices; "
+                                f"use a multiple of --nproc {self.world}")
+        self.cfg, self.parallel = cfg, parallel
+        self.device = device_name(device)
+        self.module = M.build(model_cfg, params, self.device)  # the CharRNN, its parameter names as in a checkpoint
+        if parallel == "ddp":
+            ids = [torch.cuda.current_device()] if self.device == "cuda" else None
+            self.model = DistributedDataParallel(self.module, device_ids=ids)  # what the forward pass runs through
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            # The root module itself: every parameter becomes a DTensor (a mix of
+            # sharded and plain gradients would fail in clip_grad_norm_'s foreach norm).
+            self.model = fully_shard(self.module, mesh=init_device_mesh(self.device, (self.world,)))
+        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        if adam is not None:
+            self._load_adam(adam)
+        self.hidden = self._local_hidden(M.hidden_from_numpy(hidden, self.device))
+
+    def _slice(self, a):
+        """This rank's streams of a global batch (rows of `a`, or the batch axis 1 of a hidden state)."""
+        n = (a.shape[0] if isinstance(a, np.ndarray) else a.shape[1]) // self.world
+        return a[self.rank * n:(self.rank + 1) * n] if isinstance(a, np.ndarray) else a[:, self.rank * n:(self.rank + 1) * n]
+
+    def _local_hidden(self, h):
+        if h is None:
+            return None
+        return tuple(self._slice(t).contiguous() for t in h) if isinstance(h, tuple) else self._slice(h).contiguous()
+
+    def _mean_over_ranks(self, t: torch.Tensor) -> float:
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+        """One step on the global batch (x, y), (B, T) each; this rank computes B / N streams of it."""
+        loss, h = self._loss(self._slice(x), self._slice(y), self.hidden)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP all-reduces, FSDP2 reduce-scatters: the mean gradient over the whole batch
+        norm = _full(self._clip()).item()  # the global norm, identical on every rank
+        loss = self._mean_over_ranks(loss)  # equal slices: the mean of the slice means is the batch mean
+        result = StepResult(loss=loss, grad_norm=norm, clipped=self.cfg.clip.mode == "norm" and norm > self.cfg.clip.max_norm)
+        # Norm and loss are the same on every rank, so every rank takes the same branch.
+        if not (math.isfinite(norm) and math.isfinite(loss)):
+            if self.cfg.nonfinite == "error":
+                raise NonFiniteStep(result)
+            if self.cfg.nonfinite == "skip":
+                result.skipped = True
+                return result
+        self.optimizer.step()
+        self.hidden = tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()  # truncated BPTT
+        return result
+
+    def params_numpy(self) -> dict[str, np.ndarray]:
+        return {k: _full(v).detach().cpu().numpy().copy() for k, v in self.module.state_dict().items()}
+
+    def hidden_state(self) -> dict[str, np.ndarray] | None:
+        if self.hidden is None:
+            return None
+        parts = self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)
+        whole = []
+        for t in parts:  # (L, B/N, H) on each rank -> (L, B, H), streams in rank order
+            pieces = [torch.empty_like(t) for _ in range(self.world)]
+            dist.all_gather(pieces, t.contiguous())
+            whole.append(torch.cat(pieces, dim=1))
+        return M.hidden_to_numpy(tuple(whole) if isinstance(self.hidden, tuple) else whole[0])
+
+    def adam_state(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        step = 0
+        for name, p in self.module.named_parameters():
+            st = self.optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                moment = _full(st[key]) if st else torch.zeros(p.shape, dtype=p.dtype)
+                out[f"{key}.{name}"] = moment.detach().cpu().numpy().copy()
+            step = int(st["step"]) if st else 0
+        out["step"] = np.array(step, dtype=np.int64)
+        return out
+
+    def _load_adam(self, adam: dict[str, np.ndarray]) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        step = int(adam["step"])
+        if step == 0:
+            return
+        for name, p in self.module.named_parameters():
+            def like_p(a: np.ndarray, p=p) -> torch.Tensor:
+                t = torch.from_numpy(np.array(a)).to(self.device)
+                return distribute_tensor(t, p.device_mesh, p.placements) if isinstance(p, DTensor) else t
+
+            self.optimizer.state[p] = {"step": torch.tensor(float(step)), "exp_avg": like_p(adam[f"exp_avg.{name}"]),
+                                       "exp_avg_sq": like_p(adam[f"exp_avg_sq.{name}"])}
+
+
+# ---- rank 0 drives, the other ranks follow -------------------------------------------
+
+def _control_group():
+    """Commands travel as pickled objects on a CPU group (NCCL moves only GPU tensors)."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def _broadcast(message: list, group) -> list:
+    dist.broadcast_object_list(message, src=0, group=group)
+    return message
+
+
+class _Leader:
+    """Rank 0's trainer inside `charclip.run.train`: every call also runs on the other ranks."""
+
+    def __init__(self, model_cfg, cfg, params, *, parallel, group, adam=None, hidden=None, device="cpu"):
+        self.group = group
+        kwargs = dict(parallel=parallel, adam=adam, hidden=hidden, device=device)
+        _broadcast(["init", (model_cfg, cfg, params, kwargs)], self.group)
+        self.trainer = DistributedTrainer(model_cfg, cfg, params, **kwargs)
+
+    def _call(self, name: str, *args):
+        _broadcast([name, args], self.group)
+        return getattr(self.trainer, name)(*args)
+
+    def step(self, x, y):
+        return self._call("step", x, y)
+
+    def evaluate(self, batches):
+        return self._call("evaluate", list(batches))
+
+    def reset_hidden(self):
+        return self._call("reset_hidden")
+
+    def params_numpy(self):
+        return self._call("params_numpy")
+
+    def adam_state(self):
+        return self._call("adam_state")
+
+    def hidden_state(self):
+        return self._call("hidden_state")
+
+
+def _follow(group) -> None:
+    """A rank other than 0: run what rank 0 runs, until it says stop."""
+    trainer = None
+    while True:
+        name, args = _broadcast([None, None], group)
+        if name == "stop":
+            return
+        if name == "init":
+            model_cfg, cfg, params, kwargs = args
+            trainer = DistributedTrainer(model_cfg, cfg, params, **kwargs)
+            continue
+        try:
+            getattr(trainer, name)(*args)
+        except NonFiniteStep:
+            pass  # rank 0 saw the same step and decides what happens next
+
+
+def _train_rank(rank: int, world: int, model_cfg, cfg, parallel: str, kwargs: dict):
+    from charclip import run
+
+    group = _control_group()
+    if rank != 0:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle: it stops all, with a checkpoint
+        return _follow(group)
+    from tqdm.auto import tqdm
+
+    tqdm.set_lock(threading.RLock())  # its default multiprocessing lock would leak a semaphore at os._exit
+    try:
+        return run.train(model_cfg, cfg, make_trainer=partial(_Leader, parallel=parallel, group=group), **kwargs)
+    finally:
+        _broadcast(["stop", ()], group)
+
+
+def train(model_cfg: ModelConfig | None, cfg: TrainConfig | None, *, world: int, layout: str = "ddp", **kwargs) -> dict:
+    """`charclip.run.train` (same arguments) on `world` processes, layout "ddp" or "fsdp"; returns rank 0's summary."""
+    if layout not in PARALLEL:
+        raise CharclipError(f"unknown --parallel {layout!r}; use ddp or fsdp")
+    if world < 1:
+        raise CharclipError(f"--nproc must be 1 or more, got {world}")
+    if cfg is not None and cfg.batch_size % world:
+        raise CharclipError(f"--batch-size {cfg.batch_size} does not split into {world} equal slices; "
+                            f"use a multiple of --nproc {world}")
+    return launch(_train_rank, world, model_cfg, cfg, layout, kwargs, device=kwargs.get("device", "cpu"))
+
+
+# ---- starting and watching the processes ----------------------------------------------
+
+def _port() -> int:
+    """MASTER_PORT if set (it must be free), else a free port the system picks."""
+    wanted = os.environ.get("MASTER_PORT")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, int(wanted) if wanted else 0))
+        except (OSError, ValueError) as e:
+            raise CharclipError(f"cannot use port {wanted} on {HOST} (MASTER_PORT) for the process group: "
+                                f"{getattr(e, 'strerror', None) or e}; choose a free port or unset MASTER_PORT") from None
+        return s.getsockname()[1]
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if isinstance(e, CharclipError) else f"{type(e).__name__}: {text[0] if text else ''}")[:500]
+
+
+def _rank_main(rank, world, port, device, fn, args, report):
+    """One process: join the group, run fn, send rank 0's result or any rank's error (one line) to `report`."""
+    code = 0
+    try:
+        if device == "gpu":
+            torch.cuda.set_device(rank)
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))  # the ranks share the cores
+        if "lo" in {name for _, name in socket.if_nameindex()}:  # gloo and NCCL talk over loopback, not the LAN
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        try:
+            dist.init_process_group("nccl" if device == "gpu" else "gloo", init_method=f"tcp://{HOST}:{port}",
+                                    rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+        except Exception as e:
+            raise CharclipError(f"could not start the process group on {HOST}:{port}: {_one_line(e)}") from None
+        result = fn(rank, world, *args)
+        if rank == 0:
+            report.send(("result", result))
+    except SystemExit as e:  # Ctrl-C on rank 0: run.train saved a checkpoint, then exits 130
+        code = e.code if isinstance(e.code, int) else 1
+        report.send(("exit", code))
+    except BaseException as e:
+        code = 1
+        report.send(("error", _one_line(e)))
+    finally:
+        if dist.is_initialized() and code == 0:
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)  # no interpreter teardown: a dead peer cannot hang it
+
+
+def launch(fn, world: int, *args, device: str = "cpu"):
+    """Run `fn(rank, world, *args)` in `world` fresh processes joined in one process group.
+
+    Returns what rank 0's fn returned. A rank that fails or dies stops the others
+    (after GRACE_SECONDS for them to notice) and raises CharclipError naming it.
+    """
+    if device == "gpu" and torch.cuda.device_count() < world:
+        raise CharclipError(f"--nproc {world} --device gpu needs {world} GPUs; PyTorch sees {torch.cuda.device_count()}")
+    port = _port()
+    ctx = mp.get_context("spawn")
+    pipes = [ctx.Pipe(duplex=False) for _ in range(world)]  # (read, write): each rank reports on its own
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, device, fn, args, pipes[r][1]), daemon=True)
+             for r in range(world)]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the ranks too; rank 0 handles it
+    try:
+        for p in procs:
+            p.start()
+        for _, write in pipes:
+            write.close()  # the ranks hold the write ends; a rank's exit then reads as end of file
+        reports, exits = _wait(procs, [read for read, _ in pipes])
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        signal.signal(signal.SIGINT, previous)
+    return _outcome(world, reports, exits)
+
+
+def _wait(procs, readers) -> tuple[list[tuple[int, str, object]], list[tuple[int, int]]]:
+    """The ranks' reports (rank, kind, value) and their exits (rank, code), in the order they came.
+
+    Once a rank fails, the others get GRACE_SECONDS to stop by themselves (a peer's
+    death ends their collectives with an error) before the caller kills them.
+    """
+    reports, exits = [], []
+    waiting = {p.sentinel: r for r, p in enumerate(procs)} | {c: r for r, c in enumerate(readers)}
+    deadline = None
+    while any(isinstance(w, int) for w in waiting):  # sentinels are ints, readers are connections
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready = multiprocessing.connection.wait(list(waiting), timeout)
+        if not ready:
+            break
+        for w in ready:
+            rank = waiting[w]
+            if isinstance(w, int):
+                del waiting[w]
+                procs[rank].join()
+                exits.append((rank, procs[rank].exitcode))
+                if procs[rank].exitcode != 0 and deadline is None:
+                    deadline = time.monotonic() + GRACE_SECONDS
+                continue
+            try:
+                reports.append((rank, *w.recv()))
+            except EOFError:
+                del waiting[w]
+    for w, rank in waiting.items():  # reports sent just before an exit
+        while not isinstance(w, int) and w.poll():
+            try:
+                reports.append((rank, *w.recv()))
+            except EOFError:
+                break
+    return reports, exits
+
+
+def _outcome(world: int, reports, exits):
+    """Rank 0's result, or the error of the rank that failed first, as one line."""
+    for rank, kind, value in reports:
+        if kind == "result":
+            return value
+    if any(kind == "exit" and value == 130 for _, kind, value in reports):
+        raise KeyboardInterrupt
+    errors = {rank: value for rank, kind, value in reports if kind == "error"}
+    for rank, code in exits:
+        if code < 0:  # killed by a signal: this rank is the cause, the others' errors follow from it
+            raise CharclipError(f"rank {rank} of {world} died ({signal.Signals(-code).name}); the run stopped without "
+                                "writing a checkpoint for the unfinished step; resume from the last one with --resume")
+        if rank in errors:
+            raise CharclipError(errors[rank] if rank == 0 else f"rank {rank} of {world}: {errors[rank]}")
+    if errors:
+        rank = min(errors)
+        raise CharclipError(f"rank {rank} of {world}: {errors[rank]}")
+    still = sorted(set(range(world)) - {rank for rank, _ in exits})
+    raise CharclipError(f"the distributed run stopped without a result (ranks {still} did not finish)" if still
+                        else f"the distributed run stopped without a result (exit codes {dict(exits)})")
