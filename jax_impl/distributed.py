@@ -1,0 +1,222 @@
+"""Training over several devices in one process: a `jax.sharding.Mesh`, and `shard_map` by hand.
+
+`charclip train --backend jax --devices N --mesh LAYOUT` trains one global batch over
+N devices (virtual CPU devices on a machine without accelerators). The layouts:
+
+    data       batch split over a "data" axis; parameters replicated
+    model      parameters split over a "model" axis; batch replicated
+    fsdp       batch and parameters split over the same "data" axis
+    2d         a (N/2, 2) mesh: batch over "data", parameters over "model"
+    shard_map  the fsdp layout written out by hand with `jax.shard_map`
+
+A parameter is split along its first axis whose length the mesh axis divides; one
+with no such axis (a bias of odd length, say) stays replicated, so every layout mixes
+split and whole tensors.
+
+For the first four, the step is `jax_impl.train`'s own jitted step, given shardings:
+the compiler inserts the collectives, and `optax.global_norm` (or the reference
+`jax_impl.clipping`) on a sharded gradient is the global norm, computed across devices.
+The `shard_map` step is the teaching version of what the compiler does: each device
+sees only its slices, and the global norm is an explicit `psum` (docs/distributed.md):
+
+    g = sqrt( psum_i( sum of grad^2 over device i's slices of split tensors )
+              + sum of grad^2 over replicated tensors )        (each counted once)
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from charclip.config import ModelConfig, TrainConfig
+from charclip.errors import CharclipError
+from jax_impl import model as M
+from jax_impl import train as T
+
+LAYOUTS = ("data", "model", "fsdp", "2d", "shard_map")
+BATCH_AXIS = {"data": "data", "model": None, "fsdp": "data", "2d": "data", "shard_map": "data"}
+PARAM_AXIS = {"data": None, "model": "model", "fsdp": "data", "2d": "model", "shard_map": "data"}
+
+
+def use_devices(n: int, device: str = "cpu") -> list:
+    """The first n devices, asking JAX for n virtual CPU devices if its backend has not started yet."""
+    if n < 1:
+        raise CharclipError(f"--devices must be 1 or more, got {n}")
+    if device == "cpu":
+        try:
+            jax.config.update("jax_num_cpu_devices", n)  # only possible before the first array is made
+        except RuntimeError:
+            pass  # already started: use what it has
+        devices = jax.devices("cpu")
+    else:
+        T.device_of("gpu")  # one line when JAX sees no GPU
+        devices = jax.devices("gpu")
+    if len(devices) < n:
+        raise CharclipError(f"--devices {n}: JAX has only {len(devices)} {device} device(s) in this process "
+                            "(virtual CPU devices must be requested before JAX starts)")
+    return devices[:n]
+
+
+def make_mesh(layout: str, devices) -> Mesh:
+    if layout not in LAYOUTS:
+        raise CharclipError(f"unknown --mesh {layout!r}; use one of {', '.join(LAYOUTS)}")
+    n = len(devices)
+    if layout == "2d":
+        if n % 2:
+            raise CharclipError(f"--mesh 2d needs an even number of devices, got {n}")
+        return Mesh(np.array(devices).reshape(n // 2, 2), ("data", "model"))
+    return Mesh(np.array(devices), (PARAM_AXIS[layout] or BATCH_AXIS[layout],))
+
+
+def param_spec(shape: tuple[int, ...], axis: str | None, size: int) -> P:
+    """Split along the first dimension that `size` divides; replicate when none does."""
+    for d, length in enumerate(shape):
+        if axis is not None and length % size == 0:
+            return P(*([None] * d), axis)
+    return P()
+
+
+def _split_dim(spec: P, axis: str) -> int | None:
+    return spec.index(axis) if axis in spec else None
+
+
+# ---- the shard_map step: every collective written out --------------------------------
+
+def sharded_global_norm(grads: dict, split: dict, axis: str) -> jax.Array:
+    """The global L2 norm from inside shard_map, where each device holds slices.
+
+    A split tensor's squares are summed over this device's slice, then over the
+    devices (`psum`). A replicated tensor is whole on every device: it is added once,
+    outside the psum; inside it would count N times.
+    """
+    sliced = sum((jnp.sum(jnp.square(g)) for k, g in grads.items() if split[k] is not None), jnp.zeros((), _dtype(grads)))
+    whole = sum((jnp.sum(jnp.square(g)) for k, g in grads.items() if split[k] is None), jnp.zeros((), _dtype(grads)))
+    return jnp.sqrt(lax.psum(sliced, axis) + whole)
+
+
+def _dtype(tree):
+    return jax.tree.leaves(tree)[0].dtype
+
+
+def _clip(grads: dict, norm: jax.Array, clip) -> dict:
+    """The configured clipping, written the way optax writes it (strict <, no epsilon)."""
+    if clip.mode == "norm":
+        # Branch-free (select, not if): under jit the norm is a tracer.
+        return {k: lax.select(norm < clip.max_norm, g, (g / norm.astype(g.dtype)) * clip.max_norm) for k, g in grads.items()}
+    if clip.mode == "value":
+        return {k: jnp.clip(g, -clip.max_value, clip.max_value) for k, g in grads.items()}
+    return grads
+
+
+def make_clipped_gradient(model_cfg: ModelConfig, cfg: TrainConfig, specs: dict, axis: str = "data"):
+    """The per-device function (params slices, state, x, y) -> (clipped slices, norm, loss, final state)."""
+    split = {k: _split_dim(s, axis) for k, s in specs.items()}
+
+    def clipped_gradient(params, state, x, y):
+        n = lax.psum(1, axis)  # devices on the axis
+        # 1. Every device gathers the whole parameters (the all-gather of FSDP).
+        full = {k: v if split[k] is None else lax.all_gather(v, axis, axis=split[k], tiled=True) for k, v in params.items()}
+        # 2. Loss and gradient of this device's streams only (B/N of them).
+        (loss, final), grads = jax.value_and_grad(M.loss, has_aux=True)(full, x, y, state, cfg=model_cfg)
+        # 3. The mean over devices = the gradient of the whole batch's mean loss. A split
+        #    parameter keeps only its own slice of it (the reduce-scatter of FSDP).
+        grads = {k: lax.pmean(g, axis) if split[k] is None else lax.psum_scatter(g, axis, scatter_dimension=split[k], tiled=True) / n
+                 for k, g in grads.items()}
+        # 4. The global norm, each element counted once; 5. clip every slice by it.
+        norm = sharded_global_norm(grads, split, axis)
+        return _clip(grads, norm, cfg.clip), norm, lax.pmean(loss, axis), final
+
+    return clipped_gradient
+
+
+def make_shard_map_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                        specs: dict, opt_specs):
+    """`jax_impl.train.make_train_step`'s step, with every device's part written out in shard_map."""
+    clipped_gradient = make_clipped_gradient(model_cfg, cfg, specs)
+
+    def step(params, opt_state, state, x, y):
+        grads, norm, loss, final = clipped_gradient(params, state, x, y)
+        updates, new_opt_state = tx.update(grads, opt_state, params)  # Adam is elementwise: slices are enough
+        new_params = optax.apply_updates(params, updates)
+        if cfg.nonfinite == "skip":
+            ok = jnp.isfinite(norm) & jnp.isfinite(loss)  # the same on every device
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+            new_params, new_opt_state, final = keep(new_params, params), keep(new_opt_state, opt_state), keep(final, state)
+        return new_params, new_opt_state, final, {"loss": loss, "grad_norm": norm}
+
+    batch, hidden = P("data", None), P(None, "data", None)
+    # check_vma=False: gradients inside are this device's own; every sum over devices is
+    # written above. (With the check on, JAX would already psum the gradient of a
+    # replicated input, and the pmean above would then scale it by N.)
+    return jax.shard_map(step, mesh=mesh, in_specs=(specs, opt_specs, hidden, batch, batch),
+                         out_specs=(specs, opt_specs, hidden, P()), check_vma=False)
+
+
+# ---- the trainer ----------------------------------------------------------------------
+
+class MeshTrainer(T.Trainer):
+    """`jax_impl.train.Trainer` over a mesh: same methods, arrays placed by `layout`."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, params: dict[str, np.ndarray], *, layout: str, devices,
+                 adam: dict[str, np.ndarray] | None = None, hidden: dict[str, np.ndarray] | None = None,
+                 device: str = "cpu"):
+        self.model_cfg, self.cfg, self.layout = model_cfg, cfg, layout
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.mesh = make_mesh(layout, devices)
+        batch_axis, param_axis = BATCH_AXIS[layout], PARAM_AXIS[layout]
+        if batch_axis and cfg.batch_size % self.mesh.shape[batch_axis]:
+            raise CharclipError(f"--batch-size {cfg.batch_size} does not split over {self.mesh.shape[batch_axis]} devices "
+                                f"on the mesh's data axis; use a multiple of it")
+        if layout == "shard_map" and cfg.clip.mode == "norm" and cfg.clip.impl == "reference":
+            raise CharclipError("--mesh shard_map writes its clipping out itself (optax's formula); "
+                                "use --clip-impl library, or another --mesh to run the reference implementation")
+        spec = partial(param_spec, axis=param_axis, size=self.mesh.shape[param_axis] if param_axis else 1)
+        self.specs = {k: spec(np.shape(v)) for k, v in params.items()}
+        self.shardings = {k: self._on(s) for k, s in self.specs.items()}
+        self.batch_sharding = self._on(P(batch_axis, None))  # (B, T)
+        self.state_sharding = self._on(P(None, batch_axis, None))  # (L, B, H)
+        self.device = self.mesh.devices.flat[0]  # where the base class assembles a loaded Adam state
+        self.params = jax.device_put({k: np.asarray(v) for k, v in params.items()}, self.shardings)
+        # shard_map clips inside its step; the others use jax_impl.train's chain (clip, then Adam).
+        self.tx = optax.adam(cfg.lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps) if layout == "shard_map" else T.optimizer(cfg)
+        # Adam's moments have their parameter's shape, so the same rule places them; scalars are replicated.
+        opt_specs = jax.tree.map(lambda a: spec(a.shape), jax.eval_shape(self.tx.init, self.params))
+        self.opt_shardings = jax.tree.map(self._on, opt_specs)
+        self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.params)
+        if adam is not None:
+            self._load_adam(adam)
+            self.opt_state = jax.device_put(self.opt_state, self.opt_shardings)
+        self.state = jax.device_put(M.hidden_from_numpy(hidden), self.state_sharding) if hidden is not None else None
+        if layout == "shard_map":
+            step = make_shard_map_step(model_cfg, cfg, self.tx, self.mesh, self.specs, opt_specs)
+        else:
+            step = T.make_train_step(model_cfg, cfg, self.tx)
+        b, s, r = self.batch_sharding, self.state_sharding, self._on(P())
+        self.train_step = jax.jit(step, in_shardings=(self.shardings, self.opt_shardings, s, b, b),
+                                  out_shardings=(self.shardings, self.opt_shardings, s, r))
+        self._eval_loss = jax.jit(lambda p, x, y, st: M.loss(p, x, y, st, cfg=model_cfg))
+
+    def _on(self, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    def _state_for(self, batch: int):
+        if self.state is None:
+            return jax.device_put(M.zero_state(self.model_cfg, batch, self.dtype), self.state_sharding)
+        return self.state
+
+
+def train(model_cfg: ModelConfig | None, cfg: TrainConfig | None, *, world: int, layout: str = "data", **kwargs) -> dict:
+    """`charclip.run.train` (same arguments) over `world` devices laid out by `layout`."""
+    from charclip import run
+
+    if layout not in LAYOUTS:
+        raise CharclipError(f"unknown --mesh {layout!r}; use one of {', '.join(LAYOUTS)}")
+    devices = use_devices(world, kwargs.get("device", "cpu"))
+    return run.train(model_cfg, cfg, make_trainer=partial(MeshTrainer, layout=layout, devices=devices), **kwargs)
