@@ -1,0 +1,83 @@
+"""Property-based parity: Hypothesis draws the model's shape, the weights, the inputs and the
+initial state, and the ladder's rungs 1 to 5 must hold on every draw (plus the witness,
+for the vanilla RNN).
+
+JAX runs un-jitted here (`jax.disable_jit`): compiling a train step per drawn
+shape would cost seconds per example, while op-by-op execution reuses each
+small kernel across draws. The shapes come from small sets, so those kernels
+repeat. The jitted path itself is what test_parity_steps.py checks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from charclip import parity, witness
+from charclip.config import ModelConfig, TrainConfig
+from charclip.weights import init_params, scale_spectral_radius
+
+# Each example runs both backends through a train step and three optimizer steps,
+# JAX un-jitted (up to ~10 s on 2 loaded cores); 6 examples keep this file within its
+# share of the suite's time. HYPOTHESIS_PROFILE=thorough lifts the cap.
+THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
+MAX_EXAMPLES = settings().max_examples if THOROUGH else min(settings().max_examples, 6)
+
+
+@st.composite
+def setups(draw, cells=("rnn", "lstm", "gru"), dtypes=("float64", "float32")):
+    cell = draw(st.sampled_from(cells))
+    dtype = draw(st.sampled_from(dtypes))
+    cfg = ModelConfig(
+        vocab_size=draw(st.sampled_from([2, 7])),
+        cell=cell,
+        hidden_size=draw(st.sampled_from([1, 6])),
+        num_layers=draw(st.integers(1, 2)),
+        embedding_dim=draw(st.sampled_from([1, 3])),
+    )
+    B, T = draw(st.sampled_from([1, 3])), draw(st.sampled_from([1, 4]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    params = init_params(cfg, seed, dtype)
+    # Spectral radius of W_hh from 0.5 to 3: from vanishing to exploding gradients.
+    rho = draw(st.sampled_from([0.5, 1.0, 3.0]))
+    if cell == "rnn":  # W_hh is square (H, H) only for the vanilla RNN
+        for k in range(cfg.num_layers):
+            params[f"rnn.weight_hh_l{k}"] = scale_spectral_radius(params[f"rnn.weight_hh_l{k}"], rho)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, cfg.vocab_size, (B, T))
+    y = rng.integers(0, cfg.vocab_size, (B, T))
+    train = TrainConfig(batch_size=B, seq_len=T, lr=draw(st.sampled_from([1e-3, 1e-1])), dtype=dtype)
+    return parity.make_step_setup(cfg, train, params, x, y, seed=seed)
+
+
+def _check(setup: parity.StepSetup) -> None:
+    with jax.disable_jit():
+        rows = parity.compare_step(setup)
+    bad = [r for r in rows if not r.ok]
+    assert not bad, f"\n{setup.model}, B x T = {setup.x.shape}, {setup.train.dtype}\n" + parity.format_table(rows)
+
+
+@settings(max_examples=MAX_EXAMPLES)
+@given(setups())
+def test_ladder_holds_on_drawn_models(setup):
+    _check(setup)
+
+
+@settings(max_examples=max(MAX_EXAMPLES // 2, 1))
+@given(setups(cells=("rnn",), dtypes=("float64",)))
+def test_witness_agrees_on_drawn_vanilla_rnns(setup):
+    """The hand-written BPTT against both autodiff backends, on the same drawn model and state."""
+    loss, grads, final = witness.loss_and_grads(setup.params, setup.x, setup.y, setup.hidden["h"])
+    tol = parity.TOLERANCES["float64"]
+    for backend in parity.BACKENDS:
+        with jax.disable_jit():
+            q = parity.step_quantities(backend, setup)
+        rows = [parity.compare("loss", loss, q["loss"], tol["loss"]),
+                parity.compare("final h", final, q["final"]["h"], tol["forward"]),
+                parity.compare_group("grads", grads, q["grad"], tol["grad"]),
+                parity.compare("global grad norm", witness.global_norm(grads), q["grad_norm"], tol["norm"])]
+        assert all(r.ok for r in rows), f"witness vs {backend}\n" + parity.format_table(rows)
