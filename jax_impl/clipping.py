@@ -15,9 +15,9 @@ wrong, this module is not (docs/divergences.md lists each case and its test):
 - the norm is measured on g scaled by a power of two chosen from max|g|, so squares
   cannot overflow or underflow; multiplying by a power of two is exact, so on ordinary
   inputs the result is the library's to the last bit;
-- float16/bfloat16 gradients are measured and scaled in float32, and the result is
-  rounded toward zero into the gradient's dtype after a shrink of 2**-20, so the
-  clipped norm is <= tau after rounding;
+- float16/bfloat16 gradients are measured and scaled in float32, rounded toward zero
+  into their dtype, and the rounded result is checked in float64 (and nudged down if
+  needed), so the clipped norm is <= tau after rounding;
 - thresholds that are negative or NaN, and norm orders that are not norms, raise.
 
 Everything is branch-free (`jnp.where`, never a Python `if` on an array value): under
@@ -44,7 +44,7 @@ import numpy as np
 import optax
 
 TORCH_EPS = 1e-6  # the epsilon PyTorch adds to the norm before dividing
-LOW_PRECISION_MARGIN = 2.0**-20  # shrink for float16/bfloat16 results; below their ulp
+LOW_PRECISION_MARGIN = 2.0**-24  # shrink for float16/bfloat16 results, far below their ulp
 CONVENTIONS = ("optax", "torch")
 NONFINITE_POLICIES = ("propagate", "skip", "error")
 
@@ -126,7 +126,7 @@ def _round_toward_zero(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return jnp.where(away, jnp.nextafter(nearest, jnp.zeros_like(nearest)), nearest)
 
 
-def _clip_leaf(leaf, scale, scaled_norm, norm, tau, convention, shrink):
+def _clip_leaf(leaf, scale, scaled_norm, norm, tau, convention):
     """One leaf of the clipped gradient, computed in the accumulation dtype.
 
     The formulas are written exactly as the libraries write them, so that XLA compiles
@@ -136,27 +136,44 @@ def _clip_leaf(leaf, scale, scaled_norm, norm, tau, convention, shrink):
     if convention == "optax":
         # A zero gradient stays zero, also for tau == 0, where optax computes 0 / 0.
         keep = (norm < tau) | (norm == 0)
-        clipped = jnp.where(keep, t, (t / norm) * tau * shrink)
+        clipped = jnp.where(keep, t, (t / norm) * tau)
     else:
         # PyTorch writes max_norm / (norm + eps) and evaluates it as reciprocal * max_norm.
         coef = jnp.minimum((1 / (norm + TORCH_EPS)) * tau, 1)
-        clipped = t * jnp.where(coef < 1, coef * shrink, coef)
-    # A norm too large for the dtype (inf while every entry is finite): the direction
-    # still comes out right from the scaled gradient, (g * 2**-e) / (n * 2**-e).
-    overflowed = jnp.isinf(norm) & jnp.isfinite(scaled_norm)
-    return jnp.where(overflowed, (t * scale) / scaled_norm * tau * shrink, clipped)
+        # t * coef, torch's own expression, except that t is kept as is when coef is 1: XLA
+        # would flush subnormal entries of t * 1 to zero.
+        clipped = jnp.where(coef >= 1, t, t * coef)
+    # A norm of 2**(maxexp - 2) * min(1, tau) or more (up to inf while every entry is
+    # finite): 1 / n or tau / n is subnormal, which XLA flushes to zero, or n overflowed.
+    # The direction still comes out right from the scaled gradient, (g * 2**-e) / (n * 2**-e).
+    largest = 2.0 ** (jnp.finfo(norm.dtype).maxexp - 2) * min(1.0, tau)
+    huge = ~(norm < largest) & jnp.isfinite(scaled_norm) & (scaled_norm > 0)
+    return jnp.where(huge, (t * scale) / scaled_norm * tau, clipped)
+
+
+def _is_low_precision(dtype: jnp.dtype) -> bool:
+    return jnp.finfo(dtype).bits < 32
 
 
 def _into_dtype(clipped: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    if jnp.finfo(dtype).bits < 32:
+    if _is_low_precision(dtype):
         return _round_toward_zero(clipped, dtype)
     return clipped.astype(dtype)
 
 
-def _rounded_down(tau: float, dtype: jnp.dtype) -> float:
-    """The largest value of `dtype` that is <= tau, so a comparison in `dtype` is safe."""
-    down = np.asarray(tau, dtype)
-    return float(np.nextafter(down, np.zeros((), dtype)) if down > tau else down)
+def _enforce_bound(clipped: list[jax.Array], tau: float, p: float) -> list[jax.Array]:
+    """Make the float16/bfloat16 leaves' clipped norm <= tau after rounding.
+
+    Rounding toward zero cannot raise the norm, but the float32 norm it was scaled by
+    may be low by a few float32 ulps. So measure the rounded result again in float64
+    (its squares are exact there); where it is still above tau, scale the low-precision
+    leaves by tau / norm, shrunk by 2**-24 (far below their ulp), and round toward zero
+    once more.
+    """
+    wide = [c.astype(jnp.float64) for c in clipped]
+    measured = global_norm(wide, p)
+    fix = jnp.where(measured > tau, tau / measured * (1 - LOW_PRECISION_MARGIN), 1)
+    return [_round_toward_zero(w * fix, c.dtype) if _is_low_precision(c.dtype) else c for w, c in zip(wide, clipped)]
 
 
 def clip_by_global_norm(
@@ -187,21 +204,10 @@ def clip_by_global_norm(
     finite = jnp.isfinite(scaled_norm)  # the scaled norm is finite iff every entry is
     if nonfinite == "error" and not isinstance(finite, jax.core.Tracer):
         raise_if_nonfinite(norm)
-    clipped = [
-        _into_dtype(_clip_leaf(leaf, scale, scaled_norm, norm, tau, convention, 1), leaf.dtype) for leaf in leaves
-    ]
-    low_precision = [jnp.finfo(leaf.dtype).bits < 32 for leaf in leaves]
-    if any(low_precision):
-        # Rounding toward zero cannot raise the norm, but the float32 factor may be a few
-        # ulps high. Check the rounded result; if it is above tau, use a factor shrunk by
-        # 2**-20 (invisible at float16/bfloat16 resolution) instead.
-        shrunk = [
-            _into_dtype(_clip_leaf(leaf, scale, scaled_norm, norm, tau, convention, 1 - LOW_PRECISION_MARGIN), leaf.dtype)
-            if low else c
-            for leaf, c, low in zip(leaves, clipped, low_precision)
-        ]
-        within = global_norm(clipped, p) <= _rounded_down(tau, acc)
-        clipped = [jnp.where(within, c, s) for c, s in zip(clipped, shrunk)]
+    clipped = [_clip_leaf(leaf, scale, scaled_norm, norm, tau, convention) for leaf in leaves]
+    clipped = [_into_dtype(c, leaf.dtype) for c, leaf in zip(clipped, leaves)]
+    if any(_is_low_precision(leaf.dtype) for leaf in leaves):
+        clipped = _enforce_bound(clipped, tau, p)
     if nonfinite != "propagate":
         clipped = [jnp.where(finite, c, jnp.zeros_like(c)) for c in clipped]
     return jax.tree.unflatten(treedef, clipped), norm

@@ -15,8 +15,9 @@ inputs. Where the libraries are wrong, this module is not (docs/divergences.md):
 - the norm is measured on g scaled by a power of two chosen from max|g| (exact), so
   squares cannot overflow: finite gradients of 1e20 keep a finite norm and their
   direction;
-- float16/bfloat16 gradients are measured and scaled in float32 and rounded toward
-  zero into their dtype, so the clipped norm is <= tau after rounding;
+- float16/bfloat16 gradients are measured and scaled in float32, rounded toward zero
+  into their dtype, and the rounded result is checked in float64 (and nudged down if
+  needed), so the clipped norm is <= tau after rounding;
 - negative or NaN thresholds and norm orders below 1 (norm_type=0 counts non-zero
   tensors in torch) raise ValueError.
 
@@ -37,7 +38,7 @@ from collections.abc import Iterable
 import torch
 
 TORCH_EPS = 1e-6  # the epsilon PyTorch adds to the norm before dividing
-LOW_PRECISION_MARGIN = 2.0**-20  # shrink for float16/bfloat16 results; below their ulp
+LOW_PRECISION_MARGIN = 2.0**-24  # shrink for float16/bfloat16 results, far below their ulp
 CONVENTIONS = ("optax", "torch")
 NONFINITE_POLICIES = ("propagate", "skip", "error")
 
@@ -71,6 +72,11 @@ def _is_low_precision(dtype: torch.dtype) -> bool:
     return torch.finfo(dtype).bits < 32
 
 
+def _max_exponent(dtype: torch.dtype) -> int:
+    """maxexp as NumPy names it: the largest finite value is just below 2**maxexp."""
+    return math.frexp(torch.finfo(dtype).max)[1]
+
+
 def _accumulation_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     """float32 at least: float16/bfloat16 are measured and scaled in float32."""
     dtype = torch.float32
@@ -87,28 +93,29 @@ def _power_of_two_scale(tensors: list[torch.Tensor], acc: torch.dtype) -> torch.
     """
     max_abs = torch.stack([t.to(acc).abs().amax() for t in tensors]).amax()
     _, exponent = torch.frexp(max_abs)
-    limit = 126 if acc == torch.float32 else 1022  # maxexp - 2
+    limit = _max_exponent(acc) - 2
     return torch.exp2(-exponent.clamp(-limit, limit).to(acc))
 
 
 def _scaled_norm(tensors: list[torch.Tensor], scale: torch.Tensor, p: float) -> torch.Tensor:
-    """||g * scale||_p as torch measures it: the p-norm of the per-tensor p-norms."""
-    acc = scale.dtype
-    norms = [torch.linalg.vector_norm(t.to(acc) * scale, p) for t in tensors]
-    return torch.linalg.vector_norm(torch.stack(norms), p)
+    """||g * scale||_p measured by torch itself (the p-norm of the per-tensor p-norms)."""
+    return torch.nn.utils.get_total_norm([t.to(scale.dtype) * scale for t in tensors], p)
 
 
 def _measure(tensors: list[torch.Tensor], p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scaled norm, scale); the norm is scaled_norm / scale."""
+    """(scaled norm, scale); the norm is scaled_norm / scale.
+
+    Empty tensors count as torch counts them (a zero in the stack of per-tensor norms),
+    except for p = inf, where torch's foreach norm refuses them: they are left out.
+    """
+    nonempty = [t for t in tensors if t.numel() > 0]
     acc = _accumulation_dtype(tensors)
-    scale = _power_of_two_scale(tensors, acc)
-    return _scaled_norm(tensors, scale, p), scale
+    scale = _power_of_two_scale(nonempty, acc)
+    return _scaled_norm(nonempty if p == math.inf else tensors, scale, p), scale
 
 
-def _nonempty(tensors: Tensors) -> list[torch.Tensor]:
-    if isinstance(tensors, torch.Tensor):
-        tensors = [tensors]
-    return [t for t in tensors if t.numel() > 0]
+def _as_list(tensors: Tensors) -> list[torch.Tensor]:
+    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
 
 
 @torch.no_grad()
@@ -119,29 +126,33 @@ def global_norm(tensors: Tensors, norm_type: float = 2) -> torch.Tensor:
     norm itself is representable. Returns tensor(0.) when there is nothing to measure.
     """
     p = _check_norm_type(norm_type)
-    tensors = _nonempty(tensors)
-    if not tensors:
+    tensors = _as_list(tensors)
+    if not any(t.numel() for t in tensors):
         return torch.tensor(0.0)
     scaled_norm, scale = _measure(tensors, p)
     return scaled_norm / scale
 
 
-def _clipped(grad, scale, scaled_norm, norm, max_norm, convention, shrink):
+def _clipped(grad, scale, scaled_norm, norm, max_norm, convention):
     """One clipped gradient, computed in the accumulation dtype (the formulas are the
     libraries' own, so the bits agree)."""
     g = grad.to(norm.dtype)
     if convention == "optax":
         # A zero gradient stays zero, also for max_norm == 0, where optax computes 0 / 0.
         keep = (norm < max_norm) | (norm == 0)
-        clipped = torch.where(keep, g, (g / norm) * max_norm * shrink)
+        clipped = torch.where(keep, g, (g / norm) * max_norm)
     else:
         # Clamp rather than branch on coef < 1: a branch would sync with the device.
         coef = torch.clamp(max_norm / (norm + TORCH_EPS), max=1.0)
-        clipped = g * torch.where(coef < 1, coef * shrink, coef)
-    # A norm too large for the dtype (inf while every entry is finite): the direction
-    # still comes out right from the scaled gradient, (g * 2**-e) / (n * 2**-e).
-    overflowed = torch.isinf(norm) & torch.isfinite(scaled_norm)
-    return torch.where(overflowed, (g * scale) / scaled_norm * max_norm * shrink, clipped)
+        # g * coef, torch's own expression, except that g is kept as is when coef is 1.
+        clipped = torch.where(coef >= 1, g, g * coef)
+    # A norm of 2**(maxexp - 2) * min(1, tau) or more (up to inf while every entry is
+    # finite): 1 / n or tau / n is subnormal, or n overflowed. The direction still comes out
+    # right from the scaled gradient, (g * 2**-e) / (n * 2**-e). (As in jax_impl, where XLA
+    # flushes subnormals to zero.)
+    largest = 2.0 ** (_max_exponent(norm.dtype) - 2) * min(1.0, max_norm)
+    huge = ~(norm < largest) & torch.isfinite(scaled_norm) & (scaled_norm > 0)
+    return torch.where(huge, (g * scale) / scaled_norm * max_norm, clipped)
 
 
 def _round_toward_zero(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -157,12 +168,19 @@ def _into_dtype(clipped: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return clipped.to(dtype)
 
 
-def _rounded_down(value: float, dtype: torch.dtype) -> float:
-    """The largest value of `dtype` that is <= value, so a comparison in `dtype` is safe."""
-    down = torch.tensor(value, dtype=dtype)
-    if down.item() > value:
-        down = torch.nextafter(down, torch.zeros_like(down))
-    return down.item()
+def _enforce_bound(clipped: list[torch.Tensor], max_norm: float, p: float) -> list[torch.Tensor]:
+    """Make the float16/bfloat16 tensors' clipped norm <= max_norm after rounding.
+
+    Rounding toward zero cannot raise the norm, but the float32 norm it was scaled by
+    may be low by a few float32 ulps. So measure the rounded result again in float64
+    (its squares are exact there); where it is still above max_norm, scale the
+    low-precision tensors by max_norm / norm, shrunk by 2**-24 (far below their ulp),
+    and round toward zero once more.
+    """
+    wide = [c.double() for c in clipped]
+    measured = global_norm(wide, p)
+    fix = torch.where(measured > max_norm, max_norm / measured * (1 - LOW_PRECISION_MARGIN), 1.0)
+    return [_round_toward_zero(w * fix, c.dtype) if _is_low_precision(c.dtype) else c for w, c in zip(wide, clipped)]
 
 
 @torch.no_grad()
@@ -184,10 +202,8 @@ def clip_grad_norm_(
     p = _check_norm_type(norm_type)
     _check_choice("convention", convention, CONVENTIONS)
     _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    grads = _nonempty([q.grad for q in parameters if q.grad is not None])
-    if not grads:
+    grads = [q.grad for q in _as_list(parameters) if q.grad is not None]
+    if not any(g.numel() for g in grads):
         return torch.tensor(0.0)
     scaled_norm, scale = _measure(grads, p)
     norm = scaled_norm / scale
@@ -196,19 +212,9 @@ def clip_grad_norm_(
         raise FloatingPointError(
             f"gradient norm is {norm.item()}: a gradient entry is NaN or infinite; lower the learning rate or check the loss."
         )
-    new = [_into_dtype(_clipped(g, scale, scaled_norm, norm, max_norm, convention, 1), g.dtype) for g in grads]
+    new = [_into_dtype(_clipped(g, scale, scaled_norm, norm, max_norm, convention), g.dtype) for g in grads]
     if any(_is_low_precision(g.dtype) for g in grads):
-        # Rounding toward zero cannot raise the norm, but the float32 factor may be a few
-        # ulps high. Check the rounded result; if it is above tau, use a factor shrunk by
-        # 2**-20 (invisible at float16/bfloat16 resolution) instead.
-        shrink = 1 - LOW_PRECISION_MARGIN
-        within = global_norm(new, p) <= _rounded_down(max_norm, norm.dtype)
-        new = [
-            torch.where(within, n, _into_dtype(_clipped(g, scale, scaled_norm, norm, max_norm, convention, shrink), g.dtype))
-            if _is_low_precision(g.dtype)
-            else n
-            for g, n in zip(grads, new)
-        ]
+        new = _enforce_bound(new, max_norm, p)
     if nonfinite != "propagate":
         new = [torch.where(finite, n, torch.zeros_like(n)) for n in new]
     for g, n in zip(grads, new):
@@ -220,8 +226,6 @@ def clip_grad_norm_(
 def clip_grad_value_(parameters: Tensors, clip_value: float) -> None:
     """Clamp every `.grad` entry to [-clip_value, clip_value] in place (changes the direction)."""
     v = _check_threshold("clip_value", clip_value)
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    for q in parameters:
+    for q in _as_list(parameters):
         if q.grad is not None:
             q.grad.clamp_(min=-v, max=v)
