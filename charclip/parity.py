@@ -55,7 +55,7 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
         "norm": Tolerance(1e-10, "float64: one sum of squares over all gradients, ~1e-15 expected"),
         "clipped": Tolerance(1e-10, "float64: gradient times one scalar; same convention on both sides"),
         "adam": Tolerance(1e-10, "float64: elementwise Adam formula, ~1e-14 after cancellation in p_new - p"),
-        "trajectory": Tolerance(1e-8, "float64: Adam divides by sqrt(v), which can grow rounding ~100x over 50+ steps"),
+        "trajectory": Tolerance(1e-10, "float64: rounding fed back through 50+ Adam steps; 1e-15 to 6e-13 measured"),
     },
     "float32": {
         "forward": Tolerance(1e-5, "float32 (6e-8) rounding over T recurrent steps of H-term dot products; ~1e-7 measured"),
@@ -327,10 +327,10 @@ def trajectory(model_cfg: ModelConfig, train_cfg: TrainConfig, params, batches, 
 
 
 def trajectory_rows(tr: Trajectory, train_cfg: TrainConfig) -> list[Row]:
-    # Adam moves a weight by about lr per step at most, and torch's epsilon changes a clipped
-    # step's move by at most 1e-6/tau relative: the libraries may drift apart by steps*lr*1e-6/tau.
-    gap = tr.steps * train_cfg.lr * library_gap(train_cfg.clip.impl, train_cfg.clip.max_norm)
-    tol = widen(TOLERANCES[train_cfg.dtype]["trajectory"], gap, " x steps x lr")
+    # With the libraries' clipping each clipped step differs by up to 1e-6/tau (torch's epsilon);
+    # training feeds that back, so allow it once per step: a generous allowance, not a proof.
+    gap = tr.steps * library_gap(train_cfg.clip.impl, train_cfg.clip.max_norm)
+    tol = widen(TOLERANCES[train_cfg.dtype]["trajectory"], gap, " x steps")
     worst = int(np.argmax(tr.param_drift_rel))
     same_flags = tr.clipped["torch"] == tr.clipped["jax"]
     n_clipped = sum(tr.clipped["torch"])
@@ -423,7 +423,7 @@ class Report:
 
 def run_parity(cell: str = "lstm", layers: int = 1, dtype: str = "float64", steps: int = 50, *, device: str = "cpu",
                hidden_size: int = 32, embedding_dim: int = 16, batch_size: int = 8, seq_len: int = 32,
-               lr: float = 1e-2, seed: int = 0, clip_impl: str = "library", sample_chars: int = 200,
+               lr: float = 1e-2, seed: int = 0, clip_impl: str = "reference", sample_chars: int = 200,
                corpus_chars: int = 50_000, progress: bool = True) -> Report:
     """Compare torch_impl and jax_impl on one configuration (the ladder 1 to 7)."""
     from charclip import corpus
@@ -509,7 +509,7 @@ def plot_drift(reports: list[Report], out_png) -> Path:
         tr, c = rep.trajectory, rep.config
         label = f"{c['cell']} {c['layers']}x{c['hidden']} {c['dtype']}"
         steps = np.arange(1, tr.steps + 1)
-        floor = np.finfo(c["dtype"]).tiny  # zeros drawn at the bottom of the log axis
+        floor = np.finfo(c["dtype"]).eps / 10  # exact agreement (0) is drawn here, at the bottom
         ax1.semilogy(steps, np.maximum(tr.param_drift_rel, floor), color=f"C{i}", lw=1.2, label=label)
         clipped = np.array(tr.clipped["torch"])
         ax1.plot(steps[clipped], np.maximum(np.array(tr.param_drift_rel)[clipped], floor), ".", color=f"C{i}", ms=5)
@@ -549,8 +549,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--clip-impl", choices=("library", "reference"), default="library",
-                   help="clipping code compared: the libraries' or charclip's reference implementations")
+    p.add_argument("--clip-impl", choices=("library", "reference"), default="reference",
+                   help="clipping compared: charclip's reference implementations (one convention on both sides) "
+                   "or the libraries' (torch adds 1e-6 to the norm, optax does not)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--plot", metavar="PATH", help="write the per-step drift plot (PNG)")

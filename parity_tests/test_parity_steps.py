@@ -44,13 +44,20 @@ def test_every_quantity_agrees(cell, layers, dtype):
     np.testing.assert_array_equal(np.array(tr.grad_norm["torch"]) > tr.max_norm, tr.clipped["torch"])
 
 
+def test_library_clipping_agrees_up_to_torchs_epsilon():
+    report = parity.run_parity("lstm", 1, "float64", steps=50, clip_impl="library", **SMALL)
+    assert report.ok, _failures(report)
+    clipped = next(r for r in report.rows if r.quantity.startswith("norm-clipped"))
+    assert clipped.max_rel > 1e-9, "torch's 1e-6 epsilon should show in float64"
+
+
 def test_a_wrong_norm_is_caught_although_adam_would_hide_it(monkeypatch):
     """Scale JAX's clipping threshold by 2: Adam's output barely moves, the ladder must still fail."""
     import optax
 
     real = optax.clip_by_global_norm
     monkeypatch.setattr(optax, "clip_by_global_norm", lambda max_norm: real(2 * max_norm))
-    report = parity.run_parity("rnn", 1, "float64", steps=3, **{**SMALL, "sample_chars": 0})
+    report = parity.run_parity("rnn", 1, "float64", steps=3, clip_impl="library", **{**SMALL, "sample_chars": 0})
     failed = {r.quantity.split(" (")[0] for r in report.rows if not r.ok}
     assert "norm-clipped grads" in failed, _failures(report)
     assert "value-clipped grads" not in failed and "global grad norm" not in failed, _failures(report)
