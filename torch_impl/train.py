@@ -7,6 +7,7 @@ it (batches, logging, validation, checkpoints) lives once, in `charclip.run`.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -20,6 +21,10 @@ from torch_impl import model as M
 
 def device_name(device: str) -> str:
     if device == "cpu":
+        if len(os.sched_getaffinity(0)) <= 2 and "OMP_NUM_THREADS" not in os.environ:
+            # Measured (benchmarks/results/cpu-2core): with 2 intra-op threads on 2 shared cores a
+            # step waits on OpenMP barriers and runs ~3x slower than with 1. OMP_NUM_THREADS overrides.
+            torch.set_num_threads(1)
         return "cpu"
     if not torch.cuda.is_available():
         raise CharclipError("--device gpu: PyTorch sees no CUDA GPU on this machine; use --device cpu")

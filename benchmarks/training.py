@@ -1,0 +1,407 @@
+"""Training-step benchmarks: throughput of both backends, variants, scaling, memory, first step.
+
+Every torch/JAX comparison builds both Trainers from the same initial weights and feeds
+them the same batches of the embedded Shakespeare, timing their `.step` alternately.
+A JAX step returns only after `float()` of its loss and norm (as the run loop does),
+a torch step after `.item()`: both measurements end with the work done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from benchmarks.harness import interleaved, stats, timed
+from charclip.config import ClipConfig, ModelConfig, TrainConfig
+
+CORPUS_CHARS = 2_000_000  # enough for 512 x 64 x several batches, quick to encode
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training configuration: the model and batch shape, and whether norm clipping is on."""
+
+    cell: str
+    hidden: int
+    layers: int
+    embed: int
+    batch: int
+    seq: int
+    clip: bool = True
+
+    @classmethod
+    def default(cls, **changes) -> "Case":
+        """The `charclip train` defaults, read from the dataclasses at run time."""
+        m, t = ModelConfig(vocab_size=1), TrainConfig()
+        base = cls(m.cell, m.hidden_size, m.num_layers, m.embedding_dim, t.batch_size, t.seq_len, t.clip.mode == "norm")
+        return dataclasses.replace(base, **changes)
+
+    def configs(self, vocab_size: int) -> tuple[ModelConfig, TrainConfig]:
+        model = ModelConfig(vocab_size=vocab_size, cell=self.cell, hidden_size=self.hidden, num_layers=self.layers,
+                            embedding_dim=self.embed)
+        train = TrainConfig(batch_size=self.batch, seq_len=self.seq, clip=ClipConfig() if self.clip else ClipConfig(mode="none"))
+        return model, train
+
+    @property
+    def label(self) -> str:
+        return f"{self.cell} {self.layers}x{self.hidden} T={self.seq} B={self.batch}" + ("" if self.clip else " no-clip")
+
+
+@functools.cache
+def tokens() -> tuple[np.ndarray, int]:
+    """Token ids of the start of the embedded corpus, and the vocabulary size."""
+    from charclip import corpus
+    from charclip.vocab import Vocab
+
+    text = corpus.load(None)
+    vocab = Vocab.from_text(text)
+    return vocab.encode(text[:CORPUS_CHARS]), len(vocab)
+
+
+def batches(case: Case, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from charclip.batching import Position, Streams
+
+    streams = Streams(tokens()[0], case.batch, case.seq, what="benchmark text")
+    out, pos = [], Position()
+    for _ in range(n):
+        x, y = streams.batch(0, pos)
+        out.append((np.ascontiguousarray(x), np.ascontiguousarray(y)))
+        pos = streams.next(pos)
+    return out
+
+
+class Feeder:
+    """Calls `step(x, y)` on the next batch of a fixed list each time it is called."""
+
+    def __init__(self, step, data):
+        self.step, self.data, self.i = step, data, 0
+
+    def __call__(self):
+        x, y = self.data[self.i % len(self.data)]
+        self.i += 1
+        return self.step(x, y)
+
+
+def trainers(case: Case, device: str, backends=("torch", "jax")):
+    """Trainers of the named backends for `case`, all from the same initial weights."""
+    from charclip.run import backend_module
+    from charclip.weights import init_params
+
+    model, train = case.configs(tokens()[1])
+    params = init_params(model, 0, train.dtype)
+    return {b: backend_module(b, "train").Trainer(model, train, params, device=device) for b in backends}
+
+
+def throughput(case: Case, *, device: str, repeats: int, memory: bool = False) -> dict:
+    """Chars/s of one full training step in each backend, timed alternately; plus each one's first step."""
+    data = batches(case, 4)
+    first = {}
+    tr = trainers(case, device)
+    for name, t in tr.items():
+        first[name] = timed(lambda t=t: t.step(*data[0]))[1]  # JAX: trace + compile + run; torch: warm-up
+    res = interleaved({name: Feeder(t.step, data) for name, t in tr.items()}, repeats=repeats, warmup=2)
+    chars = case.batch * case.seq
+    out = {"case": dataclasses.asdict(case), "label": case.label, "first_step_s": first}
+    for name, s in res.items():
+        out[name] = {**s, "chars_per_s": chars / s["median"]}
+    out["jax_over_torch"] = out["jax"]["chars_per_s"] / out["torch"]["chars_per_s"]
+    if memory:
+        out["memory"] = {"torch_saved_for_backward_bytes": torch_saved_bytes(tr["torch"], data[0]),
+                         "jax": jax_memory(tr["jax"], data[0])}
+    return out
+
+
+# ---------------------------------------------------------------- JAX variants
+
+
+def _loss_projection_inside(params, x, y, state, *, cfg: ModelConfig, unroll: int = 1):
+    """jax_impl.model.loss, except that each layer's input projection is done step by step inside the scan."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_impl import model as M
+
+    seq = params["embedding.weight"][x]  # (B, T, E)
+    finals = []
+    for k in range(cfg.num_layers):
+        w_ih, b_ih = params[f"rnn.weight_ih_l{k}"], params[f"rnn.bias_ih_l{k}"]
+        w_hh, b_hh = params[f"rnn.weight_hh_l{k}"], params[f"rnn.bias_hh_l{k}"]
+
+        def step(s, x_t, w_ih=w_ih, b_ih=b_ih, w_hh=w_hh, b_hh=b_hh):
+            s = M._cell(cfg.cell, x_t @ w_ih.T + b_ih, s, w_hh, b_hh)  # (B, G*H) projection per step
+            return s, s[0]
+
+        s_k, hs = jax.lax.scan(step, tuple(part[k] for part in state), jnp.swapaxes(seq, 0, 1), unroll=unroll)
+        seq = jnp.swapaxes(hs, 0, 1)
+        finals.append(s_k)
+    final = tuple(jnp.stack([f[i] for f in finals]) for i in range(len(state)))
+    logits = seq @ params["head.weight"].T + params["head.bias"]
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), y[..., None], axis=-1)
+    return jnp.mean(nll), final
+
+
+class JaxStepper:
+    """Holds the state around a jitted step (params, opt_state, state, x, y) -> (..., metrics), like the Trainer."""
+
+    def __init__(self, trainer, step_fn):
+        self.t, self.fn = trainer, step_fn
+        self.params, self.opt, self.state = trainer.params, trainer.opt_state, trainer._state_for(trainer.cfg.batch_size)
+
+    def __call__(self, x, y):
+        self.params, self.opt, self.state, m = self.fn(self.params, self.opt, self.state, x, y)
+        return float(m["loss"]), float(m["grad_norm"])
+
+
+def _step_with_loss(trainer, loss_fn):
+    """The train step of jax_impl.train.make_train_step with another loss function (same ops otherwise)."""
+    import jax
+    import optax
+
+    tx, mcfg = trainer.tx, trainer.model_cfg
+
+    def train_step(params, opt_state, state, x, y):
+        (loss, final), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, state, cfg=mcfg)
+        norm = optax.global_norm(grads)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt_state, final, {"loss": loss, "grad_norm": norm}
+
+    return jax.jit(train_step)
+
+
+def jax_variants(case: Case, *, device: str, repeats: int, unrolls: tuple[int, ...]) -> dict:
+    """Input projection outside vs inside the scan, and the scan's `unroll`, all timed alternately."""
+    from jax_impl import model as M
+    from jax_impl.train import make_train_step
+
+    t = trainers(case, device, ("jax",))["jax"]
+    data = batches(case, 4)
+    steppers = {
+        "projection outside scan (default)": JaxStepper(t, _step_with_loss(t, M.loss)),
+        "projection inside scan": JaxStepper(t, _step_with_loss(t, _loss_projection_inside)),
+    }
+    for u in unrolls:
+        steppers[f"unroll={u}"] = JaxStepper(t, make_train_step(t.model_cfg, t.cfg, t.tx, unroll=u))
+    compile_s = {name: timed(lambda s=s: s(*data[0]))[1] for name, s in steppers.items()}
+    res = interleaved({name: Feeder(s, data) for name, s in steppers.items()}, repeats=repeats, warmup=1)
+    chars = case.batch * case.seq
+    return {"case": dataclasses.asdict(case), "label": case.label,
+            "variants": {n: {**s, "chars_per_s": chars / s["median"], "first_step_s": compile_s[n]} for n, s in res.items()}}
+
+
+# ---------------------------------------------------------------- torch variants
+
+
+def torch_threads(case: Case, *, device: str, repeats: int) -> dict:
+    """The torch step with 1 and with 2 intra-op threads, alternately (one untimed step after each switch)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    t = trainers(case, device, ("torch",))["torch"]
+    data = batches(case, 4)
+    feed = Feeder(t.step, data)
+    samples: dict[str, list[float]] = {"1 thread": [], "2 threads": []}
+    try:
+        feed(), feed()
+        for r in range(repeats):
+            for name, n in (("1 thread", 1), ("2 threads", 2))[:: 1 if r % 2 == 0 else -1]:
+                torch.set_num_threads(n)
+                feed()  # untimed: the first step after a switch resizes the pool
+                samples[name].append(timed(feed)[1])
+    finally:
+        torch.set_num_threads(saved)
+    chars = case.batch * case.seq
+    return {"case": dataclasses.asdict(case), "label": case.label,
+            "variants": {n: {**stats(s), "chars_per_s": chars / stats(s)["median"]} for n, s in samples.items()}}
+
+
+def torch_compile(case: Case, *, device: str, repeats: int) -> dict:
+    """Eager vs `torch.compile` of the model (forward and backward), alternately; compile time apart."""
+    import torch
+
+    tr = trainers(case, device, ("torch",))
+    eager = tr["torch"]
+    compiled = trainers(case, device, ("torch",))["torch"]
+    compiled.model = torch.compile(compiled.model)
+    data = batches(case, 4)
+    out = {"case": dataclasses.asdict(case), "label": case.label}
+    try:
+        # Two steps: the first has no hidden state, the second has one, and each compiles its own graph.
+        _, c1 = timed(lambda: compiled.step(*data[0]))
+        _, c2 = timed(lambda: compiled.step(*data[1]))
+    except Exception as e:  # inductor needs a working C++ compiler; report instead of failing the whole run
+        return {**out, "skipped": f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    res = interleaved({"eager": Feeder(eager.step, data), "torch.compile": Feeder(compiled.step, data)}, repeats=repeats, warmup=2)
+    chars = case.batch * case.seq
+    out["compile_s"] = c1 + c2
+    out["variants"] = {n: {**s, "chars_per_s": chars / s["median"]} for n, s in res.items()}
+    return out
+
+
+def cudnn(case: Case, *, device: str, repeats: int) -> dict:
+    """On a GPU: torch with cuDNN's fused RNN vs without (ATen's own kernels), alternately."""
+    import torch
+
+    out = {"case": dataclasses.asdict(case), "label": case.label}
+    if device != "gpu" or not torch.cuda.is_available():
+        return {**out, "skipped": "needs --device gpu and a CUDA GPU"}
+    t = trainers(case, device, ("torch",))["torch"]
+    data = batches(case, 4)
+    feed = Feeder(t.step, data)
+
+    def with_cudnn(flag):
+        def run():
+            with torch.backends.cudnn.flags(enabled=flag):
+                return feed()
+        return run
+
+    res = interleaved({"cuDNN": with_cudnn(True), "no cuDNN": with_cudnn(False)}, repeats=repeats, warmup=2)
+    chars = case.batch * case.seq
+    return {**out, "variants": {n: {**s, "chars_per_s": chars / s["median"]} for n, s in res.items()}}
+
+
+# ---------------------------------------------------------------- memory and first step
+
+
+def torch_saved_bytes(trainer, batch) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward in one forward pass (activation memory)."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = trainer._loss(*batch, None)
+    del loss
+    return sum(seen.values())
+
+
+def jax_memory(trainer, batch) -> dict | None:
+    """XLA's compiled memory analysis of a JAX Trainer's step (cached after its first step): bytes."""
+    x, y = batch
+    compiled = trainer.train_step.lower(trainer.params, trainer.opt_state, trainer._state_for(len(x)), x, y).compile()
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend / version implements it
+        return None
+    if m is None:
+        return None
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+    out = {f: int(getattr(m, f, 0)) for f in fields}
+    out["peak_estimate_bytes"] = out["argument_size_in_bytes"] + out["output_size_in_bytes"] + out["temp_size_in_bytes"] - out["alias_size_in_bytes"]
+    return out
+
+
+_RSS_CHILD = r"""
+import json, sys
+import torch
+torch.set_num_threads({threads})
+from benchmarks.training import Case, batches, trainers
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
+out = []
+for seq in {seqs}:  # increasing: the high-water mark after a step is this length's peak
+    case = Case(**{{**{case}, "seq": seq}})
+    data = batches(case, 2)
+    t = trainers(case, "cpu", ("torch",))["torch"]
+    before = rss()
+    t.step(*data[0]); t.step(*data[1])
+    out.append({{"seq": seq, "peak_rss_bytes": hwm(), "rss_before_bytes": before}})
+    del t
+print(json.dumps(out))
+"""
+
+
+def torch_rss(case: Case, seqs: list[int], threads: int) -> list[dict] | dict:
+    """Peak resident memory of a fresh torch process training at increasing sequence lengths."""
+    code = _RSS_CHILD.format(threads=threads, seqs=sorted(seqs), case=dataclasses.asdict(case))
+    return _child(code)
+
+
+_FIRST_STEP_CHILD = r"""
+import json, time
+t0 = time.perf_counter()
+import numpy as np
+{setup}
+from benchmarks.training import Case, batches, trainers
+t1 = time.perf_counter()
+case = Case(**{case})
+data = batches(case, 2)
+t2 = time.perf_counter()
+tr = trainers(case, "{device}", ("{backend}",))["{backend}"]
+t3 = time.perf_counter()
+tr.step(*data[0])
+t4 = time.perf_counter()
+tr.step(*data[1])
+t5 = time.perf_counter()
+print(json.dumps({{"import_s": t1 - t0, "build_s": t3 - t2, "first_step_s": t4 - t3, "second_step_s": t5 - t4,
+                  "to_first_step_s": (t1 - t0) + (t4 - t2) }}))
+"""
+
+
+def first_step_fresh(case: Case, backend: str, device: str, torch_threads_n: int) -> dict:
+    """A fresh process: import, build the trainer, first step, second step (seconds)."""
+    setup = f"import torch; torch.set_num_threads({torch_threads_n})" if backend == "torch" else "import jax_impl"
+    return _child(_FIRST_STEP_CHILD.format(setup=setup, case=dataclasses.asdict(case), device=device, backend=backend))
+
+
+def jax_compile_split(case: Case, device: str) -> dict:
+    """Trace+lower time and XLA compile time of the JAX train step, for a fresh jit."""
+    from jax_impl.train import make_train_step
+
+    t = trainers(case, device, ("jax",))["jax"]
+    x, y = batches(case, 1)[0]
+    step = make_train_step(t.model_cfg, t.cfg, t.tx)
+    lowered, lower_s = timed(lambda: step.lower(t.params, t.opt_state, t._state_for(case.batch), x, y))
+    _, compile_s = timed(lambda: lowered.compile())
+    return {"trace_lower_s": lower_s, "compile_s": compile_s}
+
+
+_CHILD_ENV_KEEP = ("PATH", "HOME", "LANG", "XLA_FLAGS", "PYTHONPATH", "TMPDIR", "CI")
+
+
+def _child(code: str, extra_env: dict | None = None, timeout: float = 300) -> dict | list:
+    """Run `code` in a fresh Python from the repository root; its last stdout line is JSON."""
+    env = {**os.environ, **(extra_env or {})}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"timed out after {timeout:.0f} s"}
+    if p.returncode != 0:
+        return {"skipped": f"child failed: {p.stderr.strip().splitlines()[-1][:300] if p.stderr.strip() else p.returncode}"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+_XLA_THREADS_CHILD = r"""
+import json, sys
+import torch
+torch.set_num_threads({threads})
+import jax_impl
+from benchmarks.training import Case, throughput
+print(json.dumps(throughput(Case(**{case}), device="cpu", repeats={repeats})))
+"""
+
+XLA_SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def jax_single_thread(case: Case, *, repeats: int, torch_threads_n: int) -> dict:
+    """The torch/JAX throughput comparison again, in a fresh process whose XLA runs on one thread."""
+    flags = (os.environ.get("XLA_FLAGS", "") + " " + XLA_SINGLE_THREAD).strip()
+    code = _XLA_THREADS_CHILD.format(threads=torch_threads_n, case=dataclasses.asdict(case), repeats=repeats)
+    res = _child(code, {"XLA_FLAGS": flags})
+    return {**res, "XLA_FLAGS": flags} if isinstance(res, dict) else res
