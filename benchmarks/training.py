@@ -107,7 +107,7 @@ def throughput(case: Case, *, device: str, repeats: int, memory: bool = False) -
     tr = trainers(case, device)
     for name, t in tr.items():
         first[name] = timed(lambda t=t: t.step(*data[0]))[1]  # JAX: trace + compile + run; torch: warm-up
-    res = interleaved({name: Feeder(t.step, data) for name, t in tr.items()}, repeats=repeats, warmup=2)
+    res = interleaved({name: Feeder(t.step, data) for name, t in tr.items()}, repeats=repeats, warmup=1)
     chars = case.batch * case.seq
     out = {"case": dataclasses.asdict(case), "label": case.label, "first_step_s": first}
     for name, s in res.items():
