@@ -50,10 +50,11 @@ def use_devices(n: int, device: str = "cpu") -> list:
     if n < 1:
         raise CharclipError(f"--devices must be 1 or more, got {n}")
     if device == "cpu":
-        try:
-            jax.config.update("jax_num_cpu_devices", n)  # only possible before the first array is made
-        except RuntimeError:
-            pass  # already started: use what it has
+        if jax.config.jax_num_cpu_devices < n:  # more than asked for already is fine: the first n are used
+            try:
+                jax.config.update("jax_num_cpu_devices", n)  # only possible before the first array is made
+            except RuntimeError:
+                pass  # already started: use what it has
         devices = jax.devices("cpu")
     else:
         T.device_of("gpu")  # one line when JAX sees no GPU
