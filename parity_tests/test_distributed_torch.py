@@ -248,6 +248,7 @@ def test_dead_rank_is_one_line_and_leaves_whole_checkpoints(tmp_path, corpus):
     assert err.count("\n") == 1 and err.startswith("charclip: error: rank 1 of 2 died (SIGKILL)"), err
     ck = checkpoint.load(out)  # LATEST names a whole checkpoint; its hashes are verified on load
     assert ck.step % 5 == 0 and ck.step > 0
+    assert f"the last whole checkpoint is step {ck.step}: continue with --resume {out}" in err, err
     assert [d.name for d in (out / "checkpoints").iterdir() if d.name.startswith(".")] == [], "a half-written folder remains"
 
 

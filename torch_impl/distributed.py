@@ -55,6 +55,10 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank stuck this long in a collec
 GRACE_SECONDS = 15.0  # after one rank fails, the others get this long to stop by themselves
 
 
+class RankDied(CharclipError):
+    """A process of the group was killed (by a signal) before the run finished."""
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a DTensor (a collective); a plain tensor as it is."""
     from torch.distributed.tensor import DTensor
@@ -258,7 +262,20 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig | None, *, world: int,
     if cfg is not None and cfg.batch_size % world:
         raise CharclipError(f"--batch-size {cfg.batch_size} does not split into {world} equal slices; "
                             f"use a multiple of --nproc {world}")
-    return launch(_train_rank, world, model_cfg, cfg, layout, kwargs, device=kwargs.get("device", "cpu"))
+    try:
+        return launch(_train_rank, world, model_cfg, cfg, layout, kwargs, device=kwargs.get("device", "cpu"))
+    except RankDied as e:
+        raise CharclipError(f"{e}; {_resume_hint(kwargs['out_dir'])}") from None
+
+
+def _resume_hint(out_dir) -> str:
+    from charclip import checkpoint
+
+    try:
+        ck = checkpoint.load(out_dir)
+    except CharclipError:
+        return f"{out_dir} holds no checkpoint to resume from"
+    return f"the last whole checkpoint is step {ck.step}: continue with --resume {out_dir}"
 
 
 # ---- starting and watching the processes ----------------------------------------------
@@ -387,8 +404,8 @@ def _outcome(world: int, reports, exits):
     errors = {rank: value for rank, kind, value in reports if kind == "error"}
     for rank, code in exits:
         if code < 0:  # killed by a signal: this rank is the cause, the others' errors follow from it
-            raise CharclipError(f"rank {rank} of {world} died ({signal.Signals(-code).name}); the run stopped without "
-                                "writing a checkpoint for the unfinished step; resume from the last one with --resume")
+            raise RankDied(f"rank {rank} of {world} died ({signal.Signals(-code).name}); the run stopped, "
+                           "with nothing written for the unfinished step")
         if rank in errors:
             raise CharclipError(errors[rank] if rank == 0 else f"rank {rank} of {world}: {errors[rank]}")
     if errors:
