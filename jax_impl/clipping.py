@@ -86,10 +86,15 @@ def _power_of_two_scale(leaves: list[jax.Array], acc: jnp.dtype) -> jax.Array:
     max_abs = functools.reduce(
         jnp.maximum, [jnp.max(jnp.abs(leaf.astype(acc)), initial=0) for leaf in leaves]
     )
+    return _scale_for(max_abs)
+
+
+@jax.jit  # exact operations only, so compiling them changes no bit; one dispatch, not ~30
+def _scale_for(max_abs: jax.Array) -> jax.Array:
     _, exponent = jnp.frexp(max_abs)
-    limit = jnp.finfo(acc).maxexp - 2
+    limit = jnp.finfo(max_abs.dtype).maxexp - 2
     exponent = jnp.clip(exponent, -limit, limit)
-    return jnp.ldexp(jnp.ones((), acc), -exponent)
+    return jnp.ldexp(jnp.ones_like(max_abs), -exponent)
 
 
 def _scaled_norm(scaled: list[jax.Array], p: float) -> jax.Array:
@@ -119,6 +124,7 @@ def global_norm(tree: Any, norm_type: float = 2) -> jax.Array:
     return _scaled_norm([leaf.astype(acc) * scale for leaf in leaves], p) / scale
 
 
+@functools.partial(jax.jit, static_argnums=1)  # exact operations only: compiling changes no bit
 def _round_toward_zero(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """Round x into `dtype` so that |result| <= |x|: rounding cannot raise the norm."""
     nearest = x.astype(dtype)

@@ -45,13 +45,14 @@ def thresholds(low: float = 1e-3, high: float = 1e3) -> st.SearchStrategy[float]
     return st.floats(math.log10(low), math.log10(high)).map(lambda e: float(10.0**e))
 
 
-@st.composite
-def _leaf(draw, dtype: str, shape: tuple[int, ...], exponent: int) -> np.ndarray:
-    """Entries of magnitude 1e-3 to 1e3 (or exactly zero), times 2**exponent."""
+def _leaf(rng: np.random.Generator, dtype: str, shape: tuple[int, ...], exponent: int, zeros: float) -> np.ndarray:
+    """Entries of magnitude 1e-3 to 1e3, log-uniform, a fraction `zeros` of them exactly
+    zero, times 2**exponent. NumPy draws the entries from a seed Hypothesis chose: drawing
+    each entry through Hypothesis costs ~40 ms a tree, which the suite cannot afford."""
     size = math.prod(shape)
-    mantissas = draw(st.lists(st.floats(-1e3, 1e3).filter(lambda x: x == 0 or abs(x) >= 1e-3), min_size=size, max_size=size))
-    values = np.ldexp(np.asarray(mantissas, np.float64), exponent).reshape(shape)
-    return values.astype(np_dtype(dtype))
+    values = rng.choice((-1.0, 1.0), size) * 10.0 ** rng.uniform(-3, 3, size)
+    values[rng.random(size) < zeros] = 0.0
+    return np.ldexp(values, exponent).reshape(shape).astype(np_dtype(dtype))
 
 
 def _structure(draw, leaves: list[np.ndarray]):
@@ -88,7 +89,9 @@ def gradient_trees(
         lowest = int(info.minexp) - int(info.nmant)  # the smallest subnormal's exponent
         highest = int(info.maxexp) - 11  # 1e3 * 2**e stays below the dtype's maximum
         exponents = draw(st.lists(st.integers(lowest, highest), min_size=n, max_size=n))
-    leaves = [draw(_leaf(dtype, s, e)) for s, e in zip(leaf_shapes, exponents)]
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    zeros = draw(st.sampled_from((0.0, 0.0, 0.25, 1.0)))
+    leaves = [_leaf(rng, dtype, s, e, zeros) for s, e in zip(leaf_shapes, exponents)]
     return _structure(draw, leaves)
 
 
