@@ -23,7 +23,7 @@ def device_name(device: str) -> str:
     if device == "cpu":
         if len(os.sched_getaffinity(0)) <= 2 and "OMP_NUM_THREADS" not in os.environ:
             # Measured (benchmarks/results/cpu-2core): with 2 intra-op threads on 2 shared cores a
-            # step waits on OpenMP barriers and runs ~3x slower than with 1. OMP_NUM_THREADS overrides.
+            # step waits on OpenMP barriers and runs ~4x slower than with 1. OMP_NUM_THREADS overrides.
             torch.set_num_threads(1)
         return "cpu"
     if not torch.cuda.is_available():
