@@ -17,7 +17,7 @@ from charclip import __version__
 from charclip.config import CELLS, DTYPES, NONFINITE, ClipConfig, ModelConfig, TrainConfig
 from charclip.errors import CharclipError
 
-COMMANDS: tuple[str, ...] = ("charclip.parity", "benchmarks.suite")  # modules adding subcommands
+COMMANDS: tuple[str, ...] = ("charclip.parity", "benchmarks.suite", "charclip.explode")  # modules adding subcommands
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where it says something (not None, not a flag, not already in the text)."""
