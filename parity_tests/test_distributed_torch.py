@@ -252,6 +252,23 @@ def test_dead_rank_is_one_line_and_leaves_whole_checkpoints(tmp_path, corpus):
     assert [d.name for d in (out / "checkpoints").iterdir() if d.name.startswith(".")] == [], "a half-written folder remains"
 
 
+def test_ctrl_c_stops_every_rank_with_a_checkpoint(tmp_path, corpus):
+    """SIGINT to the whole process group, as a terminal sends it: rank 0 finishes the step, gathers, saves."""
+    out = tmp_path / "run"
+    p = _cli(tmp_path, corpus, out, "--nproc", "2", "--parallel", "fsdp", "--steps", "100000", "--checkpoint-every", "1000",
+             start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").stat().st_size < 500:
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)
+    stdout, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    ck = checkpoint.load(out)
+    assert f"interrupted at step {ck.step}; checkpoint written" in stdout, stdout
+    assert ck.hidden["h"].shape == (1, 8, 12) and ck.adam["step"] == ck.step  # gathered whole from both ranks
+
+
 def test_port_taken_is_one_line(tmp_path, corpus, monkeypatch, capsys):
     import socket
 
