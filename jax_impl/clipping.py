@@ -40,7 +40,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 TORCH_EPS = 1e-6  # the epsilon PyTorch adds to the norm before dividing
@@ -172,9 +171,9 @@ def _enforce_bound(clipped: list[jax.Array], tau: float, p: float) -> list[jax.A
 
     Rounding toward zero cannot raise the norm, but the float32 norm it was scaled by
     may be low by a few float32 ulps. So measure the rounded result again in float64
-    (its squares are exact there); where it is still above tau, scale the low-precision
-    leaves by tau / norm, shrunk by 2**-24 (far below their ulp), and round toward zero
-    once more.
+    (its squares are exact there; jax_impl turns on 64-bit mode at import); where it
+    is still above tau, scale the low-precision leaves by tau / norm, shrunk by 2**-24
+    (far below their ulp), and round toward zero once more.
     """
     wide = [c.astype(jnp.float64) for c in clipped]
     measured = global_norm(wide, p)
@@ -208,7 +207,7 @@ def clip_by_global_norm(
     scaled_norm = _scaled_norm([leaf.astype(acc) * scale for leaf in leaves], p)
     norm = scaled_norm / scale
     finite = jnp.isfinite(scaled_norm)  # the scaled norm is finite iff every entry is
-    if nonfinite == "error" and not isinstance(finite, jax.core.Tracer):
+    if nonfinite == "error" and _concrete_and_false(finite):
         raise_if_nonfinite(norm)
     clipped = [_clip_leaf(leaf, scale, scaled_norm, norm, tau, convention) for leaf in leaves]
     clipped = [_into_dtype(c, leaf.dtype) for c, leaf in zip(clipped, leaves)]
@@ -217,6 +216,14 @@ def clip_by_global_norm(
     if nonfinite != "propagate":
         clipped = [jnp.where(finite, c, jnp.zeros_like(c)) for c in clipped]
     return jax.tree.unflatten(treedef, clipped), norm
+
+
+def _concrete_and_false(flag: jax.Array) -> bool:
+    """False under `jit`, where the value is unknown: there the loop checks the norm."""
+    try:
+        return not bool(flag)
+    except jax.errors.ConcretizationTypeError:
+        return False
 
 
 def raise_if_nonfinite(norm: jax.Array) -> None:
