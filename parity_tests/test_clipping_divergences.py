@@ -176,6 +176,22 @@ def test_torch_epsilon_scales_just_below_tau():
         np.testing.assert_array_equal(ours(values, 1.0, convention="torch")[0], torch_clipped, err_msg=ours.__name__)
 
 
+def test_optax_boundary_rescales_at_g_equal_tau():
+    """At n == tau optax's strict < takes the (g / n) * tau branch: 1 in exact arithmetic,
+    but the roundings move an entry. Both backends of ours keep that branch; they differ
+    from each other by one ulp because XLA on the CPU divides by a broadcast scalar as a
+    multiplication by its reciprocal (two roundings), while torch divides exactly."""
+    values = [0.07500000298023224, 1.0125000476837158]  # float32 values
+    tau = 1.0152740478515625  # their float32 norm, exactly
+    optax_clipped, optax_norm = optax_library(values, tau)
+    assert optax_norm == tau
+    assert optax_clipped.tolist() == [0.07499999552965164, 1.0125000476837158], f"optax: {optax_clipped}"
+    np.testing.assert_array_equal(ours_jax(values, tau)[0], optax_clipped, err_msg="ours_jax")
+    ieee = np.float32(values) / np.float32(tau) * np.float32(tau)  # correctly rounded divide, multiply
+    assert ieee[0] == np.float32(0.07500001043081284)
+    np.testing.assert_array_equal(ours_torch(values, tau)[0], ieee, err_msg="ours_torch")
+
+
 def test_torch_clipping_twice_shrinks_again():
     once, _ = torch_library([3.0], 1.0)
     twice, _ = torch_library(once.tolist(), 1.0)
