@@ -76,7 +76,7 @@ def _fsync_dir(path: Path) -> None:
 def _write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
+    save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(path))  # ascontiguousarray would make 0-d arrays 1-d
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 

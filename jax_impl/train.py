@@ -73,7 +73,9 @@ class Trainer:
         self.dtype = jnp.dtype(cfg.dtype)
         self.params = jax.device_put({k: jnp.asarray(v) for k, v in params.items()}, self.device)
         self.tx = optimizer(cfg)
-        self.opt_state = self.tx.init(self.params)
+        # Everything the step receives is placed on the device up front: arguments that are
+        # committed on later calls but not on the first would compile a second executable.
+        self.opt_state = jax.device_put(self.tx.init(self.params), self.device)
         if adam is not None:
             self._load_adam(adam)
         self.state = jax.device_put(M.hidden_from_numpy(hidden), self.device) if hidden is not None else None
@@ -84,7 +86,9 @@ class Trainer:
         self.state = None
 
     def _state_for(self, batch: int):
-        return self.state if self.state is not None else M.zero_state(self.model_cfg, batch, self.dtype)
+        if self.state is None:
+            return jax.device_put(M.zero_state(self.model_cfg, batch, self.dtype), self.device)
+        return self.state
 
     def step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
         params, opt_state, state, m = self.train_step(self.params, self.opt_state, self._state_for(len(x)), x, y)
