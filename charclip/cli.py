@@ -45,6 +45,7 @@ def _add_train(sub) -> None:
         formatter_class=_Help,
     )
     _backend_args(p)
+    p.set_defaults(backend=None)  # resolved in _train: the checkpoint's backend on --resume, else torch
     g = p.add_argument_group("data and output")
     g.add_argument("--data", metavar="PATH", help="UTF-8 text file to train on (default: embedded Shakespeare)")
     g.add_argument("--out", metavar="DIR", help="run folder for checkpoints, metrics and plots (default: runs/<backend>-<time>)")
@@ -121,6 +122,10 @@ def _train(a) -> int:
     if a.sample_chars < 0:
         raise CharclipError(f"--sample-chars must be zero or more, got {a.sample_chars}")
     _check_seed(a.seed)
+    if a.backend is None:  # a resumed run continues in the backend that wrote it, unless told otherwise
+        from charclip import checkpoint
+
+        a.backend = checkpoint.load(a.resume).backend if a.resume else "torch"
     out = a.out or (_run_dir(a.resume) if a.resume else None) or f"runs/{a.backend}-{time.strftime('%Y%m%d-%H%M%S')}"
     world, layout, other = (a.nproc, a.parallel, a.devices) if a.backend == "torch" else (a.devices, a.mesh, a.nproc)
     if other != 1:

@@ -167,6 +167,8 @@ def test_resume_continues_in_the_other_backend(two_runs, tmp_path):
 
     run_dir = tmp_path / "moved"
     shutil.copytree(runs["jax"], run_dir)
+    assert cli.main(["train", "--resume", str(run_dir), "--steps", "22", "--sample-chars", "0", "--no-progress"]) == 0
+    assert checkpoint.load(run_dir).backend == "jax", "without --backend a run resumes in the backend that wrote it"
     assert cli.main(["train", "--backend", "torch", "--resume", str(run_dir), "--steps", "25",
                      "--sample-chars", "0", "--no-progress"]) == 0
     ck = checkpoint.load(run_dir)
