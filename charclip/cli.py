@@ -134,7 +134,7 @@ def _train(a) -> int:
     s = train(model, None if a.resume and a.steps is None else cfg, backend=a.backend, out_dir=out, data_path=a.data, resume=a.resume,
               device=a.device, progress=not a.no_progress, sample_chars=a.sample_chars)
     print(f"\ndone: {s['steps']} steps in {s['seconds']:.0f} s; training loss {s['train_loss']:.3f}, "
-          f"validation loss {s['val_loss']:.3f} nats/char; {s['clipped_fraction']:.0%} of steps clipped"
+          f"validation loss {s['val_loss']:.3f} nats/char; {s['clipped_fraction']:.1%} of steps clipped"
           + (f"; {s['skipped_steps']} skipped" if s["skipped_steps"] else ""))
     print(f"checkpoint: {s['checkpoint']}\nmetrics:    {s['metrics']}" + (f"\nplot:       {s['plot']}" if "plot" in s else ""))
     if s.get("sample"):
