@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from charclip.clipspec import TORCH_EPS  # torch scales by tau / (norm + 1e-6); optax by tau / norm
 from charclip.config import CELLS, DTYPES, ClipConfig, ModelConfig, TrainConfig
 from charclip.errors import CharclipError
 
@@ -214,7 +215,6 @@ def _optimizer_steps(backend: str, trainers: list, x, y, grads: dict[str, np.nda
         t.params, t.opt_state = optax.apply_updates(params, u), state
 
 
-TORCH_EPS = 1e-6  # torch's clip_grad_norm_ scales by tau / (norm + 1e-6); optax by tau / norm
 
 
 def library_gap(clip_impl: str, max_norm: float) -> float:

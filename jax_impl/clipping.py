@@ -42,33 +42,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-TORCH_EPS = 1e-6  # the epsilon PyTorch adds to the norm before dividing
-LOW_PRECISION_MARGIN = 2.0**-24  # shrink for float16/bfloat16 results, far below their ulp
-CONVENTIONS = ("optax", "torch")
-NONFINITE_POLICIES = ("propagate", "skip", "error")
-
-
-def _check_threshold(name: str, value: float) -> float:
-    value = float(value)
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be >= 0 (got {value}); a negative threshold would flip the gradient's sign.")
-    return value
-
-
-def _check_norm_type(norm_type: float) -> float:
-    p = float(norm_type)
-    if not p >= 1:
-        raise ValueError(
-            f"norm_type must be >= 1 or inf (got {norm_type}); below 1 it is not a norm "
-            "(norm_type=0 counts non-zeros) and cannot bound a gradient."
-        )
-    return p
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))} (got {value!r}).")
-    return value
+from charclip.clipspec import (
+    CONVENTIONS,
+    LOW_PRECISION_MARGIN,
+    NONFINITE_POLICIES,
+    TORCH_EPS,
+    check_choice,
+    check_norm_type,
+    check_threshold,
+)
 
 
 def _accumulation_dtype(leaves: list[jax.Array]) -> jnp.dtype:
@@ -114,7 +96,7 @@ def global_norm(tree: Any, norm_type: float = 2) -> jax.Array:
     Measured on g * 2**-e (exact), so a finite gradient has a finite norm whenever the
     norm itself is representable. Returns 0.0 (float32) for a tree without leaves.
     """
-    p = _check_norm_type(norm_type)
+    p = check_norm_type(norm_type)
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)
@@ -195,10 +177,10 @@ def clip_by_global_norm(
     direction is kept: clipped = c * tree with 0 <= c <= 1. Pascanu, Mikolov & Bengio,
     "On the difficulty of training recurrent neural networks", ICML 2013.
     """
-    tau = _check_threshold("max_norm", max_norm)
-    p = _check_norm_type(norm_type)
-    _check_choice("convention", convention, CONVENTIONS)
-    _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+    tau = check_threshold("max_norm", max_norm)
+    p = check_norm_type(norm_type)
+    check_choice("convention", convention, CONVENTIONS)
+    check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
     leaves, treedef = jax.tree.flatten(tree)
     if not leaves:
         return tree, jnp.zeros((), jnp.float32)
@@ -236,7 +218,7 @@ def raise_if_nonfinite(norm: jax.Array) -> None:
 
 def clip_by_value(tree: Any, clip_value: float) -> Any:
     """Clamp every entry of `tree` to [-clip_value, clip_value] (changes the direction)."""
-    v = _check_threshold("clip_value", clip_value)
+    v = check_threshold("clip_value", clip_value)
     return jax.tree.map(lambda t: jnp.clip(t, -v, v), tree)
 
 
@@ -262,10 +244,10 @@ def clip_by_global_norm_reference(
     optimizer after it still decays its moments (wrap it in `optax.apply_if_finite`
     to leave its state untouched).
     """
-    _check_threshold("max_norm", max_norm)
-    _check_norm_type(norm_type)
-    _check_choice("convention", convention, CONVENTIONS)
-    _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+    check_threshold("max_norm", max_norm)
+    check_norm_type(norm_type)
+    check_choice("convention", convention, CONVENTIONS)
+    check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
 
     def init_fn(params):
         leaves = jax.tree.leaves(params)

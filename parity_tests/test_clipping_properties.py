@@ -22,6 +22,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from charclip.clipspec import TORCH_EPS
 from jax_impl import clipping as jclip
 from parity_tests.strategies import (
     FLOAT_DTYPES,
@@ -43,7 +44,6 @@ torch.set_num_threads(1)  # on 2 cores, 2 intra-op threads make each tiny op ~10
 HIGH = ("float32", "float64")
 OURS = ("ours-torch/optax", "ours-torch/torch", "ours-jax/optax", "ours-jax/torch")
 LIBRARIES = ("torch", "optax")
-TORCH_EPSILON = 1e-6
 
 
 def _eps(dtype) -> float:
@@ -149,7 +149,7 @@ def test_below_threshold_unchanged(tree, factor):
     for impl in OURS + (LIBRARIES if _dtype_name(arrays[0].dtype) in HIGH else ()):
         # torch's factor is tau / (n + 1e-6): below tau = n + 1e-6 it still scales (the band is
         # pinned in test_clipping_divergences.py::test_torch_epsilon_scales_just_below_tau).
-        margin = TORCH_EPSILON if impl.endswith("torch") else 0.0
+        margin = TORCH_EPS if impl.endswith("torch") else 0.0
         tau = (exact_norm(arrays) + margin) * factor or factor  # a zero gradient: any tau > 0
         clipped, _ = clip(impl, tree, tau)
         for before, after in zip(arrays, clipped):
@@ -173,7 +173,7 @@ def test_clipping_twice_is_clipping_once(ours_tree, library_tree, tau):
         if impl.endswith("torch"):
             # tau / (n + 1e-6) shrinks again on every pass, by up to 1e-6 / tau (pinned in
             # test_clipping_divergences.py::test_torch_clipping_twice_shrinks_again).
-            rtol += TORCH_EPSILON / tau
+            rtol += TORCH_EPS / tau
         for a, b in zip(once, twice):
             np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64), rtol=rtol,
                                        atol=float(finfo(_dtype_name(dtype)).smallest_normal),
@@ -199,7 +199,7 @@ def test_scale_invariance_power_of_two(tree, tau, exponent):
                 np.testing.assert_array_equal(y, x, err_msg=f"{impl}: clip(2**{exponent} g) != clip(g)")
             continue
         # torch's epsilon: tau / (n + 1e-6) and tau / (a n + 1e-6) differ by 1e-6 / min(n, a n).
-        rtol = TORCH_EPSILON / min(norm, a * norm) + _rounding_bound(arrays[0].dtype, _size(arrays))
+        rtol = TORCH_EPS / min(norm, a * norm) + _rounding_bound(arrays[0].dtype, _size(arrays))
         for x, y in zip(base, other):
             np.testing.assert_allclose(y, x, rtol=rtol, err_msg=f"{impl}: clip(2**{exponent} g) != clip(g)")
 
@@ -217,7 +217,7 @@ def test_scale_invariance_any_factor(tree, tau, a):
         # 1e-6 / min(n, a n) for its convention.
         rtol = _rounding_bound(arrays[0].dtype, _size(arrays)) + 2 * _eps(arrays[0].dtype)
         if impl.endswith("torch"):
-            rtol += TORCH_EPSILON / min(norm, scaled_norm)
+            rtol += TORCH_EPS / min(norm, scaled_norm)
         scale = max(float(np.max(np.abs(np.asarray(x, np.float64)), initial=0)) for x in base)
         for x, y in zip(base, other):
             np.testing.assert_allclose(y, x, rtol=rtol, atol=rtol * scale, err_msg=f"{impl}: clip({a} g) != clip(g)")

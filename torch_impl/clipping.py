@@ -37,35 +37,17 @@ from collections.abc import Iterable
 
 import torch
 
-TORCH_EPS = 1e-6  # the epsilon PyTorch adds to the norm before dividing
-LOW_PRECISION_MARGIN = 2.0**-24  # shrink for float16/bfloat16 results, far below their ulp
-CONVENTIONS = ("optax", "torch")
-NONFINITE_POLICIES = ("propagate", "skip", "error")
+from charclip.clipspec import (
+    CONVENTIONS,
+    LOW_PRECISION_MARGIN,
+    NONFINITE_POLICIES,
+    TORCH_EPS,
+    check_choice,
+    check_norm_type,
+    check_threshold,
+)
 
 Tensors = torch.Tensor | Iterable[torch.Tensor]
-
-
-def _check_threshold(name: str, value: float) -> float:
-    value = float(value)
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be >= 0 (got {value}); a negative threshold would flip the gradient's sign.")
-    return value
-
-
-def _check_norm_type(norm_type: float) -> float:
-    p = float(norm_type)
-    if not p >= 1:
-        raise ValueError(
-            f"norm_type must be >= 1 or inf (got {norm_type}); below 1 it is not a norm "
-            "(norm_type=0 counts non-zeros) and cannot bound a gradient."
-        )
-    return p
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))} (got {value!r}).")
-    return value
 
 
 def _is_low_precision(dtype: torch.dtype) -> bool:
@@ -125,7 +107,7 @@ def global_norm(tensors: Tensors, norm_type: float = 2) -> torch.Tensor:
     Measured on g * 2**-e (exact), so a finite gradient has a finite norm whenever the
     norm itself is representable. Returns tensor(0.) when there is nothing to measure.
     """
-    p = _check_norm_type(norm_type)
+    p = check_norm_type(norm_type)
     tensors = _as_list(tensors)
     if not any(t.numel() for t in tensors):
         return torch.tensor(0.0)
@@ -198,10 +180,10 @@ def clip_grad_norm_(
     The direction is kept: g' = c * g with 0 <= c <= 1. Pascanu, Mikolov & Bengio,
     "On the difficulty of training recurrent neural networks", ICML 2013.
     """
-    max_norm = _check_threshold("max_norm", max_norm)
-    p = _check_norm_type(norm_type)
-    _check_choice("convention", convention, CONVENTIONS)
-    _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+    max_norm = check_threshold("max_norm", max_norm)
+    p = check_norm_type(norm_type)
+    check_choice("convention", convention, CONVENTIONS)
+    check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
     grads = [q.grad for q in _as_list(parameters) if q.grad is not None]
     if not any(g.numel() for g in grads):
         return torch.tensor(0.0)
@@ -225,7 +207,7 @@ def clip_grad_norm_(
 @torch.no_grad()
 def clip_grad_value_(parameters: Tensors, clip_value: float) -> None:
     """Clamp every `.grad` entry to [-clip_value, clip_value] in place (changes the direction)."""
-    v = _check_threshold("clip_value", clip_value)
+    v = check_threshold("clip_value", clip_value)
     for q in _as_list(parameters):
         if q.grad is not None:
             q.grad.clamp_(min=-v, max=v)

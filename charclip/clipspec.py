@@ -1,0 +1,38 @@
+"""The rules both reference clipping implementations share, written once.
+
+`torch_impl.clipping` and `jax_impl.clipping` implement the same algorithm in
+their frameworks' idioms; the constants of the two conventions and the checks
+of their arguments are framework-neutral, so they live here.
+"""
+
+from __future__ import annotations
+
+import math
+
+TORCH_EPS = 1e-6  # the epsilon PyTorch adds to the norm before dividing
+LOW_PRECISION_MARGIN = 2.0**-24  # shrink for float16/bfloat16 results, far below their ulp
+CONVENTIONS = ("optax", "torch")
+NONFINITE_POLICIES = ("propagate", "skip", "error")
+
+
+def check_threshold(name: str, value: float) -> float:
+    value = float(value)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be >= 0 (got {value}); a negative threshold would flip the gradient's sign.")
+    return value
+
+
+def check_norm_type(norm_type: float) -> float:
+    p = float(norm_type)
+    if not p >= 1:
+        raise ValueError(
+            f"norm_type must be >= 1 or inf (got {norm_type}); below 1 it is not a norm "
+            "(norm_type=0 counts non-zeros) and cannot bound a gradient."
+        )
+    return p
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))} (got {value!r}).")
+    return value
