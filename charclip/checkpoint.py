@@ -132,6 +132,13 @@ def save(run_dir: str | os.PathLike, ckpt: Checkpoint) -> Path:
         _point_latest(root, name)
     for old in sorted(p for p in root.glob("step-*") if p.name != name)[:-(KEEP - 1) or None]:
         shutil.rmtree(old, ignore_errors=True)
+    # LATEST now names a whole folder, so hidden entries are leftovers of a writer killed
+    # mid-save (a run has one writer); nothing reads them.
+    for stale in root.glob(".*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     return final
 
 

@@ -317,3 +317,15 @@ def test_a_crash_anywhere_in_save_leaves_a_whole_checkpoint(tmp_path, monkeypatc
             break
     assert outcomes[-1] == (None, "new"), f"save never completed: {outcomes}"
     assert len(outcomes) > 5, f"too few crash points exercised: {outcomes}"
+
+
+def test_leftovers_of_a_killed_writer_are_removed_by_the_next_save(tmp_path):
+    run = tmp_path / "run"
+    ckpt_io.save(run, _checkpoint(3, seed=1))
+    root = run / "checkpoints"
+    (root / ".step-00000006.tmp999999").mkdir()  # a writer killed mid-save leaves these
+    (root / ".step-00000006.tmp999999" / "model.safetensors").write_bytes(b"half")
+    (root / ".LATEST.tmp999999").write_text("step-00000006\n")
+    ckpt_io.save(run, _checkpoint(6, seed=2))
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step-00000003", "step-00000006"]
+    assert ckpt_io.load(run).step == 6
