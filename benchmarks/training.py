@@ -169,7 +169,7 @@ def _step_with_loss(trainer, loss_fn):
 
     def train_step(params, opt_state, state, x, y):
         (loss, final), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, state, cfg=mcfg)
-        norm = optax.global_norm(grads)
+        norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_opt_state, final, {"loss": loss, "grad_norm": norm}
 

@@ -14,7 +14,7 @@ with no such axis (a bias of odd length, say) stays replicated, so every layout 
 split and whole tensors.
 
 For the first four, the step is `jax_impl.train`'s own jitted step, given shardings:
-the compiler inserts the collectives, and `optax.global_norm` (or the reference
+the compiler inserts the collectives, and `optax.tree.norm` (or the reference
 `jax_impl.clipping`) on a sharded gradient is the global norm, computed across devices.
 The `shard_map` step is the teaching version of what the compiler does: each device
 sees only its slices, and the global norm is an explicit `psum` (docs/distributed.md):

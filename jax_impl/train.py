@@ -51,7 +51,7 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Gradient
 
     def train_step(params, opt_state, state, x, y):
         (loss, final), grads = jax.value_and_grad(M.loss, has_aux=True)(params, x, y, state, cfg=model_cfg, unroll=unroll)
-        norm = optax.global_norm(grads)  # measured before clipping, for the log
+        norm = optax.tree.norm(grads)  # measured before clipping, as optax.clip_by_global_norm measures it
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         if cfg.nonfinite == "skip":
