@@ -55,7 +55,7 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where to run (gpu: CUDA for both backends)")
     p.add_argument("--out", metavar="DIR", help="results folder (default: benchmarks/results/<machine>)")
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch intra-op threads for the torch/JAX comparisons (default: what torch_impl uses)")
+                   help="torch intra-op threads for the torch/JAX comparisons (default: torch's own)")
 
 
 def _tasks(plan: Plan, device: str, torch_threads: int):
@@ -237,17 +237,14 @@ def run(args) -> int:
 
     import jax_impl  # noqa: F401  (x64 mode, as every charclip run has it)
     from benchmarks import harness
-    from torch_impl.train import device_name
 
     if args.device == "gpu" and not torch.cuda.is_available():
         raise CharclipError("--device gpu: PyTorch sees no CUDA GPU on this machine; use --device cpu")
     if args.torch_threads is not None:
         if args.torch_threads < 1:
             raise CharclipError(f"--torch-threads must be 1 or more, got {args.torch_threads}")
-        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # tells torch_impl not to pick its own; children inherit it
+        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # child processes inherit it
         torch.set_num_threads(args.torch_threads)
-    else:
-        device_name(args.device)  # applies torch_impl's thread policy now, so the environment records it
     plan = QUICK if args.quick else FULL
     machine = harness.machine_name(args.device)
     out = Path(args.out) if args.out else RESULTS / machine

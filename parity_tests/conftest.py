@@ -10,7 +10,14 @@ import os
 import hypothesis
 from hypothesis import HealthCheck
 
+import torch
+
 import jax_impl  # noqa: F401  (switches on x64 before any test builds an array)
+
+# The tests run JAX and PyTorch in one process: XLA's thread pool keeps both cores busy,
+# and a torch op on 2 intra-op threads then waits on its second thread (a tiny step took
+# 0.5 s instead of 2 ms). One thread keeps the suite fast.
+torch.set_num_threads(1)
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 hypothesis.settings.register_profile("dev", max_examples=30, **_common)

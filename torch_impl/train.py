@@ -7,7 +7,6 @@ it (batches, logging, validation, checkpoints) lives once, in `charclip.run`.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
@@ -20,11 +19,10 @@ from torch_impl import model as M
 
 
 def device_name(device: str) -> str:
+    # Intra-op threads stay at torch's default (OMP_NUM_THREADS to change). Measured on 2 cores:
+    # the default step takes 124 ms with 2 threads and 219 ms with 1 on an idle machine; only
+    # when the cores are busy (other processes, or XLA's pool in the same process) does 1 win.
     if device == "cpu":
-        if len(os.sched_getaffinity(0)) <= 2 and "OMP_NUM_THREADS" not in os.environ:
-            # Measured (benchmarks/results/cpu-2core): with 2 intra-op threads on 2 shared cores a
-            # step waits on OpenMP barriers and runs ~4x slower than with 1. OMP_NUM_THREADS overrides.
-            torch.set_num_threads(1)
         return "cpu"
     if not torch.cuda.is_available():
         raise CharclipError("--device gpu: PyTorch sees no CUDA GPU on this machine; use --device cpu")
