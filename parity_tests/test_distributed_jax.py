@@ -20,7 +20,7 @@ Both must fail the same check.
 
 from __future__ import annotations
 
-import pickle
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -157,9 +157,54 @@ def _run_case(case) -> dict:
         D.sharded_global_norm = original
 
 
+def _save(records: dict, path) -> None:
+    """Nested dicts/lists of arrays and numbers, keyed by case tuples, as one .npz (no pickle):
+    each leaf is stored under the JSON of its path."""
+    flat = {}
+
+    def walk(node, where):
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
+        if node is None:
+            flat[json.dumps(where + [["none", 0]])] = np.zeros(0)
+            return
+        if items is None:
+            flat[json.dumps(where)] = np.asarray(node)
+            return
+        for k, v in items:
+            walk(v, where + [["list" if isinstance(node, list) else "dict", k]])
+
+    for case, record in records.items():
+        walk(record, [["case", list(case)]])
+    with open(path, "wb") as f:
+        np.savez(f, **flat)
+
+
+def _load(path) -> dict:
+    def build(entries):  # entries: [(remaining path, array)]
+        if not entries[0][0]:
+            value = entries[0][1]
+            return value.item() if value.ndim == 0 and value.dtype.kind in "bfi" else value
+        groups: dict = {}
+        for where, value in entries:
+            groups.setdefault(json.dumps(where[0]), []).append((where[1:], value))
+        keyed = [(json.loads(g), e) for g, e in groups.items()]
+        kind = keyed[0][0][0]
+        if kind == "none":
+            return None
+        if kind == "list":
+            by_index = {key: build(e) for (_, key), e in keyed}
+            return [by_index[i] for i in range(len(by_index))]
+        if kind == "case":
+            return {tuple(key): build(e) for (_, key), e in keyed}
+        return {key: build(e) for (_, key), e in keyed}
+
+    with np.load(path, allow_pickle=False) as z:
+        return build([(json.loads(k), z[k]) for k in z.files])
+
+
 def _device_main(out: str) -> None:
     assert len(jax.devices("cpu")) == 4, jax.devices()
-    Path(out).write_bytes(pickle.dumps({case: _run_case(case) for case in CASES + CONTROLS}))
+    _save({case: _run_case(case) for case in CASES + CONTROLS}, out)
 
 
 if __name__ == "__main__":
@@ -177,7 +222,7 @@ def runs(tmp_path_factory) -> dict:
         _single(case)
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-4000:]
-    return pickle.loads(out.read_bytes())
+    return _load(out)
 
 
 _single_cache: dict = {}
