@@ -3,7 +3,7 @@
 Writes results.json, results.md and PNG plots to benchmarks/results/<machine>/ (or --out).
 Full mode covers a representative subset of the grid (cells at the default size, hidden
 sizes 128-1024 and sequence lengths 32-512 around the default); --quick a smaller one
-that finishes in about two minutes on two cores.
+that finishes in about 40 s on an idle 2-core machine.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
 
 
 def _options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a small grid that finishes in about two minutes")
+    p.add_argument("--quick", action="store_true", help="a small grid (about 40 s on an idle 2-core machine)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where to run (gpu: CUDA for both backends)")
     p.add_argument("--out", metavar="DIR", help="results folder (default: benchmarks/results/<machine>)")
     p.add_argument("--torch-threads", type=int, default=None,

@@ -19,7 +19,7 @@ from charclip.errors import CharclipError
 
 COMMANDS: tuple[str, ...] = ("charclip.parity", "benchmarks.suite", "charclip.explode")  # modules adding subcommands
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where it says something (not None, not a flag, not already in the text)."""
 
     def _get_help_string(self, action):
@@ -42,7 +42,7 @@ def _add_train(sub) -> None:
         "train", help="train a char-RNN (default: the embedded Shakespeare)",
         description="Train a character-level RNN with gradient clipping. With no options it trains the default "
         "model on the embedded Shakespeare corpus in a few minutes on a laptop CPU, then prints samples.",
-        formatter_class=_Help,
+        formatter_class=HelpFormatter,
     )
     _backend_args(p)
     p.set_defaults(backend=None)  # resolved in _train: the checkpoint's backend on --resume, else torch
@@ -108,6 +108,19 @@ def _clip_config(a) -> ClipConfig:
     return ClipConfig(mode="norm", max_norm=ClipConfig().max_norm if a.clip_norm is None else a.clip_norm, impl=a.clip_impl)
 
 
+_KEPT_ON_RESUME = ("cell", "layers", "hidden", "embed", "batch_size", "seq_len", "lr", "seed", "dtype", "val_fraction",
+                   "clip_norm", "clip_value", "no_clip", "clip_impl", "nonfinite", "eval_every", "eval_batches",
+                   "checkpoint_every")
+
+
+def _note_ignored_on_resume(a) -> None:
+    """A resumed run keeps its configuration; say which given options that leaves unused."""
+    defaults = parser().parse_args(["train"])
+    ignored = [f"--{k.replace('_', '-')}" for k in _KEPT_ON_RESUME if getattr(a, k) != getattr(defaults, k)]
+    if ignored:
+        print(f"charclip: note: --resume keeps the run's configuration; ignored: {', '.join(ignored)}", file=sys.stderr)
+
+
 def _train(a) -> int:
     import time
 
@@ -122,6 +135,8 @@ def _train(a) -> int:
     if a.sample_chars < 0:
         raise CharclipError(f"--sample-chars must be zero or more, got {a.sample_chars}")
     _check_seed(a.seed)
+    if a.resume:
+        _note_ignored_on_resume(a)
     if a.backend is None:  # a resumed run continues in the backend that wrote it, unless told otherwise
         from charclip import checkpoint
 
@@ -145,7 +160,7 @@ def _train(a) -> int:
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a checkpoint",
                        description="Sample text one character at a time from a checkpoint of either backend.",
-                       formatter_class=_Help)
+                       formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="a run folder or a checkpoint folder")
     _backend_args(p)
     p.add_argument("--prime", default="\n", help="text to start from (its characters must be in the vocabulary)")
@@ -189,7 +204,11 @@ def _eval(a) -> int:
     if a.data is not None:
         tokens = ck.vocab.encode(corpus.read_text(a.data), what=f"the text {a.data}")
     else:
-        tokens = split(ck.vocab.encode(corpus.load(ck.corpus.get("path")), what="the training corpus"), cfg.val_fraction)[1]
+        text = corpus.load(ck.corpus.get("path"))
+        if corpus.fingerprint(text) != ck.corpus.get("sha256_16"):
+            print("charclip: note: the corpus has changed since this checkpoint was trained; "
+                  "the loss is on its current validation split", file=sys.stderr)
+        tokens = split(ck.vocab.encode(text, what="the training corpus"), cfg.val_fraction)[1]
     batch = max(1, min(cfg.batch_size, (len(tokens) - cfg.seq_len) // (cfg.seq_len + 1)))
     streams = Streams(tokens, batch, cfg.seq_len, what="evaluation text")
     trainer = backend_module(a.backend, "train").Trainer(ck.model, cfg, ck.params, device=a.device)

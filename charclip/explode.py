@@ -293,12 +293,14 @@ def _training_agreement(runs: list[dict], backends) -> dict | None:
 
 
 def add_parser(sub) -> None:
+    from charclip.cli import HelpFormatter  # imported here: cli imports this module to register it
+
     p = sub.add_parser(
         "explode", help="show exploding gradients and what clipping does about them, in both backends",
         description="Measure the gradient through time of a vanilla RNN for several spectral radii, train from an "
         "unstable start with no clipping, value clipping and norm clipping, and sweep the norm threshold. Writes "
         "report.md, results.json and figures to --out and prints a summary (docs/exploding-gradients.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", metavar="DIR", help="folder for report.md, results.json and figures (default: runs/explode-<time>)")
     p.add_argument("--quick", action="store_true", help="fewer steps and thresholds: under a minute")

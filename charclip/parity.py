@@ -534,12 +534,14 @@ def plot_drift(reports: list[Report], out_png) -> Path:
 
 
 def add_parser(sub) -> None:
+    from charclip.cli import HelpFormatter  # imported here: cli imports this module to register it
+
     p = sub.add_parser(
         "parity", help="prove torch and JAX compute the same thing, quantity by quantity",
         description="Run the PyTorch and the JAX model from the same weights on the same batches and compare the "
         "forward pass, loss, every gradient, the global norm, clipped gradients, an Adam update, a training "
         "trajectory and sampled text. Prints a table; exits 1 when something disagrees.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--cell", choices=(*CELLS, "all"), default="lstm")
     p.add_argument("--layers", type=int, default=1)

@@ -110,7 +110,8 @@ def prepare_data(path: str | None, cfg: TrainConfig, vocab: Vocab | None = None)
             "use a longer corpus, a larger --val-fraction or a smaller --seq-len"
         )
     val = Streams(val_tok, val_batch, cfg.seq_len, what="validation text")
-    info = {"path": str(path) if path else None, "sha256_16": corpus.fingerprint(text), "chars": len(text)}
+    # The path is stored absolute: resume and eval may run from another directory.
+    info = {"path": str(Path(path).resolve()) if path else None, "sha256_16": corpus.fingerprint(text), "chars": len(text)}
     return Data(vocab, train, val, info)
 
 

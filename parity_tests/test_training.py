@@ -204,3 +204,21 @@ def test_bad_corpus_and_prime_give_one_clear_line(two_runs, tmp_path, capsys):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_a_run_trained_on_a_relative_path_resumes_and_evaluates_from_elsewhere(tmp_path, monkeypatch, capsys):
+    data_dir, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data_dir.mkdir()
+    elsewhere.mkdir()
+    small_corpus(data_dir)
+    monkeypatch.chdir(data_dir)
+    argv = ["train", "--data", "small.txt", "--out", str(tmp_path / "run"), "--steps", "4", "--batch-size", "4",
+            "--seq-len", "8", "--hidden", "8", "--embed", "4", "--layers", "1", "--sample-chars", "0", "--no-progress"]
+    assert cli.main(argv) == 0
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tmp_path / "run"), "--steps", "6", "--lr", "0.1",
+                     "--sample-chars", "0", "--no-progress"]) == 0
+    assert "ignored: --lr" in capsys.readouterr().err, "an option --resume does not use is named, not dropped silently"
+    assert cli.main(["eval", str(tmp_path / "run")]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 6
