@@ -26,7 +26,7 @@ from tqdm import tqdm
 from charclip import corpus
 from charclip.batching import Position, Streams, split
 from charclip.config import ModelConfig, TrainConfig
-from charclip.run import backend_module
+from charclip.backends import module as backend_module
 from charclip.vocab import Vocab
 from charclip.weights import init_params
 

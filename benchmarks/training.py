@@ -92,7 +92,7 @@ class Feeder:
 
 def trainers(case: Case, device: str, backends=("torch", "jax")):
     """Trainers of the named backends for `case`, all from the same initial weights."""
-    from charclip.run import backend_module
+    from charclip.backends import module as backend_module
     from charclip.weights import init_params
 
     model, train = case.configs(tokens()[1])

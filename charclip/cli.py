@@ -7,7 +7,6 @@ Further subcommands live in their own modules, listed in COMMANDS; each exposes
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import json
 import sys
@@ -124,7 +123,7 @@ def _note_ignored_on_resume(a) -> None:
 def _train(a) -> int:
     import time
 
-    from charclip import run
+    from charclip import backends, run
 
     cfg = TrainConfig(
         steps=_D.steps if a.steps is None else a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, seed=a.seed, dtype=a.dtype,
@@ -145,8 +144,8 @@ def _train(a) -> int:
     world, layout, other = (a.nproc, a.parallel, a.devices) if a.backend == "torch" else (a.devices, a.mesh, a.nproc)
     if other != 1:
         raise CharclipError("--nproc is for --backend torch and --devices for --backend jax")
-    train = run.train if world == 1 else functools.partial(run.backend_module(a.backend, "distributed").train, world=world, layout=layout)
-    s = train(model, None if a.resume and a.steps is None else cfg, backend=a.backend, out_dir=out, data_path=a.data, resume=a.resume,
+    launch = backends.launcher(a.backend, world, layout if world > 1 else None)
+    s = launch(run.train, model, None if a.resume and a.steps is None else cfg, backend=a.backend, out_dir=out, data_path=a.data, resume=a.resume,
               device=a.device, progress=not a.no_progress, sample_chars=a.sample_chars)
     print(f"\ndone: {s['steps']} steps in {s['seconds']:.0f} s; training loss {s['train_loss']:.3f}, "
           f"validation loss {s['val_loss']:.3f} nats/char; {s['clipped_fraction']:.1%} of steps clipped"
@@ -173,7 +172,7 @@ def _add_sample(sub) -> None:
 
 def _sample(a) -> int:
     from charclip import checkpoint
-    from charclip.run import backend_module
+    from charclip.backends import module as backend_module
 
     _check_seed(a.seed)
     ck = checkpoint.load(a.checkpoint)
@@ -197,7 +196,7 @@ def _add_eval(sub) -> None:
 def _eval(a) -> int:
     from charclip import checkpoint, corpus
     from charclip.batching import Streams, split
-    from charclip.run import backend_module
+    from charclip.backends import module as backend_module
 
     ck = checkpoint.load(a.checkpoint)
     cfg = ck.train

@@ -1,15 +1,12 @@
-"""The training run around a backend's `Trainer`, written once for both backends.
+"""The training run around a backend's trainer, written once for both backends.
 
-A backend supplies `Trainer(model_cfg, train_cfg, params, adam=, hidden=, device=)`
-with `step(x, y) -> StepResult`, `evaluate(batches)`, `reset_hidden()`,
-`params()`, `adam_state()` and `hidden_state()`. This module feeds it batches,
-shows progress, logs metrics as JSON lines, validates, checkpoints, and handles
-Ctrl-C, non-finite steps and divergence.
+The trainer is anything satisfying `charclip.contract.Trainer`, made by a factory from
+`charclip.backends`. This module feeds it batches, shows progress, logs metrics as
+JSON lines, validates, checkpoints, and handles Ctrl-C, non-finite steps and divergence.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -21,32 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
+from charclip import backends
 from charclip import checkpoint as ckpt_io
 from charclip import corpus
 from charclip.batching import Position, Streams, split
 from charclip.config import ModelConfig, TrainConfig
+from charclip.contract import NonFiniteStep
 from charclip.errors import CharclipError
 from charclip.vocab import Vocab
 from charclip.weights import init_params
 
-BACKENDS = ("torch", "jax")
 DIVERGENCE_FACTOR = 3.0  # char-rnn's rule: a loss this many times the first one means divergence
-
-
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float  # global L2 norm of the gradient, measured before clipping
-    clipped: bool  # norm clipping changed the gradient (norm above the threshold)
-    skipped: bool = False  # the update was skipped (non-finite policy "skip")
-
-
-class NonFiniteStep(Exception):
-    """A step whose loss or gradient was NaN or infinite, under the "error" policy."""
-
-    def __init__(self, result: StepResult):
-        super().__init__(f"loss {result.loss}, gradient norm {result.grad_norm}")
-        self.result = result
 
 
 class _DeferInterrupt:
@@ -73,18 +55,6 @@ class _DeferInterrupt:
     def __exit__(self, *exc) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
-
-
-def backend_module(backend: str, name: str):
-    """`torch_impl.<name>` or `jax_impl.<name>`, with a clear error when the framework is missing."""
-    if backend not in BACKENDS:
-        raise CharclipError(f"unknown backend {backend!r}; use torch or jax")
-    try:
-        return importlib.import_module(f"{backend}_impl.{name}")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] in ("torch", "jax", "jaxlib", "optax"):
-            raise CharclipError(f"the {backend} backend needs {e.name}, which is not installed") from None
-        raise
 
 
 @dataclass
@@ -163,7 +133,7 @@ def train(
     """Train (or resume) a run; return a summary. Everything lands in `out_dir`.
 
     A resumed run keeps the checkpoint's configurations; `cfg.steps` may extend it (cfg None: unchanged).
-    `make_trainer` replaces the backend's `Trainer` class (same arguments), e.g. a multi-device one.
+    `make_trainer` is the trainer factory (`charclip.backends.trainer_factory`; default: one device).
     """
     from tqdm.auto import tqdm
 
@@ -190,7 +160,7 @@ def train(
         params = init_params(model_cfg, cfg.seed, cfg.dtype)
     vocab = data.vocab
     out.mkdir(parents=True, exist_ok=True)
-    make_trainer = make_trainer or backend_module(backend, "train").Trainer
+    make_trainer = make_trainer or backends.trainer_factory(backend)
     trainer = make_trainer(model_cfg, cfg, params, adam=adam, hidden=hidden, device=device)
 
     saved: dict[int, Path] = {}
@@ -263,7 +233,7 @@ def train(
     except ImportError:
         log("charclip: note: matplotlib is not installed; skipped the loss plot")
     if sample_chars:
-        sample_mod = backend_module(backend, "sample")
+        sample_mod = backends.module(backend, "sample")
         prime = "\n" if "\n" in vocab.chars else vocab.chars[0]  # a corpus without newlines has no "\n" to start from
         summary["sample"] = sample_mod.sample(model_cfg, trainer.params_numpy(), vocab, prime, sample_chars,
                                               temperature=0.8, seed=cfg.seed, device=device)

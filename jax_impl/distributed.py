@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from charclip.config import ModelConfig, TrainConfig
 from charclip.errors import CharclipError
+from jax_impl import device as D
 from jax_impl import model as M
 from jax_impl import train as T
 
@@ -57,7 +58,7 @@ def use_devices(n: int, device: str = "cpu") -> list:
                 pass  # already started: use what it has
         devices = jax.devices("cpu")
     else:
-        T.device_of("gpu")  # one line when JAX sees no GPU
+        D.resolve("gpu")  # one line when JAX sees no GPU
         devices = jax.devices("gpu")
     if len(devices) < n:
         raise CharclipError(f"--devices {n}: JAX has only {len(devices)} {device} device(s) in this process "
@@ -146,10 +147,9 @@ def make_shard_map_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Grad
         grads, norm, loss, final = clipped_gradient(params, state, x, y)
         updates, new_opt_state = tx.update(grads, opt_state, params)  # Adam is elementwise: slices are enough
         new_params = optax.apply_updates(params, updates)
-        if cfg.nonfinite == "skip":
-            ok = jnp.isfinite(norm) & jnp.isfinite(loss)  # the same on every device
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-            new_params, new_opt_state, final = keep(new_params, params), keep(new_opt_state, opt_state), keep(final, state)
+        # Norm and loss are the same on every device, so every device keeps or drops alike.
+        new_params, new_opt_state, final = T.adopt(cfg.nonfinite, loss, norm, (new_params, new_opt_state, final),
+                                                   (params, opt_state, state))
         return new_params, new_opt_state, final, {"loss": loss, "grad_norm": norm}
 
     batch, hidden = P("data", None), P(None, "data", None)
@@ -163,13 +163,12 @@ def make_shard_map_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Grad
 # ---- the trainer ----------------------------------------------------------------------
 
 class MeshTrainer(T.Trainer):
-    """`jax_impl.train.Trainer` over a mesh: same methods, arrays placed by `layout`."""
+    """`jax_impl.train.Trainer` over a mesh: same methods; only the placement hooks differ."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, params: dict[str, np.ndarray], *, layout: str, devices,
                  adam: dict[str, np.ndarray] | None = None, hidden: dict[str, np.ndarray] | None = None,
                  device: str = "cpu"):
-        self.model_cfg, self.cfg, self.layout = model_cfg, cfg, layout
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.layout = layout
         self.mesh = make_mesh(layout, devices)
         batch_axis, param_axis = BATCH_AXIS[layout], PARAM_AXIS[layout]
         if batch_axis and cfg.batch_size % self.mesh.shape[batch_axis]:
@@ -178,46 +177,50 @@ class MeshTrainer(T.Trainer):
         if layout == "shard_map" and cfg.clip.mode == "norm" and cfg.clip.impl == "reference":
             raise CharclipError("--mesh shard_map writes its clipping out itself (optax's formula); "
                                 "use --clip-impl library, or another --mesh to run the reference implementation")
-        spec = partial(param_spec, axis=param_axis, size=self.mesh.shape[param_axis] if param_axis else 1)
-        self.specs = {k: spec(np.shape(v)) for k, v in params.items()}
+        self.spec = partial(param_spec, axis=param_axis, size=self.mesh.shape[param_axis] if param_axis else 1)
+        self.specs = {k: self.spec(np.shape(v)) for k, v in params.items()}
         self.shardings = {k: self._on(s) for k, s in self.specs.items()}
         self.batch_sharding = self._on(P(batch_axis, None))  # (B, T)
         self.state_sharding = self._on(P(None, batch_axis, None))  # (L, B, H)
-        self.device = self.mesh.devices.flat[0]  # where the base class assembles a loaded Adam state
-        self.params = jax.device_put({k: np.asarray(v) for k, v in params.items()}, self.shardings)
-        # shard_map clips inside its step; the others use jax_impl.train's chain (clip, then Adam).
-        self.tx = optax.adam(cfg.lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps) if layout == "shard_map" else T.optimizer(cfg)
-        # Adam's moments have their parameter's shape, so the same rule places them; scalars are replicated.
-        opt_specs = jax.tree.map(lambda a: spec(a.shape), jax.eval_shape(self.tx.init, self.params))
-        self.opt_shardings = jax.tree.map(self._on, opt_specs)
-        self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.params)
-        if adam is not None:
-            self._load_adam(adam)
-            self.opt_state = jax.device_put(self.opt_state, self.opt_shardings)
-        self.state = jax.device_put(M.hidden_from_numpy(hidden), self.state_sharding) if hidden is not None else None
-        if layout == "shard_map":
-            step = make_shard_map_step(model_cfg, cfg, self.tx, self.mesh, self.specs, opt_specs)
-        else:
-            step = T.make_train_step(model_cfg, cfg, self.tx)
-        b, s, r = self.batch_sharding, self.state_sharding, self._on(P())
-        self.train_step = jax.jit(step, in_shardings=(self.shardings, self.opt_shardings, s, b, b),
-                                  out_shardings=(self.shardings, self.opt_shardings, s, r))
-        self._eval_loss = jax.jit(lambda p, x, y, st: M.loss(p, x, y, st, cfg=model_cfg))
+        super().__init__(model_cfg, cfg, params, adam=adam, hidden=hidden, device=device)
+        self.device = self.mesh.devices.flat[0]
 
     def _on(self, spec: P) -> NamedSharding:
         return NamedSharding(self.mesh, spec)
 
-    def _state_for(self, batch: int):
-        if self.state is None:
-            return jax.device_put(M.zero_state(self.model_cfg, batch, self.dtype), self.state_sharding)
-        return self.state
+    def _optimizer(self):
+        # shard_map clips inside its step; the others use jax_impl.train's chain (clip, then Adam).
+        cfg = self.cfg
+        return optax.adam(cfg.lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps) if self.layout == "shard_map" else T.optimizer(cfg)
+
+    def _put_params(self, params):
+        return jax.device_put({k: np.asarray(v) for k, v in params.items()}, self.shardings)
+
+    def _init_opt_state(self):
+        # Adam's moments have their parameter's shape, so the same rule places them; scalars are replicated.
+        self.opt_specs = jax.tree.map(lambda a: self.spec(a.shape), jax.eval_shape(self.tx.init, self.params))
+        self.opt_shardings = jax.tree.map(self._on, self.opt_specs)
+        return jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.params)
+
+    def _put_opt_state(self, opt_state):
+        return jax.device_put(opt_state, self.opt_shardings)
+
+    def _put_hidden(self, hidden):
+        return jax.device_put(hidden, self.state_sharding)
+
+    def _compile_step(self):
+        if self.layout == "shard_map":
+            step = make_shard_map_step(self.model_cfg, self.cfg, self.tx, self.mesh, self.specs, self.opt_specs)
+        else:
+            step = T.make_train_step(self.model_cfg, self.cfg, self.tx)
+        b, s, r = self.batch_sharding, self.state_sharding, self._on(P())
+        return jax.jit(step, in_shardings=(self.shardings, self.opt_shardings, s, b, b),
+                       out_shardings=(self.shardings, self.opt_shardings, s, r))
 
 
-def train(model_cfg: ModelConfig | None, cfg: TrainConfig | None, *, world: int, layout: str = "data", **kwargs) -> dict:
-    """`charclip.run.train` (same arguments) over `world` devices laid out by `layout`."""
-    from charclip import run
-
+def mesh_factory(world: int, layout: str, device: str = "cpu"):
+    """The trainer factory (the `charclip.contract` signature) over `world` devices laid out by `layout`."""
     if layout not in LAYOUTS:
         raise CharclipError(f"unknown --mesh {layout!r}; use one of {', '.join(LAYOUTS)}")
-    devices = use_devices(world, kwargs.get("device", "cpu"))
-    return run.train(model_cfg, cfg, make_trainer=partial(MeshTrainer, layout=layout, devices=devices), **kwargs)
+    devices = use_devices(world, device)
+    return partial(MeshTrainer, layout=layout, devices=devices)

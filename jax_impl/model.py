@@ -75,10 +75,14 @@ def loss(params, x, y, state, *, cfg: ModelConfig, unroll: int = 1):
     return jnp.mean(nll), final
 
 
-def hidden_to_numpy(state) -> dict[str, np.ndarray]:
+def hidden_to_numpy(state) -> dict[str, np.ndarray] | None:
+    if state is None:
+        return None
     names = ("h", "c")
     return {names[i]: np.asarray(part).copy() for i, part in enumerate(state)}
 
 
-def hidden_from_numpy(h: dict[str, np.ndarray]):
+def hidden_from_numpy(h: dict[str, np.ndarray] | None):
+    if h is None:
+        return None
     return (jnp.asarray(h["h"]), jnp.asarray(h["c"])) if "c" in h else (jnp.asarray(h["h"]),)

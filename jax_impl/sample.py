@@ -9,13 +9,13 @@ import numpy as np
 from charclip import sampling
 from charclip.config import ModelConfig
 from charclip.vocab import Vocab
+from jax_impl import device as D
 from jax_impl import model as M
-from jax_impl.train import device_of
 
 
 def sample(cfg: ModelConfig, params: dict[str, np.ndarray], vocab: Vocab, prime: str, length: int, *,
            temperature: float = 1.0, top_k: int | None = None, seed: int = 0, device: str = "cpu") -> str:
-    dev = device_of(device)
+    dev = D.resolve(device)
     p = jax.device_put({k: jnp.asarray(v) for k, v in params.items()}, dev)
     dtype = next(iter(p.values())).dtype
     forward = jax.jit(lambda p, token, state: M.apply(p, token, state, cfg=cfg))

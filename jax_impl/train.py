@@ -1,8 +1,10 @@
 """One training step in JAX: loss, grad, clip, Adam, update, as one jitted function.
 
-`Trainer` mirrors `torch_impl.train.Trainer` method for method; it only holds
-the state between calls of the pure, jitted `train_step`, which is compiled
-once per run (the shapes never change).
+`Trainer` implements `charclip.contract.Trainer` and mirrors `torch_impl.train.Trainer`
+method for method; it only holds the state between calls of the pure, jitted
+`train_step`, which is compiled once per run (the shapes never change).
+`jax_impl.distributed.MeshTrainer` is this class over a mesh: it overrides only the
+placement hooks at the end.
 """
 
 from __future__ import annotations
@@ -13,18 +15,10 @@ import numpy as np
 import optax
 
 from charclip.config import ModelConfig, TrainConfig
-from charclip.errors import CharclipError
-from charclip.run import NonFiniteStep, StepResult
+from charclip.contract import StepResult, update_applies, verdict
+from jax_impl import clipping
+from jax_impl import device as D
 from jax_impl import model as M
-
-
-def device_of(device: str):
-    if device == "cpu":
-        return jax.devices("cpu")[0]
-    try:
-        return jax.devices("gpu")[0]
-    except RuntimeError:
-        raise CharclipError("--device gpu: JAX sees no GPU on this machine (is jax[cuda] installed?); use --device cpu") from None
 
 
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -34,16 +28,23 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     if clip.mode == "norm" and clip.impl == "library":
         return optax.chain(optax.clip_by_global_norm(clip.max_norm), adam)
     if clip.mode == "norm":
-        from jax_impl import clipping
-
         return optax.chain(clipping.clip_by_global_norm_reference(clip.max_norm), adam)
     if clip.mode == "value" and clip.impl == "library":
         return optax.chain(optax.clip(clip.max_value), adam)
     if clip.mode == "value":
-        from jax_impl import clipping
-
         return optax.chain(optax.stateless(lambda g, _: clipping.clip_by_value(g, clip.max_value)), adam)
     return adam
+
+
+def adopt(policy: str, loss, norm, new, old):
+    """`new` where the step's update applies (`charclip.contract.update_applies`), else `old`.
+
+    Branch-free under jit (`jnp.where`, not `if`): loss and norm are tracers there.
+    """
+    ok = update_applies(policy, jnp.isfinite(norm) & jnp.isfinite(loss))
+    if ok is True:
+        return new
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.GradientTransformation, *, unroll: int = 1):
@@ -54,11 +55,8 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Gradient
         norm = optax.tree.norm(grads)  # measured before clipping, as optax.clip_by_global_norm measures it
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        if cfg.nonfinite == "skip":
-            # Branch-free under jit: keep the old values when the step is not finite.
-            ok = jnp.isfinite(norm) & jnp.isfinite(loss)
-            keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
-            new_params, new_opt_state, final = keep(new_params, params), keep(new_opt_state, opt_state), keep(final, state)
+        new_params, new_opt_state, final = adopt(cfg.nonfinite, loss, norm, (new_params, new_opt_state, final),
+                                                 (params, opt_state, state))
         return new_params, new_opt_state, final, {"loss": loss, "grad_norm": norm}
 
     return jax.jit(train_step)
@@ -69,45 +67,46 @@ class Trainer:
                  adam: dict[str, np.ndarray] | None = None, hidden: dict[str, np.ndarray] | None = None,
                  device: str = "cpu"):
         self.model_cfg, self.cfg = model_cfg, cfg
-        self.device = device_of(device)
+        self.device = D.resolve(device)
         self.dtype = jnp.dtype(cfg.dtype)
-        self.params = jax.device_put({k: jnp.asarray(v) for k, v in params.items()}, self.device)
-        self.tx = optimizer(cfg)
-        # Everything the step receives is placed on the device up front: arguments that are
-        # committed on later calls but not on the first would compile a second executable.
-        self.opt_state = jax.device_put(self.tx.init(self.params), self.device)
+        self.tx = self._optimizer()
+        # Everything the step receives is placed up front: arguments that are committed on
+        # later calls but not on the first would compile a second executable.
+        self.params = self._put_params(params)
+        self.opt_state = self._init_opt_state()
         if adam is not None:
             self._load_adam(adam)
-        self.state = jax.device_put(M.hidden_from_numpy(hidden), self.device) if hidden is not None else None
-        self.train_step = make_train_step(model_cfg, cfg, self.tx)
+        self.hidden = None if hidden is None else self._put_hidden(M.hidden_from_numpy(hidden))
+        self.train_step = self._compile_step()
         self._eval_loss = jax.jit(lambda p, x, y, s: M.loss(p, x, y, s, cfg=model_cfg))
+        self._apply = jax.jit(_apply_updates(self.tx))
 
     def reset_hidden(self) -> None:
-        self.state = None
+        self.hidden = None
 
-    def _state_for(self, batch: int):
-        if self.state is None:
-            return jax.device_put(M.zero_state(self.model_cfg, batch, self.dtype), self.device)
-        return self.state
+    def _hidden_for(self, batch: int):
+        if self.hidden is None:
+            return self._put_hidden(M.zero_state(self.model_cfg, batch, self.dtype))
+        return self.hidden
 
     def step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
-        params, opt_state, state, m = self.train_step(self.params, self.opt_state, self._state_for(len(x)), x, y)
-        loss, norm = float(m["loss"]), float(m["grad_norm"])
-        clip = self.cfg.clip
-        result = StepResult(loss=loss, grad_norm=norm, clipped=clip.mode == "norm" and norm > clip.max_norm)
-        if not (np.isfinite(norm) and np.isfinite(loss)):
-            if self.cfg.nonfinite == "error":
-                raise NonFiniteStep(result)  # the new state is simply not adopted
-            result.skipped = self.cfg.nonfinite == "skip"
-        self.params, self.opt_state, self.state = params, opt_state, state
+        params, opt_state, hidden, m = self.train_step(self.params, self.opt_state, self._hidden_for(len(x)), x, y)
+        result = verdict(m["loss"], m["grad_norm"], self.cfg.clip, self.cfg.nonfinite)  # raises: nothing adopted
+        # Under "skip" the jitted step already kept the old values (branch-free), so adopt it either way.
+        self.params, self.opt_state, self.hidden = params, opt_state, hidden
         return result
+
+    def apply_gradients(self, grads: dict[str, np.ndarray]) -> None:
+        """Clip `grads` (by parameter name) with this trainer's clipping, then take one Adam step."""
+        g = self._put_params(grads)
+        self.params, self.opt_state = self._apply(g, self.opt_state, self.params)
 
     def evaluate(self, batches) -> float:
         """Mean cross-entropy (nats per character) over `batches`, hidden state carried."""
-        total, n, state = 0.0, 0, None
+        total, n, hidden = 0.0, 0, None
         for x, y in batches:
-            state = state if state is not None else M.zero_state(self.model_cfg, len(x), self.dtype)
-            loss, state = self._eval_loss(self.params, x, y, state)
+            hidden = hidden if hidden is not None else self._put_hidden(M.zero_state(self.model_cfg, len(x), self.dtype))
+            loss, hidden = self._eval_loss(self.params, x, y, hidden)
             total, n = total + float(loss), n + 1
         return total / n
 
@@ -115,7 +114,7 @@ class Trainer:
         return {k: np.asarray(v).copy() for k, v in self.params.items()}
 
     def hidden_state(self) -> dict[str, np.ndarray] | None:
-        return None if self.state is None else M.hidden_to_numpy(self.state)
+        return M.hidden_to_numpy(self.hidden)
 
     def adam_state(self) -> dict[str, np.ndarray]:
         """Adam's moments and step under the checkpoint's neutral names."""
@@ -132,7 +131,35 @@ class Trainer:
             mu={k: jnp.asarray(adam[f"exp_avg.{k}"]) for k in names},
             nu={k: jnp.asarray(adam[f"exp_avg_sq.{k}"]) for k in names},
         )
-        self.opt_state = jax.device_put(_replace_adam(self.opt_state, new), self.device)
+        self.opt_state = self._put_opt_state(_replace_adam(self.opt_state, new))
+
+    # ---- placement hooks: one device here; a mesh in jax_impl.distributed.MeshTrainer ----
+
+    def _optimizer(self) -> optax.GradientTransformation:
+        return optimizer(self.cfg)
+
+    def _put_params(self, params):
+        return jax.device_put({k: jnp.asarray(v) for k, v in params.items()}, self.device)
+
+    def _init_opt_state(self):
+        return jax.device_put(self.tx.init(self.params), self.device)
+
+    def _put_opt_state(self, opt_state):
+        return jax.device_put(opt_state, self.device)
+
+    def _put_hidden(self, hidden):
+        return jax.device_put(hidden, self.device)
+
+    def _compile_step(self):
+        return make_train_step(self.model_cfg, self.cfg, self.tx)
+
+
+def _apply_updates(tx: optax.GradientTransformation):
+    def apply(grads, opt_state, params):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return apply
 
 
 def _is_adam(x) -> bool:

@@ -21,7 +21,8 @@ from charclip import corpus
 from charclip.batching import Position, Streams, split
 from charclip.cli import main
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
-from charclip.run import backend_module, read_metrics
+from charclip.backends import module as backend_module
+from charclip.run import read_metrics
 from charclip.vocab import Vocab
 from charclip.weights import init_params
 
@@ -95,7 +96,7 @@ def test_skip_is_the_same_in_both_backends(poison):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_error_policy_raises_before_touching_anything(backend):
-    from charclip.run import NonFiniteStep
+    from charclip.contract import NonFiniteStep
 
     model, cfg, params = _setup(math.nan, "error")
     trainer = backend_module(backend, "train").Trainer(model, cfg, params)

@@ -42,6 +42,7 @@ from pathlib import Path
 mode, at, marker, *argv = sys.argv[1:]
 at = int(at)
 import charclip.checkpoint as ck
+import charclip.backends as backends
 import charclip.run as run
 from charclip.cli import main
 
@@ -71,7 +72,7 @@ elif mode == "latest":  # checkpoint `at` renamed into place, LATEST not yet poi
         replace(src, dst)
     os.replace = hooked
 elif mode == "update":  # Ctrl-C lands right after this process's `at`-th update, before the loop counts it
-    trainer = run.backend_module(argv[argv.index("--backend") + 1], "train").Trainer
+    trainer = backends.module(argv[argv.index("--backend") + 1], "train").Trainer
     step = trainer.step
     def hooked(self, x, y):
         result = step(self, x, y)

@@ -17,7 +17,7 @@ mean over the whole batch, so the step equals one process running the whole batc
 docs/distributed.md writes the global norm out as an equation and says what the
 tests prove.
 
-Rank 0 runs the ordinary loop (`charclip.run.train`): it logs, plots and writes the
+Rank 0 runs the ordinary loop (`charclip.run.train`, handed in by `charclip.backends.launcher`): it logs, plots and writes the
 checkpoint, in the single-process format. Its trainer is a `_Leader` that
 broadcasts every call (step, evaluate, gather the parameters, ...) to the other
 ranks, which `_follow` and run the same call, so every collective is entered by all
@@ -26,7 +26,6 @@ ranks in the same order.
 
 from __future__ import annotations
 
-import math
 import multiprocessing.connection
 import os
 import signal
@@ -45,9 +44,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from charclip.config import ModelConfig, TrainConfig
 from charclip.errors import CharclipError
-from charclip.run import NonFiniteStep, StepResult
-from torch_impl import model as M
-from torch_impl.train import Trainer, device_name
+from charclip.contract import NonFiniteStep
+from torch_impl.train import Trainer
 
 PARALLEL = ("ddp", "fsdp")
 HOST = "127.0.0.1"  # loopback only: nothing listens beyond this machine
@@ -67,7 +65,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 class DistributedTrainer(Trainer):
-    """`torch_impl.train.Trainer` on one rank of a process group.
+    """`torch_impl.train.Trainer` on one rank of a process group: only the placement hooks differ.
 
     Every rank is given the same global batch and trains on its slice of the streams;
     the checkpoint-facing methods (`params_numpy`, `adam_state`, `hidden_state`)
@@ -83,97 +81,57 @@ class DistributedTrainer(Trainer):
         if cfg.batch_size % self.world:
             raise CharclipError(f"--batch-size {cfg.batch_size} does not split into {self.world} equal slices; "
                                 f"use a multiple of --nproc {self.world}")
-        self.cfg, self.parallel = cfg, parallel
-        self.device = device_name(device)
-        self.module = M.build(model_cfg, params, self.device)  # the CharRNN, its parameter names as in a checkpoint
-        if parallel == "ddp":
-            ids = [torch.cuda.current_device()] if self.device == "cuda" else None
-            self.model = DistributedDataParallel(self.module, device_ids=ids)  # what the forward pass runs through
-        else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
+        self.parallel = parallel
+        super().__init__(model_cfg, cfg, params, adam=adam, hidden=hidden, device=device)
 
-            # The root module itself: every parameter becomes a DTensor (a mix of
-            # sharded and plain gradients would fail in clip_grad_norm_'s foreach norm).
-            self.model = fully_shard(self.module, mesh=init_device_mesh(self.device, (self.world,)))
-        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        if adam is not None:
-            self._load_adam(adam)
-        self.hidden = self._local_hidden(M.hidden_from_numpy(hidden, self.device))
+    def _parallel(self, module):
+        if self.parallel == "ddp":
+            ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
+            return DistributedDataParallel(module, device_ids=ids)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        # The root module itself: every parameter becomes a DTensor (a mix of
+        # sharded and plain gradients would fail in clip_grad_norm_'s foreach norm).
+        return fully_shard(module, mesh=init_device_mesh(self.device.type, (self.world,)))
 
     def _slice(self, a):
         """This rank's streams of a global batch (rows of `a`, or the batch axis 1 of a hidden state)."""
         n = (a.shape[0] if isinstance(a, np.ndarray) else a.shape[1]) // self.world
         return a[self.rank * n:(self.rank + 1) * n] if isinstance(a, np.ndarray) else a[:, self.rank * n:(self.rank + 1) * n]
 
+    def _local(self, x):
+        return self._slice(x)
+
     def _local_hidden(self, h):
         if h is None:
             return None
         return tuple(self._slice(t).contiguous() for t in h) if isinstance(h, tuple) else self._slice(h).contiguous()
 
-    def _mean_over_ranks(self, t: torch.Tensor) -> float:
-        t = t.detach().clone()
+    def _global_loss(self, loss):
+        """Equal slices: the mean of the slice means is the batch mean (the same on every rank)."""
+        t = loss.detach().clone()
         dist.all_reduce(t)
         return t.item() / self.world
 
-    def step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
-        """One step on the global batch (x, y), (B, T) each; this rank computes B / N streams of it."""
-        loss, h = self._loss(self._slice(x), self._slice(y), self.hidden)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP all-reduces, FSDP2 reduce-scatters: the mean gradient over the whole batch
-        norm = _full(self._clip()).item()  # the global norm, identical on every rank
-        loss = self._mean_over_ranks(loss)  # equal slices: the mean of the slice means is the batch mean
-        result = StepResult(loss=loss, grad_norm=norm, clipped=self.cfg.clip.mode == "norm" and norm > self.cfg.clip.max_norm)
-        # Norm and loss are the same on every rank, so every rank takes the same branch.
-        if not (math.isfinite(norm) and math.isfinite(loss)):
-            if self.cfg.nonfinite == "error":
-                raise NonFiniteStep(result)
-            if self.cfg.nonfinite == "skip":
-                result.skipped = True
-                return result
-        self.optimizer.step()
-        self.hidden = tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()  # truncated BPTT
-        return result
+    def _whole(self, t):
+        return _full(t)
 
-    def params_numpy(self) -> dict[str, np.ndarray]:
-        return {k: _full(v).detach().cpu().numpy().copy() for k, v in self.module.state_dict().items()}
+    def _placed(self, p, a):
+        from torch.distributed.tensor import DTensor, distribute_tensor
 
-    def hidden_state(self) -> dict[str, np.ndarray] | None:
-        if self.hidden is None:
+        t = torch.from_numpy(np.array(a)).to(self.device)
+        return distribute_tensor(t, p.device_mesh, p.placements) if isinstance(p, DTensor) else t
+
+    def _gather_hidden(self, h):
+        if h is None:
             return None
-        parts = self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)
         whole = []
-        for t in parts:  # (L, B/N, H) on each rank -> (L, B, H), streams in rank order
+        for t in h if isinstance(h, tuple) else (h,):  # (L, B/N, H) on each rank -> (L, B, H), streams in rank order
             pieces = [torch.empty_like(t) for _ in range(self.world)]
             dist.all_gather(pieces, t.contiguous())
             whole.append(torch.cat(pieces, dim=1))
-        return M.hidden_to_numpy(tuple(whole) if isinstance(self.hidden, tuple) else whole[0])
-
-    def adam_state(self) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        step = 0
-        for name, p in self.module.named_parameters():
-            st = self.optimizer.state.get(p, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                moment = _full(st[key]) if st else torch.zeros(p.shape, dtype=p.dtype)
-                out[f"{key}.{name}"] = moment.detach().cpu().numpy().copy()
-            step = int(st["step"]) if st else 0
-        out["step"] = np.array(step, dtype=np.int64)
-        return out
-
-    def _load_adam(self, adam: dict[str, np.ndarray]) -> None:
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        step = int(adam["step"])
-        if step == 0:
-            return
-        for name, p in self.module.named_parameters():
-            def like_p(a: np.ndarray, p=p) -> torch.Tensor:
-                t = torch.from_numpy(np.array(a)).to(self.device)
-                return distribute_tensor(t, p.device_mesh, p.placements) if isinstance(p, DTensor) else t
-
-            self.optimizer.state[p] = {"step": torch.tensor(float(step)), "exp_avg": like_p(adam[f"exp_avg.{name}"]),
-                                       "exp_avg_sq": like_p(adam[f"exp_avg_sq.{name}"])}
+        return tuple(whole) if isinstance(h, tuple) else whole[0]
 
 
 # ---- rank 0 drives, the other ranks follow -------------------------------------------
@@ -207,6 +165,9 @@ class _Leader:
     def evaluate(self, batches):
         return self._call("evaluate", list(batches))
 
+    def apply_gradients(self, grads):
+        return self._call("apply_gradients", grads)
+
     def reset_hidden(self):
         return self._call("reset_hidden")
 
@@ -237,9 +198,12 @@ def _follow(group) -> None:
             pass  # rank 0 saw the same step and decides what happens next
 
 
-def _train_rank(rank: int, world: int, model_cfg, cfg, parallel: str, kwargs: dict):
-    from charclip import run
+def leader_factory(parallel: str, group):
+    """Rank 0's trainer factory (the `charclip.contract` signature): each call is mirrored on every rank."""
+    return partial(_Leader, parallel=parallel, group=group)
 
+
+def _train_rank(rank: int, world: int, train_fn, model_cfg, cfg, parallel: str, kwargs: dict):
     group = _control_group()
     if rank != 0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle: it stops all, with a checkpoint
@@ -248,13 +212,18 @@ def _train_rank(rank: int, world: int, model_cfg, cfg, parallel: str, kwargs: di
 
     tqdm.set_lock(threading.RLock())  # its default multiprocessing lock would leak a semaphore at os._exit
     try:
-        return run.train(model_cfg, cfg, make_trainer=partial(_Leader, parallel=parallel, group=group), **kwargs)
+        return train_fn(model_cfg, cfg, make_trainer=leader_factory(parallel, group), **kwargs)
     finally:
         _broadcast(["stop", ()], group)
 
 
-def train(model_cfg: ModelConfig | None, cfg: TrainConfig | None, *, world: int, layout: str = "ddp", **kwargs) -> dict:
-    """`charclip.run.train` (same arguments) on `world` processes, layout "ddp" or "fsdp"; returns rank 0's summary."""
+def launch_training(train_fn, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *, world: int, layout: str = "ddp",
+                    **kwargs) -> dict:
+    """Run the training loop `train_fn` (`charclip.run.train`) on `world` processes, layout "ddp" or "fsdp".
+
+    Rank 0 calls `train_fn(model_cfg, cfg, make_trainer=leader_factory(...), **kwargs)`; the
+    other ranks follow its trainer's calls. Returns rank 0's summary.
+    """
     if layout not in PARALLEL:
         raise CharclipError(f"unknown --parallel {layout!r}; use ddp or fsdp")
     if world < 1:
@@ -263,7 +232,7 @@ def train(model_cfg: ModelConfig | None, cfg: TrainConfig | None, *, world: int,
         raise CharclipError(f"--batch-size {cfg.batch_size} does not split into {world} equal slices; "
                             f"use a multiple of --nproc {world}")
     try:
-        return launch(_train_rank, world, model_cfg, cfg, layout, kwargs, device=kwargs.get("device", "cpu"))
+        return launch(_train_rank, world, train_fn, model_cfg, cfg, layout, kwargs, device=kwargs.get("device", "cpu"))
     except RankDied as e:
         raise CharclipError(f"{e}; {_resume_hint(kwargs['out_dir'])}") from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from charclip.config import ModelConfig
@@ -26,12 +27,23 @@ class CharRNN(nn.Module):
         return self.head(out), h  # (B, T, V)
 
 
-def build(cfg: ModelConfig, params: dict[str, np.ndarray], device: str = "cpu") -> CharRNN:
+def build(cfg: ModelConfig, params: dict[str, np.ndarray], device: torch.device | str = "cpu") -> CharRNN:
     """A CharRNN holding `params` (PyTorch state_dict names), in their dtype, on `device`."""
     dtype = torch.float64 if next(iter(params.values())).dtype == np.float64 else torch.float32
     model = CharRNN(cfg).to(dtype=dtype)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params.items()})
     return model.to(device)
+
+
+def loss(model: nn.Module, x: np.ndarray, y: np.ndarray, hidden):
+    """Mean cross-entropy over every position (nats per character), and the final hidden state.
+
+    `model` is the CharRNN or a wrapper running it (DDP, FSDP); x, y are (B, T) int64.
+    """
+    device = next(model.parameters()).device
+    logits, final = model(torch.from_numpy(x).to(device), hidden)  # (B, T, V)
+    target = torch.from_numpy(y).to(device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1)), final
 
 
 def to_numpy(model: CharRNN) -> dict[str, np.ndarray]:
@@ -46,7 +58,7 @@ def hidden_to_numpy(h) -> dict[str, np.ndarray] | None:
     return {"h": h.detach().cpu().numpy().copy()}
 
 
-def hidden_from_numpy(h: dict[str, np.ndarray] | None, device: str = "cpu"):
+def hidden_from_numpy(h: dict[str, np.ndarray] | None, device: torch.device | str = "cpu"):
     if h is None:
         return None
     if "c" in h:

@@ -8,13 +8,13 @@ import torch
 from charclip import sampling
 from charclip.config import ModelConfig
 from charclip.vocab import Vocab
+from torch_impl import device as D
 from torch_impl import model as M
-from torch_impl.train import device_name
 
 
 def sample(cfg: ModelConfig, params: dict[str, np.ndarray], vocab: Vocab, prime: str, length: int, *,
            temperature: float = 1.0, top_k: int | None = None, seed: int = 0, device: str = "cpu") -> str:
-    dev = device_name(device)
+    dev = D.resolve(device)
     model = M.build(cfg, params, dev).eval()
 
     @torch.no_grad()

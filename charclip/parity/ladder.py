@@ -1,4 +1,4 @@
-"""Cross-backend parity, proven step by step, and the `charclip parity` command.
+"""Cross-backend parity, proven step by step: the ladder from the forward pass to sampled text.
 
 torch_impl and jax_impl are fed the same weights (`charclip.weights`), the same
 batches (`charclip.batching`) and the same initial hidden state, and compared
@@ -14,131 +14,29 @@ where the trainer exposes it:
   after one step with beta1 = 0 (the moment is then exactly that gradient);
 - the final hidden state is the trainer's carried state after the step.
 
-Errors are measured relative to the largest magnitude in the compared array
-(`max|a - b| / max(|a|, |b|)`), so entries that happen to be near zero do not
-turn rounding into huge relative errors. docs/parity.md explains the
-tolerances.
+Each backend is reached through its public surface only: `charclip.backends` for the
+trainer, and the backend's small `probe` module for the forward logits and the
+precision and thread settings the comparison needs.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from charclip.clipspec import TORCH_EPS  # torch scales by tau / (norm + 1e-6); optax by tau / norm
+from charclip import backends
 from charclip.config import CELLS, DTYPES, ClipConfig, ModelConfig, TrainConfig
+from charclip.contract import BACKENDS
 from charclip.errors import CharclipError
-
-BACKENDS = ("torch", "jax")
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    rel: float  # bound on max|a - b| / max(|a|, |b|)
-    reason: str  # one line: why this bound
-
-
-# Float64 rounding is 1.1e-16; a step of these small models is at most ~1e4 dependent
-# operations, so even a linear growth of rounding stays below 1e-11.
-# Float32 rounding is 6e-8; its bounds sit about ten times above the errors measured
-# over all cells, depths and the Hypothesis-drawn shapes (docs/parity.md).
-TOLERANCES: dict[str, dict[str, Tolerance]] = {
-    "float64": {
-        "forward": Tolerance(1e-10, "float64 (1.1e-16) rounding over T steps of L layers of matmuls: ~1e-14 expected"),
-        "loss": Tolerance(1e-10, "float64: a mean of B*T log-softmaxes, ~1e-15 expected"),
-        "grad": Tolerance(1e-10, "float64: BPTT through T steps, ~1e-14 expected"),
-        "norm": Tolerance(1e-10, "float64: one sum of squares over all gradients, ~1e-15 expected"),
-        "clipped": Tolerance(1e-10, "float64: gradient times one scalar; same convention on both sides"),
-        "adam": Tolerance(1e-10, "float64: elementwise Adam formula, ~1e-14 after cancellation in p_new - p"),
-        "trajectory": Tolerance(1e-10, "float64: rounding fed back through 50+ Adam steps; 1e-15 to 6e-13 measured"),
-    },
-    "float32": {
-        "forward": Tolerance(1e-5, "float32 (6e-8) rounding over T recurrent steps of H-term dot products; ~1e-7 measured"),
-        "loss": Tolerance(1e-5, "float32: log-softmax of float32 logits averaged over B*T; ~1e-7 measured"),
-        "grad": Tolerance(1e-5, "float32: BPTT sums T*B outer products per weight; ~1e-6 measured"),
-        "norm": Tolerance(1e-6, "float32: one sum of squares of gradients each ~1e-7 off; ~1e-7 measured"),
-        "clipped": Tolerance(1e-5, "float32: the gradient's error and one scalar multiply more"),
-        "adam": Tolerance(1e-4, "float32: p_new - p cancels ~2 digits of a weight moving by lr; ~3e-6 measured"),
-        "trajectory": Tolerance(1e-3, "float32: Adam's step g/(|g|+eps) turns rounding of g near eps into ~lr*1e-2; ~2e-4 measured"),
-    },
-}
-
-
-@dataclass
-class Row:
-    """One line of the parity table."""
-
-    quantity: str
-    max_abs: float
-    max_rel: float
-    tol: float
-    reason: str
-    ok: bool
-
-
-def errors(a, b) -> tuple[float, float]:
-    """(max |a - b|, max |a - b| / max(|a|, |b|)) in float64; non-finite or mismatched shapes give inf."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
-        return math.inf, math.inf
-    if a.size == 0:
-        return 0.0, 0.0
-    diff = float(np.max(np.abs(a - b)))
-    scale = float(max(np.max(np.abs(a)), np.max(np.abs(b))))
-    return diff, (diff / scale if scale > 0 else 0.0)
-
-
-def compare(quantity: str, a, b, tol: Tolerance) -> Row:
-    max_abs, max_rel = errors(a, b)
-    return Row(quantity, max_abs, max_rel, tol.rel, tol.reason, bool(max_rel <= tol.rel))
-
-
-def compare_group(quantity: str, a: dict, b: dict, tol: Tolerance) -> Row:
-    """One row for a dict of arrays: the worst parameter's errors (each relative to its own scale)."""
-    if a.keys() != b.keys():
-        return Row(quantity, math.inf, math.inf, tol.rel, f"names differ: {sorted(a.keys() ^ b.keys())}", False)
-    errs = [errors(a[k], b[k]) for k in a]
-    max_abs, max_rel = max(e[0] for e in errs), max(e[1] for e in errs)
-    return Row(quantity, max_abs, max_rel, tol.rel, tol.reason, bool(max_rel <= tol.rel))
-
-
-# ---------------------------------------------------------------------------
-# One step, seen from each backend
+from charclip.parity.report import Report
+from charclip.parity.tolerances import TOLERANCES, Row, compare, compare_group, errors, library_gap, widen
 
 
 def _trainer(backend: str, model_cfg, train_cfg, params, *, hidden=None, adam=None, device="cpu"):
-    from charclip.run import backend_module
-
-    return backend_module(backend, "train").Trainer(model_cfg, train_cfg, params, adam=adam, hidden=hidden, device=device)
-
-
-def _logits(backend: str, model_cfg: ModelConfig, params, x, hidden, device: str) -> np.ndarray:
-    """The forward pass's logits (B, T, V), from the backend's own model code."""
-    if backend == "torch":
-        import torch
-
-        from torch_impl import model as M
-        from torch_impl.train import device_name
-
-        dev = device_name(device)
-        with torch.no_grad():
-            logits, _ = M.build(model_cfg, params, dev)(torch.from_numpy(x).to(dev), M.hidden_from_numpy(hidden, dev))
-        return logits.cpu().numpy()
-    import jax
-
-    from jax_impl import model as M
-    from jax_impl.train import device_of
-
-    dev = device_of(device)
-    p = jax.device_put({k: jax.numpy.asarray(v) for k, v in params.items()}, dev)
-    logits, _ = M.apply(p, jax.device_put(x, dev), jax.device_put(M.hidden_from_numpy(hidden), dev), cfg=model_cfg)
-    return np.asarray(logits)
+    return backends.trainer_factory(backend)(model_cfg, train_cfg, params, adam=adam, hidden=hidden, device=device)
 
 
 def _moment(trainer) -> dict[str, np.ndarray]:
@@ -176,10 +74,11 @@ def step_quantities(backend: str, s: StepSetup, device: str = "cpu") -> dict:
     norm_clipped = trainer(replace(probe, clip=norm_clip))
     value_clipped = trainer(replace(probe, clip=ClipConfig(mode="value", max_value=s.max_value, impl=s.clip_impl)))
     adam = trainer(replace(s.train, clip=norm_clip), s.adam)
-    _optimizer_steps(backend, [norm_clipped, value_clipped, adam], s.x, s.y, grads)
+    for t in (norm_clipped, value_clipped, adam):  # each clips the same gradient its own way, then steps
+        t.apply_gradients(grads)
     after = adam.params_numpy()
     return {
-        "logits": _logits(backend, s.model, s.params, s.x, s.hidden, device),
+        "logits": backends.module(backend, "probe").logits(s.model, s.params, s.x, s.hidden, device),
         "final": plain.hidden_state(),
         "loss": r.loss,
         "grad": grads,
@@ -213,24 +112,6 @@ def _optimizer_steps(backend: str, trainers: list, x, y, grads: dict[str, np.nda
     params = trainers[0].params  # all trainers start from the same parameters
     for t, (u, state) in zip(trainers, updates(g, [t.opt_state for t in trainers], params)):
         t.params, t.opt_state = optax.apply_updates(params, u), state
-
-
-
-
-def library_gap(clip_impl: str, max_norm: float) -> float:
-    """How far the two libraries' norm clipping differ by design (relative), at threshold `max_norm`.
-
-    On a clipped step torch's gradient is optax's times norm / (norm + 1e-6), so
-    they differ by 1e-6 / (norm + 1e-6) < 1e-6 / tau. charclip's reference
-    implementations use one convention on both sides: no gap.
-    """
-    return TORCH_EPS / max_norm if clip_impl == "library" else 0.0
-
-
-def widen(tol: Tolerance, gap: float, what: str = "") -> Tolerance:
-    if gap == 0:
-        return tol
-    return Tolerance(tol.rel + gap, f"{tol.reason}; + torch's 1e-6 norm epsilon{what}: {gap:.1e}")
 
 
 def compare_step(s: StepSetup, device: str = "cpu") -> list[Row]:
@@ -353,9 +234,7 @@ def trajectory_rows(tr: Trajectory, train_cfg: TrainConfig) -> list[Row]:
 
 def sample_row(model_cfg: ModelConfig, params, vocab, *, prime: str, length: int, seed: int, device: str = "cpu") -> Row:
     """Both backends sample from the same parameters, prime and seed; the texts must be identical."""
-    from charclip.run import backend_module
-
-    texts = [backend_module(b, "sample").sample(model_cfg, params, vocab, prime, length, temperature=0.8,
+    texts = [backends.module(b, "sample").sample(model_cfg, params, vocab, prime, length, temperature=0.8,
                                                 seed=seed, device=device) for b in BACKENDS]
     differ = sum(a != b for a, b in zip(*texts)) + abs(len(texts[0]) - len(texts[1]))
     return Row(f"sampled text ({length} chars, seed {seed})", float(differ), differ / length, 0.0,
@@ -364,61 +243,6 @@ def sample_row(model_cfg: ModelConfig, params, vocab, *, prime: str, length: int
 
 # ---------------------------------------------------------------------------
 # The whole report for one configuration
-
-
-@contextlib.contextmanager
-def full_precision(device: str):
-    """On a GPU, pin full float32 precision on both sides (no TF32); yield a note saying so."""
-    if device != "gpu":
-        yield None
-        return
-    import jax
-    import torch
-
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with jax.default_matmul_precision("highest"):
-            yield ("GPU: full float32 precision pinned: torch cudnn.allow_tf32 = cuda.matmul.allow_tf32 = False; "
-                   "JAX default_matmul_precision = 'highest'")
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-@contextlib.contextmanager
-def _one_torch_thread():
-    """Run torch on one CPU thread while the backends alternate step by step.
-
-    XLA's worker threads keep spinning for a moment after each JAX call; a second
-    torch thread then fights them for the cores (measured on 2 cores: one tiny
-    torch step took 0.5 s right after a JAX step, 2 ms with one thread).
-    """
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-@dataclass
-class Report:
-    config: dict
-    rows: list[Row]
-    trajectory: Trajectory | None
-    notes: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return all(r.ok for r in self.rows)
-
-    def to_dict(self) -> dict:
-        return {"config": self.config, "ok": self.ok, "notes": self.notes,
-                "rows": [asdict(r) for r in self.rows],
-                "trajectory": asdict(self.trajectory) if self.trajectory else None}
 
 
 def run_parity(cell: str = "lstm", layers: int = 1, dtype: str = "float64", steps: int = 50, *, device: str = "cpu",
@@ -449,8 +273,13 @@ def run_parity(cell: str = "lstm", layers: int = 1, dtype: str = "float64", step
         batches.append((*streams.batch(seed, pos), pos.batch == 0))
         pos = streams.next(pos)
 
-    with full_precision(device) as note, _one_torch_thread():
-        notes = [note] if note else []
+    probes = [backends.module(b, "probe") for b in BACKENDS]
+    with contextlib.ExitStack() as stack:
+        # On a GPU, full float32 precision on both sides (no TF32); on the CPU, one torch thread
+        # while the backends alternate step by step (see torch_impl.probe.one_thread).
+        notes = [n for n in (stack.enter_context(p.full_precision(device)) for p in probes) if n]
+        for p in probes:
+            stack.enter_context(p.one_thread())
         setup = make_step_setup(model_cfg, train_cfg, params, *batches[0][:2], seed=seed, clip_impl=clip_impl)
         rows = compare_step(setup, device)
         tau = clipping_threshold(model_cfg, train_cfg, params, batches)
@@ -478,111 +307,3 @@ def clipping_threshold(model_cfg: ModelConfig, train_cfg: TrainConfig, params, b
             trainer.reset_hidden()
         norms.append(trainer.step(x, y).grad_norm)
     return float(np.median(norms))
-
-
-# ---------------------------------------------------------------------------
-# Output: table, JSON, plot
-
-
-def format_table(rows: list[Row]) -> str:
-    def num(v: float) -> str:
-        return "-" if math.isnan(v) else f"{v:.2e}"
-
-    width = max(len(r.quantity) for r in rows)
-    lines = [f"{'quantity':<{width}}  {'max abs err':>11}  {'max rel err':>11}  {'tolerance':>9}  verdict",
-             "-" * (width + 50)]
-    for r in rows:
-        lines.append(f"{r.quantity:<{width}}  {num(r.max_abs):>11}  {num(r.max_rel):>11}  {r.tol:>9.0e}  "
-                     f"{'ok' if r.ok else 'DIFFERS'}")
-    return "\n".join(lines)
-
-
-def plot_drift(reports: list[Report], out_png) -> Path:
-    """Per-step parameter and loss drift between the backends (log scale), one line per configuration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
-    for i, rep in enumerate(reports):
-        tr, c = rep.trajectory, rep.config
-        label = f"{c['cell']} {c['layers']}x{c['hidden']} {c['dtype']}"
-        steps = np.arange(1, tr.steps + 1)
-        floor = np.finfo(c["dtype"]).eps / 10  # exact agreement (0) is drawn here, at the bottom
-        ax1.semilogy(steps, np.maximum(tr.param_drift_rel, floor), color=f"C{i}", lw=1.2, label=label)
-        clipped = np.array(tr.clipped["torch"])
-        ax1.plot(steps[clipped], np.maximum(np.array(tr.param_drift_rel)[clipped], floor), ".", color=f"C{i}", ms=5)
-        ax2.semilogy(steps, np.maximum(tr.loss_drift_rel, floor), color=f"C{i}", lw=1.2, label=label)
-        tol = TOLERANCES[c["dtype"]]["trajectory"].rel
-        ax1.axhline(tol, color=f"C{i}", ls="--", lw=0.8)
-    ax1.set_ylabel("params: max|torch - jax| / max|p|")
-    ax1.set_title("torch vs JAX drift per training step (dots: clipped steps; dashed: tolerance)")
-    ax1.legend()
-    ax1.grid(alpha=0.3, which="both")
-    ax2.set_ylabel("loss: relative difference")
-    ax2.set_xlabel("step")
-    ax2.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return Path(out_png)
-
-
-# ---------------------------------------------------------------------------
-# The `charclip parity` subcommand
-
-
-def add_parser(sub) -> None:
-    from charclip.cli import HelpFormatter  # imported here: cli imports this module to register it
-
-    p = sub.add_parser(
-        "parity", help="prove torch and JAX compute the same thing, quantity by quantity",
-        description="Run the PyTorch and the JAX model from the same weights on the same batches and compare the "
-        "forward pass, loss, every gradient, the global norm, clipped gradients, an Adam update, a training "
-        "trajectory and sampled text. Prints a table; exits 1 when something disagrees.",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("--cell", choices=(*CELLS, "all"), default="lstm")
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--dtype", choices=DTYPES, default="float64")
-    p.add_argument("--steps", type=int, default=50, help="length of the compared training trajectory")
-    p.add_argument("--hidden", type=int, default=32, help="hidden units per layer")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--clip-impl", choices=("library", "reference"), default="reference",
-                   help="clipping compared: charclip's reference implementations (one convention on both sides) "
-                   "or the libraries' (torch adds 1e-6 to the norm, optax does not)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
-    p.add_argument("--plot", metavar="PATH", help="write the per-step drift plot (PNG)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_main)
-
-
-def _main(a) -> int:
-    for name in ("layers", "hidden", "batch_size", "seq_len"):
-        if getattr(a, name) < 1:
-            raise CharclipError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(a, name)}")
-    cells = CELLS if a.cell == "all" else (a.cell,)
-    reports = []
-    for cell in cells:
-        rep = run_parity(cell, a.layers, a.dtype, a.steps, device=a.device, hidden_size=a.hidden,
-                         embedding_dim=max(a.hidden // 2, 1), batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed,
-                         clip_impl=a.clip_impl, progress=not a.no_progress)
-        c = rep.config
-        print(f"\n{cell} {c['layers']}x{c['hidden']} (embedding {c['embedding']}, vocabulary {c['vocab']}), {a.dtype}, "
-              f"batch {c['batch']}x{c['seq_len']}, {a.device}, clipping: {a.clip_impl}")
-        for note in rep.notes:
-            print(note)
-        print(format_table(rep.rows))
-        reports.append(rep)
-    bad = [f"{r.config['cell']}: {row.quantity}" for r in reports for row in r.rows if not row.ok]
-    print("\nall quantities agree" if not bad else f"\n{len(bad)} quantities DIFFER: " + "; ".join(bad))
-    if a.json:
-        Path(a.json).write_text(json.dumps([r.to_dict() for r in reports], indent=1, default=float), encoding="utf-8")
-        print(f"json: {a.json}")
-    if a.plot:
-        print(f"plot: {plot_drift(reports, a.plot)}")
-    return 0 if not bad else 1

@@ -1,0 +1,99 @@
+"""The contract between the training loop (`charclip.run`) and a backend's trainer, as code.
+
+A backend's `train.Trainer(model_cfg, train_cfg, params, *, adam=None, hidden=None,
+device="cpu")` satisfies the `Trainer` protocol below; `charclip.backends` finds the
+right factory for a (backend, devices, layout). Everything crossing the boundary is
+NumPy: parameters and Adam moments by PyTorch `state_dict` name, the carried hidden
+state as {"h"} or {"h", "c"}, each (layers, batch, hidden).
+
+The verdict on a step (was it clipped; is it finite; is the update applied, skipped
+or an error) is decided here once, by `verdict`, and `update_applies` is the same
+rule in a form that also works on arrays inside a jitted step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from charclip.clipspec import NONFINITE_POLICIES
+from charclip.config import ClipConfig
+
+BACKENDS = ("torch", "jax")
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float  # global L2 norm of the gradient, measured before clipping
+    clipped: bool  # norm clipping changed the gradient (norm above the threshold)
+    skipped: bool = False  # the update was skipped (non-finite policy "skip")
+
+
+class NonFiniteStep(Exception):
+    """A step whose loss or gradient was NaN or infinite, under the "error" policy."""
+
+    def __init__(self, result: StepResult):
+        super().__init__(f"loss {result.loss}, gradient norm {result.grad_norm}")
+        self.result = result
+
+
+def update_applies(policy: str, finite):
+    """Whether a step's update is applied, given whether its loss and gradient are finite.
+
+    "skip" applies only finite steps; "propagate" applies every step; "error" applies
+    it too, but `verdict` raises first, so the caller never adopts it. `finite` may be a
+    Python bool or a boolean array (inside a jitted step); the result has the same kind.
+    """
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite policy must be one of {', '.join(NONFINITE_POLICIES)} (got {policy!r})")
+    return finite if policy == "skip" else True
+
+
+def verdict(loss: float, grad_norm: float, clip: ClipConfig, policy: str) -> StepResult:
+    """The step's result from its loss and pre-clip norm; raises NonFiniteStep under "error".
+
+    Norm clipping acted when the norm is above the threshold (at the threshold itself
+    the optax convention leaves the gradient unchanged, and torch's scale is 1 - 1e-6/tau:
+    counted as not clipped in both).
+    """
+    loss, grad_norm = float(loss), float(grad_norm)
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    result = StepResult(loss=loss, grad_norm=grad_norm, clipped=clip.mode == "norm" and grad_norm > clip.max_norm)
+    if not finite and policy == "error":
+        raise NonFiniteStep(result)
+    result.skipped = not update_applies(policy, finite)
+    return result
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """What `charclip.run` needs from a backend. Both backends' `train.Trainer` implement it."""
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+        """One training step on int64 batches (B, T): forward, loss, backward, clip, optimizer.
+
+        Raises NonFiniteStep (before changing any state) under the "error" policy.
+        """
+
+    def evaluate(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+        """Mean cross-entropy (nats/char) over `batches`, hidden state carried from zero; no update."""
+
+    def apply_gradients(self, grads: dict[str, np.ndarray]) -> None:
+        """Clip `grads` (by parameter name) with the configured clipping and take one optimizer step."""
+
+    def reset_hidden(self) -> None:
+        """Start the carried hidden state afresh (zeros) at the next step."""
+
+    def params_numpy(self) -> dict[str, np.ndarray]:
+        """The parameters by `state_dict` name, as NumPy copies."""
+
+    def adam_state(self) -> dict[str, np.ndarray]:
+        """`step`, `exp_avg.<name>`, `exp_avg_sq.<name>`: Adam's state under the checkpoint's names."""
+
+    def hidden_state(self) -> dict[str, np.ndarray] | None:
+        """The carried hidden state, or None before the first step of an epoch."""

@@ -1,0 +1,44 @@
+"""The `charclip explode` subcommand."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from charclip.backends import module as backend_module
+from charclip.contract import BACKENDS
+from charclip.errors import CharclipError
+from charclip.explode.experiments import DEFAULT, QUICK, run_all
+from charclip.explode.report import summary, write_report
+
+def add_parser(sub) -> None:
+    from charclip.cli import HelpFormatter  # imported here: cli imports this module to register it
+
+    p = sub.add_parser(
+        "explode", help="show exploding gradients and what clipping does about them, in both backends",
+        description="Measure the gradient through time of a vanilla RNN for several spectral radii, train from an "
+        "unstable start with no clipping, value clipping and norm clipping, and sweep the norm threshold. Writes "
+        "report.md, results.json and figures to --out and prints a summary (docs/exploding-gradients.md).",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--out", metavar="DIR", help="folder for report.md, results.json and figures (default: runs/explode-<time>)")
+    p.add_argument("--quick", action="store_true", help="fewer steps and thresholds: under a minute")
+    p.add_argument("--backend", choices=("torch", "jax", "both"), default="both", help="framework(s) to run in")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_main)
+
+
+def _main(a) -> int:
+    backends = BACKENDS if a.backend == "both" else (a.backend,)
+    for b in backends:
+        backend_module(b, "explode")  # a missing framework fails here, in one line
+    out = Path(a.out or f"runs/explode-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CharclipError(f"cannot create the output folder {out}: {e.strerror}; pass another --out") from None
+    results = run_all(QUICK if a.quick else DEFAULT, backends, progress=not a.no_progress)
+    results["quick"] = a.quick
+    write_report(results, out)
+    print(summary(results, out))
+    return 0

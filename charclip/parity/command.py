@@ -1,0 +1,66 @@
+"""The `charclip parity` subcommand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from charclip.config import CELLS, DTYPES
+from charclip.errors import CharclipError
+from charclip.parity.ladder import run_parity
+from charclip.parity.report import format_table, plot_drift
+
+
+def add_parser(sub) -> None:
+    from charclip.cli import HelpFormatter  # imported here: cli imports this module to register it
+
+    p = sub.add_parser(
+        "parity", help="prove torch and JAX compute the same thing, quantity by quantity",
+        description="Run the PyTorch and the JAX model from the same weights on the same batches and compare the "
+        "forward pass, loss, every gradient, the global norm, clipped gradients, an Adam update, a training "
+        "trajectory and sampled text. Prints a table; exits 1 when something disagrees.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--cell", choices=(*CELLS, "all"), default="lstm")
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--dtype", choices=DTYPES, default="float64")
+    p.add_argument("--steps", type=int, default=50, help="length of the compared training trajectory")
+    p.add_argument("--hidden", type=int, default=32, help="hidden units per layer")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--clip-impl", choices=("library", "reference"), default="reference",
+                   help="clipping compared: charclip's reference implementations (one convention on both sides) "
+                   "or the libraries' (torch adds 1e-6 to the norm, optax does not)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write the per-step drift plot (PNG)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_main)
+
+
+def _main(a) -> int:
+    for name in ("layers", "hidden", "batch_size", "seq_len"):
+        if getattr(a, name) < 1:
+            raise CharclipError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(a, name)}")
+    cells = CELLS if a.cell == "all" else (a.cell,)
+    reports = []
+    for cell in cells:
+        rep = run_parity(cell, a.layers, a.dtype, a.steps, device=a.device, hidden_size=a.hidden,
+                         embedding_dim=max(a.hidden // 2, 1), batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed,
+                         clip_impl=a.clip_impl, progress=not a.no_progress)
+        c = rep.config
+        print(f"\n{cell} {c['layers']}x{c['hidden']} (embedding {c['embedding']}, vocabulary {c['vocab']}), {a.dtype}, "
+              f"batch {c['batch']}x{c['seq_len']}, {a.device}, clipping: {a.clip_impl}")
+        for note in rep.notes:
+            print(note)
+        print(format_table(rep.rows))
+        reports.append(rep)
+    bad = [f"{r.config['cell']}: {row.quantity}" for r in reports for row in r.rows if not row.ok]
+    print("\nall quantities agree" if not bad else f"\n{len(bad)} quantities DIFFER: " + "; ".join(bad))
+    if a.json:
+        Path(a.json).write_text(json.dumps([r.to_dict() for r in reports], indent=1, default=float), encoding="utf-8")
+        print(f"json: {a.json}")
+    if a.plot:
+        print(f"plot: {plot_drift(reports, a.plot)}")
+    return 0 if not bad else 1

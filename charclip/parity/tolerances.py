@@ -1,0 +1,101 @@
+"""The parity ladder's tolerances and error metrics: one table, each bound with its reason.
+
+Errors are measured relative to the largest magnitude in the compared array
+(`max|a - b| / max(|a|, |b|)`), so entries that happen to be near zero do not
+turn rounding into huge relative errors. docs/parity.md explains the tolerances.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from charclip.clipspec import TORCH_EPS  # torch scales by tau / (norm + 1e-6); optax by tau / norm
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rel: float  # bound on max|a - b| / max(|a|, |b|)
+    reason: str  # one line: why this bound
+
+
+# Float64 rounding is 1.1e-16; a step of these small models is at most ~1e4 dependent
+# operations, so even a linear growth of rounding stays below 1e-11.
+# Float32 rounding is 6e-8; its bounds sit about ten times above the errors measured
+# over all cells, depths and the Hypothesis-drawn shapes (docs/parity.md).
+TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    "float64": {
+        "forward": Tolerance(1e-10, "float64 (1.1e-16) rounding over T steps of L layers of matmuls: ~1e-14 expected"),
+        "loss": Tolerance(1e-10, "float64: a mean of B*T log-softmaxes, ~1e-15 expected"),
+        "grad": Tolerance(1e-10, "float64: BPTT through T steps, ~1e-14 expected"),
+        "norm": Tolerance(1e-10, "float64: one sum of squares over all gradients, ~1e-15 expected"),
+        "clipped": Tolerance(1e-10, "float64: gradient times one scalar; same convention on both sides"),
+        "adam": Tolerance(1e-10, "float64: elementwise Adam formula, ~1e-14 after cancellation in p_new - p"),
+        "trajectory": Tolerance(1e-10, "float64: rounding fed back through 50+ Adam steps; 1e-15 to 6e-13 measured"),
+    },
+    "float32": {
+        "forward": Tolerance(1e-5, "float32 (6e-8) rounding over T recurrent steps of H-term dot products; ~1e-7 measured"),
+        "loss": Tolerance(1e-5, "float32: log-softmax of float32 logits averaged over B*T; ~1e-7 measured"),
+        "grad": Tolerance(1e-5, "float32: BPTT sums T*B outer products per weight; ~1e-6 measured"),
+        "norm": Tolerance(1e-6, "float32: one sum of squares of gradients each ~1e-7 off; ~1e-7 measured"),
+        "clipped": Tolerance(1e-5, "float32: the gradient's error and one scalar multiply more"),
+        "adam": Tolerance(1e-4, "float32: p_new - p cancels ~2 digits of a weight moving by lr; ~3e-6 measured"),
+        "trajectory": Tolerance(1e-3, "float32: Adam's step g/(|g|+eps) turns rounding of g near eps into ~lr*1e-2; ~2e-4 measured"),
+    },
+}
+
+
+@dataclass
+class Row:
+    """One line of the parity table."""
+
+    quantity: str
+    max_abs: float
+    max_rel: float
+    tol: float
+    reason: str
+    ok: bool
+
+
+def errors(a, b) -> tuple[float, float]:
+    """(max |a - b|, max |a - b| / max(|a|, |b|)) in float64; non-finite or mismatched shapes give inf."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return math.inf, math.inf
+    if a.size == 0:
+        return 0.0, 0.0
+    diff = float(np.max(np.abs(a - b)))
+    scale = float(max(np.max(np.abs(a)), np.max(np.abs(b))))
+    return diff, (diff / scale if scale > 0 else 0.0)
+
+
+def compare(quantity: str, a, b, tol: Tolerance) -> Row:
+    max_abs, max_rel = errors(a, b)
+    return Row(quantity, max_abs, max_rel, tol.rel, tol.reason, bool(max_rel <= tol.rel))
+
+
+def compare_group(quantity: str, a: dict, b: dict, tol: Tolerance) -> Row:
+    """One row for a dict of arrays: the worst parameter's errors (each relative to its own scale)."""
+    if a.keys() != b.keys():
+        return Row(quantity, math.inf, math.inf, tol.rel, f"names differ: {sorted(a.keys() ^ b.keys())}", False)
+    errs = [errors(a[k], b[k]) for k in a]
+    max_abs, max_rel = max(e[0] for e in errs), max(e[1] for e in errs)
+    return Row(quantity, max_abs, max_rel, tol.rel, tol.reason, bool(max_rel <= tol.rel))
+
+
+def library_gap(clip_impl: str, max_norm: float) -> float:
+    """How far the two libraries' norm clipping differ by design (relative), at threshold `max_norm`.
+
+    On a clipped step torch's gradient is optax's times norm / (norm + 1e-6), so
+    they differ by 1e-6 / (norm + 1e-6) < 1e-6 / tau. charclip's reference
+    implementations use one convention on both sides: no gap.
+    """
+    return TORCH_EPS / max_norm if clip_impl == "library" else 0.0
+
+
+def widen(tol: Tolerance, gap: float, what: str = "") -> Tolerance:
+    if gap == 0:
+        return tol
+    return Tolerance(tol.rel + gap, f"{tol.reason}; + torch's 1e-6 norm epsilon{what}: {gap:.1e}")
