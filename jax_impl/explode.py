@@ -46,7 +46,7 @@ def _last_loss(eps, params, x, y, *, cfg: ModelConfig):
 
     state0 = (init[0] + eps[0], *init[1:])
     final, hs = jax.lax.scan(step, state0, (x.T, eps[1:]))
-    logits = final[0][-1] @ params["head.weight"].T + params["head.bias"]  # the top layer's h_T predicts y_T
+    logits = final[0][-1] @ params["head.weight"].T + params["head.bias"][None, :]  # the top layer's h_T predicts y_T
     logp = jax.nn.log_softmax(logits, axis=-1)  # (B, V)
     loss = -jnp.mean(jnp.take_along_axis(logp, y[:, -1:], axis=-1))
     return loss, jnp.concatenate([state0[0][None], hs])

@@ -33,7 +33,7 @@ def zero_state(cfg: ModelConfig, batch: int, dtype) -> tuple[jax.Array, ...]:
 
 def _cell(cell: str, xw_t, state, w_hh, b_hh):
     """One time step. xw_t = x_t W_ih^T + b_ih, precomputed; state = (h,) or (h, c)."""
-    hw = state[0] @ w_hh.T + b_hh  # (B, G*H)
+    hw = state[0] @ w_hh.T + b_hh[None, :]  # (B, G*H); biases broadcast explicitly (tests forbid rank promotion)
     if cell == "rnn":
         return (jnp.tanh(xw_t + hw),)
     if cell == "lstm":
@@ -53,7 +53,7 @@ def apply(params, x, state, *, cfg: ModelConfig, unroll: int = 1):
     seq = params["embedding.weight"][x]  # (B, T, E)
     finals = []
     for k in range(cfg.num_layers):
-        xw = seq @ params[f"rnn.weight_ih_l{k}"].T + params[f"rnn.bias_ih_l{k}"]  # (B, T, G*H), all steps at once
+        xw = seq @ params[f"rnn.weight_ih_l{k}"].T + params[f"rnn.bias_ih_l{k}"][None, None, :]  # (B, T, G*H), all steps at once
         w_hh, b_hh = params[f"rnn.weight_hh_l{k}"], params[f"rnn.bias_hh_l{k}"]
 
         def step(s, xw_t, w_hh=w_hh, b_hh=b_hh):
@@ -64,7 +64,7 @@ def apply(params, x, state, *, cfg: ModelConfig, unroll: int = 1):
         seq = jnp.swapaxes(hs, 0, 1)  # (B, T, H)
         finals.append(s_k)
     final = tuple(jnp.stack([f[i] for f in finals]) for i in range(len(state)))
-    return seq @ params["head.weight"].T + params["head.bias"], final
+    return seq @ params["head.weight"].T + params["head.bias"][None, None, :], final
 
 
 def loss(params, x, y, state, *, cfg: ModelConfig, unroll: int = 1):

@@ -1,4 +1,4 @@
-"""Test settings: Hypothesis profiles and JAX's 64-bit mode.
+"""Test settings: Hypothesis profiles, JAX's 64-bit mode, strict dtype and rank promotion.
 
 Profiles: `dev` (fast, the default), `ci` (200 examples per property,
 derandomized; chosen automatically when the CI variable is set), `thorough`
@@ -12,7 +12,15 @@ from hypothesis import HealthCheck
 
 import torch
 
+import jax
+
 import jax_impl  # noqa: F401  (switches on x64 before any test builds an array)
+
+# As equinox's tests do: a silent upcast (float32 + float64 arrays -> float64, int + float
+# arrays) or an implicit broadcast between ranks is an error in the tests, not a slowdown
+# or a hidden dtype change in a run. Python scalars stay weakly typed, as in normal JAX.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # The tests run JAX and PyTorch in one process: XLA's thread pool keeps both cores busy,
 # and a torch op on 2 intra-op threads then waits on its second thread (a tiny step took
