@@ -1,7 +1,7 @@
 """Write the README's tables of measured numbers from the commands' own JSON, never by hand.
 
-    python docs/make_readme_tables.py            # rewrite the generated blocks of README.md
-    python docs/make_readme_tables.py --check    # exit 1 if README.md differs from what the JSON gives
+    python docs/make_readme_tables.py            # rewrite the generated blocks (README.md, docs/parity.md)
+    python docs/make_readme_tables.py --check    # exit 1 if a generated block differs from what the JSON gives
     python docs/make_readme_tables.py --measure  # first rerun the command that writes the JSON
 
 Each block sits between `<!-- generated: NAME -->` and `<!-- end generated: NAME -->`; its
@@ -75,23 +75,40 @@ def parity_table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"parity-table": parity_table}
+def parity_output(reports: list[dict]) -> str:
+    """What `charclip parity` prints for the README's configuration, rebuilt from its JSON."""
+    from charclip.parity import Row, format_table
+
+    report = next(r for r in reports if r["config"]["cell"] == README_CELL)
+    c = report["config"]
+    head = (f"{c['cell']} {c['layers']}x{c['hidden']} (embedding {c['embedding']}, vocabulary {c['vocab']}), {c['dtype']}, "
+            f"batch {c['batch']}x{c['seq_len']}, {c['device']}, clipping: {c['clip_impl']}")
+    return "```\n" + head + "\n" + format_table([Row(**r) for r in report["rows"]]) + "\n```"
+
+
+# block name -> (file it sits in, what writes it)
+TARGETS = {"parity-table": (README, parity_table), "parity-lstm-output": (ROOT / "docs/parity.md", parity_output)}
+SOURCE_OF = {"parity-table": "parity-table", "parity-lstm-output": "parity-table"}
 
 
 def render(name: str, data) -> str:
-    return RENDER[name](data)
+    return TARGETS[name][1](data)
 
 
 def _block(name: str) -> re.Pattern:
     return re.compile(rf"(<!-- generated: {name} -->\n)(.*?)(\n<!-- end generated: {name} -->)", re.S)
 
 
-def rewrite(text: str) -> str:
-    for name, (path, _) in SOURCES.items():
+def rewrite(text: str, target: Path = README) -> str:
+    """`text` (the contents of `target`) with each of its generated blocks written afresh."""
+    for name, (path, _) in TARGETS.items():
+        if path != target:
+            continue
         pattern = _block(name)
         if not pattern.search(text):
-            raise SystemExit(f"README.md has no generated block {name!r}")
-        table = render(name, json.loads(path.read_text(encoding="utf-8")))
+            raise SystemExit(f"{target.name} has no generated block {name!r}")
+        source = SOURCES[SOURCE_OF[name]][0]
+        table = render(name, json.loads(source.read_text(encoding="utf-8")))
         text = pattern.sub(lambda m: m.group(1) + table + m.group(3), text)
     return text
 
@@ -108,14 +125,17 @@ def main(argv=None) -> int:
             done = subprocess.run(command, cwd=ROOT)
             if done.returncode not in (0, 1):  # 1: parity found a difference, which the table then shows
                 return done.returncode
-    text = README.read_text(encoding="utf-8")
-    new = rewrite(text)
-    if a.check:
+    stale = []
+    for target in sorted({path for path, _ in TARGETS.values()}):
+        text = target.read_text(encoding="utf-8")
+        new = rewrite(text, target)
         if new != text:
-            print("README.md's generated tables are stale: run python docs/make_readme_tables.py", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(new, encoding="utf-8")
+            stale.append(target.relative_to(ROOT))
+            if not a.check:
+                target.write_text(new, encoding="utf-8")
+    if a.check and stale:
+        print(f"stale generated tables in {', '.join(map(str, stale))}: run python docs/make_readme_tables.py", file=sys.stderr)
+        return 1
     return 0
 
 
