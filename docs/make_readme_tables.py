@@ -6,7 +6,7 @@
 
 Each block sits between `<!-- generated: NAME -->` and `<!-- end generated: NAME -->`; its
 source is a JSON file committed beside the figures, written by a charclip command (named in
-SOURCES). parity_tests/test_readme_numbers.py reruns the command and fails when the committed
+SOURCES). parity_tests/behaviour/test_readme_numbers.py reruns the command and fails when the committed
 JSON and a fresh run disagree beyond the printed rounding, and when README.md is stale.
 """
 

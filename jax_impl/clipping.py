@@ -9,7 +9,7 @@ For a gradient g (all leaves viewed as one vector), a threshold tau and a norm o
     torch convention:  g' = g * min(1, tau / (n + 1e-6))
 
 Both conventions reproduce their library bit for bit on ordinary float32/float64
-inputs (parity_tests/test_clipping_properties.py checks it). Where the libraries are
+inputs (parity_tests/properties/test_clipping_properties.py checks it). Where the libraries are
 wrong, this module is not (docs/divergences.md lists each case and its test):
 
 - the norm is measured on g scaled by a power of two chosen from max|g|, so squares

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from charclip import corpus
+from charclip import cli, corpus
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
 
 
@@ -22,3 +22,15 @@ def tiny_train(**overrides) -> TrainConfig:
                 checkpoint_every=10, dtype="float64", clip=ClipConfig(max_norm=1.0))
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def train_cli(tmp_path, backend, data, *extra, name=None):
+    """A 20-step float64 run of a small 2-layer LSTM through the CLI; returns its run folder."""
+    out = tmp_path / (name or backend)
+    argv = ["train", "--backend", backend, "--data", str(data), "--out", str(out), "--steps", "20",
+            "--batch-size", "8", "--seq-len", "16", "--hidden", "24", "--embed", "8", "--layers", "2",
+            "--dtype", "float64", "--clip-norm", "0.5", "--eval-every", "10", "--eval-batches", "2",
+            "--sample-chars", "0", "--no-progress", *extra]
+    assert cli.main(argv) == 0
+    return out
+

@@ -9,7 +9,6 @@ backward pass of each backend.
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np

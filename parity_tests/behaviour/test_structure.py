@@ -20,7 +20,7 @@ from charclip import contract
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
 from charclip.weights import init_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FRAMEWORKS = ("torch", "jax", "jaxlib", "optax", "flax")
 TOOLS = ("parity", "explode")  # charclip's subpackages that run the backends (but import none at import time)
 

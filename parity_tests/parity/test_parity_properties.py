@@ -14,7 +14,7 @@ import os
 
 import jax
 import numpy as np
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from charclip import parity, witness

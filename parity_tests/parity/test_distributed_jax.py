@@ -32,7 +32,7 @@ if __name__ == "__main__":  # the subprocess: four virtual devices, before anyth
     import jax
 
     jax.config.update("jax_num_cpu_devices", 4)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import jax
 import jax.numpy as jnp
