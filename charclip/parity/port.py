@@ -86,9 +86,9 @@ def _rows(t: dict, j: dict, dtype: str, max_norm: float) -> list[Row]:
     rows.append(compare_group(f"norm-clipped grads (tau={max_norm:g})", t["clipped"], j["clipped"],
                               widen(tol["clipped"], gap)))
     rows.append(compare_group("parameters after one clipped SGD step", t["after_step"], j["after_step"],
-                              widen(tol["step"], gap)))
+                              widen(tol["sgd_step"], gap)))
     steps = len(t["losses"])
-    traj = widen(tol["trajectory"], steps * gap, " x steps")
+    traj = widen(tol["sgd_trajectory"], steps * gap, " x steps")
     worst = [max(errors(a[k], b[k])[1] for k in a) for a, b in zip(t["params"], j["params"])]
     at = int(np.argmax(worst))
     rows.append(Row(f"parameters over {steps} steps (worst: step {at + 1})", float("nan"), worst[at], traj.rel,

@@ -27,13 +27,14 @@ class Tolerance:
 # over all cells, depths and the Hypothesis-drawn shapes (docs/parity.md).
 TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "float64": {
-        "forward": Tolerance(1e-10, "float64 (1.1e-16) rounding over T steps of L layers of matmuls: ~1e-14 expected"),
+        "forward": Tolerance(1e-10, "float64 (1.1e-16) rounding over a forward pass of matmuls (T steps x L layers for the RNN): ~1e-14 expected"),
         "loss": Tolerance(1e-10, "float64: a mean of B*T log-softmaxes, ~1e-15 expected"),
-        "grad": Tolerance(1e-10, "float64: BPTT through T steps, ~1e-14 expected"),
+        "grad": Tolerance(1e-10, "float64: backpropagation (BPTT through T steps for the RNN), ~1e-14 expected"),
         "norm": Tolerance(1e-10, "float64: one sum of squares over all gradients, ~1e-15 expected"),
         "clipped": Tolerance(1e-10, "float64: gradient times one scalar; same convention on both sides"),
         "adam": Tolerance(1e-10, "float64: elementwise Adam formula, ~1e-14 after cancellation in p_new - p"),
-        "step": Tolerance(1e-10, "float64: parameters after p - lr * g, one multiply-add on a gradient ~1e-15 off"),
+        "sgd_step": Tolerance(1e-10, "float64: parameters after p - lr * g, one multiply-add on a gradient ~1e-15 off"),
+        "sgd_trajectory": Tolerance(1e-10, "float64: rounding fed back through K plain SGD steps, which do not amplify it"),
         "trajectory": Tolerance(1e-10, "float64: rounding fed back through 50+ Adam steps; 1e-15 to 6e-13 measured"),
     },
     "float32": {
@@ -43,7 +44,8 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
         "norm": Tolerance(1e-6, "float32: one sum of squares of gradients each ~1e-7 off; ~1e-7 measured"),
         "clipped": Tolerance(1e-5, "float32: the gradient's error and one scalar multiply more"),
         "adam": Tolerance(1e-4, "float32: p_new - p cancels ~2 digits of a weight moving by lr; ~3e-6 measured"),
-        "step": Tolerance(1e-5, "float32: parameters after p - lr * g, relative to max|p|: one rounding plus lr x grad error"),
+        "sgd_step": Tolerance(1e-5, "float32: parameters after p - lr * g, relative to max|p|: one rounding plus lr x grad error"),
+        "sgd_trajectory": Tolerance(1e-5, "float32: K plain SGD steps add rounding linearly; ~6e-7 measured over 8 steps of an MLP"),
         "trajectory": Tolerance(1e-3, "float32: Adam's step g/(|g|+eps) turns rounding of g near eps into ~lr*1e-2; ~2e-4 measured"),
     },
 }
