@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from charclip.errors import CharclipError
+from charclip.schedules import SCHEDULES
 
 CELLS = ("rnn", "lstm", "gru")
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # rows of W_ih / W_hh per hidden unit (PyTorch layout)
@@ -78,6 +79,13 @@ class TrainConfig:
     eval_batches: int = 16
     checkpoint_every: int = 500
     nonfinite: str = "error"  # what a step with a NaN/inf loss or gradient does: error | skip | propagate
+    accumulate: int = 1  # micro-batches per optimizer step (batch_size / accumulate streams each); clipped once, on their mean
+    schedule: str = "constant"  # learning-rate schedule: constant | cosine | step (charclip.schedules)
+    warmup_steps: int = 0  # linear warmup before the schedule (cosine, step)
+    min_lr: float = 0.0  # cosine: the floor reached at decay_steps
+    decay_steps: int = 0  # cosine: the step where it reaches min_lr (0: the run's steps)
+    decay_every: int = 500  # step: steps between decays
+    decay_factor: float = 0.5  # step: the rate is multiplied by this every decay_every steps
     clip: ClipConfig = field(default_factory=ClipConfig)
 
     def __post_init__(self) -> None:
@@ -88,6 +96,21 @@ class TrainConfig:
             raise CharclipError(f"unknown --dtype {self.dtype!r}; use float32 or float64")
         if self.nonfinite not in NONFINITE:
             raise CharclipError(f"unknown --nonfinite {self.nonfinite!r}; use one of {', '.join(NONFINITE)}")
+        _positive_int("accumulate", self.accumulate)
+        if self.batch_size % self.accumulate:
+            raise CharclipError(f"--batch-size {self.batch_size} does not split into --accumulate {self.accumulate} "
+                                "equal micro-batches; use a multiple of it")
+        if self.schedule not in SCHEDULES:
+            raise CharclipError(f"unknown --schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        for name in ("warmup_steps", "decay_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CharclipError(f"--{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
+        _positive_int("decay-every", self.decay_every)
+        if not (isinstance(self.min_lr, (int, float)) and math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr):
+            raise CharclipError(f"--min-lr must lie in [0, --lr {self.lr:g}], got {self.min_lr!r}")
+        if not (isinstance(self.decay_factor, (int, float)) and 0 < self.decay_factor <= 1):
+            raise CharclipError(f"--decay-factor must lie in (0, 1], got {self.decay_factor!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise CharclipError(f"--val-fraction must lie strictly between 0 and 1, got {self.val_fraction}")
 

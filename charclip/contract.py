@@ -74,16 +74,18 @@ def verdict(loss: float, grad_norm: float, clip: ClipConfig, policy: str) -> Ste
 class Trainer(Protocol):
     """What `charclip.run` needs from a backend. Both backends' `train.Trainer` implement it."""
 
-    def step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> StepResult:
         """One training step on int64 batches (B, T): forward, loss, backward, clip, optimizer.
 
-        Raises NonFiniteStep (before changing any state) under the "error" policy.
+        `lr` is this update's learning rate (from `charclip.schedules`; None: the configured
+        one). With `accumulate` K, the batch is K micro-batches whose mean gradient is
+        clipped once. Raises NonFiniteStep (before changing any state) under "error".
         """
 
     def evaluate(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
         """Mean cross-entropy (nats/char) over `batches`, hidden state carried from zero; no update."""
 
-    def apply_gradients(self, grads: dict[str, np.ndarray]) -> None:
+    def apply_gradients(self, grads: dict[str, np.ndarray], lr: float | None = None) -> None:
         """Clip `grads` (by parameter name) with the configured clipping and take one optimizer step."""
 
     def reset_hidden(self) -> None:

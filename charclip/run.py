@@ -20,7 +20,7 @@ import numpy as np
 
 from charclip import backends
 from charclip import checkpoint as ckpt_io
-from charclip import corpus
+from charclip import corpus, schedules
 from charclip.batching import Position, Streams, split
 from charclip.config import ModelConfig, TrainConfig
 from charclip.contract import NonFiniteStep
@@ -157,6 +157,8 @@ def train(
     else:
         data = prepare_data(data_path, cfg)
         model_cfg = replace(model_cfg, vocab_size=len(data.vocab))
+        if cfg.schedule == "cosine" and cfg.decay_steps == 0:  # fixed now: extending --steps on resume keeps the curve
+            cfg = replace(cfg, decay_steps=cfg.steps)
         params = init_params(model_cfg, cfg.seed, cfg.dtype)
     vocab = data.vocab
     out.mkdir(parents=True, exist_ok=True)
@@ -187,8 +189,9 @@ def train(
             if position.batch == 0:
                 trainer.reset_hidden()  # a new epoch starts the streams afresh
             x, y = data.train.batch(cfg.seed, position)
+            lr = schedules.learning_rate(cfg, step)  # the same float for both backends at every step
             try:
-                last = trainer.step(x, y)
+                last = trainer.step(x, y, lr=lr)
             except NonFiniteStep as e:
                 path = save(step, position)
                 raise CharclipError(
@@ -199,7 +202,8 @@ def train(
             clipped += last.clipped
             skipped += last.skipped
             metrics.write(step=step, loss=last.loss, grad_norm=last.grad_norm, clipped=last.clipped,
-                          skipped=last.skipped, time=round(time.perf_counter() - t0, 4))
+                          skipped=last.skipped, time=round(time.perf_counter() - t0, 4),
+                          **({"lr": lr} if cfg.schedule != "constant" else {}))
             if first_loss is None and math.isfinite(last.loss):
                 first_loss = last.loss
             if not warned and first_loss is not None and not last.loss <= DIVERGENCE_FACTOR * first_loss:

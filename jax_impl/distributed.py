@@ -25,6 +25,7 @@ sees only its slices, and the global norm is an explicit `psum` (docs/distribute
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import jax
@@ -35,7 +36,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from charclip.config import ModelConfig, TrainConfig
+from charclip.config import ClipConfig, ModelConfig, TrainConfig
 from charclip.errors import CharclipError
 from jax_impl import device as D
 from jax_impl import model as M
@@ -143,9 +144,10 @@ def make_shard_map_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Grad
     """`jax_impl.train.make_train_step`'s step, with every device's part written out in shard_map."""
     clipped_gradient = make_clipped_gradient(model_cfg, cfg, specs)
 
-    def step(params, opt_state, state, x, y):
+    def step(params, opt_state, state, x, y, lr):
         grads, norm, loss, final = clipped_gradient(params, state, x, y)
-        updates, new_opt_state = tx.update(grads, opt_state, params)  # Adam is elementwise: slices are enough
+        opt_state = T.with_learning_rate(opt_state, lr)
+        updates, new_opt_state = T.optax_update(tx, grads, opt_state, params)  # Adam is elementwise: slices are enough
         new_params = optax.apply_updates(params, updates)
         # Norm and loss are the same on every device, so every device keeps or drops alike.
         new_params, new_opt_state, final = T.adopt(cfg.nonfinite, loss, norm, (new_params, new_opt_state, final),
@@ -156,7 +158,7 @@ def make_shard_map_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Grad
     # check_vma=False: gradients inside are this device's own; every sum over devices is
     # written above. (With the check on, JAX would already psum the gradient of a
     # replicated input, and the pmean above would then scale it by N.)
-    return jax.shard_map(step, mesh=mesh, in_specs=(specs, opt_specs, hidden, batch, batch),
+    return jax.shard_map(step, mesh=mesh, in_specs=(specs, opt_specs, hidden, batch, batch, P()),
                          out_specs=(specs, opt_specs, hidden, P()), check_vma=False)
 
 
@@ -174,6 +176,8 @@ class MeshTrainer(T.Trainer):
         if batch_axis and cfg.batch_size % self.mesh.shape[batch_axis]:
             raise CharclipError(f"--batch-size {cfg.batch_size} does not split over {self.mesh.shape[batch_axis]} devices "
                                 f"on the mesh's data axis; use a multiple of it")
+        if layout == "shard_map" and cfg.accumulate > 1:
+            raise CharclipError("--mesh shard_map takes one micro-batch per step; use --accumulate 1 or another --mesh")
         if layout == "shard_map" and cfg.clip.mode == "norm" and cfg.clip.impl == "reference":
             raise CharclipError("--mesh shard_map writes its clipping out itself (optax's formula); "
                                 "use --clip-impl library, or another --mesh to run the reference implementation")
@@ -191,7 +195,7 @@ class MeshTrainer(T.Trainer):
     def _optimizer(self):
         # shard_map clips inside its step; the others use jax_impl.train's chain (clip, then Adam).
         cfg = self.cfg
-        return optax.adam(cfg.lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps) if self.layout == "shard_map" else T.optimizer(cfg)
+        return T.optimizer(replace(cfg, clip=ClipConfig(mode="none"))) if self.layout == "shard_map" else T.optimizer(cfg)
 
     def _put_params(self, params):
         return jax.device_put({k: np.asarray(v) for k, v in params.items()}, self.shardings)
@@ -214,7 +218,7 @@ class MeshTrainer(T.Trainer):
         else:
             step = T.make_train_step(self.model_cfg, self.cfg, self.tx)
         b, s, r = self.batch_sharding, self.state_sharding, self._on(P())
-        return jax.jit(step, in_shardings=(self.shardings, self.opt_shardings, s, b, b),
+        return jax.jit(step, in_shardings=(self.shardings, self.opt_shardings, s, b, b, r),
                        out_shardings=(self.shardings, self.opt_shardings, s, r))
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from charclip.config import ModelConfig
 from jax_impl import device as D
 from jax_impl import model as M
+from jax_impl.train import optax_update
 
 
 def logits(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray, hidden, device: str = "cpu") -> np.ndarray:
@@ -74,8 +75,8 @@ def port_quantities(apply, params: dict[str, np.ndarray], trainable: list[str], 
     @jax.jit
     def step(train, opt_state, x, y):
         (value, out), grads = jax.value_and_grad(loss_of, has_aux=True)(train, x, y)
-        clipped, _ = clip.update(grads, clip.init(train))
-        updates, opt_state = tx.update(grads, opt_state, train)
+        clipped, _ = optax_update(clip, grads, clip.init(train), train)
+        updates, opt_state = optax_update(tx, grads, opt_state, train)
         return optax.apply_updates(train, updates), opt_state, value, out, grads, optax.tree.norm(grads), clipped
 
     train = {k: full[k] for k in trainable}

@@ -22,9 +22,14 @@ from jax_impl import model as M
 
 
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Clipping chained before Adam: the optax spelling of clip-then-step."""
+    """Clipping chained before Adam: the optax spelling of clip-then-step.
+
+    Adam's learning rate is an injected hyperparameter (`optax.inject_hyperparams`), so the
+    step can be handed each update's rate from `charclip.schedules` without recompiling.
+    """
     clip = cfg.clip
-    adam = optax.adam(cfg.lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
+    adam = optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps"), hyperparam_dtype=jnp.dtype(cfg.dtype))(
+        learning_rate=cfg.lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
     if clip.mode == "norm" and clip.impl == "library":
         return optax.chain(optax.clip_by_global_norm(clip.max_norm), adam)
     if clip.mode == "norm":
@@ -47,13 +52,68 @@ def adopt(policy: str, loss, norm, new, old):
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.GradientTransformation, *, unroll: int = 1):
-    """The pure step (params, opt_state, state, x, y) -> (params, opt_state, state, metrics), jitted."""
+def optax_update(tx: optax.GradientTransformation, grads, opt_state, params):
+    """`tx.update`, with JAX's standard dtype promotion around optax's own arithmetic.
 
-    def train_step(params, opt_state, state, x, y):
-        (loss, final), grads = jax.value_and_grad(M.loss, has_aux=True)(params, x, y, state, cfg=model_cfg, unroll=unroll)
+    optax computes Adam's bias correction as b1 ** count, a Python float and an int32 count,
+    which strict promotion refuses; the tests run charclip's code under strict promotion
+    (parity_tests/conftest.py), so only optax's part is exempted.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return tx.update(grads, opt_state, params)
+
+
+def with_learning_rate(opt_state, lr):
+    """`opt_state` with Adam's injected learning rate set to `lr` (same dtype, so no recompile)."""
+    def put(s):
+        if hasattr(s, "hyperparams") and "learning_rate" in s.hyperparams:
+            old = s.hyperparams["learning_rate"]
+            return s._replace(hyperparams={**s.hyperparams, "learning_rate": jnp.asarray(lr, old.dtype)})
+        return s
+
+    return jax.tree.map(put, opt_state, is_leaf=lambda s: hasattr(s, "hyperparams"))
+
+
+def loss_and_grads(model_cfg: ModelConfig, cfg: TrainConfig, params, x, y, state, *, unroll: int = 1):
+    """((mean loss, final state), gradient) of the batch, as `accumulate` equal micro-batches.
+
+    With K > 1 micro-batches of B/K streams each, the gradient is the sum of the gradients of
+    loss_k / K, in order (what K `backward()` calls of loss_k / K leave in torch's `.grad`), and
+    the loss is the mean of the K losses. A `lax.scan` over the micro-batches keeps one copy of
+    the model in the compiled program.
+    """
+    grad = jax.value_and_grad(M.loss, has_aux=True)
+    k = cfg.accumulate
+    if k == 1:
+        return grad(params, x, y, state, cfg=model_cfg, unroll=unroll)
+    b = x.shape[0] // k
+    xs, ys = x.reshape(k, b, -1), y.reshape(k, b, -1)  # (K, B/K, T)
+    states = tuple(jnp.swapaxes(s.reshape(s.shape[0], k, b, s.shape[2]), 0, 1) for s in state)  # (K, L, B/K, H)
+
+    def micro(acc, batch):
+        xk, yk, sk = batch
+        (loss_k, final_k), g = jax.value_and_grad(lambda p: _scaled_loss(p, xk, yk, sk, model_cfg, k, unroll), has_aux=True)(params)
+        return jax.tree.map(jnp.add, acc, (loss_k, g)), final_k
+
+    zero = (jnp.zeros((), jnp.dtype(cfg.dtype)), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), finals = jax.lax.scan(micro, zero, (xs, ys, states))
+    final = tuple(jnp.swapaxes(f, 0, 1).reshape(f.shape[1], k * b, f.shape[3]) for f in finals)  # (L, B, H)
+    return (loss, final), grads
+
+
+def _scaled_loss(params, x, y, state, model_cfg, k, unroll):
+    loss, final = M.loss(params, x, y, state, cfg=model_cfg, unroll=unroll)
+    return loss / k, final
+
+
+def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.GradientTransformation, *, unroll: int = 1):
+    """The pure step (params, opt_state, state, x, y, lr) -> (params, opt_state, state, metrics), jitted."""
+
+    def train_step(params, opt_state, state, x, y, lr):
+        (loss, final), grads = loss_and_grads(model_cfg, cfg, params, x, y, state, unroll=unroll)
         norm = optax.tree.norm(grads)  # measured before clipping, as optax.clip_by_global_norm measures it
-        updates, new_opt_state = tx.update(grads, opt_state, params)
+        opt_state = with_learning_rate(opt_state, lr)
+        updates, new_opt_state = optax_update(tx, grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         new_params, new_opt_state, final = adopt(cfg.nonfinite, loss, norm, (new_params, new_opt_state, final),
                                                  (params, opt_state, state))
@@ -89,17 +149,20 @@ class Trainer:
             return self._put_hidden(M.zero_state(self.model_cfg, batch, self.dtype))
         return self.hidden
 
-    def step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
-        params, opt_state, hidden, m = self.train_step(self.params, self.opt_state, self._hidden_for(len(x)), x, y)
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> StepResult:
+        """One optimizer step on the batch (B, T); `lr` (the schedule's rate) replaces the configured one."""
+        lr = self.cfg.lr if lr is None else lr
+        params, opt_state, hidden, m = self.train_step(self.params, self.opt_state, self._hidden_for(len(x)), x, y, lr)
         result = verdict(m["loss"], m["grad_norm"], self.cfg.clip, self.cfg.nonfinite)  # raises: nothing adopted
         # Under "skip" the jitted step already kept the old values (branch-free), so adopt it either way.
         self.params, self.opt_state, self.hidden = params, opt_state, hidden
         return result
 
-    def apply_gradients(self, grads: dict[str, np.ndarray]) -> None:
+    def apply_gradients(self, grads: dict[str, np.ndarray], lr: float | None = None) -> None:
         """Clip `grads` (by parameter name) with this trainer's clipping, then take one Adam step."""
         g = self._put_params(grads)
-        self.params, self.opt_state = self._apply(g, self.opt_state, self.params)
+        lr = self.cfg.lr if lr is None else lr
+        self.params, self.opt_state = self._apply(g, self.opt_state, self.params, lr)
 
     def evaluate(self, batches) -> float:
         """Mean cross-entropy (nats per character) over `batches`, hidden state carried."""
@@ -155,8 +218,8 @@ class Trainer:
 
 
 def _apply_updates(tx: optax.GradientTransformation):
-    def apply(grads, opt_state, params):
-        updates, opt_state = tx.update(grads, opt_state, params)
+    def apply(grads, opt_state, params, lr):
+        updates, opt_state = optax_update(tx, grads, with_learning_rate(opt_state, lr), params)
         return optax.apply_updates(params, updates), opt_state
 
     return apply

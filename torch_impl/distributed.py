@@ -159,14 +159,14 @@ class _Leader:
         _broadcast([name, args], self.group)
         return getattr(self.trainer, name)(*args)
 
-    def step(self, x, y):
-        return self._call("step", x, y)
+    def step(self, x, y, lr=None):
+        return self._call("step", x, y, lr)
 
     def evaluate(self, batches):
         return self._call("evaluate", list(batches))
 
-    def apply_gradients(self, grads):
-        return self._call("apply_gradients", grads)
+    def apply_gradients(self, grads, lr=None):
+        return self._call("apply_gradients", grads, lr)
 
     def reset_hidden(self):
         return self._call("reset_hidden")

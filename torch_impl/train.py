@@ -48,23 +48,40 @@ class Trainer:
             value_clip(params, clip.max_value)
         return norm
 
-    def step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
-        loss, h = M.loss(self.model, self._local(x), self._local(y), self.hidden)
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> StepResult:
+        """One optimizer step on the batch (B, T); `lr` (the schedule's rate) replaces the configured one.
+
+        With `accumulate` K > 1 the batch is K micro-batches of B/K streams: each backward
+        adds its share of the mean gradient, and clipping sees only the accumulated sum.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # under DDP/FSDP: the mean gradient over the whole batch
-        norm = self._whole(self._clip()).item()  # after backward, before the optimizer step
+        losses, finals = [], []
+        k = self.cfg.accumulate
+        for xk, yk, hk in _micro_batches(self._local(x), self._local(y), self.hidden, k):
+            loss, h = M.loss(self.model, xk, yk, hk)
+            (loss / k).backward()  # under DDP/FSDP: the mean gradient over the whole batch
+            losses.append(loss.detach())
+            finals.append(h)
+        loss = torch.stack(losses).mean()  # equal micro-batches: the mean of their means
+        norm = self._whole(self._clip()).item()  # after the last backward, before the optimizer step
         result = verdict(self._global_loss(loss), norm, self.cfg.clip, self.cfg.nonfinite)  # raises under "error"
         if result.skipped:
             return result  # no update, hidden state not advanced: as if the batch were absent
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         self.optimizer.step()
-        self.hidden = tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()  # truncated BPTT
+        self.hidden = _detached(_joined(finals))  # truncated BPTT
         return result
 
-    def apply_gradients(self, grads: dict[str, np.ndarray]) -> None:
+    def apply_gradients(self, grads: dict[str, np.ndarray], lr: float | None = None) -> None:
         """Clip `grads` (by parameter name) with this trainer's clipping, then take one Adam step."""
         for name, p in self.module.named_parameters():
             p.grad = torch.from_numpy(np.array(grads[name])).to(self.device)
         self._clip()
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         self.optimizer.step()
 
     @torch.no_grad()
@@ -131,3 +148,30 @@ class Trainer:
 
     def _gather_hidden(self, h):
         return h
+
+
+def _micro_batches(x: np.ndarray, y: np.ndarray, hidden, k: int):
+    """(x, y, hidden) of each of k equal slices of the streams (rows of x; axis 1 of the hidden state)."""
+    b = len(x) // k
+    for i in range(k):
+        rows = slice(i * b, (i + 1) * b)
+        if k == 1 or hidden is None:
+            h = hidden
+        elif isinstance(hidden, tuple):
+            h = tuple(t[:, rows].contiguous() for t in hidden)
+        else:
+            h = hidden[:, rows].contiguous()
+        yield x[rows], y[rows], h
+
+
+def _joined(finals: list):
+    """The micro-batches' final states side by side again (streams in order)."""
+    if len(finals) == 1:
+        return finals[0]
+    if isinstance(finals[0], tuple):
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*finals))
+    return torch.cat(finals, dim=1)
+
+
+def _detached(h):
+    return tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()

@@ -89,31 +89,6 @@ def step_quantities(backend: str, s: StepSetup, device: str = "cpu") -> dict:
     }
 
 
-def _optimizer_steps(backend: str, trainers: list, x, y, grads: dict[str, np.ndarray]) -> None:
-    """One clip-then-Adam step of each trainer on the batch whose gradient (from this backend) is `grads`.
-
-    torch simply takes the steps: it recomputes the same gradient at no cost. JAX
-    applies each trainer's own optimizer chain (what `make_train_step` applies)
-    to the gradient its train step already produced, all in one compiled call,
-    instead of compiling the whole train step again per clipping setting.
-    """
-    if backend == "torch":
-        for t in trainers:
-            t.step(x, y)
-        return
-    import jax
-    import optax
-
-    @jax.jit
-    def updates(g, states, params):
-        return [t.tx.update(g, s, params) for t, s in zip(trainers, states)]
-
-    g = jax.device_put({k: jax.numpy.asarray(v) for k, v in grads.items()}, trainers[0].device)
-    params = trainers[0].params  # all trainers start from the same parameters
-    for t, (u, state) in zip(trainers, updates(g, [t.opt_state for t in trainers], params)):
-        t.params, t.opt_state = optax.apply_updates(params, u), state
-
-
 def compare_step(s: StepSetup, device: str = "cpu") -> list[Row]:
     """Quantities 1 to 5 of the parity ladder, torch against JAX."""
     tol = TOLERANCES[s.train.dtype]

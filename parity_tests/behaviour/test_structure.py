@@ -97,6 +97,9 @@ ALLOWED = {
     # train: optax composes the optimizer and jit needs a pure step; torch's optimizer is an object.
     ("train", "optimizer"): "optax chain", ("train", "make_train_step"): "the pure, jitted step",
     ("train", "adopt"): "branch-free skip inside jit",
+    ("train", "loss_and_grads"): "the pure gradient of a batch and its micro-batches; torch accumulates in .grad",
+    ("train", "optax_update"): "optax's update under standard dtype promotion (tests run strict)",
+    ("train", "with_learning_rate"): "optax keeps the scheduled rate in its state; torch in param_groups",
     # distributed: several processes with a process group (torch) against one process with a mesh (JAX).
     **{("distributed", n): "torch: processes and a process group" for n in (
         "COLLECTIVE_TIMEOUT", "DistributedTrainer", "GRACE_SECONDS", "HOST", "PARALLEL", "RankDied", "launch",
