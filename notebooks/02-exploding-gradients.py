@@ -68,7 +68,7 @@ from charclip.weights import init_params, scale_spectral_radius
 # **spectral radius** ρ of $W_{hh}$, its largest eigenvalue in absolute value: by Gelfand's
 # formula $\|W^k\|^{1/k} \to \rho$, so the gradient grows or shrinks like $\rho^k$.
 #
-# Take the model's own initial `W_hh` (64 units, drawn by `charclip.weights.init_params`),
+# Take the model's own initial `W_hh` (drawn by `charclip.weights.init_params`),
 # rescale it to several radii with `charclip.weights.scale_spectral_radius`, and compare
 # $\|W_{hh}^k\|_2$ with $\rho^k$:
 
@@ -116,7 +116,7 @@ TAU = 0.5  # norm-clipping threshold
 # size (`QUICK`), in PyTorch (add `"jax"` to the backends to run JAX as well):
 #
 # 1. the gradient through time: the norm of $\partial L/\partial h_{T-k}$ for a loss at the
-#    last of T = 50 steps, for each ρ above, once with inputs so small that tanh stays linear
+#    last of T steps, for each ρ above, once with inputs so small that tanh stays linear
 #    and once with the inputs as initialised;
 # 2. training from the unstable start `RHO` with no clipping, value clipping and norm clipping
 #    at `TAU`, with plain SGD (charclip's Adam set up to act as SGD: Adam's per-coordinate
@@ -130,7 +130,8 @@ t0 = time.perf_counter()
 results = explode.run_all(settings, ("torch",), progress=False)
 s = results["settings"]
 print(f"{time.perf_counter() - t0:.1f} s: vanilla RNN 1 x {s['hidden']}, vocabulary {results['vocab_size']}, "
-      f"{s['steps']} SGD steps of {s['batch_size']} x {s['seq_len']} characters, float64")
+      f"{s['steps']} SGD steps of {s['batch_size']} x {s['seq_len']} characters, float64; gradient through time "
+      f"over T = {results['gradient_through_time']['seq_len']} steps")
 
 # %% [markdown]
 # ## Measured: the gradient through time
