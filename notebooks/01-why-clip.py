@@ -124,21 +124,20 @@ print(f"clipping after step() gives the unclipped trajectory exactly: {same}")
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.5))
-for (where, path), style in zip(paths.items(), ("-", "-", "--")):
-    finite = np.array([v if math.isfinite(v) else np.nan for v in path])
-    ax.plot(finite, style, marker=".", label=f"clip {where}")
-ax.set_yscale("symlog", linthresh=1)
+for (where, path), style in zip(paths.items(), (dict(lw=4, alpha=0.4), dict(lw=1.5), dict(ls="--", marker="."))):
+    size = np.array([abs(v) if math.isfinite(v) else np.nan for v in path])  # NaN: not drawn
+    ax.semilogy(size, label=f"clip {where}", **style)
 ax.set_xlabel("SGD step")
-ax.set_ylabel("w (symmetric log scale)")
-ax.set_title("SGD on w**4 from w = 10, lr 0.1")
+ax.set_ylabel("|w|")
+ax.set_title("SGD on w**4 from w = 10, lr 0.1 (the line stops where w is no longer finite)")
 ax.grid(alpha=0.3)
 ax.legend()
 plt.show()
 
 # %% [markdown]
 # Unclipped, the first step jumps from 10 past zero to a large negative value, where the
-# gradient is larger still; in a few steps `w` overflows float32 and then becomes NaN (the
-# line stops there). Clipped in the right place, each step moves `w` by at most
+# gradient is larger still; in a few steps `w` overflows float32 and then becomes NaN.
+# Clipping after `step()` draws the same line. Clipped in the right place, each step moves `w` by at most
 # `lr * max_norm = 0.1`, until the gradient drops below 1 and plain SGD takes over.
 #
 # ## Norm clipping or value clipping

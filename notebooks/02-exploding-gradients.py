@@ -162,10 +162,12 @@ print("smallest tanh derivative, initialised: " + ", ".join(
 # %% [markdown]
 # With tanh linear, the measured gradient follows $\rho^k$: the growth per step printed above
 # is ρ. With ordinary inputs the units saturate, the factors $1 - h_t^2$ fall far below 1, and
-# the same matrices give much less growth, or none. Both are drawn, with the measured norm, by
-# the bound that keeps the tanh derivative,
-# $\prod_t \|\operatorname{diag}(1 - h_t^2) W_{hh}\|_2$ (`explode.jacobian_bounds`), for the
-# largest radius:
+# the same matrices give much less growth, or none. For the largest radius, here is the measured
+# norm against the two upper bounds of `explode.jacobian_bounds`: the product of the step
+# Jacobians' norms $\prod_t \|\operatorname{diag}(1 - h_t^2) W_{hh}\|_2$, and the looser
+# $\prod_t \max_i(1 - h_{t,i}^2)\,\|W_{hh}\|_2$. Both lie far above the measured norm, even
+# above $\rho^k$: each factor's norm can exceed ρ (as $\|W_{hh}\|_2$ does), and a product of
+# norms ignores that successive factors stretch different directions.
 
 # %%
 c = gtt["regimes"]["initialised"][f"{max(explode.RHOS):g}"]
