@@ -54,6 +54,50 @@ def test_notebook_is_committed_with_the_outputs_of_one_clean_run(name):
     assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs), f"{name}: no figure in the outputs"
 
 
+def _install_cell(name: str) -> str:
+    return next(c for c in jupytext.read(NOTEBOOKS / f"{name}.py").cells if c.cell_type == "code").source
+
+
+def test_every_notebook_starts_with_the_same_install_cell():
+    cells = {name: _install_cell(name) for name in NAMES}
+    assert len(set(cells.values())) == 1, f"the install cells differ: {cells}"
+
+
+class _Shell:
+    """Stands in for IPython's get_ipython(): records the line magics it is asked to run."""
+
+    def __init__(self):
+        self.magics = []
+
+    def run_line_magic(self, name, line):
+        self.magics.append((name, line))
+
+
+def _run_install_cell_without_charclip(monkeypatch, cwd: Path) -> list:
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "charclip" else found(name, *a))
+    monkeypatch.chdir(cwd)
+    shell = _Shell()
+    exec(_install_cell(NAMES[0]), {"get_ipython": lambda: shell})
+    return shell.magics
+
+
+def test_install_cell_installs_the_clone_it_sits_in(monkeypatch):
+    monkeypatch.delenv("CHARCLIP_SOURCE", raising=False)
+    assert _run_install_cell_without_charclip(monkeypatch, NOTEBOOKS) == [("pip", f"install --quiet {NOTEBOOKS.parent}")]
+
+
+def test_install_cell_installs_charclip_source_elsewhere(monkeypatch, tmp_path):
+    monkeypatch.setenv("CHARCLIP_SOURCE", "git+https://example.invalid/charclip")
+    assert _run_install_cell_without_charclip(monkeypatch, tmp_path) == [("pip", "install --quiet git+https://example.invalid/charclip")]
+
+
+def test_install_cell_says_what_to_do_when_it_cannot_find_charclip(monkeypatch, tmp_path):
+    monkeypatch.delenv("CHARCLIP_SOURCE", raising=False)
+    with pytest.raises(RuntimeError, match="set CHARCLIP_SOURCE"):
+        _run_install_cell_without_charclip(monkeypatch, tmp_path)
+
+
 @pytest.fixture(scope="module")
 def kernel_specs():
     with build.kernel_specs() as specs:
