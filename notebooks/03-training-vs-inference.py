@@ -273,8 +273,9 @@ for loss in (9.24, 9.37):
           f"(ln V + sigma^2/2 = {math.log(V) + sigma**2 / 2:.3f})")
 
 # %% [markdown]
-# So the demo starts with logits spread by about the first σ above, a little worse than
-# guessing uniformly, and training makes it *worse*: the spread grows to the second σ. Each
+# Read through this model of the logits, the demo starts with logits spread by about the first
+# σ above, a little worse than guessing uniformly, and training makes it *worse*: it spreads
+# them to about the second σ. Each
 # batch of random targets pulls the predictions toward that batch's tokens; the next batch has
 # other tokens, so the model pays for its confidence. A loss that rises above ln V on random
 # data is the optimizer fitting noise with steps too large to average it away. It is not a
