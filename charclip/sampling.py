@@ -17,7 +17,8 @@ from charclip.errors import CharclipError
 from charclip.vocab import Vocab
 
 
-def check_options(vocab: Vocab, prime: str, length: int, temperature: float, top_k: int | None) -> None:
+def check_options(vocab: Vocab, prime: str, length: int, temperature: float, top_k: int | None,
+                  top_p: float | None = None) -> None:
     if not prime:
         raise CharclipError("--prime must hold at least one character")
     vocab.encode(prime, what="the prime text")
@@ -27,16 +28,28 @@ def check_options(vocab: Vocab, prime: str, length: int, temperature: float, top
         raise CharclipError(f"--temperature must be a positive finite number, got {temperature!r}")
     if top_k is not None and not (1 <= top_k <= len(vocab)):
         raise CharclipError(f"--top-k must lie between 1 and the vocabulary size {len(vocab)}, got {top_k}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise CharclipError(f"--top-p must lie in (0, 1], got {top_p!r}")
 
 
-def draw(logits: np.ndarray, u: float, temperature: float, top_k: int | None) -> int:
-    """Index of the next character: inverse-CDF of softmax(logits / temperature) at u in [0, 1)."""
+def draw(logits: np.ndarray, u: float, temperature: float, top_k: int | None, top_p: float | None = None) -> int:
+    """Index of the next character: inverse-CDF of softmax(logits / temperature) at u in [0, 1).
+
+    top_k keeps the k likeliest characters; top_p (nucleus sampling, Holtzman et al. 2020)
+    keeps the fewest likeliest whose probabilities add up to at least p. Both renormalise.
+    """
     z = np.asarray(logits, dtype=np.float64) / temperature
     if top_k is not None and top_k < len(z):
         kth = np.sort(z)[-top_k]
         z = np.where(z >= kth, z, -np.inf)
     p = np.exp(z - z.max())
-    cdf = np.cumsum(p / p.sum())
+    p = p / p.sum()
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-p, kind="stable")  # likeliest first; ties in index order, the same everywhere
+        keep = np.searchsorted(np.cumsum(p[order]), top_p) + 1  # the smallest prefix reaching top_p
+        p[order[keep:]] = 0.0
+        p = p / p.sum()
+    cdf = np.cumsum(p)
     return int(min(np.searchsorted(cdf, u, side="right"), len(z) - 1))
 
 
@@ -48,6 +61,7 @@ def generate(
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     seed: int = 0,
 ) -> str:
     """Feed the prime, then sample `length` characters one at a time, feeding each back.
@@ -55,14 +69,14 @@ def generate(
     `step(token, state) -> (logits, state)` is the backend's one-character
     forward pass (state None means zeros).
     """
-    check_options(vocab, prime, length, temperature, top_k)
+    check_options(vocab, prime, length, temperature, top_k, top_p)
     rng = np.random.default_rng(seed)
     state = None
     for token in vocab.encode(prime, what="the prime text"):
         logits, state = step(int(token), state)
     out = []
     for _ in range(length):
-        token = draw(logits, rng.random(), temperature, top_k)
+        token = draw(logits, rng.random(), temperature, top_k, top_p)
         out.append(token)
         logits, state = step(token, state)
     return prime + vocab.decode(out)
