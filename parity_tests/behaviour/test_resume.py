@@ -74,8 +74,8 @@ elif mode == "latest":  # checkpoint `at` renamed into place, LATEST not yet poi
 elif mode == "update":  # Ctrl-C lands right after this process's `at`-th update, before the loop counts it
     trainer = backends.module(argv[argv.index("--backend") + 1], "train").Trainer
     step = trainer.step
-    def hooked(self, x, y):
-        result = step(self, x, y)
+    def hooked(self, x, y, **kw):
+        result = step(self, x, y, **kw)
         self.calls = getattr(self, "calls", 0) + 1
         if self.calls == at:
             os.kill(os.getpid(), signal.SIGINT)

@@ -98,7 +98,7 @@ def _record(trainer, batches, clipped_gradient, record=None) -> dict:
     """Norms and clipped gradients per step, then the final state, as NumPy."""
     record = record or {"norm": [], "clip_norm": [], "grads": []}
     for x, y in batches:
-        grads, norm = clipped_gradient(trainer.params, trainer._state_for(len(x)), x, y)
+        grads, norm = clipped_gradient(trainer.params, trainer._hidden_for(len(x)), x, y)
         record["grads"].append({k: np.asarray(v) for k, v in grads.items()})
         record["clip_norm"].append(float(norm))
         record["norm"].append(trainer.step(x, y).grad_norm)
