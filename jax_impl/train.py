@@ -46,11 +46,19 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return adam
 
 
-def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.GradientTransformation, *, unroll: int = 1):
-    """The pure step (params, opt_state, state, x, y) -> (params, opt_state, state, metrics), jitted."""
+def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.GradientTransformation, *,
+                    layer: str = "fast", unroll: int = 1):
+    """The pure step (params, opt_state, state, x, y) -> (params, opt_state, state, metrics), jitted.
+
+    `layer` picks the recurrent layer (`jax_impl.model.LAYERS`): "fast", the default, is
+    `jax_impl.fastrnn`'s hand-written backward pass; "scan" is autodiff of the reference.
+    """
+    if layer not in M.LAYERS:
+        raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(M.LAYERS)}")
 
     def train_step(params, opt_state, state, x, y):
-        (loss, final), grads = jax.value_and_grad(M.loss, has_aux=True)(params, x, y, state, cfg=model_cfg, unroll=unroll)
+        (loss, final), grads = jax.value_and_grad(M.loss, has_aux=True)(params, x, y, state, cfg=model_cfg, layer=layer,
+                                                                          unroll=unroll)
         norm = optax.tree.norm(grads)  # measured before clipping, as optax.clip_by_global_norm measures it
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
@@ -67,8 +75,8 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Gradient
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, params: dict[str, np.ndarray], *,
                  adam: dict[str, np.ndarray] | None = None, hidden: dict[str, np.ndarray] | None = None,
-                 device: str = "cpu"):
-        self.model_cfg, self.cfg = model_cfg, cfg
+                 device: str = "cpu", layer: str = "fast"):
+        self.model_cfg, self.cfg, self.layer = model_cfg, cfg, layer
         self.device = device_of(device)
         self.dtype = jnp.dtype(cfg.dtype)
         self.params = jax.device_put({k: jnp.asarray(v) for k, v in params.items()}, self.device)
@@ -79,8 +87,8 @@ class Trainer:
         if adam is not None:
             self._load_adam(adam)
         self.state = jax.device_put(M.hidden_from_numpy(hidden), self.device) if hidden is not None else None
-        self.train_step = make_train_step(model_cfg, cfg, self.tx)
-        self._eval_loss = jax.jit(lambda p, x, y, s: M.loss(p, x, y, s, cfg=model_cfg))
+        self.train_step = make_train_step(model_cfg, cfg, self.tx, layer=layer)
+        self._eval_loss = jax.jit(lambda p, x, y, s: M.loss(p, x, y, s, cfg=model_cfg, layer=layer))
 
     def reset_hidden(self) -> None:
         self.state = None
