@@ -14,9 +14,9 @@ does only what must be sequential, as cuDNN does:
         dW_hh = da^T @ h_prev               ((G*H, T*B) x (T*B, H): one large matmul)
         db_hh = sum of da over rows
 
-dW_ih and db_ih are one matmul too: they are autodiff's gradient of the input
-projection `x @ W_ih^T + b_ih`, computed for all steps at once outside the layer.
-Layer 0's input projection is a lookup table (see `input_table`).
+dW_ih and db_ih are one matmul too, in the backward pass of `project`, the input
+projection x @ W_ih^T + b_ih of all steps at once, outside the layer. Layer 0's
+input projection is a lookup table (see `input_table`).
 
 Everything inside is time-major, (T, B, ...), so each step reads and writes one
 contiguous (B, ...) slab, and T*B rows reshape for free.
@@ -71,15 +71,16 @@ def _gru_forward(w_hh_t, b_hh, carry, xw_t):
 # ---------------------------------------------------------------- one time step, backward
 #
 # Each takes the carried cotangent, the cotangent arriving from above (dhs_t), and what the
-# forward step saved (plus h_{t-1}); it returns the new carry and the pre-activation
-# derivatives: (d xw_t, d hw_t), where hw_t = h_{t-1} W_hh^T + b_hh. They coincide except
-# for the GRU's candidate n, where W_hn h + b_hn is multiplied by r.
+# forward step saved (plus h_{t-1}, or c_{t-1} for the LSTM); it returns the new carry and
+# the pre-activation derivatives (d xw_t, d hw_t), where hw_t = h_{t-1} W_hh^T + b_hh.
+# They coincide (d hw_t is then None, stored once) except for the GRU's candidate n,
+# where W_hn h + b_hn is multiplied by r.
 
 
 def _rnn_backward(w_hh, carry, xs):
     (dh,), (dh_above, h, _nothing_saved, _h_prev) = carry, xs
     da = (dh + dh_above) * (1 - h * h)  # tanh' = 1 - tanh^2
-    return (da @ w_hh,), (da, da)
+    return (da @ w_hh,), (da, None)
 
 
 def _lstm_backward(w_hh, carry, xs):
@@ -91,7 +92,7 @@ def _lstm_backward(w_hh, carry, xs):
     dc = dc + dh * o * (1 - tc * tc)
     # d(gate) times the activation's derivative: sigmoid' = s (1 - s), tanh' = 1 - g^2
     da = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g), dh * tc * o * (1 - o)], axis=-1)
-    return (da @ w_hh, dc * f), (da, da)
+    return (da @ w_hh, dc * f), (da, None)
 
 
 def _gru_backward(w_hh, carry, xs):
@@ -108,6 +109,40 @@ def _gru_backward(w_hh, carry, xs):
 
 _FORWARD = {"rnn": _rnn_forward, "lstm": _lstm_forward, "gru": _gru_forward}
 _BACKWARD = {"rnn": _rnn_backward, "lstm": _lstm_backward, "gru": _gru_backward}
+
+
+# ---------------------------------------------------------------- weight gradients over all rows
+
+
+def _weight_grad(d, x):
+    """d^T @ x over all T*B rows: (T, B, G) and (T, B, K) -> (G, K), one matmul.
+
+    d^T is laid out explicitly first (the barrier keeps XLA from folding the transpose
+    back into the dot): XLA on a CPU runs the plain (G, rows) x (rows, K) product near
+    the sgemm peak, the same dot with a transposed operand at about 70% of it
+    (see docs/fast-layer.md), which costs more than the copy.
+    """
+    rows = d.shape[0] * d.shape[1]
+    d_t = jax.lax.optimization_barrier(d.reshape(rows, -1).T)  # (G, T*B)
+    return d_t @ x.reshape(rows, -1)
+
+
+@jax.custom_vjp
+def project(x, w, b):
+    """The input projection of every step at once: x (T, B, K) @ w^T (K, G) + b -> (T, B, G)."""
+    return x @ w.T + b
+
+
+def _project_fwd(x, w, b):
+    return project(x, w, b), (x, w)
+
+
+def _project_bwd(res, d):
+    x, w = res
+    return d @ w, _weight_grad(d, x), d.sum(axis=(0, 1))
+
+
+project.defvjp(_project_fwd, _project_bwd)
 
 
 # ---------------------------------------------------------------- the layer
@@ -143,10 +178,8 @@ def _layer_bwd(cell, unroll, res, cotangents):
     extra = jnp.concatenate([state[1][None], saved[2][:-1]]) if cell == "lstm" else h_prev  # c_{t-1} or h_{t-1}
     step = functools.partial(_BACKWARD[cell], w_hh)
     dstate, (dxw, dhw) = jax.lax.scan(step, dfinal, (dhs, hs, saved, extra), reverse=True, unroll=unroll)
-    rows = hs.shape[0] * hs.shape[1]
-    dhw2 = dhw.reshape(rows, -1)  # (T*B, G*H)
-    dw_hh = dhw2.T @ h_prev.reshape(rows, -1)  # one (G*H, T*B) x (T*B, H) matmul for all steps
-    return dxw, dstate, dw_hh, dhw2.sum(axis=0)
+    dhw = dxw if dhw is None else dhw
+    return dxw, dstate, _weight_grad(dhw, h_prev), dhw.sum(axis=(0, 1))
 
 
 layer.defvjp(_layer_fwd, _layer_bwd)
@@ -176,7 +209,7 @@ def apply(params, x, state, *, cfg: ModelConfig, table: bool = True, unroll: int
         else:
             if k == 0:
                 seq = params["embedding.weight"][tokens]  # (T, B, E)
-            xw = seq @ params[f"rnn.weight_ih_l{k}"].T + params[f"rnn.bias_ih_l{k}"]  # (T, B, G*H), all steps at once
+            xw = project(seq, params[f"rnn.weight_ih_l{k}"], params[f"rnn.bias_ih_l{k}"])  # (T, B, G*H)
         seq, s_k = layer(cfg.cell, xw, tuple(part[k] for part in state), params[f"rnn.weight_hh_l{k}"],
                          params[f"rnn.bias_hh_l{k}"], unroll)
         finals.append(s_k)
