@@ -78,13 +78,13 @@ def _gru_forward(w_hh_t, b_hh, carry, xw_t):
 
 
 def _rnn_backward(w_hh, carry, xs):
-    (dh,), (dh_above, h, _nothing_saved, _h_prev) = carry, xs
+    (dh,), (dh_above, h, _, _) = carry, xs
     da = (dh + dh_above) * (1 - h * h)  # tanh' = 1 - tanh^2
     return (da @ w_hh,), (da, None)
 
 
 def _lstm_backward(w_hh, carry, xs):
-    (dh, dc), (dh_above, _h, (s, g, c), c_prev) = carry, xs
+    (dh, dc), (dh_above, _, (s, g, c), c_prev) = carry, xs
     hid = dh.shape[-1]
     i, f, o = s[:, :hid], s[:, hid:2 * hid], s[:, 3 * hid:]
     dh = dh + dh_above
@@ -96,7 +96,7 @@ def _lstm_backward(w_hh, carry, xs):
 
 
 def _gru_backward(w_hh, carry, xs):
-    (dh,), (dh_above, h, (rz, n, hn), h_prev) = carry, xs
+    (dh,), (dh_above, _, (rz, n, hn), h_prev) = carry, xs
     hid = dh.shape[-1]
     r, z = rz[:, :hid], rz[:, hid:]
     dh = dh + dh_above
