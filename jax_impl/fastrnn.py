@@ -79,7 +79,7 @@ def _gru_forward(w_hh_t, b_hh, carry, xw_t):
 
 def _rnn_backward(w_hh, carry, xs):
     (dh,), (dh_above, h, _, _) = carry, xs
-    da = (dh + dh_above) * (1 - h * h)  # tanh' = 1 - tanh^2
+    da = (dh + dh_above) * ((1 - h) * (1 + h))  # tanh' = 1 - h^2 as (1 - h)(1 + h): 1 - h*h would lose h*h's low bits where |h| is near 1
     return (da @ w_hh,), (da, None)
 
 
@@ -89,9 +89,9 @@ def _lstm_backward(w_hh, carry, xs):
     i, f, o = s[:, :hid], s[:, hid:2 * hid], s[:, 3 * hid:]
     dh = dh + dh_above
     tc = jnp.tanh(c)
-    dc = dc + dh * o * (1 - tc * tc)
-    # d(gate) times the activation's derivative: sigmoid' = s (1 - s), tanh' = 1 - g^2
-    da = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g), dh * tc * o * (1 - o)], axis=-1)
+    dc = dc + dh * o * ((1 - tc) * (1 + tc))
+    # d(gate) times the activation's derivative: sigmoid' = s (1 - s), tanh' = (1 - g)(1 + g)
+    da = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * ((1 - g) * (1 + g)), dh * tc * o * (1 - o)], axis=-1)
     return (da @ w_hh, dc * f), (da, None)
 
 
@@ -100,7 +100,7 @@ def _gru_backward(w_hh, carry, xs):
     hid = dh.shape[-1]
     r, z = rz[:, :hid], rz[:, hid:]
     dh = dh + dh_above
-    dan = dh * (1 - z) * (1 - n * n)  # through h' = (1 - z) n + z h and n = tanh(.)
+    dan = dh * (1 - z) * ((1 - n) * (1 + n))  # through h' = (1 - z) n + z h and n = tanh(.)
     drz = jnp.concatenate([dan * hn, dh * (h_prev - n)], axis=-1) * rz * (1 - rz)
     dxw = jnp.concatenate([drz, dan], axis=-1)
     dhw = jnp.concatenate([drz, dan * r], axis=-1)  # n's pre-activation holds r * (W_hn h + b_hn)
