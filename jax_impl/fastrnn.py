@@ -79,7 +79,8 @@ def _gru_forward(w_hh_t, b_hh, carry, xw_t):
 
 def _rnn_backward(w_hh, carry, xs):
     (dh,), (dh_above, h, _, _) = carry, xs
-    da = (dh + dh_above) * ((1 - h) * (1 + h))  # tanh' = 1 - h^2 as (1 - h)(1 + h): 1 - h*h would lose h*h's low bits where |h| is near 1
+    # tanh' = 1 - h^2, written (1 - h)(1 + h): 1 - h*h loses h*h's low bits where |h| is near 1
+    da = (dh + dh_above) * ((1 - h) * (1 + h))
     return (da @ w_hh,), (da, None)
 
 
@@ -118,9 +119,9 @@ def _weight_grad(d, x):
     """d^T @ x over all T*B rows: (T, B, G) and (T, B, K) -> (G, K), one matmul.
 
     d^T is laid out explicitly first (the barrier keeps XLA from folding the transpose
-    back into the dot): XLA on a CPU runs the plain (G, rows) x (rows, K) product near
-    the sgemm peak, the same dot with a transposed operand at about 70% of it
-    (see docs/fast-layer.md), which costs more than the copy.
+    back into the dot): on a CPU, XLA runs the dot with a transposed operand about a
+    third slower than the plain (G, rows) x (rows, K) product, more than the copy costs
+    (`python -m benchmarks.layouts`, docs/fast-layer.md).
     """
     rows = d.shape[0] * d.shape[1]
     d_t = jax.lax.optimization_barrier(d.reshape(rows, -1).T)  # (G, T*B)
