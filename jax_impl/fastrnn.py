@@ -79,7 +79,7 @@ def _gru_forward(w_hh_t, b_hh, carry, xw_t):
 
 def _rnn_backward(w_hh, carry, xs):
     (dh,), (dh_above, h, _, _) = carry, xs
-    # tanh' = 1 - h^2, written (1 - h)(1 + h): 1 - h*h loses h*h's low bits where |h| is near 1
+    # tanh' = 1 - h^2, written (1 - h)(1 + h) as JAX's own tanh derivative is
     da = (dh + dh_above) * ((1 - h) * (1 + h))
     return (da @ w_hh,), (da, None)
 
