@@ -197,7 +197,9 @@ def markdown(r: dict) -> str:
     t = r["throughput"]
     peak = t["peak"]["peak_flop_per_s"]
     lines += ["## One training step (ms; torch/JAX: median per-round ratio, > 1: JAX faster)", "",
-              f"sgemm peak ({t['peak']['n']}x{t['peak']['n']}, float32): {peak / 1e9:.0f} GFLOP/s.", "",
+              f"sgemm peak ({t['peak']['n']}x{t['peak']['n']}, float32): {peak / 1e9:.0f} GFLOP/s. The step and the peak run at each "
+              "framework's default matmul precision (JAX's float32 default may use TF32 on a GPU; the parity ladder above "
+              "pins full precision).", "",
               "| configuration | torch | JAX fast | JAX scan | torch/JAX fast | torch/JAX scan | % of peak torch / fast / scan |",
               "|---|---|---|---|---|---|---|"]
     for row in t["rows"]:
