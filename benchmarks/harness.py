@@ -18,8 +18,30 @@ from collections.abc import Callable
 
 
 def stats(samples: list[float]) -> dict:
-    """Median, min, max and count of a list of timings (seconds)."""
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+    """Median, min, max and count of a list of timings (seconds), and the timings themselves."""
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples),
+            "samples": list(samples)}
+
+
+def paired_ratio(a: dict, b: dict) -> dict:
+    """a's time over b's, round by round of one `interleaved` run (a burst of load hits both
+    of a round alike): the median ratio, and the lower and upper quartile of the ratios."""
+    r = sorted(x / y for x, y in zip(a["samples"], b["samples"]))
+    q = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else [r[0]] * 3
+    return {"median": statistics.median(r), "q1": q[0], "q3": q[2], "n": len(r)}
+
+
+def too_loaded(load: float, cores: int) -> bool:
+    """More runnable work than the benchmark itself can account for (it keeps up to all cores
+    busy, plus one): times are then set by the scheduler as much as by the code."""
+    return load > cores + 1
+
+
+def verdict(ok: bool, load: float, cores: int) -> str:
+    """A goal's status from an interleaved measurement, or a refusal to judge when the machine was too busy."""
+    if too_loaded(load, cores):
+        return f"too loaded to judge (load {load:.1f} on {cores} cores)"
+    return ("met" if ok else "not met") + f" (load {load:.1f} on {cores} cores)"
 
 
 def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1) -> dict[str, dict]:

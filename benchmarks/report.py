@@ -40,15 +40,36 @@ def markdown(r: dict) -> str:
         lines += [f"| {x['goal']} | {x['measured']} | {x['status']} |" for x in g]
         lines.append("")
     if r.get("throughput"):
+        peak = r.get("peak", {}).get("peak_flop_per_s")
         lines += ["## Training throughput (one full step: forward, loss, backward, clip, Adam)", "",
-                  "| configuration | torch ms/step | JAX ms/step | torch chars/s | JAX chars/s | JAX/torch | first step torch / JAX (s) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "JAX is the fast layer (`jax_impl.fastrnn`, training's default); JAX scan is the `lax.scan` reference "
+                  "differentiated by autodiff. torch/JAX: torch's time over JAX's, the median of the per-round ratios of "
+                  "one interleaved run (quartiles in brackets; > 1: JAX is faster). Load: 1-minute load average before "
+                  "and after the measurement.", "",
+                  "| configuration | torch ms/step | JAX ms/step | JAX scan ms/step | torch/JAX | torch/JAX scan | load | "
+                  "first step torch / JAX / scan (s) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for t in r["throughput"]:
-            lines.append(f"| {t['label']} | {_spread(t['torch'])} | {_spread(t['jax'])} | {t['torch']['chars_per_s']:.0f} | "
-                         f"{t['jax']['chars_per_s']:.0f} | **{t['jax_over_torch']:.2f}** | "
-                         f"{t['first_step_s']['torch']:.2f} / {t['first_step_s']['jax']:.2f} |")
+            q, qs = t["ratios"]["jax"], t["ratios"]["jax_scan"]
+            lines.append(f"| {t['label']} | {_spread(t['torch'])} | {_spread(t['jax'])} | {_spread(t['jax_scan'])} | "
+                         f"**{q['median']:.2f}** ({q['q1']:.2f}-{q['q3']:.2f}) | {qs['median']:.2f} ({qs['q1']:.2f}-{qs['q3']:.2f}) | "
+                         f"{t['loadavg'][0]:.1f}, {t['loadavg'][1]:.1f} | "
+                         f"{t['first_step_s']['torch']:.2f} / {t['first_step_s']['jax']:.2f} / {t['first_step_s']['jax_scan']:.2f} |")
         lines.append("")
-    for key, title in (("jax_variants", "JAX variants"), ("torch_threads", "torch intra-op threads"),
+        if peak:
+            p = r["peak"]
+            lines += ["### Roofline: achieved matmul rate against the sgemm peak", "",
+                      f"Peak: the best float32 {p['n']}x{p['n']} matmul of this run, "
+                      + ", ".join(f"{n} {v['flop_per_s'] / 1e9:.0f}" for n, v in p["impls"].items())
+                      + " GFLOP/s. FLOPs per step by formula (`benchmarks.training.step_flops`: forward matmuls, "
+                        "backward twice that), over the median step time.", "",
+                      "| configuration | GFLOP/step | torch GFLOP/s (% of peak) | JAX | JAX scan |", "|---|---|---|---|---|"]
+            for t in r["throughput"]:
+                cells = [f"{t[b]['flop_per_s'] / 1e9:.1f} ({t[b]['flop_per_s'] / peak:.0%})" for b in ("torch", "jax", "jax_scan")]
+                lines.append(f"| {t['label']} | {t['step_flop'] / 1e9:.2f} | " + " | ".join(cells) + " |")
+            lines.append("")
+    for key, title in (("jax_variants", "JAX variants"), ("torch_table", "layer 0's input projection in torch: per row vs table"),
+                       ("torch_threads", "torch intra-op threads"),
                        ("torch_compile", "torch eager vs torch.compile"), ("cudnn", "cuDNN (GPU only)")):
         v = r.get("variants", {}).get(key)
         if not v:
@@ -57,12 +78,21 @@ def markdown(r: dict) -> str:
         if "skipped" in v:
             lines += [f"Skipped: {v['skipped']}.", ""]
             continue
-        best = max(s["chars_per_s"] for s in v["variants"].values())
-        lines += ["| variant | ms/step | chars/s | relative |" + (" first step (s) |" if key == "jax_variants" else ""),
+        if key == "torch_table":
+            lines += ["Forward and backward of the projection alone (ms). torch's nn.RNN/LSTM/GRU project the embedded input "
+                      "inside their own kernels, so a torch model cannot take the table without giving them up.", "",
+                      "| variant | ms |", "|---|---|"]
+            lines += [f"| {name} | {_spread(s)} |" for name, s in v["variants"].items()]
+            lines.append("")
+            continue
+        best = min(s["median"] for s in v["variants"].values())
+        lines += ["| variant | ms/step | chars/s | time / fastest |" + (" first step (s) |" if key == "jax_variants" else ""),
                   "|---|---|---|---|" + ("---|" if key == "jax_variants" else "")]
         for name, s in v["variants"].items():
-            lines.append(f"| {name} | {_spread(s)} | {s['chars_per_s']:.0f} | {s['chars_per_s'] / best:.2f} |"
+            lines.append(f"| {name} | {_spread(s)} | {s['chars_per_s']:.0f} | {s['median'] / best:.2f} |"
                          + (f" {s['first_step_s']:.1f} |" if key == "jax_variants" else ""))
+        if "loadavg" in v:
+            lines.append(f"\nLoad average before and after: {v['loadavg'][0]:.1f}, {v['loadavg'][1]:.1f}.")
         if "compile_s" in v:
             lines.append(f"\ntorch.compile: first two steps (compiling without and with a hidden state) took {v['compile_s']:.1f} s.")
         lines.append("")
@@ -73,7 +103,7 @@ def markdown(r: dict) -> str:
     elif st:
         lines += [f"JAX with XLA on one thread: {st.get('skipped')}", ""]
     c = r.get("clipping")
-    if c:
+    if c and "copy_bandwidth" in c:
         bw = c["copy_bandwidth"]
         lines += ["## Clipping", "",
                   f"Copy bandwidth ({bw['elements']:.0e} float32, read + write): "
@@ -155,10 +185,10 @@ def plots(r: dict, out: Path) -> list[str]:
 
     if r.get("throughput"):
         rows = r["throughput"]
-        fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6))
+        fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.6))
         y = np.arange(len(rows))
-        for off, b in ((-0.2, "torch"), (0.2, "jax")):
-            ax.barh(y + off, [t[b]["chars_per_s"] for t in rows], height=0.4, label=b,
+        for off, b in ((-0.27, "torch"), (0, "jax"), (0.27, "jax_scan")):
+            ax.barh(y + off, [t[b]["chars_per_s"] for t in rows], height=0.27, label={"jax": "jax (fast layer)"}.get(b, b),
                     xerr=[[t[b]["chars_per_s"] - t["case"]["batch"] * t["case"]["seq"] / t[b]["max"] for t in rows],
                           [t["case"]["batch"] * t["case"]["seq"] / t[b]["min"] - t[b]["chars_per_s"] for t in rows]])
         ax.set_yticks(y, [t["label"] for t in rows])
@@ -166,6 +196,18 @@ def plots(r: dict, out: Path) -> list[str]:
         ax.set_xlabel("characters per second (one full training step; bars: median, whiskers: min-max)")
         ax.legend()
         save(fig, "throughput.png")
+        peak = r.get("peak", {}).get("peak_flop_per_s")
+        if peak:
+            fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.6))
+            for off, b in ((-0.27, "torch"), (0, "jax"), (0.27, "jax_scan")):
+                ax.barh(y + off, [t[b]["flop_per_s"] / peak for t in rows], height=0.27, label={"jax": "jax (fast layer)"}.get(b, b))
+            ax.axvline(1.0, color="k", lw=0.8, ls="--", label=f"sgemm peak ({peak / 1e9:.0f} GFLOP/s)")
+            ax.axvline(0.85, color="r", lw=0.8, ls=":", label="goal: 85% of peak")
+            ax.set_yticks(y, [t["label"] for t in rows])
+            ax.invert_yaxis()
+            ax.set_xlabel("matmul FLOPs per step (formula) / median step time / sgemm peak")
+            ax.legend(fontsize=8)
+            save(fig, "roofline.png")
     sc = r.get("scaling", {})
     for key, xlabel in (("seq", "sequence length T"), ("hidden", "hidden size H")):
         pts = sc.get(key)
@@ -197,7 +239,7 @@ def plots(r: dict, out: Path) -> list[str]:
         ax.legend(fontsize=8)
         save(fig, "memory_seq.png")
     c = r.get("clipping")
-    if c:
+    if c and "copy_bandwidth" in c:
         bw = c["copy_bandwidth"]["best_bytes_per_s"]
         for key, xlabel in (("by_size", "parameters (10 tensors)"), ("by_tensors", "number of tensors (fixed total)")):
             rows = c.get(key)

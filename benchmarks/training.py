@@ -1,7 +1,9 @@
 """Training-step benchmarks: throughput of both backends, variants, scaling, memory, first step.
 
-Every torch/JAX comparison builds both Trainers from the same initial weights and feeds
-them the same batches of the embedded Shakespeare, timing their `.step` alternately.
+Every torch/JAX comparison builds the Trainers from the same initial weights and feeds
+them the same batches of the embedded Shakespeare, timing their `.step` alternately;
+"jax" is the JAX Trainer as training runs it (the fast layer), "jax_scan" the same
+Trainer on the `lax.scan` reference layer.
 A JAX step returns only after `float()` of its loss and norm (as the run loop does),
 a torch step after `.item()`: both measurements end with the work done.
 """
@@ -14,12 +16,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.harness import interleaved, stats, timed
+from benchmarks.harness import interleaved, paired_ratio, stats, timed
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
 
 CORPUS_CHARS = 2_000_000  # enough for 512 x 64 x several batches, quick to encode
@@ -91,28 +92,85 @@ class Feeder:
 
 
 def trainers(case: Case, device: str, backends=("torch", "jax")):
-    """Trainers of the named backends for `case`, all from the same initial weights."""
+    """Trainers of the named backends for `case`, all from the same initial weights.
+
+    "jax" is the JAX Trainer as training uses it (the fast layer); "jax_scan" is the JAX
+    Trainer on the `lax.scan` reference layer.
+    """
     from charclip.backends import module as backend_module
     from charclip.weights import init_params
 
     model, train = case.configs(tokens()[1])
     params = init_params(model, 0, train.dtype)
-    return {b: backend_module(b, "train").Trainer(model, train, params, device=device) for b in backends}
+    out = {}
+    for b in backends:
+        if b == "jax_scan":
+            out[b] = backend_module("jax", "train").Trainer(model, train, params, device=device, layer="scan")
+        else:
+            out[b] = backend_module(b, "train").Trainer(model, train, params, device=device)
+    return out
+
+
+def step_flops(case: Case, vocab_size: int) -> dict:
+    """Matmul FLOPs of one training step, by formula (XLA's cost_analysis counts a loop body once).
+
+    Forward, per layer: the input projection 2 T B K G and the recurrence 2 T B H G
+    (G = gates x H, K = the layer's input width), plus the head 2 T B H V. Backward: twice
+    the forward (each product has a gradient for each of its two operands). The count is
+    the model's, the same for both backends: a backend that skips work (JAX's lookup table
+    for layer 0) gets credit for the time it saves, not for fewer FLOPs.
+    """
+    g = {"rnn": 1, "lstm": 4, "gru": 3}[case.cell] * case.hidden
+    rows = case.batch * case.seq
+    fwd = sum(2 * rows * ((case.embed if k == 0 else case.hidden) + case.hidden) * g for k in range(case.layers))
+    fwd += 2 * rows * case.hidden * vocab_size
+    return {"forward": fwd, "step": 3 * fwd}
+
+
+def sgemm_peak(device: str, repeats: int, n: int = 1024) -> dict:
+    """The best float32 matmul rate (FLOP/s) of each framework on square n x n operands: the roofline's ceiling."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from jax_impl.train import device_of
+
+    dev = "cuda" if device == "gpu" else "cpu"
+    a = torch.randn(n, n, device=dev)
+    ja = jax.device_put(jnp.asarray(a.cpu().numpy()), device_of(device))
+    jdot = jax.jit(lambda x: x @ x)
+
+    def torch_mm():
+        out = a @ a
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    res = interleaved({"torch.mm": torch_mm, "jnp.dot (jit)": lambda: jdot(ja).block_until_ready()},
+                      repeats=max(repeats, 5) * 4, warmup=2)
+    flop = 2 * n**3
+    impls = {k: {**v, "flop_per_s": flop / v["min"]} for k, v in res.items()}  # best: the ceiling, not the typical
+    return {"n": n, "impls": impls, "peak_flop_per_s": max(v["flop_per_s"] for v in impls.values())}
 
 
 def throughput(case: Case, *, device: str, repeats: int, memory: bool = False) -> dict:
-    """Chars/s of one full training step in each backend, timed alternately; plus each one's first step."""
+    """One full training step of torch, JAX (fast layer) and JAX (scan), timed alternately; plus each one's first step."""
     data = batches(case, 4)
     first = {}
-    tr = trainers(case, device)
+    load_start = os.getloadavg()[0]
+    tr = trainers(case, device, ("torch", "jax", "jax_scan"))
     for name, t in tr.items():
         first[name] = timed(lambda t=t: t.step(*data[0]))[1]  # JAX: trace + compile + run; torch: warm-up
     res = interleaved({name: Feeder(t.step, data) for name, t in tr.items()}, repeats=repeats, warmup=1)
     chars = case.batch * case.seq
-    out = {"case": dataclasses.asdict(case), "label": case.label, "first_step_s": first}
+    flops = step_flops(case, tokens()[1])["step"]
+    out = {"case": dataclasses.asdict(case), "label": case.label, "first_step_s": first, "step_flop": flops,
+           "loadavg": [load_start, os.getloadavg()[0]]}
     for name, s in res.items():
-        out[name] = {**s, "chars_per_s": chars / s["median"]}
-    out["jax_over_torch"] = out["jax"]["chars_per_s"] / out["torch"]["chars_per_s"]
+        out[name] = {**s, "chars_per_s": chars / s["median"], "flop_per_s": flops / s["median"]}
+    # Paired, round by round: torch's time over JAX's (> 1: JAX is faster).
+    out["jax_over_torch"] = paired_ratio(res["torch"], res["jax"])["median"]
+    out["ratios"] = {"jax": paired_ratio(res["torch"], res["jax"]), "jax_scan": paired_ratio(res["torch"], res["jax_scan"])}
     if memory:
         out["memory"] = {"torch_saved_for_backward_bytes": torch_saved_bytes(tr["torch"], data[0]),
                          "jax": jax_memory(tr["jax"], data[0])}
@@ -122,78 +180,71 @@ def throughput(case: Case, *, device: str, repeats: int, memory: bool = False) -
 # ---------------------------------------------------------------- JAX variants
 
 
-def _loss_projection_inside(params, x, y, state, *, cfg: ModelConfig, unroll: int = 1):
-    """jax_impl.model.loss, except that each layer's input projection is done step by step inside the scan."""
-    import jax
-    import jax.numpy as jnp
-
-    from jax_impl import model as M
-
-    seq = params["embedding.weight"][x]  # (B, T, E)
-    finals = []
-    for k in range(cfg.num_layers):
-        w_ih, b_ih = params[f"rnn.weight_ih_l{k}"], params[f"rnn.bias_ih_l{k}"]
-        w_hh, b_hh = params[f"rnn.weight_hh_l{k}"], params[f"rnn.bias_hh_l{k}"]
-
-        def step(s, x_t, w_ih=w_ih, b_ih=b_ih, w_hh=w_hh, b_hh=b_hh):
-            s = M._cell(cfg.cell, x_t @ w_ih.T + b_ih, s, w_hh, b_hh)  # (B, G*H) projection per step
-            return s, s[0]
-
-        s_k, hs = jax.lax.scan(step, tuple(part[k] for part in state), jnp.swapaxes(seq, 0, 1), unroll=unroll)
-        seq = jnp.swapaxes(hs, 0, 1)
-        finals.append(s_k)
-    final = tuple(jnp.stack([f[i] for f in finals]) for i in range(len(state)))
-    logits = seq @ params["head.weight"].T + params["head.bias"]
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), y[..., None], axis=-1)
-    return jnp.mean(nll), final
-
-
 class JaxStepper:
-    """Holds the state around a jitted step (params, opt_state, state, x, y) -> (..., metrics), like the Trainer."""
+    """Holds the state around a jitted step (params, opt_state, state, x, y, lr) -> (..., metrics), like the Trainer."""
 
     def __init__(self, trainer, step_fn):
         self.t, self.fn = trainer, step_fn
-        self.params, self.opt, self.state = trainer.params, trainer.opt_state, trainer._state_for(trainer.cfg.batch_size)
+        self.params, self.opt, self.state = trainer.params, trainer.opt_state, trainer._hidden_for(trainer.cfg.batch_size)
 
     def __call__(self, x, y):
-        self.params, self.opt, self.state, m = self.fn(self.params, self.opt, self.state, x, y)
+        self.params, self.opt, self.state, m = self.fn(self.params, self.opt, self.state, x, y, self.t.cfg.lr)
         return float(m["loss"]), float(m["grad_norm"])
 
 
-def _step_with_loss(trainer, loss_fn):
-    """The train step of jax_impl.train.make_train_step with another loss function (same ops otherwise)."""
-    import jax
-    import optax
-
-    tx, mcfg = trainer.tx, trainer.model_cfg
-
-    def train_step(params, opt_state, state, x, y):
-        (loss, final), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, state, cfg=mcfg)
-        norm = optax.tree.norm(grads)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_opt_state, final, {"loss": loss, "grad_norm": norm}
-
-    return jax.jit(train_step)
-
-
 def jax_variants(case: Case, *, device: str, repeats: int, unrolls: tuple[int, ...]) -> dict:
-    """Input projection outside vs inside the scan, and the scan's `unroll`, all timed alternately."""
+    """The recurrent layers (`jax_impl.model.LAYERS`) and the scans' `unroll`, all timed alternately."""
     from jax_impl import model as M
     from jax_impl.train import make_train_step
 
     t = trainers(case, device, ("jax",))["jax"]
     data = batches(case, 4)
-    steppers = {
-        "projection outside scan (default)": JaxStepper(t, _step_with_loss(t, M.loss)),
-        "projection inside scan": JaxStepper(t, _step_with_loss(t, _loss_projection_inside)),
-    }
+    names = {"fast": "fast layer (default)", "fast-no-table": "fast layer, layer 0 projected (no table)",
+             "scan": "lax.scan reference (autodiff)"}
+    steppers = {names[layer]: JaxStepper(t, make_train_step(t.model_cfg, t.cfg, t.tx, layer=layer)) for layer in M.LAYERS}
     for u in unrolls:
-        steppers[f"unroll={u}"] = JaxStepper(t, make_train_step(t.model_cfg, t.cfg, t.tx, unroll=u))
+        steppers[f"fast layer, unroll={u}"] = JaxStepper(t, make_train_step(t.model_cfg, t.cfg, t.tx, unroll=u))
+        steppers[f"scan, unroll={u}"] = JaxStepper(t, make_train_step(t.model_cfg, t.cfg, t.tx, layer="scan", unroll=u))
     compile_s = {name: timed(lambda s=s: s(*data[0]))[1] for name, s in steppers.items()}
+    load_start = os.getloadavg()[0]
     res = interleaved({name: Feeder(s, data) for name, s in steppers.items()}, repeats=repeats, warmup=1)
     chars = case.batch * case.seq
-    return {"case": dataclasses.asdict(case), "label": case.label,
+    return {"case": dataclasses.asdict(case), "label": case.label, "loadavg": [load_start, os.getloadavg()[0]],
             "variants": {n: {**s, "chars_per_s": chars / s["median"], "first_step_s": compile_s[n]} for n, s in res.items()}}
+
+
+def torch_table(case: Case, *, device: str, repeats: int) -> dict:
+    """Layer 0's input projection in torch, forward and backward: per row, as nn.RNN/LSTM/GRU
+    compute it (embedding rows, then x W_ih0^T + b), vs as a table (V rows, then gathered).
+
+    torch's recurrent modules take the embedded input and project it inside their own
+    kernel, so a table cannot be handed to them: the difference measured here is what a
+    torch model giving up nn.LSTM for a hand-written loop could at most save.
+    """
+    import torch
+
+    dev = "cuda" if device == "gpu" else "cpu"
+    model, _ = case.configs(tokens()[1])
+    g = {"rnn": 1, "lstm": 4, "gru": 3}[case.cell] * case.hidden
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(model.vocab_size, case.embed, generator=gen).to(dev).requires_grad_()
+    w = (torch.randn(g, case.embed, generator=gen) * 0.06).to(dev).requires_grad_()
+    b = torch.zeros(g, device=dev, requires_grad=True)
+    x = torch.from_numpy(batches(case, 1)[0][0]).to(dev)
+    d_out = torch.randn(case.batch, case.seq, g, generator=gen).to(dev)
+
+    def run(project):
+        def go():
+            emb.grad = w.grad = b.grad = None
+            project().backward(d_out)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+        return go
+
+    res = interleaved({"per row: embedding[x] @ W_ih0^T + b": run(lambda: emb[x] @ w.T + b),
+                       "table: (embedding @ W_ih0^T + b)[x]": run(lambda: (emb @ w.T + b)[x])},
+                      repeats=max(repeats, 5) * 2, warmup=2)
+    return {"case": dataclasses.asdict(case), "label": case.label, "variants": res}
 
 
 # ---------------------------------------------------------------- torch variants
@@ -274,6 +325,8 @@ def torch_saved_bytes(trainer, batch) -> int:
     """Bytes of the distinct tensors autograd keeps for backward in one forward pass (activation memory)."""
     import torch
 
+    from torch_impl import model as torch_model
+
     seen: dict[int, int] = {}
 
     def pack(tensor):
@@ -281,7 +334,7 @@ def torch_saved_bytes(trainer, batch) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = trainer._loss(*batch, None)
+        loss, _ = torch_model.loss(trainer.model, *batch, None)
     del loss
     return sum(seen.values())
 
@@ -289,7 +342,8 @@ def torch_saved_bytes(trainer, batch) -> int:
 def jax_memory(trainer, batch) -> dict | None:
     """XLA's compiled memory analysis of a JAX Trainer's step (cached after its first step): bytes."""
     x, y = batch
-    compiled = trainer.train_step.lower(trainer.params, trainer.opt_state, trainer._state_for(len(x)), x, y).compile()
+    compiled = trainer.train_step.lower(trainer.params, trainer.opt_state, trainer._hidden_for(len(x)), x, y,
+                                        trainer.cfg.lr).compile()
     try:
         m = compiled.memory_analysis()
     except Exception:  # not every backend / version implements it
@@ -366,7 +420,7 @@ def jax_compile_split(case: Case, device: str) -> dict:
     t = trainers(case, device, ("jax",))["jax"]
     x, y = batches(case, 1)[0]
     step = make_train_step(t.model_cfg, t.cfg, t.tx)
-    lowered, lower_s = timed(lambda: step.lower(t.params, t.opt_state, t._state_for(case.batch), x, y))
+    lowered, lower_s = timed(lambda: step.lower(t.params, t.opt_state, t._hidden_for(case.batch), x, y, t.cfg.lr))
     _, compile_s = timed(lambda: lowered.compile())
     return {"trace_lower_s": lower_s, "compile_s": compile_s}
 

@@ -216,7 +216,7 @@ class MeshTrainer(T.Trainer):
         if self.layout == "shard_map":
             step = make_shard_map_step(self.model_cfg, self.cfg, self.tx, self.mesh, self.specs, self.opt_specs)
         else:
-            step = T.make_train_step(self.model_cfg, self.cfg, self.tx)
+            step = T.make_train_step(self.model_cfg, self.cfg, self.tx, layer=self.layer)
         b, s, r = self.batch_sharding, self.state_sharding, self._on(P())
         return jax.jit(step, in_shardings=(self.shardings, self.opt_shardings, s, b, b, r),
                        out_shardings=(self.shardings, self.opt_shardings, s, r))

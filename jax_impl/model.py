@@ -7,7 +7,9 @@ PyTorch: i, f, g, o for the LSTM; r, z, n for the GRU, whose candidate is
 n = tanh(W_in x + b_in + r * (W_hn h + b_hn)).
 
 Each layer computes its input projection for all time steps as one matmul,
-then runs the recurrence as a `lax.scan` over time.
+then runs the recurrence as a `lax.scan` over time: the readable reference,
+differentiated by autodiff. `layer="fast"` computes the same model with
+`jax_impl.fastrnn`, whose hand-written backward pass is what training uses.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from charclip.config import ModelConfig
 from charclip.weights import init_params
+from jax_impl import fastrnn
 
 
 def init(cfg: ModelConfig, seed: int, dtype: str = "float32") -> dict[str, jax.Array]:
@@ -48,8 +51,15 @@ def _cell(cell: str, xw_t, state, w_hh, b_hh):
     return ((1 - z) * n + z * state[0],)
 
 
-def apply(params, x, state, *, cfg: ModelConfig, unroll: int = 1):
+LAYERS = ("scan", "fast", "fast-no-table")  # the reference; jax_impl.fastrnn with and without its lookup table
+
+
+def apply(params, x, state, *, cfg: ModelConfig, layer: str = "scan", unroll: int = 1):
     """Logits (B, T, V) for tokens x (B, T) and the final state, each part (L, B, H)."""
+    if layer != "scan":
+        if layer not in LAYERS:
+            raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
+        return fastrnn.apply(params, x, state, cfg=cfg, table=layer == "fast", unroll=unroll)
     seq = params["embedding.weight"][x]  # (B, T, E)
     finals = []
     for k in range(cfg.num_layers):
@@ -67,9 +77,9 @@ def apply(params, x, state, *, cfg: ModelConfig, unroll: int = 1):
     return seq @ params["head.weight"].T + params["head.bias"][None, None, :], final
 
 
-def loss(params, x, y, state, *, cfg: ModelConfig, unroll: int = 1):
+def loss(params, x, y, state, *, cfg: ModelConfig, layer: str = "scan", unroll: int = 1):
     """Mean cross-entropy over every position (nats per character), and the final state."""
-    logits, final = apply(params, x, state, cfg=cfg, unroll=unroll)
+    logits, final = apply(params, x, state, cfg=cfg, layer=layer, unroll=unroll)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)
     return jnp.mean(nll), final

@@ -74,7 +74,7 @@ def with_learning_rate(opt_state, lr):
     return jax.tree.map(put, opt_state, is_leaf=lambda s: hasattr(s, "hyperparams"))
 
 
-def loss_and_grads(model_cfg: ModelConfig, cfg: TrainConfig, params, x, y, state, *, unroll: int = 1):
+def loss_and_grads(model_cfg: ModelConfig, cfg: TrainConfig, params, x, y, state, *, layer: str = "fast", unroll: int = 1):
     """((mean loss, final state), gradient) of the batch, as `accumulate` equal micro-batches.
 
     With K > 1 micro-batches of B/K streams each, the gradient is the sum of the gradients of
@@ -85,14 +85,14 @@ def loss_and_grads(model_cfg: ModelConfig, cfg: TrainConfig, params, x, y, state
     grad = jax.value_and_grad(M.loss, has_aux=True)
     k = cfg.accumulate
     if k == 1:
-        return grad(params, x, y, state, cfg=model_cfg, unroll=unroll)
+        return grad(params, x, y, state, cfg=model_cfg, layer=layer, unroll=unroll)
     b = x.shape[0] // k
     xs, ys = x.reshape(k, b, -1), y.reshape(k, b, -1)  # (K, B/K, T)
     states = tuple(jnp.swapaxes(s.reshape(s.shape[0], k, b, s.shape[2]), 0, 1) for s in state)  # (K, L, B/K, H)
 
     def micro(acc, batch):
         xk, yk, sk = batch
-        (loss_k, final_k), g = jax.value_and_grad(lambda p: _scaled_loss(p, xk, yk, sk, model_cfg, k, unroll), has_aux=True)(params)
+        (loss_k, final_k), g = jax.value_and_grad(lambda p: _scaled_loss(p, xk, yk, sk, model_cfg, k, layer, unroll), has_aux=True)(params)
         return jax.tree.map(jnp.add, acc, (loss_k, g)), final_k
 
     zero = (jnp.zeros((), jnp.dtype(cfg.dtype)), jax.tree.map(jnp.zeros_like, params))
@@ -101,16 +101,23 @@ def loss_and_grads(model_cfg: ModelConfig, cfg: TrainConfig, params, x, y, state
     return (loss, final), grads
 
 
-def _scaled_loss(params, x, y, state, model_cfg, k, unroll):
-    loss, final = M.loss(params, x, y, state, cfg=model_cfg, unroll=unroll)
+def _scaled_loss(params, x, y, state, model_cfg, k, layer, unroll):
+    loss, final = M.loss(params, x, y, state, cfg=model_cfg, layer=layer, unroll=unroll)
     return loss / k, final
 
 
-def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.GradientTransformation, *, unroll: int = 1):
-    """The pure step (params, opt_state, state, x, y, lr) -> (params, opt_state, state, metrics), jitted."""
+def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.GradientTransformation, *,
+                    layer: str = "fast", unroll: int = 1):
+    """The pure step (params, opt_state, state, x, y, lr) -> (params, opt_state, state, metrics), jitted.
+
+    `layer` picks the recurrent layer (`jax_impl.model.LAYERS`): "fast", the default, is
+    `jax_impl.fastrnn`'s hand-written backward pass; "scan" is autodiff of the reference.
+    """
+    if layer not in M.LAYERS:
+        raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(M.LAYERS)}")
 
     def train_step(params, opt_state, state, x, y, lr):
-        (loss, final), grads = loss_and_grads(model_cfg, cfg, params, x, y, state, unroll=unroll)
+        (loss, final), grads = loss_and_grads(model_cfg, cfg, params, x, y, state, layer=layer, unroll=unroll)
         norm = optax.tree.norm(grads)  # measured before clipping, as optax.clip_by_global_norm measures it
         opt_state = with_learning_rate(opt_state, lr)
         updates, new_opt_state = optax_update(tx, grads, opt_state, params)
@@ -125,8 +132,8 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Gradient
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, params: dict[str, np.ndarray], *,
                  adam: dict[str, np.ndarray] | None = None, hidden: dict[str, np.ndarray] | None = None,
-                 device: str = "cpu"):
-        self.model_cfg, self.cfg = model_cfg, cfg
+                 device: str = "cpu", layer: str = "fast"):
+        self.model_cfg, self.cfg, self.layer = model_cfg, cfg, layer
         self.device = D.resolve(device)
         self.dtype = jnp.dtype(cfg.dtype)
         self.tx = self._optimizer()
@@ -138,7 +145,7 @@ class Trainer:
             self._load_adam(adam)
         self.hidden = None if hidden is None else self._put_hidden(M.hidden_from_numpy(hidden))
         self.train_step = self._compile_step()
-        self._eval_loss = jax.jit(lambda p, x, y, s: M.loss(p, x, y, s, cfg=model_cfg))
+        self._eval_loss = jax.jit(lambda p, x, y, s: M.loss(p, x, y, s, cfg=model_cfg, layer=layer))
         self._apply = jax.jit(_apply_updates(self.tx))
 
     def reset_hidden(self) -> None:
@@ -214,7 +221,7 @@ class Trainer:
         return jax.device_put(hidden, self.device)
 
     def _compile_step(self):
-        return make_train_step(self.model_cfg, self.cfg, self.tx)
+        return make_train_step(self.model_cfg, self.cfg, self.tx, layer=self.layer)
 
 
 def _apply_updates(tx: optax.GradientTransformation):

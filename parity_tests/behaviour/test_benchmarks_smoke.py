@@ -26,3 +26,36 @@ def test_split_sizes_and_default_case():
 
 def test_exponent_fit_recovers_a_power_law():
     assert abs(report.fit_exponent([32, 64, 128], [3.0, 12.0, 48.0]) - 2.0) < 1e-9  # exact powers of two: only rounding
+
+
+def test_step_flops_of_the_default_configuration():
+    """The issue's count: 7.1 GFLOP forward, 21.4 per step (LSTM 2x256, E 64, B 64, T 64, V 65)."""
+    from benchmarks.training import step_flops
+
+    f = step_flops(Case.default(), 65)
+    assert round(f["forward"] / 1e9, 1) == 7.1 and round(f["step"] / 1e9, 1) == 21.3, f
+    double_t = step_flops(Case.default(seq=128), 65)
+    assert double_t["step"] == 2 * f["step"]  # linear in T (truncated BPTT)
+
+
+def test_paired_ratio_and_the_verdict_under_load():
+    from benchmarks.harness import paired_ratio, verdict
+
+    a, b = {"samples": [2.0, 4.0, 6.0]}, {"samples": [1.0, 1.0, 3.0]}
+    assert paired_ratio(a, b) == {"median": 2.0, "q1": 2.0, "q3": 3.0, "n": 3}  # round by round: 2, 4, 2
+    assert verdict(True, 1.5, 2).startswith("met")
+    assert verdict(False, 2.9, 2).startswith("not met")
+    assert verdict(True, 3.5, 2) == "too loaded to judge (load 3.5 on 2 cores)"
+
+
+def test_quick_and_partial_runs_never_write_the_committed_folder(tmp_path, monkeypatch, capsys):
+    from benchmarks import harness, suite
+
+    monkeypatch.setattr(suite, "RESULTS", tmp_path)
+    assert suite.main(["--quick", "--only", "sgemm peak"]) == 0
+    machine = harness.machine_name("cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{machine}-partial"]
+    r = json.loads((tmp_path / f"{machine}-partial" / "results.json").read_text())
+    assert r["mode"] == "quick (partial)" and r["peak"]["peak_flop_per_s"] > 0
+    assert suite.main(["--only", "no such task"]) == 2
+    assert "no task matches" in capsys.readouterr().err

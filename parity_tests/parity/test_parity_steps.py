@@ -64,18 +64,20 @@ def test_a_wrong_norm_is_caught_although_adam_would_hide_it(monkeypatch):
 
 
 def test_a_wrong_gate_order_is_caught_in_the_forward_pass(monkeypatch):
-    """Swap the GRU's reset and update gates in JAX: the first rungs of the ladder fail."""
+    """Swap the GRU's reset and update gates in JAX, in the scan reference (the logits rung) and in
+    the fast layer (the Trainer's: final state and loss): the first rungs of the ladder fail."""
+    import jax.numpy as jnp
+
+    from jax_impl import fastrnn
     from jax_impl import model as jax_model
 
-    real = jax_model._cell
-
-    def swapped(cell, xw_t, state, w_hh, b_hh):
-        import jax.numpy as jnp
-
+    def swap(xw_t):
         r, z, n = jnp.split(xw_t, 3, axis=-1)
-        return real(cell, jnp.concatenate([z, r, n], axis=-1), state, w_hh, b_hh)
+        return jnp.concatenate([z, r, n], axis=-1)
 
-    monkeypatch.setattr(jax_model, "_cell", swapped)
+    real_cell, real_fast = jax_model._cell, fastrnn._FORWARD["gru"]
+    monkeypatch.setattr(jax_model, "_cell", lambda cell, xw_t, *rest: real_cell(cell, swap(xw_t), *rest))
+    monkeypatch.setitem(fastrnn._FORWARD, "gru", lambda w_hh_t, b_hh, carry, xw_t: real_fast(w_hh_t, b_hh, carry, swap(xw_t)))
     report = parity.run_parity("gru", 1, "float64", steps=2, **{**SMALL, "sample_chars": 0})
     failed = {r.quantity for r in report.rows if not r.ok}
     assert {"logits", "final h", "loss"} <= failed, _failures(report)

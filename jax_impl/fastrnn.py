@@ -1,0 +1,220 @@
+"""The char-RNN's recurrent layers with a hand-written backward pass (`jax.custom_vjp`).
+
+Same model, same parameters, same numbers as `jax_impl.model`'s `lax.scan`
+reference (PyTorch layouts and gate orders); only the order of the work differs.
+Autodiff of the reference computes dW_hh inside the backward loop: one small
+(G*H, B) x (B, H) product per time step, accumulated. Here the backward loop
+does only what must be sequential, as cuDNN does:
+
+    backward loop, t = T-1 .. 0, carrying dh (and dc for the LSTM):
+        dh   += dL/dh_t from the layer above
+        da_t  = dL/d(pre-activations at t), from dh, dc and the gates saved by the forward pass
+        dh    = da_t @ W_hh                 (dL/dh_{t-1}; (B, G*H) x (G*H, H))
+    after the loop, once over all T*B rows:
+        dW_hh = da^T @ h_prev               ((G*H, T*B) x (T*B, H): one large matmul)
+        db_hh = sum of da over rows
+
+dW_ih and db_ih are one matmul too, in the backward pass of `project`, the input
+projection x @ W_ih^T + b_ih of all steps at once, outside the layer. Layer 0's
+input projection is a lookup table (see `input_table`).
+
+Everything inside is time-major, (T, B, ...), so each step reads and writes one
+contiguous (B, ...) slab, and T*B rows reshape for free.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from charclip.config import ModelConfig
+
+
+# ---------------------------------------------------------------- one time step, forward
+
+
+def _rnn_forward(w_hh_t, b_hh, carry, xw_t):
+    """h' = tanh(xw_t + h W_hh^T + b_hh). Saved for backward: h' (the output itself)."""
+    (h,) = carry
+    h = jnp.tanh(xw_t + h @ w_hh_t + b_hh)
+    return (h,), (h, ())
+
+
+def _lstm_forward(w_hh_t, b_hh, carry, xw_t):
+    """PyTorch's LSTM step (gates i, f, g, o). Saved: the sigmoid of all gates, g, and c'."""
+    h, c = carry
+    hid = h.shape[-1]
+    a = xw_t + h @ w_hh_t + b_hh  # (B, 4H) pre-activations
+    s = jax.nn.sigmoid(a)  # one sigmoid over all four gates; g's quarter is unused (tanh below)
+    i, f, o = s[:, :hid], s[:, hid:2 * hid], s[:, 3 * hid:]
+    g = jnp.tanh(a[:, 2 * hid:3 * hid])
+    c = f * c + i * g
+    h = o * jnp.tanh(c)
+    return (h, c), (h, (s, g, c))
+
+
+def _gru_forward(w_hh_t, b_hh, carry, xw_t):
+    """PyTorch's GRU step (gates r, z, n). Saved: sigmoid(r, z), n, and W_hn h + b_hn."""
+    (h,) = carry
+    hid = h.shape[-1]
+    hw = h @ w_hh_t + b_hh  # (B, 3H)
+    rz = jax.nn.sigmoid(xw_t[:, :2 * hid] + hw[:, :2 * hid])  # one sigmoid over both gates
+    r, z = rz[:, :hid], rz[:, hid:]
+    hn = hw[:, 2 * hid:]
+    n = jnp.tanh(xw_t[:, 2 * hid:] + r * hn)
+    h_new = (1 - z) * n + z * h
+    return (h_new,), (h_new, (rz, n, hn))
+
+
+# ---------------------------------------------------------------- one time step, backward
+#
+# Each takes the carried cotangent, the cotangent arriving from above (dhs_t), and what the
+# forward step saved (plus h_{t-1}, or c_{t-1} for the LSTM); it returns the new carry and
+# the pre-activation derivatives (d xw_t, d hw_t), where hw_t = h_{t-1} W_hh^T + b_hh.
+# They coincide (d hw_t is then None, stored once) except for the GRU's candidate n,
+# where W_hn h + b_hn is multiplied by r.
+
+
+def _rnn_backward(w_hh, carry, xs):
+    (dh,), (dh_above, h, _, _) = carry, xs
+    # tanh' = 1 - h^2, written (1 - h)(1 + h) as JAX's own tanh derivative is
+    da = (dh + dh_above) * ((1 - h) * (1 + h))
+    return (da @ w_hh,), (da, None)
+
+
+def _lstm_backward(w_hh, carry, xs):
+    (dh, dc), (dh_above, _, (s, g, c), c_prev) = carry, xs
+    hid = dh.shape[-1]
+    i, f, o = s[:, :hid], s[:, hid:2 * hid], s[:, 3 * hid:]
+    dh = dh + dh_above
+    tc = jnp.tanh(c)
+    dc = dc + dh * o * ((1 - tc) * (1 + tc))
+    # d(gate) times the activation's derivative: sigmoid' = s (1 - s), tanh' = (1 - g)(1 + g)
+    da = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * ((1 - g) * (1 + g)), dh * tc * o * (1 - o)], axis=-1)
+    return (da @ w_hh, dc * f), (da, None)
+
+
+def _gru_backward(w_hh, carry, xs):
+    (dh,), (dh_above, _, (rz, n, hn), h_prev) = carry, xs
+    hid = dh.shape[-1]
+    r, z = rz[:, :hid], rz[:, hid:]
+    dh = dh + dh_above
+    dan = dh * (1 - z) * ((1 - n) * (1 + n))  # through h' = (1 - z) n + z h and n = tanh(.)
+    drz = jnp.concatenate([dan * hn, dh * (h_prev - n)], axis=-1) * rz * (1 - rz)
+    dxw = jnp.concatenate([drz, dan], axis=-1)
+    dhw = jnp.concatenate([drz, dan * r], axis=-1)  # n's pre-activation holds r * (W_hn h + b_hn)
+    return (dh * z + dhw @ w_hh,), (dxw, dhw)
+
+
+_FORWARD = {"rnn": _rnn_forward, "lstm": _lstm_forward, "gru": _gru_forward}
+_BACKWARD = {"rnn": _rnn_backward, "lstm": _lstm_backward, "gru": _gru_backward}
+
+
+# ---------------------------------------------------------------- weight gradients over all rows
+
+
+def _weight_grad(d, x):
+    """d^T @ x over all T*B rows: (T, B, G) and (T, B, K) -> (G, K), one matmul.
+
+    d^T is laid out explicitly first (the barrier keeps XLA from folding the transpose
+    back into the dot): on a CPU, XLA runs the dot with a transposed operand about a
+    third slower than the plain (G, rows) x (rows, K) product, more than the copy costs
+    (`python -m benchmarks.layouts`, docs/fast-layer.md).
+    """
+    rows = d.shape[0] * d.shape[1]
+    d_t = jax.lax.optimization_barrier(d.reshape(rows, -1).T)  # (G, T*B)
+    return d_t @ x.reshape(rows, -1)
+
+
+@jax.custom_vjp
+def project(x, w, b):
+    """The input projection of every step at once: x (T, B, K) @ w^T (K, G) + b -> (T, B, G)."""
+    return x @ w.T + b.reshape((1,) * (x.ndim - 1) + b.shape)  # the bias broadcast explicitly over the leading axes
+
+
+def _project_fwd(x, w, b):
+    return project(x, w, b), (x, w)
+
+
+def _project_bwd(res, d):
+    x, w = res
+    return d @ w, _weight_grad(d, x), d.sum(axis=(0, 1))
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
+# ---------------------------------------------------------------- the layer
+
+
+def _scan_forward(cell, xw, state, w_hh, b_hh, unroll):
+    # W_hh^T laid out once, outside the loop; the bias as a (1, G*H) row, broadcast over B explicitly
+    step = functools.partial(_FORWARD[cell], w_hh.T, b_hh[None, :])
+    final, (hs, saved) = jax.lax.scan(step, state, xw, unroll=unroll)
+    return hs, final, saved
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def layer(cell: str, xw, state, w_hh, b_hh, unroll: int):
+    """One recurrent layer over a whole sequence, time-major.
+
+    xw: (T, B, G*H), the input projection x_t W_ih^T + b_ih of every step; state: (h0,)
+    or (h0, c0), each (B, H); w_hh (G*H, H) and b_hh (G*H,) in PyTorch's layout.
+    Returns hs (T, B, H), every step's h, and the final state.
+    """
+    hs, final, _ = _scan_forward(cell, xw, state, w_hh, b_hh, unroll)
+    return hs, final
+
+
+def _layer_fwd(cell, xw, state, w_hh, b_hh, unroll):
+    hs, final, saved = _scan_forward(cell, xw, state, w_hh, b_hh, unroll)
+    return (hs, final), (hs, saved, state, w_hh)
+
+
+def _layer_bwd(cell, unroll, res, cotangents):
+    hs, saved, state, w_hh = res
+    dhs, dfinal = cotangents  # the final state's cotangent seeds the carry: it is h_{T-1} (and c_{T-1})
+    h_prev = jnp.concatenate([state[0][None], hs[:-1]])  # (T, B, H): h_{t-1} for every t
+    extra = jnp.concatenate([state[1][None], saved[2][:-1]]) if cell == "lstm" else h_prev  # c_{t-1} or h_{t-1}
+    step = functools.partial(_BACKWARD[cell], w_hh)
+    dstate, (dxw, dhw) = jax.lax.scan(step, dfinal, (dhs, hs, saved, extra), reverse=True, unroll=unroll)
+    dhw = dxw if dhw is None else dhw
+    return dxw, dstate, _weight_grad(dhw, h_prev), dhw.sum(axis=(0, 1))
+
+
+layer.defvjp(_layer_fwd, _layer_bwd)
+
+
+# ---------------------------------------------------------------- the model
+
+
+def input_table(params, name: str = "rnn"):
+    """Layer 0's input projection of every vocabulary entry: embedding @ W_ih0^T + b_ih0, (V, G*H).
+
+    The embedding lookup and layer 0's projection are both linear in the one-hot token,
+    so their product is a table with one row per character: projecting V rows instead
+    of T*B, and gathering those rows, replaces the (T*B, E) x (E, G*H) matmul of the
+    forward pass and both of its backward matmuls.
+    """
+    return params["embedding.weight"] @ params[f"{name}.weight_ih_l0"].T + params[f"{name}.bias_ih_l0"][None, :]
+
+
+def apply(params, x, state, *, cfg: ModelConfig, table: bool = True, unroll: int = 1):
+    """`jax_impl.model.apply` computed with `layer`: logits (B, T, V) and the final state, each part (L, B, H)."""
+    tokens = x.T  # (T, B): time-major from here on
+    finals = []
+    for k in range(cfg.num_layers):
+        if k == 0 and table:
+            xw = input_table(params)[tokens]  # (T, B, G*H)
+        else:
+            if k == 0:
+                seq = params["embedding.weight"][tokens]  # (T, B, E)
+            xw = project(seq, params[f"rnn.weight_ih_l{k}"], params[f"rnn.bias_ih_l{k}"])  # (T, B, G*H)
+        seq, s_k = layer(cfg.cell, xw, tuple(part[k] for part in state), params[f"rnn.weight_hh_l{k}"],
+                         params[f"rnn.bias_hh_l{k}"], unroll)
+        finals.append(s_k)
+    final = tuple(jnp.stack([f[i] for f in finals]) for i in range(len(state)))
+    logits = seq @ params["head.weight"].T + params["head.bias"][None, None, :]  # (T, B, V)
+    return jnp.swapaxes(logits, 0, 1), final
