@@ -57,7 +57,7 @@ class Trainer:
         if clip.mode == "norm":
             from torch_impl import clipping
 
-            return clipping.clip_grad_norm_(params, clip.max_norm)
+            return clipping.clip_grad_norm_(params, clip.max_norm, convention="optax")  # as jax_impl, for parity
         grads = [p.grad for p in self.model.parameters()]
         norm = torch.nn.utils.get_total_norm(grads)
         if clip.mode == "value":
