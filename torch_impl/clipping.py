@@ -51,6 +51,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from charclip.clipspec import CONVENTIONS, NONFINITE_POLICIES, TORCH_EPS, check_choice, check_threshold
 
@@ -83,10 +84,11 @@ def _is_low_precision(dtype: torch.dtype) -> bool:
 
 
 def _groups(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    return groups
+    """Tensors by (device, dtype), in the order torch's clipping groups them: the order of the
+    groups is the order of the per-tensor norms in the final norm, so it decides the last bit.
+    (torch's helper is private but has served its clipping and optimizers since torch 2.0.)"""
+    grouped = _group_tensors_by_device_and_dtype([tensors])
+    return {key: list(lists[0]) for key, (lists, _) in grouped.items()}
 
 
 def _foreach_devices() -> tuple[str, ...]:
