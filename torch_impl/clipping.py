@@ -83,12 +83,23 @@ def _is_low_precision(dtype: torch.dtype) -> bool:
     return torch.finfo(dtype).bits < 32
 
 
-def _groups(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
-    """Tensors by (device, dtype), in the order torch's clipping groups them: the order of the
-    groups is the order of the per-tensor norms in the final norm, so it decides the last bit.
-    (torch's helper is private but has served its clipping and optimizers since torch 2.0.)"""
-    grouped = _group_tensors_by_device_and_dtype([tensors])
-    return {key: list(lists[0]) for key, (lists, _) in grouped.items()}
+class _Grouped:
+    """Tensors by (device, dtype), in the order torch's clipping groups them (the order of
+    the per-tensor norms in the final norm, so it decides the last bit), and what the rest
+    of this module asks about them, found once. (torch's grouping helper is private but
+    has served its clipping and optimizers since torch 2.0.)"""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = tensors
+        grouped = _group_tensors_by_device_and_dtype([tensors])
+        self.groups = {key: list(lists[0]) for key, (lists, _) in grouped.items()}
+        self.device = tensors[0].device
+        self.on_cpu = all(device.type == "cpu" for device, _ in self.groups)
+        self.low = any(_is_low_precision(dtype) for _, dtype in self.groups)
+        self.has_float64 = any(dtype == torch.float64 for _, dtype in self.groups)
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.tensors)
 
 
 def _foreach_devices() -> tuple[str, ...]:
@@ -106,9 +117,9 @@ def _use_foreach(tensors: list[torch.Tensor], device: torch.device, foreach: boo
     return bool(foreach)
 
 
-def _per_tensor_norms(tensors, p, foreach, dtype=None) -> list[torch.Tensor]:
+def _per_tensor_norms(g: _Grouped, p, foreach, dtype=None) -> list[torch.Tensor]:
     norms: list[torch.Tensor] = []
-    for (device, _), ts in _groups(tensors).items():
+    for (device, _), ts in g.groups.items():
         if _use_foreach(ts, device, foreach):
             norms.extend(torch._foreach_norm(ts, p, dtype=dtype))
         else:
@@ -120,8 +131,8 @@ def _norm_of_norms(norms: list[torch.Tensor], p: float, device: torch.device) ->
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), p)
 
 
-def _mul_(tensors: list[torch.Tensor], factor: torch.Tensor, foreach: bool | None) -> None:
-    for (device, _), ts in _groups(tensors).items():
+def _mul_(g: _Grouped, factor: torch.Tensor, foreach: bool | None) -> None:
+    for (device, _), ts in g.groups.items():
         f = factor.to(device)
         if _use_foreach(ts, device, foreach):
             torch._foreach_mul_(ts, f)
@@ -160,54 +171,51 @@ def _measured(norm: torch.Tensor) -> _Measure:
     return _Measure(norm, norm.double(), torch.ones((), dtype=torch.float64, device=norm.device))
 
 
-def _wide_norm(tensors, p: float, foreach, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _wide_norm(g: _Grouped, p: float, foreach) -> tuple[torch.Tensor, torch.Tensor]:
     """(||g * scale||_p in float64, scale), from chunks of at most _CHUNK entries.
 
     p-th powers of float32 and narrower entries can neither overflow nor underflow in
     float64. float64 entries are first scaled by 2**-e, with max|g| = f * 2**e and
     f in [0.5, 1) (exact), so theirs cannot either.
     """
-    one = torch.ones((), dtype=torch.float64, device=device)
-    chunks = [c for t in tensors for c in t.reshape(-1).split(_CHUNK) if c.numel()]
+    one = torch.ones((), dtype=torch.float64, device=g.device)
+    chunks = [c for t in g.tensors for c in t.reshape(-1).split(_CHUNK) if c.numel()]
     if not chunks:
         return torch.zeros_like(one), one
     scale = one
-    if any(t.dtype == torch.float64 for t in tensors):
-        top = _norm_of_norms(_per_tensor_norms(chunks, math.inf, foreach, torch.float64), math.inf, device)
+    if g.has_float64:
+        top = _norm_of_norms(_per_tensor_norms(_Grouped(chunks), math.inf, foreach, torch.float64), math.inf, g.device)
         _, exponent = torch.frexp(top)  # 0 for a zero, inf or nan maximum: scale 1
         scale = torch.exp2(-exponent.clamp(-1021, 1021).to(torch.float64))
         chunks = [c.double() * scale.to(c.device) for c in chunks]
-    return _norm_of_norms(_per_tensor_norms(chunks, p, foreach, torch.float64), p, device), scale
+    return _norm_of_norms(_per_tensor_norms(_Grouped(chunks), p, foreach, torch.float64), p, g.device), scale
 
 
-def _on_cpu(tensors) -> bool:
-    return all(t.device.type == "cpu" for t in tensors)
-
-
-def _result_dtype(tensors) -> torch.dtype:
+def _result_dtype(g: _Grouped) -> torch.dtype:
     dtype = torch.float32  # float16/bfloat16 norms are returned as float32, not rounded to 3 digits
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
+    for _, d in g.groups:
+        dtype = torch.promote_types(dtype, d)
     return dtype
 
 
-def _measure(tensors: list[torch.Tensor], p: float, foreach: bool | None) -> _Measure:
-    device = tensors[0].device
-    if math.isinf(p):  # torch's foreach inf-norm refuses empty tensors; they hold no maximum
-        tensors = [t for t in tensors if t.numel()]
-        if not tensors:
-            return _measured(torch.zeros((), device=device))
-    if any(_is_low_precision(t.dtype) for t in tensors):
-        scaled, scale = _wide_norm(tensors, p, foreach, device)
-        return _Measure((scaled / scale).to(_result_dtype(tensors)), scaled, scale)
-    fast = _norm_of_norms(_per_tensor_norms(tensors, p, foreach), p, device)  # torch's own norm
+def _measure(g: _Grouped, p: float, foreach: bool | None) -> _Measure:
+    if math.isinf(p) and any(t.numel() == 0 for t in g.tensors):
+        # torch's foreach inf-norm refuses empty tensors; they hold no maximum
+        nonempty = [t for t in g.tensors if t.numel()]
+        if not nonempty:
+            return _measured(torch.zeros((), device=g.device))
+        g = _Grouped(nonempty)
+    if g.low:
+        scaled, scale = _wide_norm(g, p, foreach)
+        return _Measure((scaled / scale).to(_result_dtype(g)), scaled, scale)
+    fast = _norm_of_norms(_per_tensor_norms(g, p, foreach), p, g.device)  # torch's own norm
     trusted = (fast >= _trust_floor(fast.dtype, p)) & (fast < math.inf)
-    if _on_cpu(tensors):
+    if g.on_cpu:
         if trusted:  # reading a CPU tensor is no device sync
             return _measured(fast)
-        scaled, scale = _wide_norm(tensors, p, foreach, device)
+        scaled, scale = _wide_norm(g, p, foreach)
         return _Measure((scaled / scale).to(fast.dtype), scaled, scale)
-    scaled, scale = _wide_norm(tensors, p, foreach, device)
+    scaled, scale = _wide_norm(g, p, foreach)
     return _Measure(torch.where(trusted, fast, (scaled / scale).to(fast.dtype)),
                     torch.where(trusted, fast.double(), scaled), torch.where(trusted, 1.0, scale))
 
@@ -232,7 +240,7 @@ def _count_nonzero(tensors: list[torch.Tensor], error_if_nonfinite: bool) -> tor
             "The total norm of order 0.0 for gradients from `parameters` is non-finite (a gradient entry is NaN or infinite)"
         )
     device = tensors[0].device
-    return sum(torch.count_nonzero(t).to(device) for t in tensors).to(_result_dtype(tensors))
+    return sum(torch.count_nonzero(t).to(device) for t in tensors).to(_result_dtype(_Grouped(tensors)))
 
 
 def get_total_norm(tensors: Tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -253,7 +261,7 @@ def get_total_norm(tensors: Tensors, norm_type: float = 2.0, error_if_nonfinite:
             return torch.tensor(0.0)
         if p == 0:
             return _count_nonzero(tensors, error_if_nonfinite)
-        m = _measure(tensors, p, foreach)
+        m = _measure(_Grouped(tensors), p, foreach)
         if error_if_nonfinite:
             _raise_if_nonfinite(m, p)
         return m.norm
@@ -288,26 +296,26 @@ def _shrink(n_entries: int, p: float) -> float:
     return 1.0 - (_CHUNK + n_entries / _CHUNK + room) * 2.0**-52
 
 
-def _clip_wide_(grads, m: _Measure, max_norm: float, convention: str) -> None:
+def _clip_wide_(g: _Grouped, m: _Measure, max_norm: float, convention: str) -> None:
     """The careful path: each gradient times a power of two and a float64 coefficient,
     rounded into its dtype (toward zero for float16/bfloat16, so rounding cannot raise the norm)."""
     keep, k = _wide_factor(m, max_norm, convention, 1.0)
-    for g in grads:
-        wide = (g.double() * m.scale.to(g.device)) * k.to(g.device)
-        new = _round_toward_zero(wide, g.dtype) if _is_low_precision(g.dtype) else wide.to(g.dtype)
-        g.copy_(torch.where(keep.to(g.device), g, new))
+    for t in g.tensors:
+        wide = (t.double() * m.scale.to(t.device)) * k.to(t.device)
+        new = _round_toward_zero(wide, t.dtype) if _is_low_precision(t.dtype) else wide.to(t.dtype)
+        t.copy_(torch.where(keep.to(t.device), t, new))
 
 
-def _clip_(grads, m: _Measure, max_norm: float, convention: str, foreach, p: float) -> None:
-    """Scale `grads` in place by the convention's coefficient for the measured norm."""
-    if any(_is_low_precision(g.dtype) for g in grads):
-        _clip_wide_(grads, m, max_norm, convention)
+def _clip_(g: _Grouped, m: _Measure, max_norm: float, convention: str, foreach, p: float) -> None:
+    """Scale the gradients in place by the convention's coefficient for the measured norm."""
+    if g.low:
+        _clip_wide_(g, m, max_norm, convention)
         # The float32 norm may be a few ulps low: check the rounded result in float64.
-        _enforce_bound_(grads, max_norm, p, foreach, exact=False)
+        _enforce_bound_(g, max_norm, p, foreach, exact=False)
         return
     ordinary = (m.norm < _largest(m.norm.dtype, max_norm)) | ~_finite(m)
-    if _on_cpu(grads) and not ordinary:
-        _clip_wide_(grads, m, max_norm, convention)
+    if g.on_cpu and not ordinary:
+        _clip_wide_(g, m, max_norm, convention)
         return
     # Below, the libraries' own formulas on the measured norm (on an accelerator also for a
     # huge norm, with the coefficient from float64: see docs/divergences.md).
@@ -315,16 +323,16 @@ def _clip_(grads, m: _Measure, max_norm: float, convention: str, foreach, p: flo
     if convention == "torch":
         # Clamp rather than branch on coef < 1: a branch would sync with the device.
         coef = torch.clamp(max_norm / (n + TORCH_EPS), max=1.0)
-        if not _on_cpu(grads):
+        if not g.on_cpu:
             keep, k = _wide_factor(m, max_norm, convention, 1.0)
             coef = torch.where(ordinary, coef, torch.where(keep, 1.0, k * m.scale).to(coef.dtype))
-        _mul_(grads, coef, foreach)
+        _mul_(g, coef, foreach)
         return
     # optax: (g / n) * tau, divide then multiply as optax writes it; by 1 and 1 where g is kept.
     keep = (n < max_norm) | (n == 0)
     one = torch.ones_like(n)
     divisor, factor = torch.where(keep, one, n), torch.where(keep, one, max_norm)
-    for (device, _), ts in _groups(grads).items():
+    for (device, _), ts in g.groups.items():
         if _use_foreach(ts, device, foreach):
             torch._foreach_div_(ts, divisor.to(device))
             torch._foreach_mul_(ts, factor.to(device))
@@ -333,31 +341,30 @@ def _clip_(grads, m: _Measure, max_norm: float, convention: str, foreach, p: flo
                 t.div_(divisor.to(device)).mul_(factor.to(device))
 
 
-def _enforce_bound_(grads, max_norm: float, p: float, foreach, *, exact: bool) -> None:
+def _enforce_bound_(g: _Grouped, max_norm: float, p: float, foreach, *, exact: bool) -> None:
     """Measure the clipped gradients in float64; where that norm is above max_norm (exact:
     where it does not prove the exact norm <= max_norm), scale them once more by
     max_norm * shrink / measured and round toward zero. (One host sync, also on an
     accelerator; the second pass runs only when needed.)"""
-    device = grads[0].device
-    scaled, scale = _wide_norm(grads, p, foreach, device)
+    scaled, scale = _wide_norm(g, p, foreach)
     measured = scaled / scale
-    shrink = _shrink(sum(g.numel() for g in grads), p)
+    shrink = _shrink(g.numel(), p)
     if not bool(measured > (max_norm * shrink if exact else max_norm)):  # False for NaN: left as is
         return
     k = max_norm * shrink / measured
-    for g in grads:
-        g.copy_(_round_toward_zero(g.double() * k.to(g.device), g.dtype))
+    for t in g.tensors:
+        t.copy_(_round_toward_zero(t.double() * k.to(t.device), t.dtype))
 
 
-def _zero_if_nonfinite_(grads, m: _Measure) -> None:
+def _zero_if_nonfinite_(g: _Grouped, m: _Measure) -> None:
     finite = _finite(m)
-    if _on_cpu(grads):
+    if g.on_cpu:
         if not finite:
-            for g in grads:
-                g.zero_()
+            for t in g.tensors:
+                t.zero_()
         return
-    for g in grads:
-        g.masked_fill_(~finite.to(g.device), 0.0)
+    for t in g.tensors:
+        t.masked_fill_(~finite.to(t.device), 0.0)
 
 
 def clip_grad_norm_(parameters: Tensors, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -396,14 +403,15 @@ def clip_grad_norm_(parameters: Tensors, max_norm: float, norm_type: float = 2.0
         grads = [q.grad for q in parameters if q.grad is not None]
         if not grads:
             return torch.tensor(0.0)
-        m = _measure(grads, p, foreach)
+        g = _Grouped(grads)
+        m = _measure(g, p, foreach)
         if nonfinite == "error":
             _raise_if_nonfinite(m, p)
-        _clip_(grads, m, max_norm, convention, foreach, p)
+        _clip_(g, m, max_norm, convention, foreach, p)
         if strict:
-            _enforce_bound_(grads, max_norm, p, foreach, exact=True)
+            _enforce_bound_(g, max_norm, p, foreach, exact=True)
         if nonfinite == "skip":
-            _zero_if_nonfinite_(grads, m)
+            _zero_if_nonfinite_(g, m)
         return m.norm
 
 
@@ -420,7 +428,7 @@ def clip_grads_with_norm_(parameters: Tensors, max_norm: float, total_norm: torc
         check_choice("convention", convention, CONVENTIONS)
         if not grads:
             return
-        _clip_(grads, _measured(torch.as_tensor(total_norm)), max_norm, convention, foreach, 2.0)
+        _clip_(_Grouped(grads), _measured(torch.as_tensor(total_norm)), max_norm, convention, foreach, 2.0)
 
 
 def clip_grad_value_(parameters: Tensors, clip_value: float, foreach: bool | None = None) -> None:
@@ -431,7 +439,9 @@ def clip_grad_value_(parameters: Tensors, clip_value: float, foreach: bool | Non
             parameters = [parameters]
         v = check_threshold("clip_value", clip_value)
         grads = [q.grad for q in parameters if q.grad is not None]
-        for (device, _), ts in _groups(grads).items():
+        if not grads:
+            return
+        for (device, _), ts in _Grouped(grads).groups.items():
             if _use_foreach(ts, device, foreach):
                 torch._foreach_clamp_min_(ts, -v)
                 torch._foreach_clamp_max_(ts, v)
