@@ -76,11 +76,16 @@ def _torch_impls(sizes: list[int], device: str):
     impls["torch clip_grad_norm_ (per-tensor loop)"] = lambda: (torch.nn.utils.clip_grad_norm_(b, MAX_NORM, foreach=False), sync())
     try:
         from torch_impl import clipping
-
-        c = params()
-        impls["torch_impl.clipping (reference)"] = lambda: (clipping.clip_grad_norm_(c, MAX_NORM), sync())
     except ImportError:
-        pass
+        clipping = None
+    if clipping is not None:
+        # The drop-in as a user calls it (torch's convention), as --clip-impl reference trains with it
+        # (optax's convention, for cross-backend parity), and with the exact bound.
+        c, d, e = params(), params(), params()
+        impls["torch_impl.clipping (ours)"] = lambda: (clipping.clip_grad_norm_(c, MAX_NORM), sync())
+        impls["torch_impl.clipping (ours, optax convention)"] = lambda: (
+            clipping.clip_grad_norm_(d, MAX_NORM, convention="optax"), sync())
+        impls["torch_impl.clipping (ours, strict)"] = lambda: (clipping.clip_grad_norm_(e, MAX_NORM, strict=True), sync())
     _, flat = flat_params()
     impls["torch flat buffer"] = lambda: (flat_clip(flat), sync())
     return impls
@@ -164,4 +169,54 @@ def clip_in_step(case, *, device: str, repeats: int) -> dict:
 def memory_bound_s(n_params: int, copy_bytes_per_s: float) -> float:
     """Physical lower bound of one clip: 3 x 4 bytes per float32 parameter at the copy bandwidth."""
     return 3 * 4 * n_params / copy_bytes_per_s
+
+
+def side_by_side(params: int, tensor_counts: list[int], *, device: str, repeats: int, backends: tuple[str, ...]) -> str:
+    """A markdown table: each implementation's median clip time next to the library's, in one
+    interleaved run per layout, with GB/s and the share of the measured copy bandwidth."""
+    import os
+
+    load_before = os.getloadavg()
+    bw = copy_bandwidth(params, repeats)
+    best = bw["best_bytes_per_s"]
+    lines = [f"Copy bandwidth ({params:.0e} float32, read + write): "
+             + ", ".join(f"{n} {v['bytes_per_s'] / 1e9:.2f} GB/s" for n, v in bw["impls"].items()), "",
+             "| tensors | implementation | median ms (min-max) | vs library | GB/s | % of copy bandwidth |",
+             "|---|---|---|---|---|---|"]
+    for k in tensor_counts:
+        res = clip_times(split_sizes(params, k), device=device, repeats=repeats, backends=backends)
+        library = {"torch": res["impls"].get("torch clip_grad_norm_ (foreach)"),
+                   "jax": res["impls"].get("optax.clip_by_global_norm (jit)")}
+        for name, v in res["impls"].items():
+            lib = library["torch" if name.startswith("torch") else "jax"]
+            ratio = f"{v['median'] / lib['median']:.2f}x" if lib else ""
+            lines.append(f"| {k} | {name} | {v['median'] * 1e3:.1f} ({v['min'] * 1e3:.1f}-{v['max'] * 1e3:.1f}) | {ratio} "
+                         f"| {v['bytes_per_s'] / 1e9:.2f} | {100 * v['bytes_per_s'] / best:.0f}% |")
+    lines += ["", f"Load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
+              f"after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}; {repeats} interleaved repeats."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.clip_cost`: the clip-cost targets alone (1e8 parameters in 1 and 1000 tensors)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.clip_cost", description=main.__doc__)
+    p.add_argument("--params", type=float, default=1e8)
+    p.add_argument("--tensors", type=int, nargs="+", default=[1, 1000])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--backends", nargs="+", choices=("torch", "jax"), default=["torch", "jax"])
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--out", metavar="FILE", help="also write the table to FILE (markdown)")
+    a = p.parse_args(argv)
+    table = side_by_side(int(a.params), a.tensors, device=a.device, repeats=a.repeats, backends=tuple(a.backends))
+    print(table)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
 

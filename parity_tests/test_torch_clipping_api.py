@@ -11,6 +11,7 @@ rational arithmetic (`fractions.Fraction`, no rounding at all).
 import inspect
 import math
 import warnings
+from unittest import mock
 from fractions import Fraction
 
 import hypothesis
@@ -46,8 +47,11 @@ def grads_of(params) -> list[np.ndarray]:
 
 
 def assert_same_bits(got, expected, what):
+    """Equal dtypes and values (NaN where NaN; compared in float64, which holds every value exactly)."""
+    assert len(got) == len(expected), what
     for g, e in zip(got, expected):
-        np.testing.assert_array_equal(g, e, err_msg=what)
+        assert g.dtype == e.dtype, f"{what}: dtype {g.dtype} != {e.dtype}"
+        np.testing.assert_array_equal(np.asarray(g, np.float64), np.asarray(e, np.float64), err_msg=what)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -344,3 +348,24 @@ def test_strict_keeps_the_default_within_a_few_ulps(dtype):
         # The fix scales by at most a few ulps of the dtype and rounds toward zero once more.
         np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64), rtol=4 * eps,
                                    atol=float(torch.finfo(getattr(torch, dtype)).tiny), err_msg=f"strict vs default ({dtype})")
+
+
+# The accelerator path: no value is read on the host; choices are made with torch.where.
+
+
+@given(tree=gradient_trees(magnitudes="extreme"), tau=thresholds(), convention=st.sampled_from(("torch", "optax")),
+       nonfinite=st.sampled_from(("propagate", "skip")), poison=st.booleans())
+def test_branch_free_path_gives_the_cpu_paths_bits(tree, tau, convention, nonfinite, poison):
+    """CPU tensors, but clipped as on a GPU (`_host_readable` says no): the same bits, except
+    for norms within a factor 4 of where max_norm / norm turns subnormal (see divergences)."""
+    arrays = leaves(tree)
+    if poison:
+        arrays = arrays[:-1] + [np.append(arrays[-1].ravel(), np.asarray(math.nan, arrays[-1].dtype))]
+    dtype = torch.finfo(to_torch(arrays[0]).dtype)
+    hypothesis.assume(not exact_norm(arrays) * 4 >= 2.0 ** (math.frexp(dtype.max)[1] - 2) * min(1.0, tau))
+    host, device = params_of(arrays), params_of(arrays)
+    expected = ours.clip_grad_norm_(host, tau, convention=convention, nonfinite=nonfinite)
+    with mock.patch.object(ours, "_host_readable", lambda d: False):
+        got = ours.clip_grad_norm_(device, tau, convention=convention, nonfinite=nonfinite)
+    np.testing.assert_array_equal(float(got), float(expected), err_msg="norm")
+    assert_same_bits(grads_of(device), grads_of(host), "branch-free path vs CPU path")

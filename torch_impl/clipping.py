@@ -94,12 +94,17 @@ class _Grouped:
         grouped = _group_tensors_by_device_and_dtype([tensors])
         self.groups = {key: list(lists[0]) for key, (lists, _) in grouped.items()}
         self.device = tensors[0].device
-        self.on_cpu = all(device.type == "cpu" for device, _ in self.groups)
+        self.on_cpu = all(_host_readable(device) for device, _ in self.groups)
         self.low = any(_is_low_precision(dtype) for _, dtype in self.groups)
         self.has_float64 = any(dtype == torch.float64 for _, dtype in self.groups)
 
     def numel(self) -> int:
         return sum(t.numel() for t in self.tensors)
+
+
+def _host_readable(device: torch.device) -> bool:
+    """Whether reading a value on `device` is free (no wait for a device queue to drain)."""
+    return device.type == "cpu"
 
 
 def _foreach_devices() -> tuple[str, ...]:
@@ -326,10 +331,14 @@ def _clip_(g: _Grouped, m: _Measure, max_norm: float, convention: str, foreach, 
         if not g.on_cpu:
             keep, k = _wide_factor(m, max_norm, convention, 1.0)
             coef = torch.where(ordinary, coef, torch.where(keep, 1.0, k * m.scale).to(coef.dtype))
+        elif coef == 1:  # multiplying by 1 changes no bit: on the CPU, the usual unclipped step is free
+            return
         _mul_(g, coef, foreach)
         return
     # optax: (g / n) * tau, divide then multiply as optax writes it; by 1 and 1 where g is kept.
     keep = (n < max_norm) | (n == 0)
+    if g.on_cpu and keep:
+        return
     one = torch.ones_like(n)
     divisor, factor = torch.where(keep, one, n), torch.where(keep, one, max_norm)
     for (device, _), ts in g.groups.items():
