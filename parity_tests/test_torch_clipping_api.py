@@ -369,3 +369,12 @@ def test_branch_free_path_gives_the_cpu_paths_bits(tree, tau, convention, nonfin
         got = ours.clip_grad_norm_(device, tau, convention=convention, nonfinite=nonfinite)
     np.testing.assert_array_equal(float(got), float(expected), err_msg="norm")
     assert_same_bits(grads_of(device), grads_of(host), "branch-free path vs CPU path")
+
+
+def test_huge_norm_keeps_direction_in_torch_convention():
+    """tau / (n + 1e-6) is subnormal for n = 6e38 (above float32's max anyway): torch zeroes."""
+    theirs, mine = params_of([np.full(4, 3e38, np.float32)]), params_of([np.full(4, 3e38, np.float32)])
+    LIB.clip_grad_norm_(theirs, 1.0)
+    assert float(ours.clip_grad_norm_(mine, 1.0)) == math.inf
+    np.testing.assert_array_equal(grads_of(theirs)[0], 0.0, err_msg="torch no longer zeroes it")
+    np.testing.assert_array_equal(grads_of(mine)[0], 0.5, err_msg="direction lost")

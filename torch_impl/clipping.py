@@ -61,7 +61,8 @@ _CHUNK = 1 << 14  # float64 re-measurement in chunks: error (chunk + n / chunk) 
 
 
 class NonFiniteGradientError(RuntimeError, FloatingPointError):
-    """A gradient entry is NaN or infinite: a RuntimeError as in torch, a FloatingPointError as in numpy."""
+    """A gradient entry is NaN or infinite. A RuntimeError, which torch raises for
+    `error_if_nonfinite=True`; a FloatingPointError, which charclip raised before."""
 
 
 def _norm_order(norm_type, *, clipping: bool) -> float:
