@@ -353,17 +353,33 @@ def _clip_(g: _Grouped, m: _Measure, max_norm: float, convention: str, foreach, 
 
 def _enforce_bound_(g: _Grouped, max_norm: float, p: float, foreach, *, exact: bool) -> None:
     """Measure the clipped gradients in float64; where that norm is above max_norm (exact:
-    where it does not prove the exact norm <= max_norm), scale them once more by
-    max_norm * shrink / measured and round toward zero. (One host sync, also on an
-    accelerator; the second pass runs only when needed.)"""
+    where it does not prove the exact norm <= max_norm), scale them once more, by
+    k = max_norm * shrink / measured. (One host sync, also on an accelerator; the second
+    scaling runs only when needed.)
+
+    float32/float64 tensors are multiplied in place by k * (1 - 8u), rounded to their dtype
+    (u its unit roundoff): each product then rounds to at most |g_i| * k. float16/bfloat16
+    tensors, and norms so small that products could be subnormal (absolute rounding
+    errors), are scaled in float64 and rounded toward zero instead.
+    """
     scaled, scale = _wide_norm(g, p, foreach)
     measured = scaled / scale
     shrink = _shrink(g.numel(), p)
     if not bool(measured > (max_norm * shrink if exact else max_norm)):  # False for NaN: left as is
         return
     k = max_norm * shrink / measured
-    for t in g.tensors:
-        t.copy_(_round_toward_zero(t.double() * k.to(t.device), t.dtype))
+    for (device, dtype), ts in g.groups.items():
+        info = torch.finfo(dtype)
+        if _is_low_precision(dtype) or max_norm < 8 * math.sqrt(g.numel()) * info.smallest_normal:
+            for t in ts:
+                t.copy_(_round_toward_zero(t.double() * k.to(device), dtype))
+            continue
+        factor = (k * (1 - 4 * info.eps)).to(device=device, dtype=dtype)  # eps = 2u
+        if _use_foreach(ts, device, foreach):
+            torch._foreach_mul_(ts, factor)
+        else:
+            for t in ts:
+                t.mul_(factor)
 
 
 def _zero_if_nonfinite_(g: _Grouped, m: _Measure) -> None:
