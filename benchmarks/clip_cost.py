@@ -15,9 +15,9 @@ torch skips the multiply by 1 on the CPU, so the torch callables lower the thres
 
 from __future__ import annotations
 
-import numpy as np
-
 import itertools
+
+import numpy as np
 
 from benchmarks.harness import interleaved, timed
 
@@ -206,8 +206,8 @@ def side_by_side(params: int, tensor_counts: list[int], *, device: str, repeats:
             ratio = f"{v['median'] / lib['median']:.2f}x" if lib else ""
             lines.append(f"| {k} | {name} | {v['median'] * 1e3:.1f} ({v['min'] * 1e3:.1f}-{v['max'] * 1e3:.1f}) | {ratio} "
                          f"| {v['bytes_per_s'] / 1e9:.2f} | {100 * v['bytes_per_s'] / best:.0f}% |")
-    lines += ["", f"Load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
-              f"after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}; {repeats} interleaved repeats."]
+    load = f"before: {', '.join(f'{x:.2f}' for x in load_before)}; after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    lines += ["", f"Load average (1, 5, 15 min) {load}; {repeats} interleaved repeats."]
     return "\n".join(lines)
 
 

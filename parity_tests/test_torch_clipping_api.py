@@ -11,8 +11,8 @@ rational arithmetic (`fractions.Fraction`, no rounding at all).
 import inspect
 import math
 import warnings
-from unittest import mock
 from fractions import Fraction
+from unittest import mock
 
 import hypothesis
 import numpy as np
@@ -21,7 +21,16 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from parity_tests.strategies import FLOAT_DTYPES, exact_norm, from_torch, gradient_trees, leaves, np_dtype, thresholds, to_torch
+from parity_tests.strategies import (
+    FLOAT_DTYPES,
+    exact_norm,
+    from_torch,
+    gradient_trees,
+    leaves,
+    np_dtype,
+    thresholds,
+    to_torch,
+)
 from torch_impl import clipping as ours
 
 torch.set_num_threads(1)  # on 2 cores, 2 intra-op threads make each tiny op ~1000x slower
@@ -114,7 +123,7 @@ def test_consumed_generator_warns_and_changes_nothing():
 def test_a_fresh_generator_and_a_list_do_not_warn():
     for make in (lambda ps: (p for p in ps), list):
         params, theirs = params_of([np.array([3.0, 4.0], np.float32)]), params_of([np.array([3.0, 4.0], np.float32)])
-        _, caught = _warnings_of(lambda: ours.clip_grad_norm_(make(params), 1.0))
+        _, caught = _warnings_of(lambda make=make, params=params: ours.clip_grad_norm_(make(params), 1.0))
         assert caught == [], [str(w.message) for w in caught]
         LIB.clip_grad_norm_(make(theirs), 1.0)
         assert_same_bits(grads_of(params), grads_of(theirs), "clipped through a generator")
