@@ -46,6 +46,7 @@ Non-finite gradients (`nonfinite=`):
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import warnings
@@ -155,6 +156,7 @@ def _mul_(g: _Grouped, factor: torch.Tensor, foreach: bool | None) -> None:
                 t.mul_(f)
 
 
+@functools.cache
 def _trust_floor(dtype: torch.dtype, p: float) -> float:
     """Below this norm, p-th powers of the entries may have been subnormal and torch's norm
     may have lost digits. Each such power is off by at most the smallest subnormal; at
@@ -181,8 +183,12 @@ class _Measure(NamedTuple):
     scale: torch.Tensor
 
 
+_ONE = torch.ones((), dtype=torch.float64)  # a CPU scalar: torch lets it meet tensors on any device
+
+
 def _measured(norm: torch.Tensor) -> _Measure:
-    return _Measure(norm, norm.double(), torch.ones((), dtype=torch.float64, device=norm.device))
+    """A norm taken as it is (scale 1); finite exactly when every entry is."""
+    return _Measure(norm, norm, _ONE)
 
 
 def _wide_norm(g: _Grouped, p: float, foreach) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,13 +229,14 @@ def _measure(g: _Grouped, p: float, foreach: bool | None) -> _Measure:
         scaled, scale = _wide_norm(g, p, foreach)
         return _Measure((scaled / scale).to(_result_dtype(g)), scaled, scale)
     fast = _norm_of_norms(_per_tensor_norms(g, p, foreach), p, g.device)  # torch's own norm
-    trusted = (fast >= _trust_floor(fast.dtype, p)) & (fast < math.inf)
+    floor = _trust_floor(fast.dtype, p)
     if g.on_cpu:
-        if trusted:  # reading a CPU tensor is no device sync
+        if floor <= float(fast) < math.inf:  # reading a CPU tensor is no device sync
             return _measured(fast)
         scaled, scale = _wide_norm(g, p, foreach)
         return _Measure((scaled / scale).to(fast.dtype), scaled, scale)
     scaled, scale = _wide_norm(g, p, foreach)
+    trusted = (fast >= floor) & (fast < math.inf)
     return _Measure(torch.where(trusted, fast, (scaled / scale).to(fast.dtype)),
                     torch.where(trusted, fast.double(), scaled), torch.where(trusted, 1.0, scale))
 
@@ -327,8 +334,8 @@ def _clip_(g: _Grouped, m: _Measure, max_norm: float, convention: str, foreach, 
         # The float32 norm may be a few ulps low: check the rounded result in float64.
         _enforce_bound_(g, max_norm, p, foreach, exact=False)
         return
-    ordinary = (m.norm < _largest(m.norm.dtype, max_norm)) | ~_finite(m)
-    if g.on_cpu and not ordinary:
+    largest = _largest(m.norm.dtype, max_norm)
+    if g.on_cpu and not float(m.norm) < largest and math.isfinite(float(m.scaled)):
         _clip_wide_(g, m, max_norm, convention)
         return
     # Below, the libraries' own formulas on the measured norm (on an accelerator also for a
@@ -338,18 +345,21 @@ def _clip_(g: _Grouped, m: _Measure, max_norm: float, convention: str, foreach, 
         # Clamp rather than branch on coef < 1: a branch would sync with the device.
         coef = torch.clamp(max_norm / (n + TORCH_EPS), max=1.0)
         if not g.on_cpu:
+            ordinary = (n < largest) | ~_finite(m)
             keep, k = _wide_factor(m, max_norm, convention, 1.0)
             coef = torch.where(ordinary, coef, torch.where(keep, 1.0, k * m.scale).to(coef.dtype))
-        elif coef == 1:  # multiplying by 1 changes no bit: on the CPU, the usual unclipped step is free
+        elif float(coef) == 1.0:  # multiplying by 1 changes no bit: on the CPU, the usual unclipped step is free
             return
         _mul_(g, coef, foreach)
         return
     # optax: (g / n) * tau, divide then multiply as optax writes it; by 1 and 1 where g is kept.
-    keep = (n < max_norm) | (n == 0)
-    if g.on_cpu and keep:
-        return
-    one = torch.ones_like(n)
-    divisor, factor = torch.where(keep, one, n), torch.where(keep, one, max_norm)
+    if g.on_cpu:
+        if float(n) < max_norm or float(n) == 0:
+            return
+        divisor, factor = n, torch.full_like(n, max_norm)
+    else:
+        keep, one = (n < max_norm) | (n == 0), torch.ones_like(n)
+        divisor, factor = torch.where(keep, one, n), torch.where(keep, one, max_norm)
     for (device, _), ts in g.groups.items():
         if _use_foreach(ts, device, foreach):
             torch._foreach_div_(ts, divisor.to(device))
