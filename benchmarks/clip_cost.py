@@ -185,26 +185,28 @@ def memory_bound_s(n_params: int, copy_bytes_per_s: float) -> float:
     return 3 * 4 * n_params / copy_bytes_per_s
 
 
-def side_by_side(params: int, tensor_counts: list[int], *, device: str, repeats: int, backends: tuple[str, ...]) -> str:
+def side_by_side(layouts: dict[str, list[int]], *, device: str, repeats: int, backends: tuple[str, ...]) -> str:
     """A markdown table: each implementation's median clip time next to the library's, in one
-    interleaved run per layout, with GB/s and the share of the measured copy bandwidth."""
+    interleaved run per layout (a label and its tensor sizes), with GB/s and the share of
+    the measured copy bandwidth."""
     import os
 
     load_before = os.getloadavg()
+    params = max(sum(sizes) for sizes in layouts.values())
     bw = copy_bandwidth(params, repeats)
     best = bw["best_bytes_per_s"]
     lines = [f"Copy bandwidth ({params:.0e} float32, read + write): "
              + ", ".join(f"{n} {v['bytes_per_s'] / 1e9:.2f} GB/s" for n, v in bw["impls"].items()), "",
              "| tensors | implementation | median ms (min-max) | vs library | GB/s | % of copy bandwidth |",
              "|---|---|---|---|---|---|"]
-    for k in tensor_counts:
-        res = clip_times(split_sizes(params, k), device=device, repeats=repeats, backends=backends)
+    for k, sizes in layouts.items():
+        res = clip_times(sizes, device=device, repeats=repeats, backends=backends)
         library = {"torch": res["impls"].get("torch clip_grad_norm_ (foreach)"),
                    "jax": res["impls"].get("optax.clip_by_global_norm (jit)")}
         for name, v in res["impls"].items():
             lib = library["torch" if name.startswith("torch") else "jax"]
             ratio = f"{v['median'] / lib['median']:.2f}x" if lib else ""
-            lines.append(f"| {k} | {name} | {v['median'] * 1e3:.1f} ({v['min'] * 1e3:.1f}-{v['max'] * 1e3:.1f}) | {ratio} "
+            lines.append(f"| {k} | {name} | {v['median'] * 1e3:.3g} ({v['min'] * 1e3:.3g}-{v['max'] * 1e3:.3g}) | {ratio} "
                          f"| {v['bytes_per_s'] / 1e9:.2f} | {100 * v['bytes_per_s'] / best:.0f}% |")
     load = f"before: {', '.join(f'{x:.2f}' for x in load_before)}; after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
     lines += ["", f"Load average (1, 5, 15 min) {load}; {repeats} interleaved repeats."]
@@ -221,9 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--backends", nargs="+", choices=("torch", "jax"), default=["torch", "jax"])
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--in-step", action="store_true", help="the default model's gradient shapes (one training step's clip)")
     p.add_argument("--out", metavar="FILE", help="also write the table to FILE (markdown)")
     a = p.parse_args(argv)
-    table = side_by_side(int(a.params), a.tensors, device=a.device, repeats=a.repeats, backends=tuple(a.backends))
+    if a.in_step:
+        from benchmarks.training import Case, tokens
+
+        sizes = model_grad_sizes(Case.default().configs(tokens()[1])[0])
+        layouts = {f"default step ({len(sizes)})": sizes}
+    else:
+        layouts = {str(k): split_sizes(int(a.params), k) for k in a.tensors}
+    table = side_by_side(layouts, device=a.device, repeats=a.repeats, backends=tuple(a.backends))
     print(table)
     if a.out:
         with open(a.out, "w") as f:
