@@ -7,17 +7,28 @@ the gradients no longer fit in cache. The copy bandwidth is measured here too, a
 (read + write) bytes per second of a large array copy.
 
 Every implementation clips the same gradients with a threshold far below their norm,
-so the scaling really happens; each call's output is fed to the next call (the cost
-does not depend on whether a step clips: all of them are branch-free).
+so the scaling really happens, and each call's output is fed to the next call. The
+libraries cost the same whether a step clips or not (they are branch-free); ours in
+torch skips the multiply by 1 on the CPU, so the torch callables lower the threshold by
+10% on every call (`shrinking`): each call clips the previous one's output again.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
 from benchmarks.harness import interleaved, timed
 
 MAX_NORM = 1e-3  # far below the norm of N(0, 1) gradients: every call scales
+
+
+def shrinking():
+    """A threshold for each call: MAX_NORM * 0.9**k for k = 0..99, then from the start again
+    (one call in 100 then finds the gradient below it; the others all clip)."""
+    k = itertools.count()
+    return lambda: MAX_NORM * 0.9 ** (next(k) % 100)
 
 
 def split_sizes(total: int, n_tensors: int) -> list[int]:
@@ -65,24 +76,32 @@ def _torch_impls(sizes: list[int], device: str):
             ps.append(p)
         return ps, flat
 
-    def flat_clip(flat):
+    def flat_clip(flat, tau):
         norm = torch.linalg.vector_norm(flat)
-        flat.mul_(torch.clamp(MAX_NORM / (norm + 1e-6), max=1.0))  # torch's formula, on one buffer
+        flat.mul_(torch.clamp(tau / (norm + 1e-6), max=1.0))  # torch's formula, on one buffer
         return norm
 
     impls = {}
     a, b = params(), params()
-    impls["torch clip_grad_norm_ (foreach)"] = lambda: (torch.nn.utils.clip_grad_norm_(a, MAX_NORM, foreach=True), sync())
-    impls["torch clip_grad_norm_ (per-tensor loop)"] = lambda: (torch.nn.utils.clip_grad_norm_(b, MAX_NORM, foreach=False), sync())
+    ta, tb = shrinking(), shrinking()
+    impls["torch clip_grad_norm_ (foreach)"] = lambda: (torch.nn.utils.clip_grad_norm_(a, ta(), foreach=True), sync())
+    impls["torch clip_grad_norm_ (per-tensor loop)"] = lambda: (torch.nn.utils.clip_grad_norm_(b, tb(), foreach=False), sync())
     try:
         from torch_impl import clipping
-
-        c = params()
-        impls["torch_impl.clipping (reference)"] = lambda: (clipping.clip_grad_norm_(c, MAX_NORM), sync())
     except ImportError:
-        pass
+        clipping = None
+    if clipping is not None:
+        # The drop-in as a user calls it (torch's convention), as --clip-impl reference trains with it
+        # (optax's convention, for cross-backend parity), and with the exact bound.
+        c, d, e = params(), params(), params()
+        tc, td, te = shrinking(), shrinking(), shrinking()
+        impls["torch_impl.clipping (ours)"] = lambda: (clipping.clip_grad_norm_(c, tc()), sync())
+        impls["torch_impl.clipping (ours, optax convention)"] = lambda: (
+            clipping.clip_grad_norm_(d, td(), convention="optax"), sync())
+        impls["torch_impl.clipping (ours, strict)"] = lambda: (clipping.clip_grad_norm_(e, te(), strict=True), sync())
     _, flat = flat_params()
-    impls["torch flat buffer"] = lambda: (flat_clip(flat), sync())
+    tf = shrinking()
+    impls["torch flat buffer"] = lambda: (flat_clip(flat, tf()), sync())
     return impls
 
 
@@ -164,4 +183,64 @@ def clip_in_step(case, *, device: str, repeats: int) -> dict:
 def memory_bound_s(n_params: int, copy_bytes_per_s: float) -> float:
     """Physical lower bound of one clip: 3 x 4 bytes per float32 parameter at the copy bandwidth."""
     return 3 * 4 * n_params / copy_bytes_per_s
+
+
+def side_by_side(layouts: dict[str, list[int]], *, device: str, repeats: int, backends: tuple[str, ...]) -> str:
+    """A markdown table: each implementation's median clip time next to the library's, in one
+    interleaved run per layout (a label and its tensor sizes), with GB/s and the share of
+    the measured copy bandwidth."""
+    import os
+
+    load_before = os.getloadavg()
+    params = max(sum(sizes) for sizes in layouts.values())
+    bw = copy_bandwidth(params, repeats)
+    best = bw["best_bytes_per_s"]
+    lines = [f"Copy bandwidth ({params:.0e} float32, read + write): "
+             + ", ".join(f"{n} {v['bytes_per_s'] / 1e9:.2f} GB/s" for n, v in bw["impls"].items()), "",
+             "| tensors | implementation | median ms (min-max) | vs library | GB/s | % of copy bandwidth |",
+             "|---|---|---|---|---|---|"]
+    for k, sizes in layouts.items():
+        res = clip_times(sizes, device=device, repeats=repeats, backends=backends)
+        library = {"torch": res["impls"].get("torch clip_grad_norm_ (foreach)"),
+                   "jax": res["impls"].get("optax.clip_by_global_norm (jit)")}
+        for name, v in res["impls"].items():
+            lib = library["torch" if name.startswith("torch") else "jax"]
+            ratio = f"{v['median'] / lib['median']:.2f}x" if lib else ""
+            lines.append(f"| {k} | {name} | {v['median'] * 1e3:.3g} ({v['min'] * 1e3:.3g}-{v['max'] * 1e3:.3g}) | {ratio} "
+                         f"| {v['bytes_per_s'] / 1e9:.2f} | {100 * v['bytes_per_s'] / best:.0f}% |")
+    load = f"before: {', '.join(f'{x:.2f}' for x in load_before)}; after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    lines += ["", f"Load average (1, 5, 15 min) {load}; {repeats} interleaved repeats."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.clip_cost`: the clip-cost targets alone (1e8 parameters in 1 and 1000 tensors)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.clip_cost", description=main.__doc__)
+    p.add_argument("--params", type=float, default=1e8)
+    p.add_argument("--tensors", type=int, nargs="+", default=[1, 1000])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--backends", nargs="+", choices=("torch", "jax"), default=["torch", "jax"])
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--in-step", action="store_true", help="the default model's gradient shapes (one training step's clip)")
+    p.add_argument("--out", metavar="FILE", help="also write the table to FILE (markdown)")
+    a = p.parse_args(argv)
+    if a.in_step:
+        from benchmarks.training import Case, tokens
+
+        sizes = model_grad_sizes(Case.default().configs(tokens()[1])[0])
+        layouts = {f"default step ({len(sizes)})": sizes}
+    else:
+        layouts = {str(k): split_sizes(int(a.params), k) for k in a.tensors}
+    table = side_by_side(layouts, device=a.device, repeats=a.repeats, backends=tuple(a.backends))
+    print(table)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
 

@@ -135,9 +135,11 @@ def clip_by_global_norm(grads: Params, max_norm: float, eps: float = 0.0) -> tup
     eps = 0 is optax's `clip_by_global_norm`; eps = 1e-6 is torch's `clip_grad_norm_`
     (Pascanu, Mikolov and Bengio, 2013, "On the difficulty of training recurrent
     neural networks"). The direction of the gradient is kept; only its length shrinks.
+    A zero gradient has no direction and nothing to shrink: it stays zero (also for
+    max_norm = 0, where the formula would divide 0 by 0).
     """
     norm = global_norm(grads)
-    scale = min(1.0, max_norm / (norm + eps))
+    scale = 1.0 if norm == 0 else min(1.0, max_norm / (norm + eps))
     return {k: g * scale for k, g in grads.items()}, norm
 
 

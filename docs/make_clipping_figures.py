@@ -8,7 +8,8 @@
    small tanh RNN trained by SGD with NumPy, whose recurrent matrix starts with spectral
    radius above 1 so that some steps explode.
 
-Only NumPy and matplotlib: the figures do not depend on either backend.
+Only NumPy and matplotlib: the figures do not depend on either backend. The clipping is
+the NumPy witness's (`charclip.witness`, optax's convention), not a copy of it.
 """
 
 from pathlib import Path
@@ -19,19 +20,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from charclip.witness import clip_by_global_norm, global_norm  # noqa: E402
+
 FIGURES = Path(__file__).resolve().parent / "figures"
-
-
-def clip_by_norm(g: np.ndarray, tau: float) -> np.ndarray:
-    """The optax convention of docs/clipping.md: unchanged below tau, else tau * g / ||g||."""
-    n = np.linalg.norm(g)
-    return g if n < tau else g / n * tau
 
 
 def draw_2d(path: Path) -> None:
     g = np.array([2.4, 0.9])
     tau = v = 1.0
-    by_norm, by_value = clip_by_norm(g, tau), np.clip(g, -v, v)
+    by_norm, by_value = clip_by_global_norm({"g": g}, tau)[0]["g"], np.clip(g, -v, v)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.4))
     for ax, clipped, title in ((axes[0], by_norm, "by global norm (tau = 1)"), (axes[1], by_value, "by value (v = 1)")):
         ax.add_patch(plt.Circle((0, 0), tau, fill=False, ls="--", color="0.5") if ax is axes[0]
@@ -85,11 +82,10 @@ def draw_run(path: Path, steps: int = 300, tau: float = 20.0, lr: float = 0.01, 
         xs = rng.normal(size=(seq, inputs))
         ys = np.cumsum(xs[:, :1], axis=0) * 0.1  # a target that needs long memory
         _, grads = rnn_gradient(params, xs, ys)
-        norm = float(np.sqrt(sum(np.sum(g**2) for g in grads)))
-        scale = 1.0 if norm < tau else tau / norm
+        clipped, norm = clip_by_global_norm(dict(enumerate(grads)), tau)
         before.append(norm)
-        after.append(norm * scale)
-        params = [w - lr * scale * g for w, g in zip(params, grads)]
+        after.append(global_norm(clipped))
+        params = [w - lr * clipped[i] for i, w in enumerate(params)]
     fig, ax = plt.subplots(figsize=(9, 3.6))
     ax.semilogy(before, lw=0.8, color="tab:red", label="global norm before clipping")
     ax.semilogy(after, lw=0.8, color="tab:blue", label="after clipping")

@@ -85,7 +85,8 @@ def _public_names(path: Path) -> set[str]:
 ALLOWED = {
     # clipping: each speaks its library's own API, so code written for the library runs unchanged.
     **{("clipping", n): "torch.nn.utils' names" for n in (
-        "Tensors", "clip_grad_norm_", "clip_grad_value_")},
+        "Tensors", "clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_")},
+    ("clipping", "NonFiniteGradientError"): "torch raises RuntimeError; ours is also a FloatingPointError",
     **{("clipping", n): "optax's names" for n in (
         "ClipByGlobalNormState", "clip_by_global_norm", "clip_by_global_norm_reference", "clip_by_value",
         "raise_if_nonfinite")},

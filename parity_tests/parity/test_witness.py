@@ -111,3 +111,14 @@ def test_witness_clipping_is_each_librarys_formula():
     small, _ = witness.clip_by_global_norm(grads, 2 * norm)
     for name in grads:
         np.testing.assert_array_equal(small[name], grads[name])
+
+
+@pytest.mark.parametrize("eps", (0.0, 1e-6))
+@pytest.mark.parametrize("tau", (0.0, 1.0))
+def test_witness_leaves_a_zero_gradient_zero(eps, tau):
+    """0 / 0 at tau = 0 with optax's eps = 0 once raised ZeroDivisionError here."""
+    zeros = {"w": np.zeros((2, 3)), "b": np.zeros(3)}
+    clipped, norm = witness.clip_by_global_norm(zeros, tau, eps=eps)
+    assert norm == 0.0
+    for name in zeros:
+        np.testing.assert_array_equal(clipped[name], zeros[name], err_msg=name)

@@ -37,7 +37,8 @@ def optax_library(values, tau, dtype=torch.float32):
 def ours_torch(values, tau, dtype=torch.float32, **options):
     param = torch.zeros(len(values), dtype=dtype, requires_grad=True)
     param.grad = torch.tensor(values, dtype=dtype)
-    norm = tclip.clip_grad_norm_([param], tau, **options)
+    # The optax convention, as in ours_jax by default, so each test treats both backends alike.
+    norm = tclip.clip_grad_norm_([param], tau, **{"convention": "optax", **options})
     return param.grad.double().numpy(), float(norm)
 
 
@@ -134,9 +135,12 @@ def test_norm_type_zero_counts_tensors_in_torch():
         param.grad = torch.tensor(values)
     # 4 non-zero entries, but 2 non-zero tensors.
     assert float(torch.nn.utils.get_total_norm([p.grad for p in params], 0)) == 2.0
-    for bad in (0, 0.5, -1):
-        with pytest.raises(ValueError, match="not a norm"):
+    # Ours counts the 4 entries; clipping by a count (which no scaling changes) or by p < 0 raises.
+    assert float(tclip.get_total_norm([p.grad for p in params], 0)) == 4.0
+    for bad in (0, -1, math.nan):
+        with pytest.raises(ValueError, match="norm_type must be > 0"):
             tclip.clip_grad_norm_(params, 1.0, norm_type=bad)
+    for bad in (0, 0.5, -1):
         with pytest.raises(ValueError, match="not a norm"):
             jclip.clip_by_global_norm([jnp.ones(3, jnp.float32)], 1.0, norm_type=bad)
 
