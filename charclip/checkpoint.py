@@ -117,9 +117,11 @@ def point_latest(run_dir: str | os.PathLike, folder: Path) -> None:
     _point_latest(root, Path(folder).name)
 
 
-def mark_best(run_dir: str | os.PathLike, folder: Path) -> None:
-    """Point `run_dir/checkpoints/BEST` at the checkpoint `folder` (a step folder of that run)."""
-    _point(Path(run_dir) / "checkpoints", Path(folder).name, "BEST")
+def mark_best(run_dir: str | os.PathLike, folder: Path, *, keep: int = KEEP) -> None:
+    """Point `run_dir/checkpoints/BEST` at the checkpoint `folder` (a step folder of that run), then prune."""
+    root = Path(run_dir) / "checkpoints"
+    _point(root, Path(folder).name, "BEST")
+    _prune(root, keep)
 
 
 def read_pointer(path: Path) -> str:
@@ -139,8 +141,8 @@ def read_pointer(path: Path) -> str:
     return name
 
 
-def save(run_dir: str | os.PathLike, ckpt: Checkpoint, *, keep: int = KEEP) -> Path:
-    """Write `ckpt` atomically under `run_dir/checkpoints/`, point LATEST at it, and prune (see the docstring)."""
+def save(run_dir: str | os.PathLike, ckpt: Checkpoint, *, keep: int = KEEP, best: bool = False) -> Path:
+    """Write `ckpt` atomically under `run_dir/checkpoints/`, point LATEST (and BEST if `best`) at it, and prune."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{ckpt.step:08d}"
@@ -164,6 +166,8 @@ def save(run_dir: str | os.PathLike, ckpt: Checkpoint, *, keep: int = KEEP) -> P
     else:
         os.replace(tmp, final)
         _point_latest(root, name)
+    if best:
+        _point(root, name, "BEST")
     _prune(root, keep)
     # LATEST now names a whole folder, so hidden entries are leftovers of a writer killed
     # mid-save (a run has one writer); nothing reads them.

@@ -164,7 +164,8 @@ def train_from_dict(d: dict) -> TrainConfig:
 
 
 def _backend(default: str | None, shown: str | None = None):
-    return option(default, flag="--backend", choices=("torch", "jax"), resume="used", shown=shown, help="framework to run in")
+    return option(default, flag="--backend", choices=("torch", "jax"), type=str, resume="used", shown=shown,
+                  help="framework to run in")
 
 
 def _device():

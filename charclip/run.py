@@ -15,7 +15,6 @@ import importlib
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from charclip.batching import Position, Streams, split
 from charclip.config import ModelConfig, RunOptions, TrainConfig
 from charclip.errors import CharclipError
 from charclip.vocab import Vocab
-from charclip.weights import init_params, param_shapes
+from charclip.weights import init_params
 
 BACKENDS = ("torch", "jax")
 DIVERGENCE_FACTOR = 3.0  # char-rnn's rule: a loss this many times the first one means divergence
@@ -177,8 +176,9 @@ def describe_clipped(clipped: int, steps: int) -> str:
 def memory_estimate(model_cfg: ModelConfig, cfg: TrainConfig) -> tuple[int, int]:
     """(parameters, bytes) of a training step, roughly: parameters, gradients and Adam's two moments
     (plus a NumPy copy at checkpoints), and the activations kept for the backward pass."""
-    n = sum(math.prod(shape) for shape in param_shapes(model_cfg).values())
     B, T, H, L = cfg.batch_size, cfg.seq_len, model_cfg.hidden_size, model_cfg.num_layers
+    V, E, G = model_cfg.vocab_size, model_cfg.embedding_dim, model_cfg.gates
+    n = V * E + G * H * (E + H + 2) + (L - 1) * G * H * (2 * H + 2) + V * H + V  # weights.param_shapes, summed
     acts = B * T * (model_cfg.embedding_dim + L * (model_cfg.gates + 2) * H + 3 * model_cfg.vocab_size)
     return n, np.dtype(cfg.dtype).itemsize * (5 * n + 2 * acts)
 
@@ -289,12 +289,14 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
 
     saved: dict[int, Path] = {}
 
-    def save(step: int, pos: Position) -> Path:
+    def save(step: int, pos: Position, best: bool = False) -> Path:
         if step not in saved:  # once per step: Ctrl-C just after a periodic checkpoint does not rewrite it
             saved[step] = ckpt_io.save(out, ckpt_io.Checkpoint(
                 model=model_cfg, train=cfg, vocab=vocab, params=trainer.params_numpy(), step=step, position=pos,
                 backend=backend, corpus=data.info, adam=trainer.adam_state(), hidden=trainer.hidden_state(),
-            ), keep=keep)
+            ), keep=keep, best=best)
+        elif best:
+            ckpt_io.mark_best(out, saved[step], keep=keep)
         return saved[step]
 
     metrics = Metrics(out / "metrics.jsonl", start_step if same_run else None)
@@ -335,15 +337,14 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
                 metrics.write(step=step, val_loss=val_loss)
                 if _finite(val_loss) and val_loss < metrics.best_val:  # kept whatever its age, as BEST
                     metrics.best_val = val_loss
-                    ckpt_io.mark_best(out, save(step, position))
+                    save(step, position, best=True)
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 save(step, position)
         bar.close()
         metrics.close()
         path = save(step, position)
     if interrupt.requested:
-        name = signal.Signals(interrupt.requested).name
-        log(f"charclip: interrupted at step {step} ({name}); checkpoint written to {path}; continue with --resume {out}")
+        log(f"charclip: interrupted at step {step}; checkpoint written to {path}; continue with --resume {out}")
         raise SystemExit(128 + interrupt.requested)
     elapsed = time.perf_counter() - t0
     summary = {
