@@ -509,9 +509,15 @@ def test_eval_on_a_too_short_text_names_evals_own_option(finished, tmp_path, cap
 
 # ---- 14. the closing line and the plot after a resume ---------------------------------------------------
 
-def test_closing_line_and_plot_legend_count_the_same_clipped_steps(finished, monkeypatch, capsys):
+def test_closing_line_and_plot_legend_count_the_same_clipped_steps(text, finished, tmp_path, monkeypatch, capsys):
+    """A run that clipped early, resumed: the closing line and the plot count the whole run's clipped steps."""
     import matplotlib.axes
 
+    # Just below the largest norm of the unclipped run's 8 steps: the history is the same up to that
+    # step, so that step (at least) clips; the resumed steps 9-12 may clip none.
+    norms = [r["grad_norm"] for r in run.read_metrics(finished / "metrics.jsonl") if "loss" in r]
+    out = tmp_path / "clipped"
+    assert main(_train(text, out, "--steps", "8", "--clip-norm", repr(max(norms) * (1 - 1e-6)))) == 0
     labels = []
     plot = matplotlib.axes.Axes.plot
 
@@ -520,10 +526,12 @@ def test_closing_line_and_plot_legend_count_the_same_clipped_steps(finished, mon
         return plot(self, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", record)
-    assert main(["train", "--resume", str(finished), "--steps", "12", "--no-progress", "--sample-chars", "0"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--steps", "12", "--no-progress", "--sample-chars", "0"]) == 0
     said = capsys.readouterr().out
-    rows = [r for r in run.read_metrics(finished / "metrics.jsonl") if "loss" in r]
+    rows = [r for r in run.read_metrics(out / "metrics.jsonl") if "loss" in r]
+    clipped = sum(r["clipped"] for r in rows[:8])
+    assert clipped > 0, f"no step clipped below the largest norm {max(norms)}"
     share = run.describe_clipped(sum(r["clipped"] for r in rows), len(rows))
-    assert sum(r["clipped"] for r in rows) > 0, "the tiny run should clip some steps (threshold 0.5)"
     assert "done: 4 steps (steps 9-12)" in said and share in said, said
     assert share in labels, f"plot legend labels: {labels}"
