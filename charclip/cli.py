@@ -23,7 +23,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where it says something (not None, not a flag, not already in the text)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS or (
+                "default" in (action.help or "")):  # `is`: a default of 0 (== False) is worth showing
             return action.help
         return super()._get_help_string(action)
 

@@ -421,7 +421,8 @@ def test_fault_injection_at_the_writers_file_system_calls(fault_reference, tmp_p
 
     data, ref, n = fault_reference
     points = _fault_points(n)
-    print(f"\nfault injection ({how}): {len(points)} of {n} file-system calls of a {FAULT_STEPS}-step run")
+    with capsys.disabled():
+        print(f"\nfault injection ({how}): {len(points)} of {n} file-system calls of a {FAULT_STEPS}-step run")
     fresh = ["train", "--data", str(data), "--steps", str(FAULT_STEPS), *FAULT_ARGS]
     for k in points:
         out = tmp_path / f"{how}-{k}"

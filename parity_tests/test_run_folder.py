@@ -535,3 +535,47 @@ def test_closing_line_and_plot_legend_count_the_same_clipped_steps(text, finishe
     share = run.describe_clipped(sum(r["clipped"] for r in rows), len(rows))
     assert "done: 4 steps (steps 9-12)" in said and share in said, said
     assert share in labels, f"plot legend labels: {labels}"
+
+
+# ---- options come from the configuration dataclasses (issue 11, finding 4) -----------------------------
+
+def _subparsers():
+    import argparse
+
+    from charclip.cli import parser
+
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "parity"])
+def test_every_option_is_explained_with_its_default(command):
+    import argparse
+
+    p = _subparsers()[command]
+    for action in p._actions:
+        if isinstance(action, argparse._HelpAction) or not action.option_strings:
+            continue
+        text = p._get_formatter()._expand_help(action) if action.help else ""
+        assert text, f"{command} {action.option_strings[0]} has no help"
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreConstAction))
+        exempt = flag or (command == "parity" and action.default is None)  # parity's --json/--plot: off unless given
+        assert exempt or "(default: " in text, f"{command} {action.option_strings[0]}: no default in {text!r}"
+        assert "(default: )" not in text and "\n" not in text, f"{command} {action.option_strings[0]}: {text!r}"
+
+
+def test_defaults_and_the_resume_rule_have_one_source(finished, capsys):
+    import inspect
+
+    from charclip.clipspec import NONFINITE_POLICIES
+    from charclip.config import RunOptions, TrainConfig, options
+
+    assert inspect.signature(run.train).parameters["sample_chars"].default == RunOptions().sample_chars
+    assert next(f for f in options(TrainConfig) if f.name == "nonfinite").metadata["choices"] is NONFINITE_POLICIES
+    assert main(["train", "--resume", str(finished), "--steps", "9", "--lr", "0.5", "--cell", "gru", "--data",
+                 str(finished / ".." / "nowhere.txt"), "--no-progress", "--sample-chars", "0"]) == 2  # --data is used
+    capsys.readouterr()
+    assert main(["train", "--resume", str(finished), "--steps", "9", "--lr", "0.5", "--cell", "gru", "--keep", "3",
+                 "--no-progress", "--sample-chars", "0"]) == 0
+    notes = [l for l in capsys.readouterr().err.splitlines() if "ignored" in l]
+    assert notes == ["charclip: note: --resume keeps the run's configuration; ignored: --cell, --lr"], notes
