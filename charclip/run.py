@@ -275,12 +275,14 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
         check_memory(model_cfg, cfg)
         params = init_params(model_cfg, cfg.seed, cfg.dtype)
     vocab = data.vocab
+    same_run = resume is not None and ck.path is not None and run_folder_of(ck.path) is not None and (
+        run_folder_of(ck.path).resolve() == out.resolve())
+    if not same_run and not overwrite and out.is_dir():
+        runfolder.claim(out, overwrite=False)  # refused before even the lock file is made in someone's folder
     # Everything is checked; from here on the run folder is written, by this process alone.
     runfolder.create(out)
     lock.enter_context(runfolder.Lock(out))
-    same_run = resume is not None and ck.path is not None and run_folder_of(ck.path) is not None and (
-        run_folder_of(ck.path).resolve() == out.resolve())
-    if not same_run:
+    if not same_run:  # again under the lock: another run may have started in it meanwhile
         runfolder.claim(out, overwrite=overwrite)
     else:  # resumed from an older step folder: LATEST moves back to it before the metrics are cut back to it
         ckpt_io.point_latest(out, ck.path)
