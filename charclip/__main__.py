@@ -2,8 +2,8 @@ import sys
 
 try:
     from charclip.cli import main
-except KeyboardInterrupt:  # Ctrl-C while Python was still importing: nothing started, nothing to say but that
-    print("charclip: interrupted; nothing was lost", file=sys.stderr)
+except KeyboardInterrupt:  # Ctrl-C while Python was still importing: nothing had started
+    print("charclip: interrupted (SIGINT)", file=sys.stderr)
     sys.exit(130)
 
 sys.exit(main())

@@ -232,16 +232,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signals.install()  # SIGTERM and SIGHUP stop like Ctrl-C, from the start (the loop defers them)
+    previous = signals.install()  # SIGTERM and SIGHUP stop like Ctrl-C, from the start (the loop defers them)
     try:
         args = parser().parse_args(argv)
         return args.func(args)
     except CharclipError as e:
         print(f"charclip: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        print(f"charclip: interrupted ({signal_name(e)}); nothing was lost", file=sys.stderr)
+    except KeyboardInterrupt as e:  # outside the loop, or a second signal: checkpoints on disk are whole
+        print(f"charclip: interrupted ({signal_name(e)})", file=sys.stderr)
         return signals.exit_code(e)
+    finally:
+        signals.restore(previous)
 
 
 def signal_name(e: KeyboardInterrupt) -> str:

@@ -113,6 +113,8 @@ class Metrics:
         if path.exists() and not path.is_file():
             raise CharclipError(f"{path} is not a file; move it out of the run folder")
         kept = [r for r in read_records(path) if r["step"] <= resume_step] if resume_step is not None else []
+        for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a writer killed mid-rewrite (one writer: the lock)
+            stale.unlink(missing_ok=True)
         _replace_file(path, "".join(json.dumps(r) + "\n" for r in kept))
         trained = [r for r in kept if "loss" in r]
         self.logged_steps = len(trained)

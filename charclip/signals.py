@@ -41,11 +41,16 @@ def _raise(signum, frame) -> None:
     raise Interrupted(signum)
 
 
-def install() -> None:
-    """Every honoured stop signal raises `Interrupted` (from now until someone sets another handler)."""
-    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-        for s in honoured():
-            signal.signal(s, _raise)
+def install() -> dict[int, object]:
+    """Every honoured stop signal raises `Interrupted`; returns the handlers replaced, for `restore`."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return {}
+    return {s: signal.signal(s, _raise) for s in honoured()}
+
+
+def restore(previous: dict[int, object]) -> None:
+    for s, handler in previous.items():
+        signal.signal(s, handler)
 
 
 class Deferred:
@@ -71,5 +76,4 @@ class Deferred:
         self.requested = signum
 
     def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+        restore(self.previous)
