@@ -383,7 +383,9 @@ def launch(fn, world: int, *args, device: str = "cpu"):
                          daemon=True) for r in range(world)]
 
     def forward(signum, frame):  # SIGTERM / SIGHUP to the launcher: rank 0 stops the run after this step
-        if procs[0].pid is not None and procs[0].is_alive():
+        if procs[0].pid is None:
+            raise signals.Interrupted(signum)  # no rank yet: the launcher stops, killing any started below
+        if procs[0].is_alive():
             os.kill(procs[0].pid, signum)
 
     # Ctrl-C reaches every process of the terminal's group; rank 0 handles it, the launcher ignores it.
