@@ -1,7 +1,8 @@
 """The checkpoint format, one for both backends. No pickle anywhere.
 
-A run directory holds `checkpoints/step-NNNNNNNN/` folders and a `checkpoints/LATEST`
-file naming the newest. Each folder holds:
+A run directory holds `checkpoints/step-NNNNNNNN/` folders, a `checkpoints/LATEST`
+file naming the newest and, once a validation loss was measured, `checkpoints/BEST`
+naming the checkpoint with the lowest one. Each folder holds:
 
 - `model.safetensors`: the parameters under PyTorch `state_dict` names, so
   `CharRNN.load_state_dict(safetensors.torch.load_file(...))` works as is;
@@ -14,6 +15,11 @@ file naming the newest. Each folder holds:
 Writes are atomic: the folder is written under a temporary name, flushed, and
 renamed; then LATEST is replaced atomically. A crash at any moment leaves the
 previous checkpoint whole and LATEST pointing at it.
+
+Retention: after a save, the `keep` newest checkpoints stay, and so do, whatever their
+age, the one LATEST names, the one BEST names, and every checkpoint a run finished on
+(its step equals its configuration's `steps`), so extending a finished run never
+deletes where it ended.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +45,10 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
 META_FILE = "checkpoint.json"
-KEEP = 2  # checkpoints kept per run; older ones are removed after a new one lands
+KEEP = 2  # newest checkpoints kept per run (besides LATEST's, BEST's and final ones); older ones go after a save
+POINTERS = ("LATEST", "BEST")
+MAX_POINTER_BYTES = 64  # a pointer holds one folder name; a longer file is not one of ours
+_POINTER_NAME = re.compile(r"\.?step-\d{8,}(\.tmp\d+)?")  # a step folder, or save's temporary copy of one
 _META_KEYS = {"format", "format_version", "backend", "model", "train", "vocab", "step", "position", "corpus", "files"}
 
 
@@ -81,21 +91,95 @@ def _write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
         os.fsync(f.fileno())
 
 
-def _point_latest(root: Path, name: str) -> None:
-    latest_tmp = root / f".LATEST.tmp{os.getpid()}"
-    latest_tmp.write_text(name + "\n", encoding="utf-8")
-    os.replace(latest_tmp, root / "LATEST")
+def _point(root: Path, name: str, pointer: str = "LATEST") -> None:
+    """Atomically make `root/pointer` (LATEST or BEST) name the folder `name`."""
+    tmp = root / f".{pointer}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / pointer)
     _fsync_dir(root)
 
 
-def save(run_dir: str | os.PathLike, ckpt: Checkpoint) -> Path:
-    """Write `ckpt` atomically under `run_dir/checkpoints/` and point LATEST at it."""
+def _point_latest(root: Path, name: str) -> None:
+    _point(root, name, "LATEST")
+
+
+def point_latest(run_dir: str | os.PathLike, folder: Path) -> None:
+    """Make `run_dir`'s LATEST name `folder` (one of its step folders) unless it does already."""
+    root = Path(run_dir) / "checkpoints"
+    try:
+        if (root / read_pointer(root / "LATEST")).resolve() == Path(folder).resolve():
+            return
+    except CharclipError:
+        pass  # missing or damaged: rewritten below
+    _point_latest(root, Path(folder).name)
+
+
+def mark_best(run_dir: str | os.PathLike, folder: Path, *, keep: int = KEEP) -> None:
+    """Point `run_dir/checkpoints/BEST` at the checkpoint `folder` (a step folder of that run), then prune."""
+    root = Path(run_dir) / "checkpoints"
+    _point(root, Path(folder).name, "BEST")
+    _prune(root, keep)
+
+
+def read_pointer(path: Path) -> str:
+    """The folder name a LATEST or BEST file holds, checked: short, one of ours, nothing that leaves checkpoints/."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_POINTER_BYTES + 1)
+    except OSError as e:
+        raise CharclipError(f"cannot read {path}: {e.strerror}") from None
+    if len(raw) > MAX_POINTER_BYTES:
+        raise CharclipError(f"{path} is longer than a checkpoint name ({MAX_POINTER_BYTES} bytes at most); the run folder "
+                            "is damaged: pass a step folder instead")
+    name = raw.decode("utf-8", errors="replace").strip()
+    if not _POINTER_NAME.fullmatch(name):
+        raise CharclipError(f"{path} names {ascii(name)[:80]}, not a checkpoint folder (step-NNNNNNNN) beside it; "
+                            "the run folder is damaged: pass a step folder instead")
+    return name
+
+
+def save(run_dir: str | os.PathLike, ckpt: Checkpoint, *, keep: int = KEEP, best: bool = False) -> Path:
+    """Write `ckpt` atomically under `run_dir/checkpoints/`, point LATEST (and BEST if `best`) at it, and prune."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{ckpt.step:08d}"
     final = root / name
     tmp = root / f".{name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_folder(tmp, ckpt)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written folder behind
+        raise
+    if final.exists():  # the same step written again: LATEST must name a whole folder at every moment
+        _point_latest(root, tmp.name)  # the new copy, whole, while the old one goes
+        shutil.rmtree(final)
+        linked = root / f".{name}.link{os.getpid()}"
+        shutil.rmtree(linked, ignore_errors=True)
+        shutil.copytree(tmp, linked, copy_function=os.link)  # hard links: no data copied
+        os.replace(linked, final)
+        _point_latest(root, name)
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, final)
+        _point_latest(root, name)
+    if best:
+        _point(root, name, "BEST")
+    _prune(root, keep)
+    # LATEST now names a whole folder, so hidden entries are leftovers of a writer killed
+    # mid-save (a run has one writer); nothing reads them.
+    for stale in root.glob(".*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    return final
+
+
+def _write_folder(tmp: Path, ckpt: Checkpoint) -> None:
     tmp.mkdir()
     _write_tensors(tmp / MODEL_FILE, ckpt.params)
     state = {f"adam.{k}": v for k, v in (ckpt.adam or {}).items()}
@@ -118,29 +202,29 @@ def save(run_dir: str | os.PathLike, ckpt: Checkpoint) -> Path:
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
-    if final.exists():  # the same step written again: LATEST must name a whole folder at every moment
-        _point_latest(root, tmp.name)  # the new copy, whole, while the old one goes
-        shutil.rmtree(final)
-        linked = root / f".{name}.link{os.getpid()}"
-        shutil.rmtree(linked, ignore_errors=True)
-        shutil.copytree(tmp, linked, copy_function=os.link)  # hard links: no data copied
-        os.replace(linked, final)
-        _point_latest(root, name)
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, final)
-        _point_latest(root, name)
-    for old in sorted(p for p in root.glob("step-*") if p.name != name)[:-(KEEP - 1) or None]:
-        shutil.rmtree(old, ignore_errors=True)
-    # LATEST now names a whole folder, so hidden entries are leftovers of a writer killed
-    # mid-save (a run has one writer); nothing reads them.
-    for stale in root.glob(".*"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-    return final
 
+
+def _finished(folder: Path) -> bool:
+    """Whether the checkpoint in `folder` is where a run ended (its step equals its --steps)."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        return meta["step"] == meta["train"]["steps"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return False  # damaged or foreign: nothing worth keeping for
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.is_symlink() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
+    protected = {p.name for p in steps[-max(keep, 1):]}
+    for pointer in POINTERS:
+        try:
+            protected.add(read_pointer(root / pointer))
+        except CharclipError:
+            pass  # absent (no BEST yet) or damaged: protects nothing
+    for old in steps:
+        if old.name not in protected and not _finished(old):
+            shutil.rmtree(old, ignore_errors=True)
 
 def resolve(path: str | os.PathLike) -> Path:
     """The checkpoint folder meant by `path`: a checkpoint folder, a run folder, or its checkpoints/."""
@@ -149,11 +233,16 @@ def resolve(path: str | os.PathLike) -> Path:
         raise CharclipError(f"checkpoint not found: {p}")
     if (p / META_FILE).is_file():
         return p
+    if p.name in POINTERS and p.is_file():  # RUN/checkpoints/BEST or .../LATEST: the folder it names
+        target = p.parent / read_pointer(p)
+        if target.is_symlink() or not (target / META_FILE).is_file():
+            raise CharclipError(f"{p} names {target.name}, which is not a complete checkpoint")
+        return target
     for root in (p / "checkpoints", p):
         latest = root / "LATEST"
         if latest.is_file():
-            target = root / latest.read_text(encoding="utf-8", errors="replace").strip()
-            if not (target / META_FILE).is_file():
+            target = root / read_pointer(latest)
+            if target.is_symlink() or not (target / META_FILE).is_file():
                 raise CharclipError(f"{latest} names {target.name}, which is not a complete checkpoint")
             return target
     raise CharclipError(f"{p} is neither a checkpoint folder (with {META_FILE}) nor a run folder with checkpoints/LATEST")
@@ -200,6 +289,8 @@ def load(path: str | os.PathLike) -> Checkpoint:
         train = C.train_from_dict(meta["train"])
         if not isinstance(meta["vocab"], list) or not all(isinstance(c, str) and len(c) == 1 for c in meta["vocab"]):
             raise CharclipError("the vocabulary is not a list of single characters")
+        if any("\ud800" <= c <= "\udfff" for c in meta["vocab"]):  # JSON can spell them; UTF-8 text cannot hold them
+            raise CharclipError("the vocabulary holds a lone surrogate, which no UTF-8 text contains")
         vocab = Vocab("".join(meta["vocab"]))
         step = _count(meta["step"], "step")
         position = Position(_count(meta["position"]["epoch"], "epoch"), _count(meta["position"]["batch"], "batch"))
@@ -243,9 +334,9 @@ def _check_state(where: Path, state: dict[str, np.ndarray], model: C.ModelConfig
     """Adam's moments and the carried hidden state must fit the model exactly, or the first step fails."""
     dtype = np.dtype(train.dtype)
     expect: dict[str, tuple[tuple, np.dtype]] = {}
-    if any(k.startswith("adam.") for k in state):
-        expect["adam.step"] = ((), np.dtype(np.int64))  # (1,) in files written before 0-d arrays were kept 0-d
-        expect.update({f"adam.{m}.{n}": (s, dtype) for m in ("exp_avg", "exp_avg_sq") for n, s in shapes.items()})
+    # Adam's state is always saved (a resume without it would silently restart the optimizer).
+    expect["adam.step"] = ((), np.dtype(np.int64))  # (1,) in files written before 0-d arrays were kept 0-d
+    expect.update({f"adam.{m}.{n}": (s, dtype) for m in ("exp_avg", "exp_avg_sq") for n, s in shapes.items()})
     if any(k.startswith("hidden.") for k in state):
         h_shape = (model.num_layers, train.batch_size, model.hidden_size)  # (L, B, H)
         expect.update({f"hidden.{k}": (h_shape, dtype) for k in (("h", "c") if model.cell == "lstm" else ("h",))})
@@ -254,5 +345,11 @@ def _check_state(where: Path, state: dict[str, np.ndarray], model: C.ModelConfig
     for name, (shape, dt) in expect.items():
         if state[name].shape != shape and not (name == "adam.step" and state[name].shape == (1,)) or state[name].dtype != dt:
             raise CharclipError(f"{where}: {name} is {state[name].dtype}{list(state[name].shape)}, expected {dt}{list(shape)}")
-    if "adam.step" in state and not 0 <= int(state["adam.step"]) <= step:
-        raise CharclipError(f"{where}: the optimizer has taken {int(state['adam.step'])} steps, not between 0 and the checkpoint's {step}")
+    adam_step = int(state["adam.step"].reshape(()))
+    if not 0 <= adam_step <= step:
+        raise CharclipError(f"{where}: the optimizer has taken {adam_step} steps, not between 0 and the checkpoint's {step}")
+    moments = [v for k, v in state.items() if k.startswith("adam.exp_avg")]
+    if adam_step == 0 and any(np.any(v != 0) for v in moments):  # both backends would drop them and restart Adam
+        raise CharclipError(f"{where}: the optimizer has taken 0 steps but its moments are not zero")
+    if any(np.any(v < 0) for k, v in state.items() if k.startswith("adam.exp_avg_sq.")):
+        raise CharclipError(f"{where}: Adam's second moment is negative somewhere, which no training produces")

@@ -1,4 +1,10 @@
-"""Frozen dataclasses shared by both backends and the CLI: one configuration system."""
+"""Frozen dataclasses shared by both backends and the CLI: one configuration system.
+
+Every field a user can set carries its command-line spelling in its metadata
+(`option(...)`): the flag, the help text, the choices and what `--resume` does with
+it. `charclip.cli` builds its parsers from these, so a default, a help text and the
+resume rule are each written once, here.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,35 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from charclip.clipspec import NONFINITE_POLICIES
 from charclip.errors import CharclipError
 from charclip.schedules import SCHEDULES
 
 CELLS = ("rnn", "lstm", "gru")
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # rows of W_ih / W_hh per hidden unit (PyTorch layout)
 DTYPES = ("float32", "float64")
-NONFINITE = ("error", "skip", "propagate")
+# What --resume does with an option: "kept" (the checkpoint's value wins; a given flag is named
+# as ignored), "extends" (--steps: the checkpoint's unless given), "used" (applies to this invocation).
+RESUME_RULES = ("kept", "extends", "used")
+
+
+def option(default=dataclasses.MISSING, *, flag: str, help: str, choices: tuple | None = None, resume: str = "kept",
+           group: str | None = None, type=None, shown: str | None = None, metavar: str | None = None,
+           action: str | None = None, const=None, default_factory=dataclasses.MISSING):
+    """A dataclass field that is also a command-line option (see `charclip.cli`)."""
+    assert resume in RESUME_RULES, resume
+    meta = {"flag": flag, "help": help, "choices": choices, "resume": resume, "group": group, "type": type,
+            "shown": shown, "metavar": metavar, "action": action, "const": const}
+    return field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def options(cls) -> list[dataclasses.Field]:
+    """The fields of `cls` that are command-line options, in declaration order."""
+    return [f for f in dataclasses.fields(cls) if "flag" in f.metadata]
+
+
+def default_of(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 @dataclass(frozen=True)
@@ -20,10 +48,10 @@ class ModelConfig:
     """Embedding -> `num_layers` recurrent layers of `cell` -> linear head to the vocabulary."""
 
     vocab_size: int
-    cell: str = "lstm"
-    hidden_size: int = 256
-    num_layers: int = 2
-    embedding_dim: int = 64
+    cell: str = option("lstm", flag="--cell", choices=CELLS, group="model", help="recurrent cell")
+    hidden_size: int = option(256, flag="--hidden", group="model", help="hidden units per layer")
+    num_layers: int = option(2, flag="--layers", group="model", help="stacked recurrent layers")
+    embedding_dim: int = option(64, flag="--embed", group="model", help="embedding size")
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -40,10 +68,15 @@ class ModelConfig:
 class ClipConfig:
     """How gradients are clipped: by global norm, by value, or not at all."""
 
-    mode: str = "norm"  # "norm" | "value" | "none"
-    max_norm: float = 0.5  # measured: clips the default run's warm-up spikes only (4 of 1500 steps)
-    max_value: float = 5.0
-    impl: str = "library"  # "library" | "reference"
+    mode: str = option("norm", flag="--no-clip", action="store_const", const="none", group="clipping",
+                       help="do not clip (the mode is norm, or value with --clip-value)")  # "norm" | "value" | "none"
+    # measured: 0.5 clips the default run's warm-up spikes only (4 of 1500 steps)
+    max_norm: float = option(0.5, flag="--clip-norm", metavar="TAU", group="clipping",
+                             help="clip the global L2 norm of the gradient to TAU (the default mode)")
+    max_value: float = option(5.0, flag="--clip-value", metavar="V", group="clipping",
+                              help="instead, clamp every gradient component to [-V, V]")
+    impl: str = option("library", flag="--clip-impl", choices=("library", "reference"), group="clipping",
+                       help="library: torch clip_grad_norm_ / optax.clip_by_global_norm; reference: charclip's own")
 
     def __post_init__(self) -> None:
         if self.mode not in ("norm", "value", "none"):
@@ -65,37 +98,58 @@ class ClipConfig:
 class TrainConfig:
     """Everything that defines a training run apart from the model's shape."""
 
-    steps: int = 1500
-    batch_size: int = 64
-    seq_len: int = 64
-    lr: float = 3e-3
-    beta1: float = 0.9
+    steps: int = option(1500, flag="--steps", resume="extends", group="optimisation",
+                        help="training steps (with --resume: the checkpoint's, unless a larger number is given)")
+    batch_size: int = option(64, flag="--batch-size", group="optimisation", help="parallel streams per batch")
+    seq_len: int = option(64, flag="--seq-len", group="optimisation", help="truncated-BPTT length")
+    lr: float = option(3e-3, flag="--lr", group="optimisation", help="Adam learning rate")
+    beta1: float = 0.9  # Adam's, as torch.optim.Adam and optax.adam default them; not on the command line
     beta2: float = 0.999
     eps: float = 1e-8
-    seed: int = 0
-    dtype: str = "float32"
-    val_fraction: float = 0.1
-    eval_every: int = 250
-    eval_batches: int = 16
-    checkpoint_every: int = 500
-    nonfinite: str = "error"  # what a step with a NaN/inf loss or gradient does: error | skip | propagate
-    accumulate: int = 1  # micro-batches per optimizer step (batch_size / accumulate streams each); clipped once, on their mean
-    schedule: str = "constant"  # learning-rate schedule: constant | cosine | step (charclip.schedules)
-    warmup_steps: int = 0  # linear warmup before the schedule (cosine, step)
-    min_lr: float = 0.0  # cosine: the floor reached at decay_steps
-    decay_steps: int = 0  # cosine: the step where it reaches min_lr (0: the run's steps)
-    decay_every: int = 500  # step: steps between decays
-    decay_factor: float = 0.5  # step: the rate is multiplied by this every decay_every steps
+    seed: int = option(0, flag="--seed", group="optimisation",
+                       help="seed of the initial weights, the epochs' batch offsets and the closing sample")
+    dtype: str = option("float32", flag="--dtype", choices=DTYPES, group="optimisation",
+                        help="floating-point type of parameters and arithmetic")
+    val_fraction: float = option(0.1, flag="--val-fraction", group="data and output",
+                                 help="share of the text kept for validation, at its end")
+    eval_every: int = option(250, flag="--eval-every", group="reporting", help="steps between validation losses")
+    eval_batches: int = option(16, flag="--eval-batches", group="reporting", help="validation batches per evaluation")
+    checkpoint_every: int = option(500, flag="--checkpoint-every", group="reporting",
+                                   help="steps between checkpoints (one is also written at the end)")
+    nonfinite: str = option("error", flag="--nonfinite", choices=NONFINITE_POLICIES, group="clipping",
+                            help="a step with a NaN/inf loss or gradient: stop with a checkpoint (error), "
+                            "drop it (skip), or apply it anyway (propagate)")
+    accumulate: int = option(1, flag="--accumulate", metavar="K", group="optimisation",
+                             help="micro-batches per optimizer step, batch-size/K streams each; the gradient is their "
+                             "mean, clipped once after the last")
+    schedule: str = option("constant", flag="--schedule", choices=SCHEDULES, group="optimisation",
+                           help="learning-rate schedule: constant; cosine (nanoGPT: warmup, then a half cosine to "
+                           "--min-lr at --decay-steps); step (char-rnn: x --decay-factor every --decay-every steps)")
+    warmup_steps: int = option(0, flag="--warmup-steps", group="optimisation",
+                               help="cosine and step schedules: steps of linear warmup to --lr first")
+    min_lr: float = option(0.0, flag="--min-lr", group="optimisation", help="cosine schedule: the floor it decays to")
+    decay_steps: int = option(0, flag="--decay-steps", group="optimisation",
+                              help="cosine schedule: the step where it reaches --min-lr (0: --steps, fixed when the run starts)")
+    decay_every: int = option(500, flag="--decay-every", group="optimisation", help="step schedule: steps between decays")
+    decay_factor: float = option(0.5, flag="--decay-factor", group="optimisation",
+                                 help="step schedule: the rate is multiplied by this at every decay")
     clip: ClipConfig = field(default_factory=ClipConfig)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "checkpoint_every"):
             _positive_int(name.replace("_", "-"), getattr(self, name))
         _positive_float("--lr", self.lr)
+        for name in ("beta1", "beta2"):  # Adam divides by 1 - beta**t: beta must lie in [0, 1)
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise CharclipError(f"{name} must lie in [0, 1), got {value!r}")
+        _positive_float("eps", self.eps)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:  # NumPy's generators need >= 0
+            raise CharclipError(f"--seed must be a non-negative integer, got {self.seed!r}")
         if self.dtype not in DTYPES:
             raise CharclipError(f"unknown --dtype {self.dtype!r}; use float32 or float64")
-        if self.nonfinite not in NONFINITE:
-            raise CharclipError(f"unknown --nonfinite {self.nonfinite!r}; use one of {', '.join(NONFINITE)}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise CharclipError(f"unknown --nonfinite {self.nonfinite!r}; use one of {', '.join(NONFINITE_POLICIES)}")
         _positive_int("accumulate", self.accumulate)
         if self.batch_size % self.accumulate:
             raise CharclipError(f"--batch-size {self.batch_size} does not split into --accumulate {self.accumulate} "
@@ -121,7 +175,7 @@ def _positive_int(name: str, value: int) -> None:
 
 
 def _positive_float(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
         raise CharclipError(f"{name} must be a positive finite number, got {value!r}")
 
 
@@ -137,3 +191,78 @@ def train_from_dict(d: dict) -> TrainConfig:
     d = dict(d)
     d["clip"] = ClipConfig(**d["clip"])
     return TrainConfig(**d)
+
+
+def _backend(default: str | None, shown: str | None = None):
+    return option(default, flag="--backend", choices=("torch", "jax"), type=str, resume="used", shown=shown,
+                  help="framework to run in")
+
+
+def _device():
+    return option("cpu", flag="--device", choices=("cpu", "gpu"), resume="used", help="where to run")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What one `charclip train` invocation does around the run; not stored in the checkpoint."""
+
+    backend: str | None = _backend(None, shown="torch; with --resume, the backend that wrote the checkpoint")
+    device: str = _device()
+    data: str | None = option(None, flag="--data", metavar="PATH", type=str, resume="used", group="data and output",
+                              shown="the embedded Shakespeare; with --resume, the checkpoint's corpus",
+                              help="UTF-8 text file to train on")
+    out: str | None = option(None, flag="--out", metavar="DIR", type=str, resume="used", group="data and output",
+                             shown="runs/<backend>-<time>; with --resume, the resumed run's folder",
+                             help="run folder for checkpoints, metrics and plots; it must be new or empty")
+    resume: str | None = option(None, flag="--resume", metavar="RUN", type=str, resume="used", group="data and output",
+                                help="continue the run saved in RUN (a run or step folder); its configuration is kept")
+    overwrite: bool = option(False, flag="--overwrite", action="store_true", resume="used", group="data and output",
+                             help="train afresh in a --out folder that holds an earlier run, deleting its checkpoints, "
+                             "metrics and plot")
+    keep: int = option(2, flag="--keep", resume="used", group="data and output",
+                       help="newest checkpoints kept; the final and the best-validation ones are kept besides")
+    sample_chars: int = option(400, flag="--sample-chars", resume="used", group="reporting",
+                               help="characters sampled at the end (0: none)")
+    no_progress: bool = option(False, flag="--no-progress", action="store_true", resume="used", group="reporting",
+                               help="no progress bar")
+    nproc: int = option(1, flag="--nproc", resume="used", group="several devices (docs/distributed.md)",
+                        help="torch: processes, the global batch split between them")
+    parallel: str = option("ddp", flag="--parallel", choices=("ddp", "fsdp"), resume="used",
+                           group="several devices (docs/distributed.md)",
+                           help="torch: replicated (DDP) or sharded (FSDP2) parameters")
+    devices: int = option(1, flag="--devices", resume="used", group="several devices (docs/distributed.md)",
+                          help="jax: devices in the mesh (virtual ones on the CPU)")
+    mesh: str = option("data", flag="--mesh", choices=("data", "model", "fsdp", "2d", "shard_map"), resume="used",
+                       group="several devices (docs/distributed.md)",
+                       help="jax: shard the batch, the parameters, both on one axis, both on two axes, or fsdp by hand")
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """`charclip sample`: how text is drawn from a checkpoint."""
+
+    backend: str = _backend("torch")
+    device: str = _device()
+    prime: str = option("\n", flag="--prime", resume="used", shown="a newline",
+                        help="text to start from (its characters must be in the vocabulary)")
+    length: int = option(500, flag="--length", resume="used", help="characters to generate after the prime")
+    temperature: float = option(0.8, flag="--temperature", resume="used",
+                                help="divides the logits: below 1 sharper, above 1 flatter")
+    top_k: int | None = option(None, flag="--top-k", type=int, resume="used", shown="all characters",
+                               help="sample among the k likeliest characters only")
+    top_p: float | None = option(None, flag="--top-p", type=float, resume="used", shown="no nucleus filter",
+                                 help="nucleus sampling: among the fewest likeliest characters whose probabilities "
+                                 "add up to at least P")
+    seed: int = option(0, flag="--seed", resume="used", help="seed of the sampling noise (sample i uses seed + i)")
+    num_samples: int = option(1, flag="--num-samples", metavar="N", resume="used",
+                              help="independent samples to print, each from the prime")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """`charclip eval`: which text a checkpoint's loss is measured on."""
+
+    backend: str = _backend("torch")
+    device: str = _device()
+    data: str | None = option(None, flag="--data", metavar="PATH", type=str, resume="used",
+                              shown="the validation split of the checkpoint's corpus", help="text to evaluate, whole")

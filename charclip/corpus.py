@@ -22,6 +22,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import stat
 from pathlib import Path
 
 from charclip.errors import CharclipError
@@ -102,17 +103,33 @@ def shakespeare() -> str:
     return text
 
 
+MAX_CORPUS_BYTES = 256 << 20  # 256 MiB: its tokens take 2 GiB as int64; enwik8 is 100 MB, tiny-shakespeare 1 MB
+
+
 def read_text(path: str | os.PathLike) -> str:
-    """Read a user's corpus: UTF-8 text, or one clear error."""
+    """Read a user's corpus: UTF-8 text from a regular file of at most MAX_CORPUS_BYTES, or one clear error.
+
+    A FIFO or a device (/dev/zero, /dev/stdin) is refused before anything is read: the first
+    can block forever, the second can fill the memory.
+    """
     p = Path(path)
     if not p.exists():
         raise CharclipError(f"corpus file not found: {p}")
     if p.is_dir():
         raise CharclipError(f"corpus path is a directory, not a text file: {p}")
+    limit = f"{MAX_CORPUS_BYTES >> 20} MiB"
     try:
-        data = p.read_bytes()
+        # O_NONBLOCK: opening a FIFO with no writer would wait forever; fstat then tells what was opened.
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise CharclipError(f"corpus path {p} is not a regular file (a FIFO, socket or device); "
+                                    f"give a text file of at most {limit}")
+            data = f.read(MAX_CORPUS_BYTES + 1)  # bounded even when the size on disk says otherwise
     except OSError as e:
         raise CharclipError(f"cannot read corpus file {p}: {e.strerror}") from None
+    if len(data) > MAX_CORPUS_BYTES:
+        raise CharclipError(f"corpus file {p} is larger than {limit}, the most charclip reads; use a part of it")
     if b"\x00" in data:
         raise CharclipError(f"corpus file {p} looks binary (it contains NUL bytes); give a UTF-8 text file")
     try:

@@ -12,14 +12,14 @@ import numpy as np  # noqa: E402
 
 
 def plot_training(metrics_path, out_png, threshold: float | None) -> Path:
-    from charclip.run import read_metrics
+    from charclip.run import read_records, describe_clipped
 
-    rows = read_metrics(metrics_path)
-    steps = np.array([r["step"] for r in rows if "loss" in r])
-    loss = np.array([r["loss"] for r in rows if "loss" in r], dtype=float)
-    norm = np.array([r["grad_norm"] for r in rows if "loss" in r], dtype=float)
-    clipped = np.array([r["clipped"] for r in rows if "loss" in r], dtype=bool)
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    rows = [r for r in read_records(Path(metrics_path)) if _numbers(r, "loss", "grad_norm")]
+    steps = np.array([r["step"] for r in rows])
+    loss = np.array([r["loss"] for r in rows], dtype=float)
+    norm = np.array([r["grad_norm"] for r in rows], dtype=float)
+    clipped = np.array([r.get("clipped") is True for r in rows], dtype=bool)
+    val = [(r["step"], r["val_loss"]) for r in read_records(Path(metrics_path)) if _numbers(r, "val_loss")]
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
     ax1.plot(steps, loss, lw=0.6, alpha=0.5, label="training loss (per batch)")
@@ -33,7 +33,7 @@ def plot_training(metrics_path, out_png, threshold: float | None) -> Path:
     ax1.grid(alpha=0.3)
     ax2.semilogy(steps, norm, lw=0.7, label="gradient norm before clipping")
     if clipped.any():
-        ax2.plot(steps[clipped], norm[clipped], ".", ms=3, color="C3", label=f"clipped steps ({clipped.mean():.0%})")
+        ax2.plot(steps[clipped], norm[clipped], ".", ms=3, color="C3", label=describe_clipped(int(clipped.sum()), len(clipped)))
     if threshold is not None:
         ax2.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold tau = {threshold:g}")
     ax2.set_xlabel("step")
@@ -44,3 +44,7 @@ def plot_training(metrics_path, out_png, threshold: float | None) -> Path:
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return Path(out_png)
+
+
+def _numbers(record: dict, *keys: str) -> bool:
+    return all(isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool) for k in keys)

@@ -1,17 +1,19 @@
 """The training run around a backend's trainer, written once for both backends.
 
 The trainer is anything satisfying `charclip.contract.Trainer`, made by a factory from
-`charclip.backends`. This module feeds it batches, shows progress, logs metrics as
-JSON lines, validates, checkpoints, and handles Ctrl-C, non-finite steps and divergence.
+`charclip.backends`. This module feeds it batches and each step's learning rate
+(`charclip.schedules`), shows progress, logs metrics as JSON lines, validates,
+checkpoints, and handles stop signals (Ctrl-C, SIGTERM, SIGHUP), non-finite steps and
+divergence. It holds the run folder's lock (`charclip.runfolder`) from before its first
+write to its end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,9 +22,9 @@ import numpy as np
 
 from charclip import backends
 from charclip import checkpoint as ckpt_io
-from charclip import corpus, schedules
+from charclip import corpus, runfolder, schedules, signals
 from charclip.batching import Position, Streams, split
-from charclip.config import ModelConfig, TrainConfig
+from charclip.config import ModelConfig, RunOptions, TrainConfig
 from charclip.contract import NonFiniteStep
 from charclip.errors import CharclipError
 from charclip.vocab import Vocab
@@ -31,30 +33,13 @@ from charclip.weights import init_params
 DIVERGENCE_FACTOR = 3.0  # char-rnn's rule: a loss this many times the first one means divergence
 
 
-class _DeferInterrupt:
-    """Ctrl-C asks the loop to stop after the current step instead of breaking into it.
+class _DeferInterrupt(signals.Deferred):
+    """Ctrl-C, SIGTERM or SIGHUP asks the loop to stop after the current step instead of breaking into it.
 
     A KeyboardInterrupt raised inside a step (say, halfway through Adam's in-place
     update) would leave a checkpoint whose parameters and step disagree. A second
-    Ctrl-C still stops at once, without a checkpoint.
+    stop signal still stops at once, without a checkpoint.
     """
-
-    requested = False
-
-    def __enter__(self):
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 @dataclass
@@ -86,34 +71,116 @@ def prepare_data(path: str | None, cfg: TrainConfig, vocab: Vocab | None = None)
 
 
 class Metrics:
-    """Metrics as JSON lines, one per training step and one per validation."""
+    """Metrics as JSON lines, one per training step and one per validation.
+
+    On resume the history is cut back to the checkpoint's step (lines logged after it are
+    dropped) by writing a new file and renaming it over the old one, so a kill at any
+    moment leaves either the old history or the new one, whole. Lines that are not a
+    JSON object with an integer step (damage, a line torn by a crash) are dropped too.
+    The time column continues from the kept history.
+    """
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
-        if resume_step is not None and path.exists():  # drop what was logged after the checkpoint
-            kept = [l for l in path.read_text(encoding="utf-8", errors="replace").splitlines() if l and _step_of(l) <= resume_step]
-            path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
-        elif path.exists():
-            path.unlink()
+        if path.exists() and not path.is_file():
+            raise CharclipError(f"{path} is not a file; move it out of the run folder")
+        kept = [r for r in read_records(path) if r["step"] <= resume_step] if resume_step is not None else []
+        for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a writer killed mid-rewrite (one writer: the lock)
+            stale.unlink(missing_ok=True)
+        _replace_file(path, "".join(json.dumps(r) + "\n" for r in kept))
+        trained = [r for r in kept if "loss" in r]
+        self.logged_steps = len(trained)
+        self.clipped = sum(r.get("clipped") is True for r in trained)
+        self.skipped = sum(r.get("skipped") is True for r in trained)
+        self.best_val = min((r["val_loss"] for r in kept if _finite(r.get("val_loss"))), default=math.inf)
+        self.time_offset = max((r["time"] for r in trained if _finite(r.get("time"))), default=0.0)
         # Line-buffered: a killed run has logged every step it took, so none goes missing on resume.
         self.file = open(path, "a", encoding="utf-8", buffering=1)
 
     def write(self, **record) -> None:
+        if "loss" in record:
+            self.logged_steps += 1
+            self.clipped += bool(record.get("clipped"))
+            self.skipped += bool(record.get("skipped"))
         self.file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         self.file.close()
 
 
-def _step_of(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf  # a line torn by a crash mid-write: dropped
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The well-formed records of a metrics file: JSON objects whose step is a non-negative integer."""
+    if not path.is_file():
+        return []
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except (ValueError, RecursionError):
+                continue  # a line torn by a crash mid-write, or damage: dropped
+            if isinstance(r, dict) and isinstance(r.get("step"), int) and not isinstance(r["step"], bool) and r["step"] >= 0:
+                records.append(r)
+    return records
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write `text` to a new file beside `path`, sync it, and rename it over `path` (atomic)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l]
+
+
+def describe_clipped(clipped: int, steps: int) -> str:
+    """The clipped share as the closing line and the plot's legend both say it."""
+    return f"{clipped} of {steps} steps clipped ({clipped / max(steps, 1):.1%})"
+
+
+def memory_estimate(model_cfg: ModelConfig, cfg: TrainConfig) -> tuple[int, int]:
+    """(parameters, bytes) of a training step, roughly: parameters, gradients and Adam's two moments
+    (plus a NumPy copy at checkpoints), and the activations kept for the backward pass."""
+    B, T, H, L = cfg.batch_size, cfg.seq_len, model_cfg.hidden_size, model_cfg.num_layers
+    V, E, G = model_cfg.vocab_size, model_cfg.embedding_dim, model_cfg.gates
+    n = V * E + G * H * (E + H + 2) + (L - 1) * G * H * (2 * H + 2) + V * H + V  # weights.param_shapes, summed
+    acts = B * T * (model_cfg.embedding_dim + L * (model_cfg.gates + 2) * H + 3 * model_cfg.vocab_size)
+    return n, np.dtype(cfg.dtype).itemsize * (5 * n + 2 * acts)
+
+
+def machine_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Refuse, before allocating anything, a model that cannot fit in this machine's memory."""
+    n, need = memory_estimate(model_cfg, cfg)
+    have = machine_memory()
+    if have is not None and need > have:
+        raise CharclipError(f"this model needs about {_gib(need)} of memory ({n:,} parameters), but this machine has "
+                            f"{_gib(have)}; use a smaller --hidden, --embed, --layers or --batch-size")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def run_folder_of(checkpoint_folder: Path) -> Path | None:
+    """The run folder a step folder belongs to (RUN for RUN/checkpoints/step-N), or None for a loose one."""
+    p = Path(checkpoint_folder)
+    return p.parent.parent if p.parent.name == "checkpoints" else None
 
 
 def train(
@@ -123,24 +190,46 @@ def train(
     backend: str,
     out_dir: str | os.PathLike,
     data_path: str | None = None,
-    resume: str | None = None,
+    resume: str | os.PathLike | ckpt_io.Checkpoint | None = None,
     device: str = "cpu",
     progress: bool = True,
-    sample_chars: int = 300,
+    sample_chars: int = RunOptions.sample_chars,
+    keep: int = RunOptions.keep,
+    overwrite: bool = False,
     log=print,
     make_trainer=None,
 ) -> dict:
     """Train (or resume) a run; return a summary. Everything lands in `out_dir`.
 
-    A resumed run keeps the checkpoint's configurations; `cfg.steps` may extend it (cfg None: unchanged).
-    `make_trainer` is the trainer factory (`charclip.backends.trainer_factory`; default: one device).
+    `resume` is a checkpoint path or an already loaded `Checkpoint`. A resumed run keeps the
+    checkpoint's configurations; `cfg.steps` may extend it (cfg None: unchanged). A fresh run
+    (or a resumed one written to another folder) needs `out_dir` new or empty, unless
+    `overwrite`. `keep`: newest checkpoints kept (see `charclip.checkpoint`). `make_trainer`
+    replaces the backend's `Trainer` class (same arguments), e.g. a multi-device one.
     """
+    if keep < 1:
+        raise CharclipError(f"--keep must be 1 or more, got {keep}")
+    out = Path(out_dir)
+    try:
+        with contextlib.ExitStack() as lock:
+            return _train(model_cfg, cfg, backend=backend, out=out, data_path=data_path, resume=resume, device=device,
+                          progress=progress, sample_chars=sample_chars, keep=keep, overwrite=overwrite, log=log,
+                          make_trainer=make_trainer, lock=lock)
+    except OSError as e:  # a full disk, a read-only file system: the last checkpoint written is whole
+        try:
+            where = f"the last whole checkpoint is {ckpt_io.resolve(out)}"
+        except CharclipError:
+            where = "no checkpoint was written"
+        raise CharclipError(f"{runfolder.os_error(e, f'cannot write the run in {out}')}; {where}") from None
+
+
+def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress, sample_chars, keep, overwrite, log,
+           make_trainer, lock: contextlib.ExitStack) -> dict:
     from tqdm.auto import tqdm
 
-    out = Path(out_dir)
     start_step, position, adam, hidden = 0, Position(), None, None
-    if resume:
-        ck = ckpt_io.load(resume)
+    if resume is not None:
+        ck = resume if isinstance(resume, ckpt_io.Checkpoint) else ckpt_io.load(resume)
         model_cfg, vocab = ck.model, ck.vocab
         cfg = replace(ck.train, steps=cfg.steps) if cfg is not None and cfg.steps != ck.train.steps else ck.train
         data = prepare_data(data_path if data_path is not None else ck.corpus.get("path"), cfg, vocab)
@@ -157,30 +246,43 @@ def train(
     else:
         data = prepare_data(data_path, cfg)
         model_cfg = replace(model_cfg, vocab_size=len(data.vocab))
+        check_memory(model_cfg, cfg)
+        params = init_params(model_cfg, cfg.seed, cfg.dtype)
         if cfg.schedule == "cosine" and cfg.decay_steps == 0:  # fixed now: extending --steps on resume keeps the curve
             cfg = replace(cfg, decay_steps=cfg.steps)
-        params = init_params(model_cfg, cfg.seed, cfg.dtype)
     vocab = data.vocab
-    out.mkdir(parents=True, exist_ok=True)
+    same_run = resume is not None and ck.path is not None and run_folder_of(ck.path) is not None and (
+        run_folder_of(ck.path).resolve() == out.resolve())
+    if not same_run and not overwrite and out.is_dir():
+        runfolder.claim(out, overwrite=False)  # refused before even the lock file is made in someone's folder
+    # Everything is checked; from here on the run folder is written, by this process alone.
+    runfolder.create(out)
+    lock.enter_context(runfolder.Lock(out))
+    if not same_run:  # again under the lock: another run may have started in it meanwhile
+        runfolder.claim(out, overwrite=overwrite)
+    else:  # resumed from an older step folder: LATEST moves back to it before the metrics are cut back to it
+        ckpt_io.point_latest(out, ck.path)
     make_trainer = make_trainer or backends.trainer_factory(backend)
     trainer = make_trainer(model_cfg, cfg, params, adam=adam, hidden=hidden, device=device)
 
     saved: dict[int, Path] = {}
 
-    def save(step: int, pos: Position) -> Path:
+    def save(step: int, pos: Position, best: bool = False) -> Path:
         if step not in saved:  # once per step: Ctrl-C just after a periodic checkpoint does not rewrite it
             saved[step] = ckpt_io.save(out, ckpt_io.Checkpoint(
                 model=model_cfg, train=cfg, vocab=vocab, params=trainer.params_numpy(), step=step, position=pos,
                 backend=backend, corpus=data.info, adam=trainer.adam_state(), hidden=trainer.hidden_state(),
-            ))
+            ), keep=keep, best=best)
+        elif best:
+            ckpt_io.mark_best(out, saved[step], keep=keep)
         return saved[step]
 
-    metrics = Metrics(out / "metrics.jsonl", start_step if resume else None)
+    metrics = Metrics(out / "metrics.jsonl", start_step if same_run else None)
     n_params = sum(int(np.prod(v.shape)) for v in params.values())
     log(f"charclip: {backend} backend, {model_cfg.cell} {model_cfg.num_layers}x{model_cfg.hidden_size}, "
         f"{n_params:,} parameters, {data.info['chars']:,} characters, vocabulary {len(vocab)}, "
         f"{data.train.batches_per_epoch} batches per epoch, output in {out}")
-    first_loss, warned, clipped, skipped, step, last = None, False, 0, 0, start_step, None
+    first_loss, warned, step, last = None, False, start_step, None
     val_loss = None
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
@@ -199,10 +301,8 @@ def train(
                     f"Checkpoint from before this step: {path}. Lower --lr or --clip-norm, or use --nonfinite skip"
                 ) from None
             step, position = step + 1, data.train.next(position)
-            clipped += last.clipped
-            skipped += last.skipped
             metrics.write(step=step, loss=last.loss, grad_norm=last.grad_norm, clipped=last.clipped,
-                          skipped=last.skipped, time=round(time.perf_counter() - t0, 4),
+                          skipped=last.skipped, time=round(metrics.time_offset + time.perf_counter() - t0, 4),
                           **({"lr": lr} if cfg.schedule != "constant" else {}))
             if first_loss is None and math.isfinite(last.loss):
                 first_loss = last.loss
@@ -211,23 +311,30 @@ def train(
                 bar.write(f"charclip: warning: step {step}: loss {last.loss:.3g} is over {DIVERGENCE_FACTOR:g}x the first "
                           f"loss {first_loss:.3g}: training is diverging; lower --lr or --clip-norm")
             bar.update(1)
-            bar.set_postfix(loss=f"{last.loss:.3f}", norm=f"{last.grad_norm:.3g}", val="-" if val_loss is None else f"{val_loss:.3f}")
+            chars_per_s = (step - start_step) * cfg.batch_size * cfg.seq_len / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{last.loss:.3f}", norm=f"{last.grad_norm:.3g}", val="-" if val_loss is None else f"{val_loss:.3f}",
+                            chars_s=f"{chars_per_s:,.0f}")
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val_loss = trainer.evaluate(data.val.eval_batches(cfg.eval_batches))
                 metrics.write(step=step, val_loss=val_loss)
+                if _finite(val_loss) and val_loss < metrics.best_val:  # kept whatever its age, as BEST
+                    metrics.best_val = val_loss
+                    save(step, position, best=True)
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 save(step, position)
-    bar.close()
-    metrics.close()
-    path = save(step, position)
+        bar.close()
+        metrics.close()
+        path = save(step, position)
     if interrupt.requested:
         log(f"charclip: interrupted at step {step}; checkpoint written to {path}; continue with --resume {out}")
-        raise SystemExit(130)
+        raise SystemExit(128 + interrupt.requested)
     elapsed = time.perf_counter() - t0
-    ran = step - start_step
     summary = {
-        "backend": backend, "steps": step, "train_loss": last.loss if last else None, "val_loss": val_loss,
-        "clipped_fraction": clipped / max(ran, 1), "skipped_steps": skipped, "seconds": round(elapsed, 2),
+        "backend": backend, "steps": step, "steps_run": step - start_step, "train_loss": last.loss if last else None,
+        "val_loss": val_loss, "logged_steps": metrics.logged_steps, "clipped_steps": metrics.clipped,
+        "clipped_fraction": metrics.clipped / max(metrics.logged_steps, 1), "skipped_steps": metrics.skipped,
+        "seconds": round(elapsed, 2), "chars_per_second": round((step - start_step) * cfg.batch_size * cfg.seq_len
+                                                                 / max(elapsed, 1e-9), 1),
         "checkpoint": str(path), "metrics": str(out / "metrics.jsonl"),
     }
     try:
@@ -239,6 +346,12 @@ def train(
     if sample_chars:
         sample_mod = backends.module(backend, "sample")
         prime = "\n" if "\n" in vocab.chars else vocab.chars[0]  # a corpus without newlines has no "\n" to start from
-        summary["sample"] = sample_mod.sample(model_cfg, trainer.params_numpy(), vocab, prime, sample_chars,
-                                              temperature=0.8, seed=cfg.seed, device=device)
+        try:
+            summary["sample"] = sample_mod.sample(model_cfg, trainer.params_numpy(), vocab, prime, sample_chars,
+                                                  temperature=0.8, seed=cfg.seed, device=device)
+        except CharclipError as e:  # e.g. non-finite parameters after --nonfinite propagate: the run itself is saved
+            log(f"charclip: note: no closing sample: {e}")
+    # The run's summary beside its metrics; NaN and infinities have no JSON spelling: null.
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
+    _replace_file(out / "summary.json", json.dumps(clean, indent=1) + "\n")
     return summary

@@ -38,7 +38,14 @@ def draw(logits: np.ndarray, u: float, temperature: float, top_k: int | None, to
     top_k keeps the k likeliest characters; top_p (nucleus sampling, Holtzman et al. 2020)
     keeps the fewest likeliest whose probabilities add up to at least p. Both renormalise.
     """
-    z = np.asarray(logits, dtype=np.float64) / temperature
+    logits = np.asarray(logits, dtype=np.float64)
+    if not np.isfinite(logits).all():
+        raise CharclipError("the model's next-character scores are not finite (NaN or inf): the checkpoint's "
+                            "parameters hold non-finite values, so there is nothing to sample")
+    with np.errstate(over="ignore"):
+        z = logits / temperature
+        if not np.isfinite(z).all():  # a tiny temperature overflowed: shift first, the softmax is the same
+            z = (logits - logits.max()) / temperature  # the largest becomes 0, the rest -inf at worst
     if top_k is not None and top_k < len(z):
         kth = np.sort(z)[-top_k]
         z = np.where(z >= kth, z, -np.inf)

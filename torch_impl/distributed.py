@@ -22,10 +22,18 @@ checkpoint, in the single-process format. Its trainer is a `_Leader` that
 broadcasts every call (step, evaluate, gather the parameters, ...) to the other
 ranks, which `_follow` and run the same call, so every collective is entered by all
 ranks in the same order.
+
+Process handling: the ranks die with the launching process, however it dies (Linux's
+PR_SET_PDEATHSIG, plus a watchdog thread that notices the parent is gone on any
+system), so no rank outlives it to write the run folder. Ctrl-C, SIGTERM and SIGHUP
+are rank 0's to handle: the launcher forwards SIGTERM and SIGHUP to it, the other ranks
+ignore all three, and rank 0 stops every rank after the current step with a checkpoint.
+A rank that fails or dies stops the others (see `launch`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing.connection
 import os
 import signal
@@ -42,15 +50,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from charclip import signals
 from charclip.config import ModelConfig, TrainConfig
 from charclip.errors import CharclipError
 from charclip.contract import NonFiniteStep
+from charclip.signals import STOP_SIGNALS
 from torch_impl.train import Trainer
 
 PARALLEL = ("ddp", "fsdp")
 HOST = "127.0.0.1"  # loopback only: nothing listens beyond this machine
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank stuck this long in a collective gives up
 GRACE_SECONDS = 15.0  # after one rank fails, the others get this long to stop by themselves
+WATCHDOG_SECONDS = 0.5  # how often a rank checks that its launcher is still alive
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class RankDied(CharclipError):
@@ -206,7 +218,8 @@ def leader_factory(parallel: str, group):
 def _train_rank(rank: int, world: int, train_fn, model_cfg, cfg, parallel: str, kwargs: dict):
     group = _control_group()
     if rank != 0:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle: it stops all, with a checkpoint
+        for s in STOP_SIGNALS:  # rank 0's to handle: it stops all, with a checkpoint
+            signal.signal(s, signal.SIG_IGN)
         return _follow(group)
     from tqdm.auto import tqdm
 
@@ -266,9 +279,31 @@ def _one_line(e: BaseException) -> str:
     return (text[0] if isinstance(e, CharclipError) else f"{type(e).__name__}: {text[0] if text else ''}")[:500]
 
 
-def _rank_main(rank, world, port, device, fn, args, report):
+def _die_with(parent: int) -> None:
+    """End this process when the launcher `parent` ends, whatever ends it (SIGKILL included)."""
+    if sys.platform.startswith("linux"):
+        try:  # the kernel sends SIGKILL to this process when its parent exits
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: the watchdog below still ends us, within WATCHDOG_SECONDS
+
+    def watch():
+        while os.getppid() == parent:  # once the parent is gone, the process is handed to another one
+            time.sleep(WATCHDOG_SECONDS)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=watch, name="charclip-parent-watchdog", daemon=True).start()
+
+
+def _rank_main(rank, world, port, device, fn, args, report, parent, honour_sigint):
     """One process: join the group, run fn, send rank 0's result or any rank's error (one line) to `report`."""
     code = 0
+    _die_with(parent)
+    if rank == 0:  # stop signals raise Interrupted until run.train defers them; SIGINT only if the user's shell sends it
+        signal.signal(signal.SIGINT, signal.default_int_handler if honour_sigint else signal.SIG_IGN)
+        signals.install()
     try:
         if device == "gpu":
             torch.cuda.set_device(rank)
@@ -284,9 +319,12 @@ def _rank_main(rank, world, port, device, fn, args, report):
         result = fn(rank, world, *args)
         if rank == 0:
             report.send(("result", result))
-    except SystemExit as e:  # Ctrl-C on rank 0: run.train saved a checkpoint, then exits 130
+    except SystemExit as e:  # a stop signal on rank 0: run.train saved a checkpoint, then exits 128 + signal
         code = e.code if isinstance(e.code, int) else 1
         report.send(("exit", code))
+    except KeyboardInterrupt as e:  # a stop signal before the loop started: nothing written yet
+        code = signals.exit_code(e)
+        report.send(("stopped", code))
     except BaseException as e:
         code = 1
         report.send(("error", _one_line(e)))
@@ -309,9 +347,21 @@ def launch(fn, world: int, *args, device: str = "cpu"):
     port = _port()
     ctx = mp.get_context("spawn")
     pipes = [ctx.Pipe(duplex=False) for _ in range(world)]  # (read, write): each rank reports on its own
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, device, fn, args, pipes[r][1]), daemon=True)
-             for r in range(world)]
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the ranks too; rank 0 handles it
+    honour_sigint = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # a background job keeps ignoring it
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, device, fn, args, pipes[r][1], os.getpid(), honour_sigint),
+                         daemon=True) for r in range(world)]
+
+    def forward(signum, frame):  # SIGTERM / SIGHUP to the launcher: rank 0 stops the run after this step
+        if procs[0].pid is None:
+            raise signals.Interrupted(signum)  # no rank yet: the launcher stops, killing any started below
+        if procs[0].is_alive():
+            os.kill(procs[0].pid, signum)
+
+    # Ctrl-C reaches every process of the terminal's group; rank 0 handles it, the launcher ignores it.
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    for s in STOP_SIGNALS:
+        if s != signal.SIGINT and signal.getsignal(s) is not signal.SIG_IGN:
+            previous[s] = signal.signal(s, forward)
     try:
         for p in procs:
             p.start()
@@ -323,7 +373,8 @@ def launch(fn, world: int, *args, device: str = "cpu"):
             if p.is_alive():
                 p.kill()
             p.join()
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return _outcome(world, reports, exits)
 
 
@@ -368,8 +419,11 @@ def _outcome(world: int, reports, exits):
     for rank, kind, value in reports:
         if kind == "result":
             return value
-    if any(kind == "exit" and value == 130 for _, kind, value in reports):
-        raise KeyboardInterrupt
+    for rank, kind, value in reports:
+        if kind == "exit" and rank == 0 and value - 128 in STOP_SIGNALS:  # rank 0 stopped on a signal, and said so
+            raise SystemExit(value)
+        if kind == "stopped" and rank == 0:
+            raise signals.Interrupted(value - 128)
     errors = {rank: value for rank, kind, value in reports if kind == "error"}
     for rank, code in exits:
         if code < 0:  # killed by a signal: this rank is the cause, the others' errors follow from it

@@ -21,18 +21,19 @@ def add_parser(sub) -> None:
         "trajectory and sampled text. Prints a table; exits 1 when something disagrees.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--cell", choices=(*CELLS, "all"), default="lstm")
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--dtype", choices=DTYPES, default="float64")
+    p.add_argument("--cell", choices=(*CELLS, "all"), default="lstm", help="recurrent cell compared (all: each in turn)")
+    p.add_argument("--layers", type=int, default=1, help="stacked recurrent layers")
+    p.add_argument("--dtype", choices=DTYPES, default="float64",
+                   help="float64 shows the algorithms agree; float32 shows the rounding they add")
     p.add_argument("--steps", type=int, default=50, help="length of the compared training trajectory")
     p.add_argument("--hidden", type=int, default=32, help="hidden units per layer")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--batch-size", type=int, default=8, help="parallel streams per batch")
+    p.add_argument("--seq-len", type=int, default=32, help="truncated-BPTT length")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where both backends run")
     p.add_argument("--clip-impl", choices=("library", "reference"), default="reference",
                    help="clipping compared: charclip's reference implementations (one convention on both sides) "
                    "or the libraries' (torch adds 1e-6 to the norm, optax does not)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the shared initial weights and batches")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--plot", metavar="PATH", help="write the per-step drift plot (PNG)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

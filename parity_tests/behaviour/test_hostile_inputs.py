@@ -133,6 +133,21 @@ BROKEN = {
     "hidden state of the wrong batch": lambda f: _edit_tensors(
         f, ckpt_io.STATE_FILE, lambda t: t.__setitem__("hidden.h", np.zeros((1, 3, 16), np.float32))),
     "LSTM cell state missing": lambda f: _edit_tensors(f, ckpt_io.STATE_FILE, lambda t: t.pop("hidden.c")),
+    # Fields that used to pass `load` unchecked (issue 14, class 11).
+    "beta1 of 2": lambda f: _edit_meta(f, _set(["train", "beta1"], 2.0)),
+    "NaN beta2": lambda f: _edit_meta(f, _set(["train", "beta2"], float("nan"))),
+    "beta2 of 1": lambda f: _edit_meta(f, _set(["train", "beta2"], 1.0)),
+    "zero eps": lambda f: _edit_meta(f, _set(["train", "eps"], 0.0)),
+    "eps is text": lambda f: _edit_meta(f, _set(["train", "eps"], "1e-8")),
+    "negative seed": lambda f: _edit_meta(f, _set(["train", "seed"], -1)),
+    "fractional seed": lambda f: _edit_meta(f, _set(["train", "seed"], 1.5)),
+    "vocabulary holds a lone surrogate": lambda f: _edit_meta(f, lambda m: m["vocab"].__setitem__(-1, "\ud800")),
+    "no Adam tensors": lambda f: _edit_tensors(
+        f, ckpt_io.STATE_FILE, lambda t: [t.pop(k) for k in [k for k in t if k.startswith("adam.")]]),
+    "Adam step 0 with non-zero moments": lambda f: _edit_tensors(
+        f, ckpt_io.STATE_FILE, lambda t: t.__setitem__("adam.step", np.array(0, np.int64))),
+    "negative Adam second moment": lambda f: _edit_tensors(
+        f, ckpt_io.STATE_FILE, lambda t: t.__setitem__("adam.exp_avg_sq.head.bias", -np.ones_like(t["adam.exp_avg_sq.head.bias"]))),
     "unknown tensor in state file": lambda f: _edit_tensors(
         f, ckpt_io.STATE_FILE, lambda t: t.__setitem__("mystery", np.zeros(1, np.float32))),
 }

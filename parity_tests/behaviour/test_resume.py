@@ -8,6 +8,7 @@ checkpoint write, just after an update), the child runs the same CLI under a few
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -330,3 +331,137 @@ def test_leftovers_of_a_killed_writer_are_removed_by_the_next_save(tmp_path):
     ckpt_io.save(run, _checkpoint(6, seed=2))
     assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step-00000003", "step-00000006"]
     assert ckpt_io.load(run).step == 6
+
+
+# ---- fault injection: a run killed (or refused a write) at any file-system call -------------------
+#
+# Every call the checkpoint and metrics writers make to the file system (os.replace, os.fsync,
+# os.link, os.mkdir, shutil.rmtree, the safetensors write, json.dump, each metrics line) is
+# counted in an uninterrupted reference run. Then, for each chosen call k, a fresh run is made
+# to fail at its k-th call, either dying there ("kill": the call is left half done, nothing after
+# it runs) or getting an OSError (ENOSPC) back. After each: LATEST names a whole checkpoint, the
+# metrics log is whole (a torn last line aside) and covers that checkpoint's steps, and resuming
+# ends bit-identical to the reference. The CI subset takes 12 points of each kind; set
+# CHARCLIP_FAULTS=all to take every point (the count is printed with -s).
+
+FAULT_STEPS = 12
+FAULT_ARGS = ["--batch-size", "4", "--seq-len", "8", "--hidden", "8", "--embed", "4", "--layers", "1",
+              "--checkpoint-every", "4", "--eval-every", "4", "--eval-batches", "1", "--sample-chars", "0", "--no-progress"]
+
+
+class _Dying(BaseException):
+    """The process dies at this call (BaseException: no handler on the way catches it)."""
+
+
+class _Faults:
+    """Counts the writers' file-system calls; makes the `at`-th one fail as `how` ("kill" or "enospc")."""
+
+    def __init__(self, monkeypatch, at: int | None = None, how: str = "kill"):
+        import shutil
+
+        from charclip import run as run_mod
+
+        self.calls, self.at, self.how, self.where = 0, at, how, None
+        real = {"replace": os.replace, "fsync": os.fsync, "link": os.link, "mkdir": os.mkdir,
+                "rmtree": shutil.rmtree, "tensors": ckpt_io._write_tensors, "dump": json.dump,
+                "line": run_mod.Metrics.write}
+
+        def half(name, *args, **kwargs):  # what a kill in the middle of the call leaves behind
+            if name == "tensors":
+                real["tensors"](*args, **kwargs)
+                Path(args[0]).write_bytes(Path(args[0]).read_bytes()[:40])
+            elif name == "dump":
+                args[1].write(json.dumps(args[0])[:30])
+            elif name == "line":
+                args[0].file.write(json.dumps(kwargs)[:17])
+
+        def wrap(name):
+            def call(*args, **kwargs):
+                self.calls += 1
+                if self.calls == self.at:
+                    self.where = name
+                    if self.how == "kill":
+                        half(name, *args, **kwargs)
+                        raise _Dying(name)
+                    if not (name == "rmtree" and kwargs.get("ignore_errors")):  # that call cannot fail
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return real[name](*args, **kwargs)
+            return call
+
+        for name, (owner, attr) in {"replace": (os, "replace"), "fsync": (os, "fsync"), "link": (os, "link"),
+                                    "mkdir": (os, "mkdir"), "rmtree": (shutil, "rmtree"),
+                                    "tensors": (ckpt_io, "_write_tensors"), "dump": (json, "dump"),
+                                    "line": (run_mod.Metrics, "write")}.items():
+            monkeypatch.setattr(owner, attr, wrap(name))
+
+
+def _fault_points(n: int) -> list[int]:
+    if os.environ.get("CHARCLIP_FAULTS") == "all":
+        return list(range(1, n + 1))
+    return sorted(random.Random("faults").sample(range(1, n + 1), min(12, n)))
+
+
+@pytest.fixture(scope="module")
+def fault_reference(tmp_path_factory):
+    from charclip.cli import main
+
+    root = tmp_path_factory.mktemp("faults")
+    data = _corpus(root, 3000)
+    mp = pytest.MonkeyPatch()
+    counter = _Faults(mp)
+    try:
+        assert main(["train", "--data", str(data), "--out", str(root / "ref"), "--steps", str(FAULT_STEPS), *FAULT_ARGS]) == 0
+    finally:
+        mp.undo()
+    return data, root / "ref", counter.calls
+
+
+@pytest.mark.parametrize("how", ["kill", "enospc"])
+def test_fault_injection_at_the_writers_file_system_calls(fault_reference, tmp_path, monkeypatch, capsys, how):
+    from charclip.cli import main
+
+    data, ref, n = fault_reference
+    points = _fault_points(n)
+    with capsys.disabled():
+        print(f"\nfault injection ({how}): {len(points)} of {n} file-system calls of a {FAULT_STEPS}-step run")
+    fresh = ["train", "--data", str(data), "--steps", str(FAULT_STEPS), *FAULT_ARGS]
+    for k in points:
+        out = tmp_path / f"{how}-{k}"
+        faults = _Faults(monkeypatch, at=k, how=how)
+        try:
+            rc = main([*fresh, "--out", str(out)])
+        except _Dying:
+            rc = "killed"
+        monkeypatch.undo()
+        story = f"{how} at call {k} ({faults.where})"
+        err = capsys.readouterr().err
+        if how == "enospc" and rc != 0:  # 0 where the failure was harmless (mkdir of a folder that exists)
+            assert rc == 2 and err.strip().splitlines()[-1].startswith("charclip: error: "), f"{story}: rc {rc}, {err}"
+            assert "Traceback" not in err, f"{story}: {err}"
+        try:
+            ck = ckpt_io.load(out)
+        except Exception:  # no checkpoint yet: the run starts again, replacing the folder on request
+            ck = None
+            assert not (out / "checkpoints" / "LATEST").exists(), f"{story}: LATEST exists but does not load"
+        lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if (out / "metrics.jsonl").exists() else []
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                assert i == len(lines) - 1, f"{story}: metrics line {i + 1} of {len(lines)} is torn"
+        logged = [r["step"] for r in records if "loss" in r]
+        assert logged == list(range(1, len(logged) + 1)), f"{story}: logged steps {logged}"
+        if ck is not None:
+            assert len(logged) >= ck.step, f"{story}: the log ends at step {len(logged)}, before the checkpoint {ck.step}"
+            again = ["train", "--resume", str(out), "--steps", str(FAULT_STEPS), "--no-progress", "--sample-chars", "0"]
+        else:
+            again = [*fresh, "--out", str(out), "--overwrite"]
+        if ck is None or ck.step < FAULT_STEPS:  # else the final checkpoint was whole before the failing call
+            assert main(again) == 0, f"{story}: the rerun failed: {capsys.readouterr().err}"
+        capsys.readouterr()
+        _assert_same_checkpoint(ckpt_io.resolve(out), ckpt_io.resolve(ref), story)
+        got = _without_time(read_metrics(out / "metrics.jsonl"))
+        want = _without_time(read_metrics(ref / "metrics.jsonl"))
+        assert got == want, f"{story}: metrics differ from the uninterrupted run"
+    assert len(points) >= 12 or os.environ.get("CHARCLIP_FAULTS") == "all", points
