@@ -104,7 +104,8 @@ ALLOWED = {
     ("train", "with_learning_rate"): "optax keeps the scheduled rate in its state; torch in param_groups",
     # distributed: several processes with a process group (torch) against one process with a mesh (JAX).
     **{("distributed", n): "torch: processes and a process group" for n in (
-        "COLLECTIVE_TIMEOUT", "DistributedTrainer", "GRACE_SECONDS", "HOST", "PARALLEL", "RankDied", "launch",
+        "COLLECTIVE_TIMEOUT", "DistributedTrainer", "GRACE_SECONDS", "HOST", "PARALLEL", "PR_SET_PDEATHSIG", "RankDied",
+        "WATCHDOG_SECONDS", "launch",
         "launch_training", "leader_factory")},
     **{("distributed", n): "JAX: one process, a mesh" for n in (
         "BATCH_AXIS", "LAYOUTS", "MeshTrainer", "PARAM_AXIS", "make_clipped_gradient", "make_mesh",
