@@ -28,14 +28,17 @@ is not (docs/divergences.md lists each case and its test):
 - The norm is first summed as optax sums it. Only when that sum is not finite (a
   square overflowed) or so small that squares may have underflowed does a second pass
   measure g * 2**-e, with 2**-e chosen from max|g| (exact, so the answer is the same
-  wherever both are right). The second pass sits in a `lax.cond`: an ordinary step
-  pays nothing for it.
-- float16/bfloat16 gradients (and every gradient under `strict=True`) are measured in
-  float64, where the squares of narrower floats are exact and can neither overflow nor
-  underflow, and scaled by a factor shrunk by the measurement's proven error bound, so
-  the clipped norm, measured exactly, is <= tau (float16/bfloat16 entries are rounded
-  toward zero into their dtype). The default on float32/float64 keeps optax's bits,
-  which can exceed tau by an ulp or two.
+  wherever both are right), or, for float32, sums the squares in float64. On the CPU
+  the second pass sits in a `lax.cond`, so an ordinary step pays nothing for it; on
+  other platforms it is a `jnp.where` (a conditional there reads its predicate on the
+  host), so no step ever waits for the host.
+- float16/bfloat16 gradients are measured in float64 (their squares are exact there:
+  one pass, no prescale), clipped by the library's formula, rounded toward zero into
+  their dtype, and the result passes an exact check (rescaled by a hair where it does
+  not), so the clipped norm, measured exactly, is <= tau. `strict=True` makes that
+  promise for every dtype: float32/float64 are measured in float64 and scaled by tau
+  over a proven upper bound of the norm, in one pass. The default on float32/float64
+  keeps optax's bits, which can exceed tau by an ulp or two.
 - A concrete threshold that is negative or NaN raises ValueError. A traced one cannot
   raise; it makes the update NaN (never a flipped sign, which is what optax returns),
   so the step fails visibly.
@@ -144,20 +147,30 @@ def _scaled_norm(wide: list[jax.Array], p: float) -> tuple[jax.Array, jax.Array]
     normal number; a non-finite or zero max|g| gives scale 1.
     """
     max_abs = _combine([jnp.max(jnp.abs(u), initial=0) for u in wide], math.inf, wide[0].dtype)
-    _, exponent = jnp.frexp(max_abs)
-    limit = jnp.finfo(max_abs.dtype).maxexp - 2
-    scale = jnp.ldexp(jnp.ones_like(max_abs), -jnp.clip(exponent, -limit, limit))
-    return scale, _root(_combine([_leaf_sum(u * scale, p) for u in wide], p, scale.dtype), p)
+    return _power_of_two(max_abs, wide[0].dtype, lambda scale: _root(_combine([_leaf_sum(u * scale, p) for u in wide], p,
+                                                                               wide[0].dtype), p))
+
+
+def _power_of_two(x: jax.Array, dtype, scaled_norm) -> tuple[jax.Array, jax.Array]:
+    """(2**-e, scaled_norm(2**-e)) with x = f * 2**e, f in [0.5, 1), e clamped to `dtype`'s normal range."""
+    _, exponent = jnp.frexp(x)
+    limit = jnp.finfo(dtype).maxexp - 2
+    scale = jnp.ldexp(jnp.ones((), x.dtype), -jnp.clip(exponent, -limit, limit))
+    return scale.astype(dtype), scaled_norm(scale)
 
 
 def _measure(wide: list[jax.Array], p: float, exact_squares: bool) -> tuple[jax.Array, jax.Array]:
     """(scale, scaled norm) of leaves already cast to their accumulation dtype; norm = scaled / scale.
 
     The fast sum is optax's. It is trusted unless it is not finite or below n * tiny / eps,
-    where squares flushed to zero could have lost more than an ulp of it; then the scaled
-    second pass runs, in a `lax.cond` under `jit`, so an ordinary step never pays for it.
-    `exact_squares`: the leaves are narrower floats widened to float64, whose powers
-    cannot overflow or underflow there, so no second pass is needed.
+    where squares flushed to zero could have lost more than an ulp of it; then a second
+    measurement is used: float32 leaves summed in float64 (their squares are exact there
+    and can neither overflow nor underflow), float64 leaves measured on g * 2**-e.
+    On the CPU the second pass sits in a `lax.cond`, so an ordinary step never runs it
+    (measured: a jnp.where computing it always costs 2.4x). Elsewhere a conditional's
+    predicate is read on the host, a stall on every step, so it is a `jnp.where`, and
+    the float64 sum of float32 leaves is a sibling of optax's reduction (one pass).
+    `exact_squares`: narrower floats already widened to float64; their sum is the norm.
     """
     dtype = wide[0].dtype
     total = _combine([_leaf_sum(u, p) for u in wide], p, dtype)
@@ -167,11 +180,23 @@ def _measure(wide: list[jax.Array], p: float, exact_squares: bool) -> tuple[jax.
     info = jnp.finfo(dtype)
     n = sum(u.size for u in wide)
     trusted = jnp.isfinite(total) & (total >= n * float(info.tiny) / float(info.eps))
-    known = _concrete_bool(trusted)
-    if known is not None:  # eager: a Python branch, so the fast path runs op by op as optax's does
-        return (one, _root(total, p)) if known else _scaled_norm(wide, p)
     fast = _root(total, p)
-    return lax.cond(trusted, lambda: (one, fast), lambda: _scaled_norm(wide, p))
+
+    def second():
+        if dtype == jnp.float32 and p in (1, 2):
+            norm64 = _root(_combine([_leaf_sum(u.astype(jnp.float64), p) for u in wide], p, jnp.float64), p)
+            return _power_of_two(norm64, dtype, lambda s: (norm64 * s).astype(dtype))
+        return _scaled_norm(wide, p)
+
+    known = _concrete_bool(trusted)
+    if known is not None:  # eager: a Python branch; ordinary steps run optax's operations, op by op
+        return (one, fast) if known else second()
+
+    def selected():
+        scale, scaled = second()
+        return jnp.where(trusted, one, scale), jnp.where(trusted, fast, scaled)
+
+    return lax.platform_dependent(cpu=lambda: lax.cond(trusted, lambda: (one, fast), second), default=selected)
 
 
 def _accumulation_dtype(leaves: list[jax.Array]):
@@ -214,29 +239,32 @@ def _round_toward_zero(x: jax.Array, dtype) -> jax.Array:
     return jnp.where(away, jnp.nextafter(nearest, jnp.zeros_like(nearest)), nearest)
 
 
-def _library_leaf(leaf, scale, scaled_norm, norm, tau, convention):
-    """One leaf clipped by the library's formula, in the norm's dtype.
+def _library_clip(leaves, scale, scaled_norm, norm, tau, convention) -> list[jax.Array]:
+    """The leaves clipped by the library's formula, in the norm's dtype.
 
     The formulas are written exactly as the libraries write them, so that XLA compiles
-    them the same way and the bits agree under `jit` too.
+    them the same way and the bits agree under `jit` too. Scalars are computed once.
     """
-    t = leaf.astype(norm.dtype)
-    if convention == "optax":
-        # A zero gradient stays zero, also for tau == 0, where optax computes 0 / 0.
-        keep = (norm < tau) | (norm == 0)
-        clipped = jnp.where(keep, t, (t / norm) * tau)
-    else:
-        # PyTorch writes max_norm / (norm + eps) and evaluates it as reciprocal * max_norm.
-        coef = jnp.minimum((1 / (norm + TORCH_EPS)) * tau, 1)
-        # t * coef, torch's own expression, except that t is kept as is when coef is 1: XLA
-        # would flush subnormal entries of t * 1 to zero.
-        clipped = jnp.where(coef >= 1, t, t * coef)
     # A norm of 2**(maxexp - 2) * min(1, tau) or more (up to inf while every entry is
     # finite): 1 / n or tau / n is subnormal, which XLA flushes to zero, or n overflowed.
     # The direction still comes out right from the scaled gradient, (g * 2**-e) / (n * 2**-e).
     largest = 2.0 ** (jnp.finfo(norm.dtype).maxexp - 2) * jnp.minimum(1, tau)
     huge = ~(norm < largest) & jnp.isfinite(scaled_norm) & (scaled_norm > 0)
-    return jnp.where(huge, (t * scale) / scaled_norm * tau, clipped)
+    if convention == "optax":
+        # A zero gradient stays zero, also for tau == 0, where optax computes 0 / 0.
+        keep = (norm < tau) | (norm == 0)
+    else:
+        # PyTorch writes max_norm / (norm + eps) and evaluates it as reciprocal * max_norm.
+        coef = jnp.minimum((1 / (norm + TORCH_EPS)) * tau, 1)
+        # t * coef, torch's own expression, except that t is kept as is when coef is 1: XLA
+        # would flush subnormal entries of t * 1 to zero.
+        keep = coef >= 1
+    out = []
+    for leaf in leaves:
+        t = leaf.astype(norm.dtype)
+        clipped = jnp.where(keep, t, (t / norm) * tau if convention == "optax" else t * coef)
+        out.append(jnp.where(huge, (t * scale) / scaled_norm * tau, clipped))
+    return out
 
 
 def _flushed_tiny(dtype) -> float:
@@ -328,20 +356,20 @@ def _strict_margin(n: int, p: float) -> float:
     return (n + (8 if p in (1, 2) else 64)) * _F64_UNIT
 
 
-def _scale_float32(leaf: jax.Array, factor: jax.Array) -> jax.Array:
-    """leaf * factor for a float32 leaf and a float64 factor in [0, 1], never above the exact product.
+def _float32_factors(factor: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(b, a1, a2), float32, with leaf * b * a1 * a2 never above leaf * factor (float64, in [0, 1]).
 
-    In float32, so that XLA reads the leaf once and writes it once (a float64 copy of the
-    leaf, shared by the norm and the scaling, would be materialised). factor = b * 2**e
-    with b in [0.5, 1): b is rounded toward zero and shrunk by 2**-23, so the rounding of
-    leaf * b (at most 2**-24 up) lands below; the two halves of 2**e are exact multiplies
-    and normal float32 numbers even where 2**e itself is not.
+    The scaling stays in float32, so XLA reads each leaf once and writes it once (a float64
+    copy of the leaf, shared by the norm and the scaling, would be materialised).
+    factor = m * 2**e with m in [0.5, 1): b is m rounded toward zero and shrunk by 2**-23,
+    so the rounding of leaf * b (at most 2**-24 up) lands below; a1 * a2 = 2**e, two exact
+    multiplies by normal float32 numbers even where 2**e itself is not one.
     """
     mantissa, exponent = jnp.frexp(factor)
-    b = _round_toward_zero(mantissa * (1 - 2.0**-23), jnp.float32)
-    half = exponent // 2
     one = jnp.ones((), jnp.float32)
-    return ((leaf * b) * jnp.ldexp(one, half)) * jnp.ldexp(one, exponent - half)
+    half = exponent // 2
+    b = _round_toward_zero(mantissa * (1 - 2.0**-23), jnp.float32)
+    return b, jnp.ldexp(one, half), jnp.ldexp(one, exponent - half)
 
 
 def _strict_leaves(leaves, tau, p, convention):
@@ -363,14 +391,15 @@ def _strict_leaves(leaves, tau, p, convention):
     keep = upper <= tau
     factor = tau / upper
     # A norm that overflows float64 (or whose tau / n underflows): the direction from the
-    # scaled gradient, as in `_library_leaf`.
+    # scaled gradient, as in `_library_clip`.
     largest = 2.0 ** (jnp.finfo(jnp.float64).maxexp - 2) * jnp.minimum(1, tau)
     huge = ~(upper < largest) & jnp.isfinite(scaled) & (scaled > 0)
     shrink = 1 - 4 * _F64_UNIT  # absorbs the float64 multiply's rounding
+    b, a1, a2 = _float32_factors(factor)
     out = []
     for leaf in leaves:
         if leaf.dtype == jnp.float32:
-            clipped = _scale_float32(leaf, factor)
+            clipped = ((leaf * b) * a1) * a2
         else:
             wide = leaf.astype(jnp.float64)
             clipped = jnp.where(huge, (wide * scale) * (tau / (scaled * (1 + m)) * shrink), wide * (factor * shrink))
@@ -391,7 +420,7 @@ def _clip_leaves(leaves, tau, p, convention, strict, measured=None):
     scale, scaled_norm = (jnp.asarray(x).astype(acc) for x in measured)
     norm = scaled_norm / scale
     # optax multiplies by the threshold in the gradient's dtype.
-    clipped = [_library_leaf(leaf, scale, scaled_norm, norm, tau.astype(acc), convention) for leaf in leaves]
+    clipped = _library_clip(leaves, scale, scaled_norm, norm, tau.astype(acc), convention)
     clipped = [_round_toward_zero(c, leaf.dtype) if _is_low_precision(leaf.dtype) else c.astype(leaf.dtype)
                for c, leaf in zip(clipped, leaves)]
     if strict or low:

@@ -154,6 +154,16 @@ def test_invalid_threshold_raises_when_concrete_and_poisons_when_traced(tau):
         assert np.all(np.sign(np.asarray(flipped["w"])) == -np.sign(np.asarray(grads["w"]))), "optax no longer flips signs"
 
 
+def test_bfloat16_updates_with_a_float32_threshold():
+    """A float32 schedule value with bfloat16 gradients: optax's lax.select refuses the mix."""
+    grads = {"w": jnp.asarray([3.0, 4.0], jnp.bfloat16)}
+    with pytest.raises(TypeError, match="lax.select requires arguments to have the same dtypes"):
+        optax.clip_by_global_norm(jnp.float32(1.0)).update(grads, None)
+    clipped, _ = clipping.clip_by_global_norm(jnp.float32(1.0)).update(grads, None)
+    assert clipped["w"].dtype == jnp.bfloat16
+    assert _exact_square_norm(jax.tree.leaves(clipped)) <= 1, f"clipped {clipped} above tau"
+
+
 def test_norm_type_below_one_is_refused_as_optax_refuses_it():
     for bad in (0, 0.5):
         with pytest.raises(ValueError, match="Unsupported ord"):
@@ -231,10 +241,25 @@ def test_transform_is_optax_bit_for_bit(tree, tau):
     assert float(clipping.global_norm(jtree)) == float(optax.tree.norm(jtree))
 
 
-def test_ordinary_step_never_takes_the_scaled_pass():
-    """The scaled second pass sits in one lax.cond that ordinary gradients do not enter."""
-    hlo = jax.jit(lambda g: clipping.clip_tree_by_global_norm(g, 1.0)[0]).lower(_grads(1.0)).as_text()
-    assert hlo.count("stablehlo.case") + hlo.count("stablehlo.if") == 1, "expected exactly one conditional"
+def test_second_measurement_is_a_cond_on_the_cpu_and_never_elsewhere():
+    """On the CPU the second measurement sits in one conditional that ordinary steps do not
+    enter; on a GPU a conditional would read its predicate on the host, so there is none."""
+    hlo = jax.jit(lambda g: clipping.clip_tree_by_global_norm(g, 1.0)[0]).lower(_grads(1.0)).compile().as_text()
+    expected = 1 if jax.default_backend() == "cpu" else 0
+    assert hlo.count(" conditional(") == expected, f"{hlo.count(' conditional(')} conditionals, expected {expected}"
+
+
+@pytest.mark.parametrize("tree", [{"w": np.full(4, 1e20, np.float32)}, {"w": np.full(4, 1e-30, np.float32)},
+                                  {"w": np.array([3.0, np.inf], np.float32)}, {"w": np.full(4, 1e300)}, _grads(2.0)],
+                         ids=["overflow", "underflow", "inf", "float64-overflow", "ordinary"])
+def test_off_cpu_where_path_gives_the_cpu_cond_path_bits(tree, monkeypatch):
+    """The jnp.where variant (GPUs and TPUs) computes the same second measurement as the cond."""
+    on_cpu = jax.jit(lambda g: clipping.clip_tree_by_global_norm(g, 1.0))(tree)
+    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, default, **_: default(*args))
+    step = jax.jit(lambda g: clipping.clip_tree_by_global_norm(g, 1.0))
+    assert " conditional(" not in step.lower(tree).compile().as_text(), "the where variant still holds a conditional"
+    elsewhere = step(tree)
+    _assert_trees_equal(elsewhere, on_cpu, "where path != cond path")
 
 
 # ---- strict=True: the clipped norm, measured exactly, is <= tau ------------------------------
