@@ -73,7 +73,7 @@ def test_same_signature_and_stateless(ours, library, arg):
     """optax's positional argument, by name; init gives optax's empty state; update(g, None) works."""
     assert list(inspect.signature(library).parameters) == [arg]
     params = inspect.signature(ours).parameters
-    assert list(params)[0] == arg and params[arg].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert next(iter(params)) == arg and params[arg].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in list(params.values())[1:]), "extras must be keyword-only"
     tx, lib = ours(**{arg: 1.0}), library(**{arg: 1.0})
     assert tx.init(PARAMS) == lib.init(PARAMS) == optax.EmptyState()
@@ -133,7 +133,7 @@ def test_vmap_over_thresholds():
     ours = jax.vmap(lambda tau: clipping.clip_by_global_norm(tau).update(grads, None)[0])(taus)
     library = jax.vmap(lambda tau: optax.clip_by_global_norm(tau).update(grads, None)[0])(taus)
     for i, tau in enumerate(taus.tolist()):
-        row, want = jax.tree.map(lambda x: x[i], ours), jax.tree.map(lambda x: x[i], library)
+        row, want = jax.tree.map(lambda x, i=i: x[i], ours), jax.tree.map(lambda x, i=i: x[i], library)
         if tau == 0:  # optax gives 0 / 0 = NaN here only for a zero gradient; this one is not zero
             assert not np.isnan(np.asarray(row["w"])).any()
         _assert_trees_equal(row, want, f"vmapped row tau={tau}")
@@ -146,7 +146,7 @@ def test_invalid_threshold_raises_when_concrete_and_poisons_when_traced(tau):
             factory(tau)
     grads = _grads(10.0)
     for factory in (clipping.clip_by_global_norm, clipping.clip):
-        got = jax.jit(lambda g, t: factory(t).update(g, None)[0])(grads, jnp.float32(tau))
+        got = jax.jit(lambda g, t, factory=factory: factory(t).update(g, None)[0])(grads, jnp.float32(tau))
         assert all(np.isnan(np.asarray(x)).all() for x in jax.tree.leaves(got)), f"{factory.__name__}: {got}"
     # optax flips the sign instead (tau < 0), or gives NaN (tau = NaN).
     flipped = jax.jit(lambda g, t: optax.clip_by_global_norm(t).update(g, None)[0])(grads, jnp.float32(tau))
@@ -289,7 +289,7 @@ strict_jit = jax.jit(lambda tree, tau, convention: clipping.clip_tree_by_global_
 def test_strict_bound_holds_exactly(tree, tau, convention, jitted):
     arrays = leaves(tree)
     jtree = jax.tree.map(jnp.asarray, tree)
-    clipped, norm = strict_jit(jtree, tau, convention) if jitted else clipping.clip_tree_by_global_norm(
+    clipped, _ = strict_jit(jtree, tau, convention) if jitted else clipping.clip_tree_by_global_norm(
         jtree, tau, strict=True, convention=convention)
     out = [np.asarray(c) for c in jax.tree.leaves(clipped)]
     after, limit = _exact_square_norm(out), Fraction(tau) ** 2
