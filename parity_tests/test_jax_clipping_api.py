@@ -227,18 +227,31 @@ def test_clip_with_a_given_norm_is_the_second_half():
 # ---- bit for bit where optax is right ------------------------------------------------------
 
 
+def _update(factory, grads, tau):
+    return factory(tau).update(grads, None)[0]
+
+
+# One jitted runner for the module: compiled once per tree shape and factory, with tau traced.
+_jitted_update = jax.jit(_update, static_argnums=0)
+
+
 @given(tree=gradient_trees(HIGH), tau=thresholds())
 @example(tree={"w": np.array([6.0, 8.0], np.float32)}, tau=1.0)
 @example(tree={"w": np.array([0.6, 0.8], np.float32)}, tau=1.0)
 def test_transform_is_optax_bit_for_bit(tree, tau):
     jtree = jax.tree.map(jnp.asarray, tree)
-    for mode, run in (("eager", lambda f, g, t: f(t).update(g, None)[0]),
-                      ("jit", jax.jit(lambda f, g, t: f(t).update(g, None)[0], static_argnums=0))):
-        got, want = run(clipping.clip_by_global_norm, jtree, tau), run(optax.clip_by_global_norm, jtree, tau)
-        _assert_trees_equal(got, want, f"{mode}: clip_by_global_norm")
-        got, want = run(clipping.clip, jtree, tau), run(optax.clip, jtree, tau)
-        _assert_trees_equal(got, want, f"{mode}: clip")
+    _assert_trees_equal(_update(clipping.clip_by_global_norm, jtree, tau), _update(optax.clip_by_global_norm, jtree, tau),
+                        "clip_by_global_norm")
+    _assert_trees_equal(_update(clipping.clip, jtree, tau), _update(optax.clip, jtree, tau), "clip")
     assert float(clipping.global_norm(jtree)) == float(optax.tree.norm(jtree))
+
+
+# Fixed shapes under jit: one compilation per dtype, values and tau drawn freely (tau traced).
+@given(tree=gradient_trees(HIGH, min_leaves=3, max_leaves=3, shapes=((4, 4),)), tau=thresholds())
+def test_jitted_transform_is_optax_bit_for_bit(tree, tau):
+    jtree = [jnp.asarray(a) for a in leaves(tree)]
+    for ours, library in ((clipping.clip_by_global_norm, optax.clip_by_global_norm), (clipping.clip, optax.clip)):
+        _assert_trees_equal(_jitted_update(ours, jtree, tau), _jitted_update(library, jtree, tau), f"jitted {ours.__name__}")
 
 
 def test_second_measurement_is_a_cond_on_the_cpu_and_never_elsewhere():
