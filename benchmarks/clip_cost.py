@@ -134,7 +134,10 @@ def _jax_impls(sizes: list[int], device: str):
     try:
         from jax_impl import clipping
 
-        impls["jax_impl.clipping (reference, jit)"] = driver(lambda g: clipping.clip_by_global_norm(g, MAX_NORM)[0], tree())
+        # Ours as a user swaps it in: the same stateless transform, called the same way.
+        ours, strict = clipping.clip_by_global_norm(MAX_NORM), clipping.clip_by_global_norm(MAX_NORM, strict=True)
+        impls["jax_impl.clipping.clip_by_global_norm (jit)"] = driver(lambda g: ours.update(g, None)[0], tree())
+        impls["jax_impl.clipping.clip_by_global_norm strict (jit)"] = driver(lambda g: strict.update(g, None)[0], tree())
     except ImportError:
         pass
 

@@ -93,7 +93,7 @@ def fast_vs_scan(grid: Grid, device: str) -> list[dict]:
                  for layer in ("scan", "fast")}
         rel = max(float(jnp.max(jnp.abs(grads["fast"][k] - g)) / max(float(jnp.max(jnp.abs(g))), 1.0))
                   for k, g in grads["scan"].items())
-        out.append({"cell": cell, "max_rel_diff": rel, "ok": rel <= 1e-12})  # the bound of parity_tests/test_fast_layer.py
+        out.append({"cell": cell, "max_rel_diff": rel, "ok": rel <= 1e-12})  # the bound of parity_tests/parity/test_fast_layer.py
     return out
 
 

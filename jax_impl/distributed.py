@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
 from charclip.errors import CharclipError
+from jax_impl import clipping
 from jax_impl import device as D
 from jax_impl import model as M
 from jax_impl import train as T
@@ -109,12 +110,11 @@ def _dtype(tree):
 
 
 def _clip(grads: dict, norm: jax.Array, clip) -> dict:
-    """The configured clipping, written the way optax writes it (strict <, no epsilon)."""
+    """The configured clipping by the psum'd norm: `jax_impl.clipping`'s, optax's formula bit for bit."""
     if clip.mode == "norm":
-        # Branch-free (select, not if): under jit the norm is a tracer.
-        return {k: lax.select(norm < clip.max_norm, g, (g / norm.astype(g.dtype)) * clip.max_norm) for k, g in grads.items()}
+        return clipping.clip_tree_with_norm(grads, clip.max_norm, norm)
     if clip.mode == "value":
-        return {k: jnp.clip(g, -clip.max_value, clip.max_value) for k, g in grads.items()}
+        return clipping.clip_tree_by_value(grads, clip.max_value)
     return grads
 
 

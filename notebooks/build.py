@@ -4,7 +4,7 @@ and review) becomes NN-name.ipynb, executed top to bottom in a Jupyter kernel, w
     python notebooks/build.py        # every notebook
     python notebooks/build.py 02     # those whose file name starts with 02
 
-`parity_tests/test_notebooks.py` runs the same `execute` on the committed .ipynb files and
+`parity_tests/behaviour/test_notebooks.py` runs the same `execute` on the committed .ipynb files and
 checks that they hold the same cells as their .py sources.
 """
 

@@ -88,8 +88,8 @@ ALLOWED = {
         "Tensors", "clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_")},
     ("clipping", "NonFiniteGradientError"): "torch raises RuntimeError; ours is also a FloatingPointError",
     **{("clipping", n): "optax's names" for n in (
-        "ClipByGlobalNormState", "clip_by_global_norm", "clip_by_global_norm_reference", "clip_by_value",
-        "raise_if_nonfinite")},
+        "clip_by_global_norm", "clip", "clip_tree_with_norm", "clip_tree_by_global_norm", "clip_tree_by_value",
+        "count_nonfinite", "CountNonfiniteState", "raise_if_nonfinite")},
     # model: an nn.Module (built from weights) against pure functions over a pytree with an explicit state.
     ("model", "CharRNN"): "nn.Module idiom", ("model", "build"): "nn.Module idiom",
     ("model", "to_numpy"): "a module's state_dict to NumPy; JAX parameters are arrays already",
@@ -98,6 +98,7 @@ ALLOWED = {
     ("model", "LAYERS"): "JAX picks its recurrent layer (fast or the scan reference); torch has nn.RNN/LSTM/GRU",
     # train: optax composes the optimizer and jit needs a pure step; torch's optimizer is an object.
     ("train", "optimizer"): "optax chain", ("train", "make_train_step"): "the pure, jitted step",
+    ("train", "gradient_norm"): "the norm the chosen optax clipper measures, inside the jitted step",
     ("train", "adopt"): "branch-free skip inside jit",
     ("train", "loss_and_grads"): "the pure gradient of a batch and its micro-batches; torch accumulates in .grad",
     ("train", "optax_update"): "optax's update under standard dtype promotion (tests run strict)",

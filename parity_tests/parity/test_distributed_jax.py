@@ -83,7 +83,7 @@ def _clip(impl: str, tau: float):
     """(gradient tree) -> (clipped tree, norm) with optax's or the reference implementation."""
     if impl == "library":
         return lambda g: (optax.clip_by_global_norm(tau).update(g, optax.EmptyState())[0], optax.tree.norm(g))
-    return lambda g: clipping.clip_by_global_norm(g, tau)
+    return lambda g: clipping.clip_tree_by_global_norm(g, tau)
 
 
 def _clipped_gradient_fn(impl: str, tau: float):

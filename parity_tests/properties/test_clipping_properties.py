@@ -84,7 +84,7 @@ def clip(impl: str, tree, tau: float, norm_type: float = 2, **options):
         norm = optax.tree.norm(jtree)
     else:
         convention = impl.split("/")[1]
-        clipped, norm = jclip.clip_by_global_norm(jtree, tau, norm_type=norm_type, convention=convention, **options)
+        clipped, norm = jclip.clip_tree_by_global_norm(jtree, tau, norm_type=norm_type, convention=convention, **options)
     return [np.asarray(c) for c in jax.tree.leaves(clipped)], float(norm)
 
 
@@ -295,7 +295,7 @@ def clip_value(impl: str, tree, v: float) -> list[np.ndarray]:
     if impl == "optax":
         clipped, _ = optax.clip(v).update(jtree, optax.EmptyState())
     else:
-        clipped = jclip.clip_by_value(jtree, v)
+        clipped = jclip.clip_tree_by_value(jtree, v)
     return [np.asarray(c) for c in clipped]
 
 
@@ -386,7 +386,7 @@ def test_jitted_reference_is_optax_and_compiles_once():
     @jax.jit
     def ours(tree):
         traces.append(1)  # a Python side effect runs only while tracing
-        return jclip.clip_by_global_norm(tree, 1.0)
+        return jclip.clip_tree_by_global_norm(tree, 1.0)
 
     library = jax.jit(lambda tree: optax.clip_by_global_norm(1.0).update(tree, optax.EmptyState())[0])
 
@@ -403,7 +403,7 @@ def test_jitted_reference_is_optax_and_compiles_once():
 
 def test_transformation_stands_in_optax_chain():
     traces = []
-    ours = optax.chain(jclip.clip_by_global_norm_reference(1.0), optax.sgd(0.1))
+    ours = optax.chain(jclip.clip_by_global_norm(1.0), optax.sgd(0.1))
     library = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))
     rng = np.random.default_rng(0)
     params = [jnp.zeros((4, 4), jnp.float32), jnp.zeros((3,), jnp.float32)]
@@ -420,8 +420,7 @@ def test_transformation_stands_in_optax_chain():
         expected, library_state = jax.jit(library.update)(grads, library_state, params)
         for x, y in zip(expected, updates):
             np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=f"chain differs at scale {scale}")
-        np.testing.assert_array_equal(np.asarray(state[0].norm), np.asarray(optax.tree.norm(grads)),
-                                      err_msg="state holds a different norm")
+        assert state[0] == library_state[0] == optax.EmptyState(), f"state {state[0]} is not optax's empty state"
     assert len(traces) == 1, f"traced {len(traces)} times for one shape and dtype"
 
 
@@ -441,7 +440,7 @@ def test_sgd_step_moves_at_most_lr_tau(backend, tree, tau, lr):
         moved = [from_torch(p.detach()) for p in params]
     else:
         params = [jnp.zeros(a.shape, a.dtype) for a in arrays]
-        chain = optax.chain(jclip.clip_by_global_norm_reference(tau), optax.sgd(lr))
+        chain = optax.chain(jclip.clip_by_global_norm(tau), optax.sgd(lr))
         updates, _ = chain.update([jnp.asarray(a) for a in arrays], chain.init(params), params)
         moved = [np.asarray(u) for u in optax.apply_updates(params, updates)]
     # From zero, the step is lr * clipped rounded once (eps) on top of the clipped norm's bound.
