@@ -76,7 +76,7 @@ def fast_vs_scan(grid: Grid, device: str) -> list[dict]:
     from charclip.config import ModelConfig
     from charclip.weights import init_params
     from jax_impl import model as M
-    from jax_impl.train import device_of
+    from jax_impl.device import resolve as device_of
 
     dev = device_of(device)
     p = grid.parity

@@ -133,7 +133,7 @@ def sgemm_peak(device: str, repeats: int, n: int = 1024) -> dict:
     import jax.numpy as jnp
     import torch
 
-    from jax_impl.train import device_of
+    from jax_impl.device import resolve as device_of
 
     dev = "cuda" if device == "gpu" else "cpu"
     a = torch.randn(n, n, device=dev)
