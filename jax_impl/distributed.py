@@ -118,7 +118,8 @@ def _clip(grads: dict, norm: jax.Array, clip) -> dict:
     return grads
 
 
-def make_clipped_gradient(model_cfg: ModelConfig, cfg: TrainConfig, specs: dict, axis: str = "data"):
+def make_clipped_gradient(model_cfg: ModelConfig, cfg: TrainConfig, specs: dict, axis: str = "data", *,
+                          layer: str = "fast"):
     """The per-device function (params slices, state, x, y) -> (clipped slices, norm, loss, final state)."""
     split = {k: _split_dim(s, axis) for k, s in specs.items()}
 
@@ -127,7 +128,7 @@ def make_clipped_gradient(model_cfg: ModelConfig, cfg: TrainConfig, specs: dict,
         # 1. Every device gathers the whole parameters (the all-gather of FSDP).
         full = {k: v if split[k] is None else lax.all_gather(v, axis, axis=split[k], tiled=True) for k, v in params.items()}
         # 2. Loss and gradient of this device's streams only (B/N of them).
-        (loss, final), grads = jax.value_and_grad(M.loss, has_aux=True)(full, x, y, state, cfg=model_cfg)
+        (loss, final), grads = jax.value_and_grad(M.loss, has_aux=True)(full, x, y, state, cfg=model_cfg, layer=layer)
         # 3. The mean over devices = the gradient of the whole batch's mean loss. A split
         #    parameter keeps only its own slice of it (the reduce-scatter of FSDP).
         grads = {k: lax.pmean(g, axis) if split[k] is None else lax.psum_scatter(g, axis, scatter_dimension=split[k], tiled=True) / n
@@ -140,9 +141,9 @@ def make_clipped_gradient(model_cfg: ModelConfig, cfg: TrainConfig, specs: dict,
 
 
 def make_shard_map_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                        specs: dict, opt_specs):
+                        specs: dict, opt_specs, *, layer: str = "fast"):
     """`jax_impl.train.make_train_step`'s step, with every device's part written out in shard_map."""
-    clipped_gradient = make_clipped_gradient(model_cfg, cfg, specs)
+    clipped_gradient = make_clipped_gradient(model_cfg, cfg, specs, layer=layer)
 
     def step(params, opt_state, state, x, y, lr):
         grads, norm, loss, final = clipped_gradient(params, state, x, y)
@@ -214,7 +215,8 @@ class MeshTrainer(T.Trainer):
 
     def _compile_step(self):
         if self.layout == "shard_map":
-            step = make_shard_map_step(self.model_cfg, self.cfg, self.tx, self.mesh, self.specs, self.opt_specs)
+            step = make_shard_map_step(self.model_cfg, self.cfg, self.tx, self.mesh, self.specs, self.opt_specs,
+                                       layer=self.layer)
         else:
             step = T.make_train_step(self.model_cfg, self.cfg, self.tx, layer=self.layer)
         b, s, r = self.batch_sharding, self.state_sharding, self._on(P())

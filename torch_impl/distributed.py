@@ -90,9 +90,9 @@ class DistributedTrainer(Trainer):
         if parallel not in PARALLEL:
             raise CharclipError(f"unknown --parallel {parallel!r}; use ddp or fsdp")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if cfg.batch_size % self.world:
-            raise CharclipError(f"--batch-size {cfg.batch_size} does not split into {self.world} equal slices; "
-                                f"use a multiple of --nproc {self.world}")
+        if cfg.batch_size % (self.world * cfg.accumulate):
+            raise CharclipError(f"--batch-size {cfg.batch_size} does not split into {self.world} equal slices of "
+                                f"--accumulate {cfg.accumulate} micro-batches; use a multiple of {self.world * cfg.accumulate}")
         self.parallel = parallel
         super().__init__(model_cfg, cfg, params, adam=adam, hidden=hidden, device=device)
 
@@ -241,9 +241,9 @@ def launch_training(train_fn, model_cfg: ModelConfig | None, cfg: TrainConfig | 
         raise CharclipError(f"unknown --parallel {layout!r}; use ddp or fsdp")
     if world < 1:
         raise CharclipError(f"--nproc must be 1 or more, got {world}")
-    if cfg is not None and cfg.batch_size % world:
-        raise CharclipError(f"--batch-size {cfg.batch_size} does not split into {world} equal slices; "
-                            f"use a multiple of --nproc {world}")
+    if cfg is not None and cfg.batch_size % (world * cfg.accumulate):
+        raise CharclipError(f"--batch-size {cfg.batch_size} does not split into {world} equal slices of "
+                            f"--accumulate {cfg.accumulate} micro-batches; use a multiple of {world * cfg.accumulate}")
     try:
         return launch(_train_rank, world, train_fn, model_cfg, cfg, layout, kwargs, device=kwargs.get("device", "cpu"))
     except RankDied as e:

@@ -14,6 +14,7 @@ import torch
 
 from charclip.config import ModelConfig, TrainConfig
 from charclip.contract import StepResult, verdict
+from charclip.errors import CharclipError
 from torch_impl import clipping
 from torch_impl import device as D
 from torch_impl import model as M
@@ -67,9 +68,8 @@ class Trainer:
         result = verdict(self._global_loss(loss), norm, self.cfg.clip, self.cfg.nonfinite)  # raises under "error"
         if result.skipped:
             return result  # no update, hidden state not advanced: as if the batch were absent
-        if lr is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+        for group in self.optimizer.param_groups:  # None: the configured rate, as in jax_impl
+            group["lr"] = self.cfg.lr if lr is None else lr
         self.optimizer.step()
         self.hidden = _detached(_joined(finals))  # truncated BPTT
         return result
@@ -77,11 +77,10 @@ class Trainer:
     def apply_gradients(self, grads: dict[str, np.ndarray], lr: float | None = None) -> None:
         """Clip `grads` (by parameter name) with this trainer's clipping, then take one Adam step."""
         for name, p in self.module.named_parameters():
-            p.grad = torch.from_numpy(np.array(grads[name])).to(self.device)
+            p.grad = self._placed(p, grads[name])  # placed like its parameter (a DTensor under FSDP)
         self._clip()
-        if lr is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+        for group in self.optimizer.param_groups:  # None: the configured rate, as in jax_impl
+            group["lr"] = self.cfg.lr if lr is None else lr
         self.optimizer.step()
 
     @torch.no_grad()
@@ -152,6 +151,8 @@ class Trainer:
 
 def _micro_batches(x: np.ndarray, y: np.ndarray, hidden, k: int):
     """(x, y, hidden) of each of k equal slices of the streams (rows of x; axis 1 of the hidden state)."""
+    if len(x) % k:
+        raise CharclipError(f"{len(x)} streams do not split into --accumulate {k} equal micro-batches")
     b = len(x) // k
     for i in range(k):
         rows = slice(i * b, (i + 1) * b)

@@ -204,3 +204,16 @@ def test_the_verdict_is_written_once(policy, finite, applies):
 def test_a_nonfinite_step_under_error_raises():
     with pytest.raises(contract.NonFiniteStep):
         contract.verdict(float("inf"), 1.0, ClipConfig(), "error")
+
+
+def test_an_installed_package_holds_every_subpackage():
+    """pyproject's package discovery must find charclip.parity, charclip.explode and every other package,
+    or a plain (non-editable) install breaks every command."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from setuptools import find_packages
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"]["find"]["include"]
+    found = set(find_packages(str(ROOT), include=include))
+    wanted = {".".join(p.parent.relative_to(ROOT).parts) for top in ("charclip", "torch_impl", "jax_impl", "benchmarks")
+              for p in (ROOT / top).rglob("__init__.py")}
+    assert wanted <= found, f"not installed: {sorted(wanted - found)}"

@@ -242,3 +242,11 @@ def test_resume_continues_the_schedule_bit_for_bit(tmp_path, backend):
     for k in straight.params:
         np.testing.assert_array_equal(resumed.params[k], straight.params[k], err_msg=f"{backend} {k}")
     assert math.isclose(schedules.learning_rate(resumed.train, 7), schedules.learning_rate(straight.train, 7))
+
+
+def test_accumulation_over_processes_must_split_evenly():
+    """Each of N ranks takes batch/N streams, cut into K micro-batches: batch must be a multiple of N*K."""
+    from torch_impl.distributed import launch_training
+
+    with pytest.raises(CharclipError, match="use a multiple of 4"):
+        launch_training(run.train, MODEL, TrainConfig(batch_size=6, accumulate=2), world=2, layout="ddp", out_dir="unused")
