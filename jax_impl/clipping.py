@@ -587,8 +587,11 @@ def count_nonfinite() -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        # x * 0 is NaN exactly where x is NaN or infinite, so the sum is finite iff every entry is.
-        poison = sum((jnp.sum(u * 0) for u in jax.tree.leaves(updates)), jnp.zeros(()))
-        return updates, CountNonfiniteState(state.count + (~jnp.isfinite(poison)).astype(jnp.int32))
+        # x * 0 is NaN exactly where x is NaN or infinite, so a leaf's sum is finite iff every entry is.
+        # (Per leaf, in its own dtype: adding float32 sums to a float64 zero is a silent upcast.)
+        finite = jnp.asarray(True)
+        for u in jax.tree.leaves(updates):
+            finite = finite & jnp.isfinite(jnp.sum(u * 0))
+        return updates, CountNonfiniteState(state.count + (~finite).astype(jnp.int32))
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -190,15 +190,22 @@ layer.defvjp(_layer_fwd, _layer_bwd)
 # ---------------------------------------------------------------- the model
 
 
-def input_table(params, name: str = "rnn"):
+def input_table(params, tokens, name: str = "rnn"):
     """Layer 0's input projection of every vocabulary entry: embedding @ W_ih0^T + b_ih0, (V, G*H).
 
     The embedding lookup and layer 0's projection are both linear in the one-hot token,
     so their product is a table with one row per character: projecting V rows instead
     of T*B, and gathering those rows, replaces the (T*B, E) x (E, G*H) matmul of the
     forward pass and both of its backward matmuls.
+
+    Rows of characters absent from `tokens` are zeroed first: the plain model never reads
+    them, so they must not reach W_ih0's gradient either (a NaN embedding row of an unused
+    character would otherwise turn it into NaN through 0 * NaN).
     """
-    return params["embedding.weight"] @ params[f"{name}.weight_ih_l0"].T + params[f"{name}.bias_ih_l0"][None, :]
+    embedding = params["embedding.weight"]
+    present = jnp.zeros(embedding.shape[0], bool).at[tokens.ravel()].set(True)
+    used = jnp.where(present[:, None], embedding, jnp.zeros_like(embedding))
+    return used @ params[f"{name}.weight_ih_l0"].T + params[f"{name}.bias_ih_l0"][None, :]
 
 
 def apply(params, x, state, *, cfg: ModelConfig, table: bool = True, unroll: int = 1):
@@ -207,7 +214,7 @@ def apply(params, x, state, *, cfg: ModelConfig, table: bool = True, unroll: int
     finals = []
     for k in range(cfg.num_layers):
         if k == 0 and table:
-            xw = input_table(params)[tokens]  # (T, B, G*H)
+            xw = input_table(params, tokens)[tokens]  # (T, B, G*H)
         else:
             if k == 0:
                 seq = params["embedding.weight"][tokens]  # (T, B, E)

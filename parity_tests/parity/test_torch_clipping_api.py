@@ -242,6 +242,9 @@ def test_clip_grad_norm_is_torch_bit_for_bit_on_ordinary_gradients(tree, tau, p,
         hypothesis.assume(arrays)
     theirs, mine = params_of(arrays), params_of(arrays)
     expected = LIB.clip_grad_norm_(theirs, tau, norm_type=p, foreach=foreach)
+    # Finite gradients whose p-th powers overflow give torch an infinite norm: torch is wrong
+    # there (the extreme-gradient test below covers it), so those draws are not "ordinary".
+    hypothesis.assume(math.isfinite(float(expected)) or not all(np.isfinite(a).all() for a in arrays))
     got = ours.clip_grad_norm_(mine, tau, norm_type=p, foreach=foreach)
     assert (got.dtype, float(got)) == (expected.dtype, float(expected)), f"norm {float(got)!r} != torch's {float(expected)!r}"
     assert_same_bits(grads_of(mine), grads_of(theirs), f"clipped gradient (p={p}, foreach={foreach})")
