@@ -69,6 +69,13 @@ class RankDied(CharclipError):
     """A process of the group was killed (by a signal) before the run finished."""
 
 
+def _uneven(cfg: TrainConfig, world: int) -> str:
+    """The one-line error for a batch that N ranks (each cutting K micro-batches) cannot share."""
+    of = f", each of --accumulate {cfg.accumulate} micro-batches" if cfg.accumulate > 1 else ""
+    return (f"--batch-size {cfg.batch_size} does not split into --nproc {world} equal slices{of}; "
+            f"use a multiple of {world * cfg.accumulate}")
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a DTensor (a collective); a plain tensor as it is."""
     from torch.distributed.tensor import DTensor
@@ -91,8 +98,7 @@ class DistributedTrainer(Trainer):
             raise CharclipError(f"unknown --parallel {parallel!r}; use ddp or fsdp")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if cfg.batch_size % (self.world * cfg.accumulate):
-            raise CharclipError(f"--batch-size {cfg.batch_size} does not split into {self.world} equal slices of "
-                                f"--accumulate {cfg.accumulate} micro-batches; use a multiple of {self.world * cfg.accumulate}")
+            raise CharclipError(_uneven(cfg, self.world))
         self.parallel = parallel
         super().__init__(model_cfg, cfg, params, adam=adam, hidden=hidden, device=device)
 
@@ -242,8 +248,7 @@ def launch_training(train_fn, model_cfg: ModelConfig | None, cfg: TrainConfig | 
     if world < 1:
         raise CharclipError(f"--nproc must be 1 or more, got {world}")
     if cfg is not None and cfg.batch_size % (world * cfg.accumulate):
-        raise CharclipError(f"--batch-size {cfg.batch_size} does not split into {world} equal slices of "
-                            f"--accumulate {cfg.accumulate} micro-batches; use a multiple of {world * cfg.accumulate}")
+        raise CharclipError(_uneven(cfg, world))
     try:
         return launch(_train_rank, world, train_fn, model_cfg, cfg, layout, kwargs, device=kwargs.get("device", "cpu"))
     except RankDied as e:
