@@ -19,6 +19,10 @@ from charclip.schedules import SCHEDULES
 CELLS = ("rnn", "lstm", "gru")
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # rows of W_ih / W_hh per hidden unit (PyTorch layout)
 DTYPES = ("float32", "float64")
+# Arithmetic of the forward and backward passes. "full": in --dtype; "bf16" / "fp16": a bfloat16 /
+# float16 copy of the float32 master weights each step, gradients and Adam in float32 (docs/precision.md).
+PRECISIONS = ("full", "bf16", "fp16")
+COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 # What --resume does with an option: "kept" (the checkpoint's value wins; a given flag is named
 # as ignored), "extends" (--steps: the checkpoint's unless given), "used" (applies to this invocation).
 RESUME_RULES = ("kept", "extends", "used")
@@ -110,6 +114,15 @@ class TrainConfig:
                        help="seed of the initial weights, the epochs' batch offsets and the closing sample")
     dtype: str = option("float32", flag="--dtype", choices=DTYPES, group="optimisation",
                         help="floating-point type of parameters and arithmetic")
+    precision: str = option("full", flag="--precision", choices=PRECISIONS, group="optimisation",
+                            help="full: compute in --dtype; bf16 or fp16: forward and backward in bfloat16 or float16 "
+                            "with float32 master weights and Adam state; fp16 with dynamic loss scaling")
+    # fp16's dynamic loss scale, torch.amp.GradScaler's rule and defaults: start at 2**16, halve it and
+    # skip the step when the scaled gradient overflows, double it after `growth_interval` clean steps.
+    loss_scale_init: float = 2.0**16
+    loss_scale_growth: float = 2.0
+    loss_scale_backoff: float = 0.5
+    loss_scale_interval: int = 2000
     val_fraction: float = option(0.1, flag="--val-fraction", group="data and output",
                                  help="share of the text kept for validation, at its end")
     eval_every: int = option(250, flag="--eval-every", group="reporting", help="steps between validation losses")
@@ -148,6 +161,17 @@ class TrainConfig:
             raise CharclipError(f"--seed must be a non-negative integer, got {self.seed!r}")
         if self.dtype not in DTYPES:
             raise CharclipError(f"unknown --dtype {self.dtype!r}; use float32 or float64")
+        if self.precision not in PRECISIONS:
+            raise CharclipError(f"unknown --precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        if self.precision != "full" and self.dtype != "float32":
+            raise CharclipError(f"--precision {self.precision} keeps float32 master weights; it needs --dtype float32, "
+                                f"not {self.dtype}")
+        _positive_float("loss_scale_init", self.loss_scale_init)
+        if not (isinstance(self.loss_scale_growth, (int, float)) and self.loss_scale_growth > 1):
+            raise CharclipError(f"loss_scale_growth must be above 1, got {self.loss_scale_growth!r}")
+        if not (isinstance(self.loss_scale_backoff, (int, float)) and 0 < self.loss_scale_backoff < 1):
+            raise CharclipError(f"loss_scale_backoff must lie in (0, 1), got {self.loss_scale_backoff!r}")
+        _positive_int("loss_scale_interval", self.loss_scale_interval)
         if self.nonfinite not in NONFINITE_POLICIES:
             raise CharclipError(f"unknown --nonfinite {self.nonfinite!r}; use one of {', '.join(NONFINITE_POLICIES)}")
         _positive_int("accumulate", self.accumulate)
@@ -167,6 +191,16 @@ class TrainConfig:
             raise CharclipError(f"--decay-factor must lie in (0, 1], got {self.decay_factor!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise CharclipError(f"--val-fraction must lie strictly between 0 and 1, got {self.val_fraction}")
+
+
+def compute_dtype(cfg: "TrainConfig") -> str:
+    """The dtype the forward and backward passes run in: --dtype, or bfloat16 / float16."""
+    return COMPUTE_DTYPES.get(cfg.precision, cfg.dtype)
+
+
+def loss_scaled(cfg: "TrainConfig") -> bool:
+    """Whether the run uses a dynamic loss scale (fp16 only: bfloat16 has float32's range)."""
+    return cfg.precision == "fp16"
 
 
 def _positive_int(name: str, value: int) -> None:

@@ -31,7 +31,9 @@ class StepResult:
     loss: float
     grad_norm: float  # global L2 norm of the gradient, measured before clipping
     clipped: bool  # norm clipping changed the gradient (norm above the threshold)
-    skipped: bool = False  # the update was skipped (non-finite policy "skip")
+    skipped: bool = False  # the update was skipped (non-finite policy "skip", or an fp16 overflow)
+    overflow: bool = False  # fp16: the scaled gradient overflowed (finite loss); skipped, the loss scale backed off
+    loss_scale: float | None = None  # fp16: the loss scale this step's backward pass used
 
 
 class NonFiniteStep(Exception):
@@ -42,31 +44,43 @@ class NonFiniteStep(Exception):
         self.result = result
 
 
-def update_applies(policy: str, finite):
+def update_applies(policy: str, finite, found_inf=False):
     """Whether a step's update is applied, given whether its loss and gradient are finite.
 
     "skip" applies only finite steps; "propagate" applies every step; "error" applies
-    it too, but `verdict` raises first, so the caller never adopts it. `finite` may be a
-    Python bool or a boolean array (inside a jitted step); the result has the same kind.
+    it too, but `verdict` raises first, so the caller never adopts it. Under fp16 loss
+    scaling, `found_inf` (a non-finite value in the unscaled gradient) skips the step
+    whatever the policy, as torch.amp.GradScaler does. `finite` and `found_inf` may be
+    Python bools or boolean arrays (inside a jitted step); the result has the same kind.
     """
     if policy not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite policy must be one of {', '.join(NONFINITE_POLICIES)} (got {policy!r})")
-    return finite if policy == "skip" else True
+    applies = finite if policy == "skip" else True
+    if found_inf is False:
+        return applies
+    return ~found_inf & applies if applies is not True else ~found_inf
 
 
-def verdict(loss: float, grad_norm: float, clip: ClipConfig, policy: str) -> StepResult:
+def verdict(loss: float, grad_norm: float, clip: ClipConfig, policy: str, loss_scale: float | None = None) -> StepResult:
     """The step's result from its loss and pre-clip norm; raises NonFiniteStep under "error".
 
     Norm clipping acted when the norm is above the threshold (at the threshold itself
     the optax convention leaves the gradient unchanged, and torch's scale is 1 - 1e-6/tau:
     counted as not clipped in both).
+
+    With a loss scale (fp16), a finite loss with a non-finite gradient is an overflow of
+    the scaled gradient: the step is skipped and the scale backs off, under every policy
+    (the expected event of dynamic loss scaling, not an error). A non-finite loss is
+    judged by the policy as in every precision.
     """
     loss, grad_norm = float(loss), float(grad_norm)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    result = StepResult(loss=loss, grad_norm=grad_norm, clipped=clip.mode == "norm" and grad_norm > clip.max_norm)
-    if not finite and policy == "error":
+    result = StepResult(loss=loss, grad_norm=grad_norm, clipped=clip.mode == "norm" and grad_norm > clip.max_norm,
+                        loss_scale=None if loss_scale is None else float(loss_scale))
+    result.overflow = loss_scale is not None and math.isfinite(loss) and not math.isfinite(grad_norm)
+    if not finite and policy == "error" and not result.overflow:
         raise NonFiniteStep(result)
-    result.skipped = not update_applies(policy, finite)
+    result.skipped = not update_applies(policy, finite, found_inf=loss_scale is not None and not math.isfinite(grad_norm))
     return result
 
 

@@ -202,26 +202,31 @@ def input_table(params, tokens, name: str = "rnn"):
     them, so they must not reach W_ih0's gradient either (a NaN embedding row of an unused
     character would otherwise turn it into NaN through 0 * NaN).
     """
-    embedding = params["embedding.weight"]
+    w_ih = params[f"{name}.weight_ih_l0"]
+    embedding = params["embedding.weight"].astype(w_ih.dtype)  # in the compute dtype under mixed precision
     present = jnp.zeros(embedding.shape[0], bool).at[tokens.ravel()].set(True)
     used = jnp.where(present[:, None], embedding, jnp.zeros_like(embedding))
-    return used @ params[f"{name}.weight_ih_l0"].T + params[f"{name}.bias_ih_l0"][None, :]
+    return used @ w_ih.T + params[f"{name}.bias_ih_l0"][None, :]
 
 
 def apply(params, x, state, *, cfg: ModelConfig, table: bool = True, unroll: int = 1):
     """`jax_impl.model.apply` computed with `layer`: logits (B, T, V) and the final state, each part (L, B, H)."""
     tokens = x.T  # (T, B): time-major from here on
+    # Under mixed precision (jax_impl.model.loss) the recurrent weights are in the compute
+    # dtype and the embedding in the master dtype; otherwise both are the same.
+    master, compute = params["embedding.weight"].dtype, params["rnn.weight_ih_l0"].dtype
     finals = []
     for k in range(cfg.num_layers):
         if k == 0 and table:
-            xw = input_table(params, tokens)[tokens]  # (T, B, G*H)
+            # gathered in the embedding's (master) dtype, then rounded: the rows' gradients sum in it
+            xw = input_table(params, tokens).astype(master)[tokens].astype(compute)  # (T, B, G*H)
         else:
             if k == 0:
-                seq = params["embedding.weight"][tokens]  # (T, B, E)
+                seq = params["embedding.weight"][tokens].astype(compute)  # (T, B, E)
             xw = project(seq, params[f"rnn.weight_ih_l{k}"], params[f"rnn.bias_ih_l{k}"])  # (T, B, G*H)
         seq, s_k = layer(cfg.cell, xw, tuple(part[k] for part in state), params[f"rnn.weight_hh_l{k}"],
                          params[f"rnn.bias_hh_l{k}"], unroll)
         finals.append(s_k)
     final = tuple(jnp.stack([f[i] for f in finals]) for i in range(len(state)))
-    logits = seq @ params["head.weight"].T + params["head.bias"][None, None, :]  # (T, B, V)
+    logits = (seq @ params["head.weight"].T).astype(master) + params["head.bias"][None, None, :]  # (T, B, V)
     return jnp.swapaxes(logits, 0, 1), final

@@ -51,6 +51,8 @@ def _cell(cell: str, xw_t, state, w_hh, b_hh):
     return ((1 - z) * n + z * state[0],)
 
 
+_MASTER_PRECISION = ("embedding.weight", "head.bias")  # kept in the master dtype under mixed precision
+
 LAYERS = ("scan", "fast", "fast-no-table")  # the reference; jax_impl.fastrnn with and without its lookup table
 
 
@@ -60,7 +62,7 @@ def apply(params, x, state, *, cfg: ModelConfig, layer: str = "scan", unroll: in
         if layer not in LAYERS:
             raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
         return fastrnn.apply(params, x, state, cfg=cfg, table=layer == "fast", unroll=unroll)
-    seq = params["embedding.weight"][x]  # (B, T, E)
+    seq = params["embedding.weight"][x].astype(params["rnn.weight_ih_l0"].dtype)  # (B, T, E), in the compute dtype
     finals = []
     for k in range(cfg.num_layers):
         xw = seq @ params[f"rnn.weight_ih_l{k}"].T + params[f"rnn.bias_ih_l{k}"][None, None, :]  # (B, T, G*H), all steps at once
@@ -74,15 +76,44 @@ def apply(params, x, state, *, cfg: ModelConfig, layer: str = "scan", unroll: in
         seq = jnp.swapaxes(hs, 0, 1)  # (B, T, H)
         finals.append(s_k)
     final = tuple(jnp.stack([f[i] for f in finals]) for i in range(len(state)))
-    return seq @ params["head.weight"].T + params["head.bias"][None, None, :], final
+    return head(seq, params["head.weight"], params["head.bias"]), final
 
 
-def loss(params, x, y, state, *, cfg: ModelConfig, layer: str = "scan", unroll: int = 1):
-    """Mean cross-entropy over every position (nats per character), and the final state."""
+def head(seq, weight, bias):
+    """The linear head; under mixed precision its output is widened to the bias's dtype before the bias is added."""
+    return (seq @ weight.T).astype(bias.dtype) + bias[None, None, :]
+
+
+def loss(params, x, y, state, *, cfg: ModelConfig, layer: str = "scan", unroll: int = 1, compute_dtype=None):
+    """Mean cross-entropy over every position (nats per character), and the final state.
+
+    `compute_dtype` (bfloat16, float16): mixed precision, the policy torch_impl.model.CharRNN
+    follows too. The recurrent weights, the head's weight and the carried state are cast to
+    it (casts that autodiff turns into casts of the gradients back to the master dtype) and
+    the model runs in it; embedding rows are gathered in the master dtype and then rounded,
+    the head's output returns to the master dtype before its bias is added, and the softmax
+    runs in the master dtype. So the two large gradient sums, over the gathered rows and over
+    the head's B*T outputs, accumulate in float32: autodiff would otherwise sum them in
+    bfloat16 (`lax.reduce_sum` does not widen; `jnp.sum` and torch's sum do).
+    """
+    master = params["head.weight"].dtype
+    params, state = cast_for(params, state, compute_dtype)
     logits, final = apply(params, x, state, cfg=cfg, layer=layer, unroll=unroll)
+    logits, final = logits.astype(master), tuple(part.astype(master) for part in final)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)
     return jnp.mean(nll), final
+
+
+def cast_for(params, state, compute_dtype):
+    """Parameters and state as mixed precision runs them (`loss`); unchanged when `compute_dtype` is None.
+
+    The embedding and the head's bias stay in the master dtype (see `apply`).
+    """
+    if compute_dtype is None:
+        return params, state
+    params = {k: v if k in _MASTER_PRECISION else v.astype(compute_dtype) for k, v in params.items()}
+    return params, tuple(part.astype(compute_dtype) for part in state)
 
 
 def hidden_to_numpy(state) -> dict[str, np.ndarray] | None:

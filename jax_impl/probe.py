@@ -18,14 +18,19 @@ from jax_impl import model as M
 from jax_impl.train import optax_update
 
 
-def logits(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray, hidden, device: str = "cpu") -> np.ndarray:
-    """The forward pass's logits (B, T, V) of `params` on tokens x (B, T) from `hidden` (or zeros)."""
+def logits(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray, hidden, device: str = "cpu",
+           compute_dtype: str | None = None) -> np.ndarray:
+    """The forward pass's logits (B, T, V) of `params` on tokens x (B, T) from `hidden` (or zeros).
+
+    `compute_dtype` ("bfloat16", "float16"): computed as mixed precision training computes them.
+    """
     dev = D.resolve(device)
     p = jax.device_put({k: jnp.asarray(v) for k, v in params.items()}, dev)
     dtype = next(iter(p.values())).dtype
     state = M.hidden_from_numpy(hidden) if hidden is not None else M.zero_state(model_cfg, x.shape[0], dtype)
-    out, _ = M.apply(p, jax.device_put(x, dev), jax.device_put(state, dev), cfg=model_cfg)
-    return np.asarray(out)
+    p, state = M.cast_for(p, state, None if compute_dtype is None else jnp.dtype(compute_dtype))
+    out, _ = M.apply(p, jax.device_put(x, dev), jax.device_put(state, dev), cfg=model_cfg, layer="fast")
+    return np.asarray(out.astype(dtype))
 
 
 @contextlib.contextmanager

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from charclip.config import ModelConfig, TrainConfig
+from typing import NamedTuple
+
+from charclip.config import ModelConfig, TrainConfig, compute_dtype, loss_scaled
 from charclip.contract import StepResult, update_applies, verdict
 from jax_impl import clipping
 from jax_impl import device as D
@@ -31,14 +33,74 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     adam = optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps"), hyperparam_dtype=jnp.dtype(cfg.dtype))(
         learning_rate=cfg.lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
     if clip.mode == "norm" and clip.impl == "library":
-        return optax.chain(optax.clip_by_global_norm(clip.max_norm), adam)
-    if clip.mode == "norm":
-        return optax.chain(clipping.clip_by_global_norm(clip.max_norm), adam)
-    if clip.mode == "value" and clip.impl == "library":
-        return optax.chain(optax.clip(clip.max_value), adam)
-    if clip.mode == "value":
-        return optax.chain(clipping.clip(clip.max_value), adam)
-    return adam
+        tx = optax.chain(optax.clip_by_global_norm(clip.max_norm), adam)
+    elif clip.mode == "norm":
+        tx = optax.chain(clipping.clip_by_global_norm(clip.max_norm), adam)
+    elif clip.mode == "value" and clip.impl == "library":
+        tx = optax.chain(optax.clip(clip.max_value), adam)
+    elif clip.mode == "value":
+        tx = optax.chain(clipping.clip(clip.max_value), adam)
+    else:
+        tx = adam
+    return optax.chain(loss_scale_holder(cfg), tx) if loss_scaled(cfg) else tx
+
+
+# ---- fp16's dynamic loss scale: torch.amp.GradScaler's rule, written for a jitted step ----
+
+class LossScaleState(NamedTuple):
+    scale: jax.Array  # float32: the factor the loss is multiplied by before the backward pass
+    good_steps: jax.Array  # int32: steps since the last overflow or growth (GradScaler's growth tracker)
+
+
+def loss_scale_holder(cfg: TrainConfig) -> optax.GradientTransformation:
+    """A transformation that only holds the loss scale in the optimizer state (updates pass unchanged).
+
+    Kept in `opt_state`, the scale travels wherever the optimizer state does (checkpoints,
+    meshes, the jitted step's arguments) without a new argument. The step reads it with
+    `loss_scale_of` and writes it with `with_loss_scale`.
+    """
+    def init(params):
+        del params
+        return LossScaleState(jnp.asarray(cfg.loss_scale_init, jnp.float32), jnp.asarray(0, jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        return updates, state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _is_scale(s) -> bool:
+    return isinstance(s, LossScaleState)
+
+
+def loss_scale_of(opt_state) -> LossScaleState | None:
+    found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_scale) if _is_scale(s)]
+    return found[0] if found else None
+
+
+def with_loss_scale(opt_state, new: LossScaleState):
+    return jax.tree_util.tree_map(lambda s: new if _is_scale(s) else s, opt_state, is_leaf=_is_scale)
+
+
+def next_loss_scale(cfg: TrainConfig, s: LossScaleState, found_inf) -> LossScaleState:
+    """torch's `_amp_update_scale_`: back off and restart the count after an overflow; grow after
+    `loss_scale_interval` clean steps in a row (unless the grown scale would be infinite)."""
+    good = s.good_steps + 1
+    grown = s.scale * jnp.asarray(cfg.loss_scale_growth, jnp.float32)
+    grow = (good == cfg.loss_scale_interval) & jnp.isfinite(grown)
+    scale = jnp.where(found_inf, s.scale * jnp.asarray(cfg.loss_scale_backoff, jnp.float32), jnp.where(grow, grown, s.scale))
+    good = jnp.where(found_inf | (good == cfg.loss_scale_interval), jnp.zeros_like(good), good)
+    return LossScaleState(scale, good)
+
+
+def unscale(grads, scale):
+    """The gradient divided by the loss scale (times its float32 reciprocal, as GradScaler.unscale_),
+    and whether any component is infinite or NaN."""
+    inv = jnp.asarray(1, jnp.float32) / scale
+    grads = jax.tree.map(lambda g: g * inv.astype(g.dtype), grads)
+    found_inf = ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    return grads, found_inf
 
 
 def gradient_norm(cfg: TrainConfig):
@@ -46,12 +108,12 @@ def gradient_norm(cfg: TrainConfig):
     return clipping.global_norm if cfg.clip.impl == "reference" else optax.tree.norm
 
 
-def adopt(policy: str, loss, norm, new, old):
+def adopt(policy: str, loss, norm, new, old, found_inf=False):
     """`new` where the step's update applies (`charclip.contract.update_applies`), else `old`.
 
     Branch-free under jit (`jnp.where`, not `if`): loss and norm are tracers there.
     """
-    ok = update_applies(policy, jnp.isfinite(norm) & jnp.isfinite(loss))
+    ok = update_applies(policy, jnp.isfinite(norm) & jnp.isfinite(loss), found_inf)
     if ok is True:
         return new
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
@@ -79,36 +141,41 @@ def with_learning_rate(opt_state, lr):
     return jax.tree.map(put, opt_state, is_leaf=lambda s: hasattr(s, "hyperparams"))
 
 
-def loss_and_grads(model_cfg: ModelConfig, cfg: TrainConfig, params, x, y, state, *, layer: str = "fast", unroll: int = 1):
+def loss_and_grads(model_cfg: ModelConfig, cfg: TrainConfig, params, x, y, state, *, layer: str = "fast", unroll: int = 1,
+                   scale=None):
     """((mean loss, final state), gradient) of the batch, as `accumulate` equal micro-batches.
 
     With K > 1 micro-batches of B/K streams each, the gradient is the sum of the gradients of
     loss_k / K, in order (what K `backward()` calls of loss_k / K leave in torch's `.grad`), and
     the loss is the mean of the K losses. A `lax.scan` over the micro-batches keeps one copy of
-    the model in the compiled program.
+    the model in the compiled program. With a loss `scale` (fp16) each backward pass starts
+    from (loss_k / K) * scale, as `scaler.scale(loss / K).backward()` does: the gradient
+    returned is scaled, and the loss is not.
     """
-    grad = jax.value_and_grad(M.loss, has_aux=True)
     k = cfg.accumulate
+    compute = None if cfg.precision == "full" else jnp.dtype(compute_dtype(cfg))
+
+    def objective(p, xk, yk, sk):
+        loss_k, final_k = M.loss(p, xk, yk, sk, cfg=model_cfg, layer=layer, unroll=unroll, compute_dtype=compute)
+        part = loss_k / k if k > 1 else loss_k
+        return (part if scale is None else part * scale), (part, final_k)
+
+    grad = jax.value_and_grad(objective, has_aux=True)
     if k == 1:
-        return grad(params, x, y, state, cfg=model_cfg, layer=layer, unroll=unroll)
+        (_, aux), g = grad(params, x, y, state)
+        return aux, g
     b = x.shape[0] // k
     xs, ys = x.reshape(k, b, -1), y.reshape(k, b, -1)  # (K, B/K, T)
     states = tuple(jnp.swapaxes(s.reshape(s.shape[0], k, b, s.shape[2]), 0, 1) for s in state)  # (K, L, B/K, H)
 
     def micro(acc, batch):
-        xk, yk, sk = batch
-        (loss_k, final_k), g = jax.value_and_grad(lambda p: _scaled_loss(p, xk, yk, sk, model_cfg, k, layer, unroll), has_aux=True)(params)
+        (_, (loss_k, final_k)), g = grad(params, *batch)
         return jax.tree.map(jnp.add, acc, (loss_k, g)), final_k
 
     zero = (jnp.zeros((), jnp.dtype(cfg.dtype)), jax.tree.map(jnp.zeros_like, params))
     (loss, grads), finals = jax.lax.scan(micro, zero, (xs, ys, states))
     final = tuple(jnp.swapaxes(f, 0, 1).reshape(f.shape[1], k * b, f.shape[3]) for f in finals)  # (L, B, H)
     return (loss, final), grads
-
-
-def _scaled_loss(params, x, y, state, model_cfg, k, layer, unroll):
-    loss, final = M.loss(params, x, y, state, cfg=model_cfg, layer=layer, unroll=unroll)
-    return loss / k, final
 
 
 def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.GradientTransformation, *,
@@ -121,16 +188,26 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Gradient
     if layer not in M.LAYERS:
         raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(M.LAYERS)}")
     measure = gradient_norm(cfg)
+    scaled = loss_scaled(cfg)
 
     def train_step(params, opt_state, state, x, y, lr):
-        (loss, final), grads = loss_and_grads(model_cfg, cfg, params, x, y, state, layer=layer, unroll=unroll)
+        scaler = loss_scale_of(opt_state) if scaled else None
+        (loss, final), grads = loss_and_grads(model_cfg, cfg, params, x, y, state, layer=layer, unroll=unroll,
+                                              scale=None if scaler is None else scaler.scale)
+        found_inf = False
+        if scaled:  # fp16: unscale BEFORE measuring and clipping
+            grads, found_inf = unscale(grads, scaler.scale)
         norm = measure(grads)  # measured before clipping, as the chosen clipper measures it (XLA computes it once)
         opt_state = with_learning_rate(opt_state, lr)
         updates, new_opt_state = optax_update(tx, grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         new_params, new_opt_state, final = adopt(cfg.nonfinite, loss, norm, (new_params, new_opt_state, final),
-                                                 (params, opt_state, state))
-        return new_params, new_opt_state, final, {"loss": loss, "grad_norm": norm}
+                                                 (params, opt_state, state), found_inf)
+        metrics = {"loss": loss, "grad_norm": norm}
+        if scaled:  # the scale moves whether or not the update applied: back off after an overflow
+            new_opt_state = with_loss_scale(new_opt_state, next_loss_scale(cfg, scaler, found_inf))
+            metrics["loss_scale"] = scaler.scale
+        return new_params, new_opt_state, final, metrics
 
     return jax.jit(train_step)
 
@@ -151,7 +228,8 @@ class Trainer:
             self._load_adam(adam)
         self.hidden = None if hidden is None else self._put_hidden(M.hidden_from_numpy(hidden))
         self.train_step = self._compile_step()
-        self._eval_loss = jax.jit(lambda p, x, y, s: M.loss(p, x, y, s, cfg=model_cfg, layer=layer))
+        compute = None if cfg.precision == "full" else jnp.dtype(compute_dtype(cfg))
+        self._eval_loss = jax.jit(lambda p, x, y, s: M.loss(p, x, y, s, cfg=model_cfg, layer=layer, compute_dtype=compute))
         self._apply = jax.jit(_apply_updates(self.tx))
 
     def reset_hidden(self) -> None:
@@ -166,7 +244,8 @@ class Trainer:
         """One optimizer step on the batch (B, T); `lr` (the schedule's rate) replaces the configured one."""
         lr = self.cfg.lr if lr is None else lr
         params, opt_state, hidden, m = self.train_step(self.params, self.opt_state, self._hidden_for(len(x)), x, y, lr)
-        result = verdict(m["loss"], m["grad_norm"], self.cfg.clip, self.cfg.nonfinite)  # raises: nothing adopted
+        result = verdict(m["loss"], m["grad_norm"], self.cfg.clip, self.cfg.nonfinite,
+                         loss_scale=m.get("loss_scale"))  # raises: nothing adopted
         # Under "skip" the jitted step already kept the old values (branch-free), so adopt it either way.
         self.params, self.opt_state, self.hidden = params, opt_state, hidden
         return result
@@ -198,6 +277,10 @@ class Trainer:
         out = {f"exp_avg.{k}": np.asarray(v).copy() for k, v in adam.mu.items()}
         out.update({f"exp_avg_sq.{k}": np.asarray(v).copy() for k, v in adam.nu.items()})
         out["step"] = np.array(int(adam.count), dtype=np.int64)
+        scaler = loss_scale_of(self.opt_state)
+        if scaler is not None:
+            out["loss_scale"] = np.array(scaler.scale, dtype=np.float32)
+            out["loss_scale_good_steps"] = np.array(int(scaler.good_steps), dtype=np.int64)
         return out
 
     def _load_adam(self, adam: dict[str, np.ndarray]) -> None:
@@ -207,7 +290,11 @@ class Trainer:
             mu={k: jnp.asarray(adam[f"exp_avg.{k}"]) for k in names},
             nu={k: jnp.asarray(adam[f"exp_avg_sq.{k}"]) for k in names},
         )
-        self.opt_state = self._put_opt_state(_replace_adam(self.opt_state, new))
+        opt_state = _replace_adam(self.opt_state, new)
+        if loss_scale_of(opt_state) is not None and "loss_scale" in adam:
+            opt_state = with_loss_scale(opt_state, LossScaleState(jnp.asarray(adam["loss_scale"], jnp.float32),
+                                                                  jnp.asarray(int(adam["loss_scale_good_steps"]), jnp.int32)))
+        self.opt_state = self._put_opt_state(opt_state)
 
     # ---- placement hooks: one device here; a mesh in jax_impl.distributed.MeshTrainer ----
 

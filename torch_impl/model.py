@@ -19,19 +19,50 @@ class CharRNN(nn.Module):
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim)
         self.rnn = _RNN[cfg.cell](cfg.embedding_dim, cfg.hidden_size, cfg.num_layers, batch_first=True)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        # None: compute in the parameters' dtype. bfloat16 / float16: mixed precision (see `forward`).
+        self.compute_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor, h=None):
-        """Logits at every step and the final hidden state (a tensor, or (h, c) for an LSTM)."""
-        e = self.embedding(x)  # (B, T, E)
-        out, h = self.rnn(e, h)  # (B, T, H); h: (L, B, H)
-        return self.head(out), h  # (B, T, V)
+        """Logits at every step and the final hidden state (a tensor, or (h, c) for an LSTM).
+
+        With a `compute_dtype`, the recurrent layers' weights and the head's weight are cast to
+        it for this pass (the casts are part of the graph, so the gradients land in the master
+        weights' own dtype), embedding rows are gathered in the master dtype and then rounded,
+        the carried state enters in it, and the head's output returns to the master dtype
+        before its bias is added, so the two large gradient sums (embedding rows, head bias)
+        accumulate in float32: the policy of jax_impl.model.loss's `compute_dtype` too. torch.autocast is not used: on a
+        CPU it leaves nn.LSTM and nn.GRU in float32 (docs/precision.md).
+        """
+        cd = self.compute_dtype
+        if cd is None:
+            e = self.embedding(x)  # (B, T, E)
+            out, h = self.rnn(e, h)  # (B, T, H); h: (L, B, H)
+            return self.head(out), h  # (B, T, V)
+        master = self.head.weight.dtype
+        e = F.embedding(x, self.embedding.weight).to(cd)  # rows gathered, then rounded: their gradient sums in float32
+        weights = {name: p.to(cd) for name, p in self.rnn.named_parameters()}
+        out, h = torch.func.functional_call(self.rnn, weights, (e, _cast(h, cd)))
+        logits = F.linear(out, self.head.weight.to(cd)).to(master) + self.head.bias  # the bias added in float32
+        return logits, _cast(h, master)
 
 
-def build(cfg: ModelConfig, params: dict[str, np.ndarray], device: torch.device | str = "cpu") -> CharRNN:
-    """A CharRNN holding `params` (PyTorch state_dict names), in their dtype, on `device`."""
+def _cast(h, dtype):
+    if h is None:
+        return None
+    return tuple(t.to(dtype) for t in h) if isinstance(h, tuple) else h.to(dtype)
+
+
+def build(cfg: ModelConfig, params: dict[str, np.ndarray], device: torch.device | str = "cpu",
+          compute_dtype: str | None = None) -> CharRNN:
+    """A CharRNN holding `params` (PyTorch state_dict names), in their dtype, on `device`.
+
+    `compute_dtype` ("bfloat16", "float16"): run forward and backward in it (`CharRNN.forward`).
+    """
     dtype = torch.float64 if next(iter(params.values())).dtype == np.float64 else torch.float32
     model = CharRNN(cfg).to(dtype=dtype)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params.items()})
+    if compute_dtype is not None and getattr(torch, compute_dtype) != dtype:
+        model.compute_dtype = getattr(torch, compute_dtype)
     return model.to(device)
 
 

@@ -16,11 +16,16 @@ from torch_impl import device as D
 from torch_impl import model as M
 
 
-def logits(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray, hidden, device: str = "cpu") -> np.ndarray:
-    """The forward pass's logits (B, T, V) of `params` on tokens x (B, T) from `hidden` (or zeros)."""
+def logits(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray, hidden, device: str = "cpu",
+           compute_dtype: str | None = None) -> np.ndarray:
+    """The forward pass's logits (B, T, V) of `params` on tokens x (B, T) from `hidden` (or zeros).
+
+    `compute_dtype` ("bfloat16", "float16"): computed as mixed precision training computes them.
+    """
     dev = D.resolve(device)
     with torch.no_grad():
-        out, _ = M.build(model_cfg, params, dev)(torch.from_numpy(x).to(dev), M.hidden_from_numpy(hidden, dev))
+        model = M.build(model_cfg, params, dev, compute_dtype)
+        out, _ = model(torch.from_numpy(x).to(dev), M.hidden_from_numpy(hidden, dev))
     return out.cpu().numpy()
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from charclip.config import ModelConfig, TrainConfig
-from charclip.contract import StepResult, verdict
+from charclip.config import ModelConfig, TrainConfig, compute_dtype, loss_scaled
+from charclip.contract import NonFiniteStep, StepResult, verdict
 from charclip.errors import CharclipError
 from torch_impl import clipping
 from torch_impl import device as D
@@ -26,9 +26,11 @@ class Trainer:
                  device: str = "cpu"):
         self.model_cfg, self.cfg = model_cfg, cfg
         self.device = D.resolve(device)
-        self.module = M.build(model_cfg, params, self.device)  # the CharRNN, parameter names as in a checkpoint
+        compute = None if cfg.precision == "full" else compute_dtype(cfg)
+        self.module = M.build(model_cfg, params, self.device, compute)  # the CharRNN, parameter names as in a checkpoint
         self.model = self._parallel(self.module)  # what the forward pass runs through
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        self.scaler = self._scaler(adam)  # fp16's dynamic loss scale: torch's own GradScaler (disabled otherwise)
         if adam is not None:
             self._load_adam(adam)
         self.hidden = self._local_hidden(M.hidden_from_numpy(hidden, self.device))
@@ -58,20 +60,27 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses, finals = [], []
         k = self.cfg.accumulate
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         for xk, yk, hk in _micro_batches(self._local(x), self._local(y), self.hidden, k):
             loss, h = M.loss(self.model, xk, yk, hk)
-            (loss / k).backward()  # under DDP/FSDP: the mean gradient over the whole batch
+            self.scaler.scale(loss / k).backward()  # under DDP/FSDP: the mean gradient over the whole batch
             losses.append(loss.detach())
             finals.append(h)
         loss = torch.stack(losses).mean()  # equal micro-batches: the mean of their means
-        norm = self._whole(self._clip()).item()  # after the last backward, before the optimizer step
-        result = verdict(self._global_loss(loss), norm, self.cfg.clip, self.cfg.nonfinite)  # raises under "error"
-        if result.skipped:
-            return result  # no update, hidden state not advanced: as if the batch were absent
-        for group in self.optimizer.param_groups:  # None: the configured rate, as in jax_impl
-            group["lr"] = self.cfg.lr if lr is None else lr
-        self.optimizer.step()
-        self.hidden = _detached(_joined(finals))  # truncated BPTT
+        self.scaler.unscale_(self.optimizer)  # fp16: divide by the scale BEFORE clipping (a no-op otherwise)
+        norm = self._whole(self._clip()).item()  # after the last backward and the unscaling, before the step
+        try:
+            result = verdict(self._global_loss(loss), norm, self.cfg.clip, self.cfg.nonfinite, loss_scale=scale)
+        except NonFiniteStep:  # "error": no state changes, the scaler's record of this step included
+            self.scaler = self._scaler(self.adam_state())
+            raise
+        if not result.skipped:
+            for group in self.optimizer.param_groups:  # None: the configured rate, as in jax_impl
+                group["lr"] = self.cfg.lr if lr is None else lr
+            self.scaler.step(self.optimizer)  # fp16: skips by itself when the gradient holds inf or NaN
+            self.hidden = _detached(_joined(finals))  # truncated BPTT; a skipped batch leaves it as it was
+        if self.scaler.is_enabled():
+            self.scaler.update()  # back off after an overflow; grow after loss_scale_interval clean steps
         return result
 
     def apply_gradients(self, grads: dict[str, np.ndarray], lr: float | None = None) -> None:
@@ -109,7 +118,23 @@ class Trainer:
                 out[f"{key}.{name}"] = moment.detach().cpu().numpy().copy()
             step = int(st["step"]) if st else 0
         out["step"] = np.array(step, dtype=np.int64)
+        if self.scaler.is_enabled():
+            state = self.scaler.state_dict()
+            out["loss_scale"] = np.array(state["scale"], dtype=np.float32)
+            out["loss_scale_good_steps"] = np.array(state["_growth_tracker"], dtype=np.int64)
         return out
+
+    def _scaler(self, adam: dict[str, np.ndarray] | None) -> torch.amp.GradScaler:
+        """fp16's GradScaler with the configured rule, at the scale and count stored in `adam` if there."""
+        cfg = self.cfg
+        scaler = torch.amp.GradScaler(self.device.type, init_scale=cfg.loss_scale_init, growth_factor=cfg.loss_scale_growth,
+                                      backoff_factor=cfg.loss_scale_backoff, growth_interval=cfg.loss_scale_interval,
+                                      enabled=loss_scaled(cfg))
+        if scaler.is_enabled() and adam is not None and "loss_scale" in adam:
+            scaler.load_state_dict({"scale": float(adam["loss_scale"]), "growth_factor": cfg.loss_scale_growth,
+                                    "backoff_factor": cfg.loss_scale_backoff, "growth_interval": cfg.loss_scale_interval,
+                                    "_growth_tracker": int(adam["loss_scale_good_steps"])})
+        return scaler
 
     def _load_adam(self, adam: dict[str, np.ndarray]) -> None:
         step = int(adam["step"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from charclip.config import CELLS, DTYPES
+from charclip.config import CELLS, DTYPES, PRECISIONS
 from charclip.errors import CharclipError
 from charclip.parity.ladder import run_parity
 from charclip.parity.report import format_table, plot_drift
@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", type=int, default=1, help="stacked recurrent layers")
     p.add_argument("--dtype", choices=DTYPES, default="float64",
                    help="float64 shows the algorithms agree; float32 shows the rounding they add")
+    p.add_argument("--precision", choices=PRECISIONS, default="full",
+                   help="bf16 / fp16: both backends train in mixed precision (needs --dtype float32); tolerances "
+                   "derived from the unit roundoff")
     p.add_argument("--steps", type=int, default=50, help="length of the compared training trajectory")
     p.add_argument("--hidden", type=int, default=32, help="hidden units per layer")
     p.add_argument("--batch-size", type=int, default=8, help="parallel streams per batch")
@@ -49,9 +52,10 @@ def _main(a) -> int:
     for cell in cells:
         rep = run_parity(cell, a.layers, a.dtype, a.steps, device=a.device, hidden_size=a.hidden,
                          embedding_dim=max(a.hidden // 2, 1), batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed,
-                         clip_impl=a.clip_impl, progress=not a.no_progress)
+                         clip_impl=a.clip_impl, progress=not a.no_progress, precision=a.precision)
         c = rep.config
-        print(f"\n{cell} {c['layers']}x{c['hidden']} (embedding {c['embedding']}, vocabulary {c['vocab']}), {a.dtype}, "
+        precision = "" if a.precision == "full" else f" ({a.precision} mixed precision)"
+        print(f"\n{cell} {c['layers']}x{c['hidden']} (embedding {c['embedding']}, vocabulary {c['vocab']}), {a.dtype}{precision}, "
               f"batch {c['batch']}x{c['seq_len']}, {a.device}, clipping: {a.clip_impl}")
         for note in rep.notes:
             print(note)

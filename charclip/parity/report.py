@@ -10,7 +10,7 @@ import numpy as np
 
 from typing import TYPE_CHECKING
 
-from charclip.parity.tolerances import TOLERANCES, Row
+from charclip.parity.tolerances import Row, tolerances_for
 
 if TYPE_CHECKING:
     from charclip.parity.ladder import Trajectory
@@ -63,7 +63,7 @@ def plot_drift(reports: list[Report], out_png) -> Path:
         clipped = np.array(tr.clipped["torch"])
         ax1.plot(steps[clipped], np.maximum(np.array(tr.param_drift_rel)[clipped], floor), ".", color=f"C{i}", ms=5)
         ax2.semilogy(steps, np.maximum(tr.loss_drift_rel, floor), color=f"C{i}", lw=1.2, label=label)
-        tol = TOLERANCES[c["dtype"]]["trajectory"].rel
+        tol = tolerances_for(c["dtype"], c.get("precision", "full"), c["cell"])["trajectory"].rel
         ax1.axhline(tol, color=f"C{i}", ls="--", lw=0.8)
     ax1.set_ylabel("params: max|torch - jax| / max|p|")
     ax1.set_title("torch vs JAX drift per training step (dots: clipped steps; dashed: tolerance)")

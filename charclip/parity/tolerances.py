@@ -51,6 +51,45 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
 }
 
 
+# Mixed precision (--precision bf16 / fp16). Each backend rounds every intermediate of the
+# cell to the compute dtype, so per element a result carries n roundings, each uniform
+# on +-u: a standard deviation of u * sqrt(n / 3). Two backends round independently (their
+# float32 accumulations and transcendentals differ in the last float32 bits, which flips
+# low-precision roundings), so their difference has sqrt(2) times that. The bound is six
+# of those standard deviations. n is counted from jax_impl.fastrnn's step code, forward and
+# backward of one time step: earlier steps' errors shrink through the recurrence (its
+# Jacobian's norm is below 1 at these weights), so they add little to the count.
+UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}  # half an ulp of 1: bfloat16 keeps 8 significant bits, float16 11
+CELL_ROUNDINGS = {"rnn": 10, "lstm": 19, "gru": 22}  # roundings along one step's forward (4, 9, 11) and backward pass
+SIGMAS = 6.0
+
+
+def low_precision_bound(precision: str, cell: str) -> float:
+    """Six standard deviations of the rounding difference between two backends (see above)."""
+    return SIGMAS * UNIT_ROUNDOFF[precision] * math.sqrt(2 * CELL_ROUNDINGS[cell] / 3)
+
+
+def tolerances_for(dtype: str, precision: str = "full", cell: str = "lstm") -> dict[str, Tolerance]:
+    """The ladder's table for a run: by dtype in full precision; derived from the unit roundoff otherwise."""
+    if precision == "full":
+        return TOLERANCES[dtype]
+    u, n = UNIT_ROUNDOFF[precision], CELL_ROUNDINGS[cell]
+    b = low_precision_bound(precision, cell)
+    why = f"{precision}: 6 sigma of two backends' independent roundings, u = 2^{int(math.log2(u))}, {n} per {cell} step"
+    f32 = TOLERANCES["float32"]
+    return {
+        "forward": Tolerance(b, why), "loss": Tolerance(b, why + "; the loss is then a float32 mean"),
+        "grad": Tolerance(b, why), "norm": Tolerance(b, why + "; the norm itself in float32"),
+        "clipped": Tolerance(b + f32["clipped"].rel, why + "; + float32 clipping"),
+        # Adam's step g / (sqrt(v) + eps) is insensitive to g's scale: a relative error of g passes through.
+        "adam": Tolerance(b + f32["adam"].rel, why + "; Adam passes g's relative error through"),
+        "sgd_step": Tolerance(b, why), "sgd_trajectory": Tolerance(b, why),
+        # Over a trajectory each step's gradient error moves the weights by up to lr * b; the
+        # loss and weights drift by the sum, bounded here per step (the ladder multiplies by steps).
+        "trajectory": Tolerance(b, why + "; per step of the trajectory"),
+    }
+
+
 @dataclass
 class Row:
     """One line of the parity table."""
