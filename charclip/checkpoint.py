@@ -9,6 +9,8 @@ naming the checkpoint with the lowest one. Each folder holds:
 - `train_state.safetensors`: Adam's moments (`adam.exp_avg.<name>`,
   `adam.exp_avg_sq.<name>`) and the hidden state carried between batches
   (`hidden.h`, and `hidden.c` for an LSTM), each of shape (layers, batch, hidden);
+  under `--precision fp16` also the dynamic loss scale (`adam.loss_scale`, float32) and its
+  count of clean steps since the last change (`adam.loss_scale_good_steps`);
 - `checkpoint.json`: format version, backend, configuration, vocabulary, step,
   data position, and the SHA-256 of both tensor files.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -337,6 +340,9 @@ def _check_state(where: Path, state: dict[str, np.ndarray], model: C.ModelConfig
     # Adam's state is always saved (a resume without it would silently restart the optimizer).
     expect["adam.step"] = ((), np.dtype(np.int64))  # (1,) in files written before 0-d arrays were kept 0-d
     expect.update({f"adam.{m}.{n}": (s, dtype) for m in ("exp_avg", "exp_avg_sq") for n, s in shapes.items()})
+    if C.loss_scaled(train):  # fp16: the dynamic loss scale and its count of clean steps
+        expect["adam.loss_scale"] = ((), np.dtype(np.float32))
+        expect["adam.loss_scale_good_steps"] = ((), np.dtype(np.int64))
     if any(k.startswith("hidden.") for k in state):
         h_shape = (model.num_layers, train.batch_size, model.hidden_size)  # (L, B, H)
         expect.update({f"hidden.{k}": (h_shape, dtype) for k in (("h", "c") if model.cell == "lstm" else ("h",))})
@@ -353,3 +359,8 @@ def _check_state(where: Path, state: dict[str, np.ndarray], model: C.ModelConfig
         raise CharclipError(f"{where}: the optimizer has taken 0 steps but its moments are not zero")
     if any(np.any(v < 0) for k, v in state.items() if k.startswith("adam.exp_avg_sq.")):
         raise CharclipError(f"{where}: Adam's second moment is negative somewhere, which no training produces")
+    if "adam.loss_scale" in state:
+        scale, good = float(state["adam.loss_scale"]), int(state["adam.loss_scale_good_steps"])
+        if not (math.isfinite(scale) and scale > 0) or not 0 <= good < train.loss_scale_interval:
+            raise CharclipError(f"{where}: the loss scale {scale} (after {good} clean steps) is not a positive finite "
+                                f"number with a count below {train.loss_scale_interval}")

@@ -30,6 +30,7 @@ from charclip.errors import CharclipError
 from charclip.vocab import Vocab
 from charclip.weights import init_params
 
+OVERFLOWS_SHOWN = 3  # fp16 loss-scale overflows reported on the console (all are in metrics.jsonl)
 DIVERGENCE_FACTOR = 3.0  # char-rnn's rule: a loss this many times the first one means divergence
 
 
@@ -92,6 +93,7 @@ class Metrics:
         self.logged_steps = len(trained)
         self.clipped = sum(r.get("clipped") is True for r in trained)
         self.skipped = sum(r.get("skipped") is True for r in trained)
+        self.overflows = sum(r.get("overflow") is True for r in trained)  # fp16 steps skipped for an overflow
         self.best_val = min((r["val_loss"] for r in kept if _finite(r.get("val_loss"))), default=math.inf)
         self.time_offset = max((r["time"] for r in trained if _finite(r.get("time"))), default=0.0)
         # Line-buffered: a killed run has logged every step it took, so none goes missing on resume.
@@ -102,10 +104,16 @@ class Metrics:
             self.logged_steps += 1
             self.clipped += bool(record.get("clipped"))
             self.skipped += bool(record.get("skipped"))
+            self.overflows += bool(record.get("overflow"))
         self.file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         self.file.close()
+
+
+def _scale_record(r) -> dict:
+    """fp16's loss-scale columns of a step's metrics line: the scale it used, and whether it overflowed."""
+    return {} if r.loss_scale is None else {"loss_scale": r.loss_scale, "overflow": r.overflow}
 
 
 def _finite(x) -> bool:
@@ -303,7 +311,11 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
             step, position = step + 1, data.train.next(position)
             metrics.write(step=step, loss=last.loss, grad_norm=last.grad_norm, clipped=last.clipped,
                           skipped=last.skipped, time=round(metrics.time_offset + time.perf_counter() - t0, 4),
-                          **({"lr": lr} if cfg.schedule != "constant" else {}))
+                          **({"lr": lr} if cfg.schedule != "constant" else {}), **_scale_record(last))
+            if last.overflow and metrics.overflows <= OVERFLOWS_SHOWN:
+                more = "; further ones go to metrics.jsonl only" if metrics.overflows == OVERFLOWS_SHOWN else ""
+                bar.write(f"charclip: step {step}: the fp16 gradient overflowed at loss scale {last.loss_scale:g}; "
+                          f"step skipped, scale now {last.loss_scale * cfg.loss_scale_backoff:g}{more}")
             if first_loss is None and math.isfinite(last.loss):
                 first_loss = last.loss
             if not warned and first_loss is not None and not last.loss <= DIVERGENCE_FACTOR * first_loss:
@@ -313,7 +325,7 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
             bar.update(1)
             chars_per_s = (step - start_step) * cfg.batch_size * cfg.seq_len / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{last.loss:.3f}", norm=f"{last.grad_norm:.3g}", val="-" if val_loss is None else f"{val_loss:.3f}",
-                            chars_s=f"{chars_per_s:,.0f}")
+                            chars_s=f"{chars_per_s:,.0f}", **({} if last.loss_scale is None else {"scale": f"{last.loss_scale:g}"}))
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val_loss = trainer.evaluate(data.val.eval_batches(cfg.eval_batches))
                 metrics.write(step=step, val_loss=val_loss)
@@ -333,6 +345,7 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
         "backend": backend, "steps": step, "steps_run": step - start_step, "train_loss": last.loss if last else None,
         "val_loss": val_loss, "logged_steps": metrics.logged_steps, "clipped_steps": metrics.clipped,
         "clipped_fraction": metrics.clipped / max(metrics.logged_steps, 1), "skipped_steps": metrics.skipped,
+        "overflow_steps": metrics.overflows, "precision": cfg.precision,
         "seconds": round(elapsed, 2), "chars_per_second": round((step - start_step) * cfg.batch_size * cfg.seq_len
                                                                  / max(elapsed, 1e-9), 1),
         "checkpoint": str(path), "metrics": str(out / "metrics.jsonl"),

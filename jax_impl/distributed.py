@@ -179,6 +179,9 @@ class MeshTrainer(T.Trainer):
                                 f"on the mesh's data axis; use a multiple of it")
         if layout == "shard_map" and cfg.accumulate > 1:
             raise CharclipError("--mesh shard_map takes one micro-batch per step; use --accumulate 1 or another --mesh")
+        if layout == "shard_map" and cfg.precision != "full":
+            raise CharclipError(f"--mesh shard_map writes its step out by hand in full precision; for --precision "
+                                f"{cfg.precision} use another --mesh (data, model, fsdp, 2d)")
         if layout == "shard_map" and cfg.clip.mode == "norm" and cfg.clip.impl == "reference":
             raise CharclipError("--mesh shard_map writes its clipping out itself (optax's formula); "
                                 "use --clip-impl library, or another --mesh to run the reference implementation")
