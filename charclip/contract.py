@@ -56,8 +56,8 @@ def update_applies(policy: str, finite, found_inf=False):
     if policy not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite policy must be one of {', '.join(NONFINITE_POLICIES)} (got {policy!r})")
     applies = finite if policy == "skip" else True
-    if found_inf is False:
-        return applies
+    if isinstance(found_inf, bool):  # Python bools: `~True` is -2, so no bitwise operators here
+        return False if found_inf else applies
     return ~found_inf & applies if applies is not True else ~found_inf
 
 

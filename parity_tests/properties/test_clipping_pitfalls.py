@@ -62,6 +62,35 @@ def test_clipping_before_unscaling_clips_the_scaled_gradient(scale):
     assert wrong == pytest.approx(tau / scale, rel=1e-5), f"wrong order left norm {wrong}, expected tau/S = {tau / scale}"
 
 
+@pytest.mark.parametrize("scale", [2.0**8, 2.0**16])
+def test_in_jax_too_clipping_before_unscaling_clips_the_scaled_gradient(scale):
+    """The same mistake spelled with optax: clip_by_global_norm chained before the unscaling
+    (what charclip's JAX step does the other way round: jax_impl.train.unscale, then the chain)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jax_impl.train import unscale
+
+    tau = 1.0
+    rng = np.random.default_rng(0)
+    w, x = jnp.asarray(rng.standard_normal((6, 3)), jnp.float32), jnp.asarray(rng.standard_normal((16, 6)), jnp.float32)
+
+    def loss(w):
+        return jnp.sum((x @ w) ** 2)
+
+    true = jax.grad(loss)(w)
+    assert float(optax.tree.norm(true)) > tau, "the example must need clipping"
+    scaled = jax.grad(lambda w: loss(w) * scale)(w)
+    clip = optax.clip_by_global_norm(tau)
+    right, _ = clip.update(unscale(scaled, jnp.float32(scale))[0], clip.init(w))
+    wrong, _ = clip.update(scaled, clip.init(w))
+    wrong = unscale(wrong, jnp.float32(scale))[0]
+    # float32, one multiply by tau / norm: a few ulps of tau.
+    assert float(optax.tree.norm(right)) == pytest.approx(tau, rel=1e-5)
+    assert float(optax.tree.norm(wrong)) == pytest.approx(tau / scale, rel=1e-5)
+
+
 def test_a_clipped_sgd_step_moves_at_most_lr_t_tau_under_a_schedule():
     """Adam set to act as SGD (charclip explode's setting): the step is lr_t / eps * clipped g."""
     s = Settings()
