@@ -76,10 +76,10 @@ def apply(params, x, state, *, cfg: ModelConfig, layer: str = "scan", unroll: in
         seq = jnp.swapaxes(hs, 0, 1)  # (B, T, H)
         finals.append(s_k)
     final = tuple(jnp.stack([f[i] for f in finals]) for i in range(len(state)))
-    return head(seq, params["head.weight"], params["head.bias"]), final
+    return _head(seq, params["head.weight"], params["head.bias"]), final
 
 
-def head(seq, weight, bias):
+def _head(seq, weight, bias):
     """The linear head; under mixed precision its output is widened to the bias's dtype before the bias is added."""
     return (seq @ weight.T).astype(bias.dtype) + bias[None, None, :]
 

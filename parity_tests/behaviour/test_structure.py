@@ -103,6 +103,9 @@ ALLOWED = {
     ("train", "loss_and_grads"): "the pure gradient of a batch and its micro-batches; torch accumulates in .grad",
     ("train", "optax_update"): "optax's update under standard dtype promotion (tests run strict)",
     ("train", "with_learning_rate"): "optax keeps the scheduled rate in its state; torch in param_groups",
+    ("model", "cast_for"): "mixed precision's cast of the parameter pytree; torch casts inside CharRNN.forward",
+    **{("train", n): "fp16's loss scale written for the jitted step; torch uses torch.amp.GradScaler" for n in (
+        "LossScaleState", "loss_scale_holder", "loss_scale_of", "with_loss_scale", "next_loss_scale", "unscale")},
     # distributed: several processes with a process group (torch) against one process with a mesh (JAX).
     **{("distributed", n): "torch: processes and a process group" for n in (
         "COLLECTIVE_TIMEOUT", "DistributedTrainer", "GRACE_SECONDS", "HOST", "PARALLEL", "PR_SET_PDEATHSIG", "RankDied",
