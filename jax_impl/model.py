@@ -54,12 +54,16 @@ def _cell(cell: str, xw_t, state, w_hh, b_hh):
 LAYERS = ("scan", "fast", "fast-no-table")  # the reference; jax_impl.fastrnn with and without its lookup table
 
 
-def apply(params, x, state, *, cfg: ModelConfig, layer: str = "scan", unroll: int = 1):
-    """Logits (B, T, V) for tokens x (B, T) and the final state, each part (L, B, H)."""
+def apply(params, x, state, *, cfg: ModelConfig, layer: str = "scan", unroll: int = 1, masks=None):
+    """Logits (B, T, V) for tokens x (B, T) and the final state, each part (L, B, H).
+
+    `masks`: None, or one dropout mask (B, T, H) per layer (`charclip.dropout`), multiplying
+    that layer's output on its way into the next layer or the head.
+    """
     if layer != "scan":
         if layer not in LAYERS:
             raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
-        return fastrnn.apply(params, x, state, cfg=cfg, table=layer == "fast", unroll=unroll)
+        return fastrnn.apply(params, x, state, cfg=cfg, table=layer == "fast", unroll=unroll, masks=masks)
     seq = params["embedding.weight"][x]  # (B, T, E)
     finals = []
     for k in range(cfg.num_layers):
@@ -72,14 +76,16 @@ def apply(params, x, state, *, cfg: ModelConfig, layer: str = "scan", unroll: in
 
         s_k, hs = jax.lax.scan(step, tuple(part[k] for part in state), jnp.swapaxes(xw, 0, 1), unroll=unroll)
         seq = jnp.swapaxes(hs, 0, 1)  # (B, T, H)
+        if masks is not None:
+            seq = seq * masks[k]  # dropout: the carried state s_k is not dropped, only what goes on
         finals.append(s_k)
     final = tuple(jnp.stack([f[i] for f in finals]) for i in range(len(state)))
     return seq @ params["head.weight"].T + params["head.bias"][None, None, :], final
 
 
-def loss(params, x, y, state, *, cfg: ModelConfig, layer: str = "scan", unroll: int = 1):
+def loss(params, x, y, state, *, cfg: ModelConfig, layer: str = "scan", unroll: int = 1, masks=None):
     """Mean cross-entropy over every position (nats per character), and the final state."""
-    logits, final = apply(params, x, state, cfg=cfg, layer=layer, unroll=unroll)
+    logits, final = apply(params, x, state, cfg=cfg, layer=layer, unroll=unroll, masks=masks)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)
     return jnp.mean(nll), final

@@ -79,41 +79,45 @@ def with_learning_rate(opt_state, lr):
     return jax.tree.map(put, opt_state, is_leaf=lambda s: hasattr(s, "hyperparams"))
 
 
-def loss_and_grads(model_cfg: ModelConfig, cfg: TrainConfig, params, x, y, state, *, layer: str = "fast", unroll: int = 1):
+def loss_and_grads(model_cfg: ModelConfig, cfg: TrainConfig, params, x, y, state, *, layer: str = "fast", unroll: int = 1,
+                   masks=None):
     """((mean loss, final state), gradient) of the batch, as `accumulate` equal micro-batches.
 
     With K > 1 micro-batches of B/K streams each, the gradient is the sum of the gradients of
     loss_k / K, in order (what K `backward()` calls of loss_k / K leave in torch's `.grad`), and
     the loss is the mean of the K losses. A `lax.scan` over the micro-batches keeps one copy of
-    the model in the compiled program.
+    the model in the compiled program. `masks` (dropout, one (B, T, H) per layer, or None) are
+    cut into micro-batches like the rows of x.
     """
     grad = jax.value_and_grad(M.loss, has_aux=True)
     k = cfg.accumulate
     if k == 1:
-        return grad(params, x, y, state, cfg=model_cfg, layer=layer, unroll=unroll)
+        return grad(params, x, y, state, cfg=model_cfg, layer=layer, unroll=unroll, masks=masks)
     b = x.shape[0] // k
     xs, ys = x.reshape(k, b, -1), y.reshape(k, b, -1)  # (K, B/K, T)
     states = tuple(jnp.swapaxes(s.reshape(s.shape[0], k, b, s.shape[2]), 0, 1) for s in state)  # (K, L, B/K, H)
+    ms = None if masks is None else tuple(m.reshape(k, b, *m.shape[1:]) for m in masks)  # (K, B/K, T, H) each
 
     def micro(acc, batch):
-        xk, yk, sk = batch
-        (loss_k, final_k), g = jax.value_and_grad(lambda p: _scaled_loss(p, xk, yk, sk, model_cfg, k, layer, unroll), has_aux=True)(params)
+        xk, yk, sk, mk = batch
+        (loss_k, final_k), g = jax.value_and_grad(lambda p: _scaled_loss(p, xk, yk, sk, mk, model_cfg, k, layer, unroll),
+                                                  has_aux=True)(params)
         return jax.tree.map(jnp.add, acc, (loss_k, g)), final_k
 
     zero = (jnp.zeros((), jnp.dtype(cfg.dtype)), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), finals = jax.lax.scan(micro, zero, (xs, ys, states))
+    (loss, grads), finals = jax.lax.scan(micro, zero, (xs, ys, states, ms))
     final = tuple(jnp.swapaxes(f, 0, 1).reshape(f.shape[1], k * b, f.shape[3]) for f in finals)  # (L, B, H)
     return (loss, final), grads
 
 
-def _scaled_loss(params, x, y, state, model_cfg, k, layer, unroll):
-    loss, final = M.loss(params, x, y, state, cfg=model_cfg, layer=layer, unroll=unroll)
+def _scaled_loss(params, x, y, state, masks, model_cfg, k, layer, unroll):
+    loss, final = M.loss(params, x, y, state, cfg=model_cfg, layer=layer, unroll=unroll, masks=masks)
     return loss / k, final
 
 
 def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.GradientTransformation, *,
                     layer: str = "fast", unroll: int = 1):
-    """The pure step (params, opt_state, state, x, y, lr) -> (params, opt_state, state, metrics), jitted.
+    """The pure step (params, opt_state, state, x, y, lr, masks) -> (params, opt_state, state, metrics), jitted.
 
     `layer` picks the recurrent layer (`jax_impl.model.LAYERS`): "fast", the default, is
     `jax_impl.fastrnn`'s hand-written backward pass; "scan" is autodiff of the reference.
@@ -122,8 +126,8 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Gradient
         raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(M.LAYERS)}")
     measure = gradient_norm(cfg)
 
-    def train_step(params, opt_state, state, x, y, lr):
-        (loss, final), grads = loss_and_grads(model_cfg, cfg, params, x, y, state, layer=layer, unroll=unroll)
+    def train_step(params, opt_state, state, x, y, lr, masks=None):  # masks: dropout's, or None (compiled without)
+        (loss, final), grads = loss_and_grads(model_cfg, cfg, params, x, y, state, layer=layer, unroll=unroll, masks=masks)
         norm = measure(grads)  # measured before clipping, as the chosen clipper measures it (XLA computes it once)
         opt_state = with_learning_rate(opt_state, lr)
         updates, new_opt_state = optax_update(tx, grads, opt_state, params)
@@ -162,10 +166,14 @@ class Trainer:
             return self._put_hidden(M.zero_state(self.model_cfg, batch, self.dtype))
         return self.hidden
 
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> StepResult:
-        """One optimizer step on the batch (B, T); `lr` (the schedule's rate) replaces the configured one."""
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None, masks=None) -> StepResult:
+        """One optimizer step on the batch (B, T); `lr` (the schedule's rate) replaces the configured one.
+
+        `masks`: dropout's (`charclip.dropout`, one (B, T, H) per layer), or None.
+        """
         lr = self.cfg.lr if lr is None else lr
-        params, opt_state, hidden, m = self.train_step(self.params, self.opt_state, self._hidden_for(len(x)), x, y, lr)
+        params, opt_state, hidden, m = self.train_step(self.params, self.opt_state, self._hidden_for(len(x)), x, y, lr,
+                                                       masks)
         result = verdict(m["loss"], m["grad_norm"], self.cfg.clip, self.cfg.nonfinite)  # raises: nothing adopted
         # Under "skip" the jitted step already kept the old values (branch-free), so adopt it either way.
         self.params, self.opt_state, self.hidden = params, opt_state, hidden

@@ -84,7 +84,7 @@ def test_clipping_each_micro_batch_instead_bends_the_gradient():
 
     x, y = _batch()
     acc = {n: torch.zeros_like(p) for n, p in trainer.module.named_parameters()}
-    for xk, yk, hk in _micro_batches(x, y, tuple(torch.from_numpy(_hidden()[k]) for k in ("h", "c")), K):
+    for xk, yk, hk, _ in _micro_batches(x, y, tuple(torch.from_numpy(_hidden()[k]) for k in ("h", "c")), K):
         trainer.optimizer.zero_grad()
         loss, _ = M.loss(trainer.model, xk, yk, hk)
         (loss / K).backward()
