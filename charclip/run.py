@@ -2,10 +2,10 @@
 
 The trainer is anything satisfying `charclip.contract.Trainer`, made by a factory from
 `charclip.backends`. This module feeds it batches, each step's learning rate
-(`charclip.schedules`) and dropout masks (`charclip.dropout`), shows progress, logs metrics as JSON lines, validates,
-checkpoints, and handles stop signals (Ctrl-C, SIGTERM, SIGHUP), non-finite steps and
-divergence. It holds the run folder's lock (`charclip.runfolder`) from before its first
-write to its end.
+(`charclip.schedules`) and dropout masks (`charclip.dropout`), shows progress, logs
+metrics as JSON lines, validates, checkpoints, and handles stop signals (Ctrl-C,
+SIGTERM, SIGHUP), non-finite steps and divergence. It holds the run folder's lock
+(`charclip.runfolder`) from before its first write to its end.
 """
 
 from __future__ import annotations

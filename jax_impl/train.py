@@ -166,7 +166,8 @@ class Trainer:
             return self._put_hidden(M.zero_state(self.model_cfg, batch, self.dtype))
         return self.hidden
 
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None, masks=None) -> StepResult:
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None,
+             masks: tuple[np.ndarray, ...] | None = None) -> StepResult:
         """One optimizer step on the batch (B, T); `lr` (the schedule's rate) replaces the configured one.
 
         `masks`: dropout's (`charclip.dropout`, one (B, T, H) per layer), or None.

@@ -49,7 +49,8 @@ class Trainer:
             value_clip(params, clip.max_value)
         return norm
 
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None, masks=None) -> StepResult:
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None,
+             masks: tuple[np.ndarray, ...] | None = None) -> StepResult:
         """One optimizer step on the batch (B, T); `lr` (the schedule's rate) replaces the configured one.
 
         With `accumulate` K > 1 the batch is K micro-batches of B/K streams: each backward

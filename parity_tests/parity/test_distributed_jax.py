@@ -63,8 +63,8 @@ CASES += [(4, lay, "float32", TAU_ACTIVE, "library", "") for lay in LAYOUTS]
 CASES += [(4, lay, "float64", TAU_IDLE, "library", "") for lay in ("fsdp", "shard_map")]
 CASES += [(4, lay, "float64", TAU_ACTIVE, "reference", "") for lay in JIT_LAYOUTS]
 CASES += [(4, lay, "float64", TAU_ACTIVE, "library", "resume") for lay in ("fsdp", "shard_map")]
-# Dropout: masks of the global batch, split like x (data, shard_map) or replicated with it (model)
-CASES += [(4, lay, "float64", TAU_ACTIVE, "library", "dropout") for lay in ("data", "model", "shard_map")]
+# Dropout: masks of the global batch, sharded like x by the compiler (data) and by hand (shard_map)
+CASES += [(4, lay, "float64", TAU_ACTIVE, "library", "dropout") for lay in ("data", "shard_map")]
 CONTROLS = [(w, "shard_map", "float64", TAU_ACTIVE, "library", v) for w in WORLDS for v in ("per_shard", "counted_per_device")]
 # Relative to the largest magnitude compared. The devices sum the batch in another
 # order, so results differ by rounding only: float64 a few ulp (2**-53 = 1.1e-16),
