@@ -204,8 +204,8 @@ def test_both_backends_apply_the_same_rate_at_every_step(tmp_path):
             t = factory(*a, **kw)
             step = t.step
 
-            def recorded(x, y, lr=None):
-                r = step(x, y, lr=lr)
+            def recorded(x, y, lr=None, **kw):
+                r = step(x, y, lr=lr, **kw)
                 rates.append(_applied_lr(backend, t))
                 return r
 
