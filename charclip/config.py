@@ -146,6 +146,9 @@ class TrainConfig:
     decay_every: int = option(500, flag="--decay-every", group="optimisation", help="step schedule: steps between decays")
     decay_factor: float = option(0.5, flag="--decay-factor", group="optimisation",
                                  help="step schedule: the rate is multiplied by this at every decay")
+    dropout: float = option(0.0, flag="--dropout", metavar="P", group="optimisation",
+                            help="char-rnn's dropout: each recurrent layer's output (into the next layer, or the head) "
+                            "loses each unit with probability P while training; never in evaluation or sampling")
     clip: ClipConfig = field(default_factory=ClipConfig)
 
     def __post_init__(self) -> None:
@@ -189,6 +192,8 @@ class TrainConfig:
             raise CharclipError(f"--min-lr must lie in [0, --lr {self.lr:g}], got {self.min_lr!r}")
         if not (isinstance(self.decay_factor, (int, float)) and 0 < self.decay_factor <= 1):
             raise CharclipError(f"--decay-factor must lie in (0, 1], got {self.decay_factor!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise CharclipError(f"--dropout must lie in [0, 1), got {self.dropout!r}")  # p = 1 would drop every unit
         if not 0.0 < self.val_fraction < 1.0:
             raise CharclipError(f"--val-fraction must lie strictly between 0 and 1, got {self.val_fraction}")
 

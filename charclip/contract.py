@@ -88,16 +88,20 @@ def verdict(loss: float, grad_norm: float, clip: ClipConfig, policy: str, loss_s
 class Trainer(Protocol):
     """What `charclip.run` needs from a backend. Both backends' `train.Trainer` implement it."""
 
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> StepResult:
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None,
+             masks: tuple[np.ndarray, ...] | None = None) -> StepResult:
         """One training step on int64 batches (B, T): forward, loss, backward, clip, optimizer.
 
         `lr` is this update's learning rate (from `charclip.schedules`; None: the configured
-        one). With `accumulate` K, the batch is K micro-batches whose mean gradient is
-        clipped once. Raises NonFiniteStep (before changing any state) under "error".
+        one). `masks` are the dropout masks of this update (`charclip.dropout.masks`: one
+        (B, T, H) per layer, for the global batch, each multiplying that layer's output), or
+        None for no dropout. With `accumulate` K, the batch (and the masks' rows) are K
+        micro-batches whose mean gradient is clipped once. Raises NonFiniteStep (before
+        changing any state) under "error".
         """
 
     def evaluate(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
-        """Mean cross-entropy (nats/char) over `batches`, hidden state carried from zero; no update."""
+        """Mean cross-entropy (nats/char) over `batches`, hidden state carried from zero; no update, no dropout."""
 
     def apply_gradients(self, grads: dict[str, np.ndarray], lr: float | None = None) -> None:
         """Clip `grads` (by parameter name) with the configured clipping and take one optimizer step."""

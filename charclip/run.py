@@ -1,11 +1,11 @@
 """The training run around a backend's trainer, written once for both backends.
 
 The trainer is anything satisfying `charclip.contract.Trainer`, made by a factory from
-`charclip.backends`. This module feeds it batches and each step's learning rate
-(`charclip.schedules`), shows progress, logs metrics as JSON lines, validates,
-checkpoints, and handles stop signals (Ctrl-C, SIGTERM, SIGHUP), non-finite steps and
-divergence. It holds the run folder's lock (`charclip.runfolder`) from before its first
-write to its end.
+`charclip.backends`. This module feeds it batches, each step's learning rate
+(`charclip.schedules`) and dropout masks (`charclip.dropout`), shows progress, logs
+metrics as JSON lines, validates, checkpoints, and handles stop signals (Ctrl-C,
+SIGTERM, SIGHUP), non-finite steps and divergence. It holds the run folder's lock
+(`charclip.runfolder`) from before its first write to its end.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 from charclip import backends
 from charclip import checkpoint as ckpt_io
-from charclip import corpus, runfolder, schedules, signals
+from charclip import corpus, dropout, runfolder, schedules, signals
 from charclip.batching import Position, Streams, split
 from charclip.config import ModelConfig, RunOptions, TrainConfig
 from charclip.contract import NonFiniteStep
@@ -300,8 +300,9 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
                 trainer.reset_hidden()  # a new epoch starts the streams afresh
             x, y = data.train.batch(cfg.seed, position)
             lr = schedules.learning_rate(cfg, step)  # the same float for both backends at every step
+            masks = dropout.masks(model_cfg, cfg, step, *x.shape)  # keyed by the step: a resumed run draws the same
             try:
-                last = trainer.step(x, y, lr=lr)
+                last = trainer.step(x, y, lr=lr, masks=masks)
             except NonFiniteStep as e:
                 path = save(step, position)
                 raise CharclipError(

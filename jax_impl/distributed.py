@@ -120,15 +120,19 @@ def _clip(grads: dict, norm: jax.Array, clip) -> dict:
 
 def make_clipped_gradient(model_cfg: ModelConfig, cfg: TrainConfig, specs: dict, axis: str = "data", *,
                           layer: str = "fast"):
-    """The per-device function (params slices, state, x, y) -> (clipped slices, norm, loss, final state)."""
+    """The per-device function (params slices, state, x, y, masks) -> (clipped slices, norm, loss, final state).
+
+    `masks` (dropout's, or None) hold this device's streams, like x.
+    """
     split = {k: _split_dim(s, axis) for k, s in specs.items()}
 
-    def clipped_gradient(params, state, x, y):
+    def clipped_gradient(params, state, x, y, masks=None):
         n = lax.psum(1, axis)  # devices on the axis
         # 1. Every device gathers the whole parameters (the all-gather of FSDP).
         full = {k: v if split[k] is None else lax.all_gather(v, axis, axis=split[k], tiled=True) for k, v in params.items()}
         # 2. Loss and gradient of this device's streams only (B/N of them).
-        (loss, final), grads = jax.value_and_grad(M.loss, has_aux=True)(full, x, y, state, cfg=model_cfg, layer=layer)
+        (loss, final), grads = jax.value_and_grad(M.loss, has_aux=True)(full, x, y, state, cfg=model_cfg, layer=layer,
+                                                                       masks=masks)
         # 3. The mean over devices = the gradient of the whole batch's mean loss. A split
         #    parameter keeps only its own slice of it (the reduce-scatter of FSDP).
         grads = {k: lax.pmean(g, axis) if split[k] is None else lax.psum_scatter(g, axis, scatter_dimension=split[k], tiled=True) / n
@@ -145,8 +149,8 @@ def make_shard_map_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Grad
     """`jax_impl.train.make_train_step`'s step, with every device's part written out in shard_map."""
     clipped_gradient = make_clipped_gradient(model_cfg, cfg, specs, layer=layer)
 
-    def step(params, opt_state, state, x, y, lr):
-        grads, norm, loss, final = clipped_gradient(params, state, x, y)
+    def step(params, opt_state, state, x, y, lr, masks=None):
+        grads, norm, loss, final = clipped_gradient(params, state, x, y, masks)
         opt_state = T.with_learning_rate(opt_state, lr)
         updates, new_opt_state = T.optax_update(tx, grads, opt_state, params)  # Adam is elementwise: slices are enough
         new_params = optax.apply_updates(params, updates)
@@ -155,11 +159,11 @@ def make_shard_map_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Grad
                                                    (params, opt_state, state))
         return new_params, new_opt_state, final, {"loss": loss, "grad_norm": norm}
 
-    batch, hidden = P("data", None), P(None, "data", None)
+    batch, hidden, mask = P("data", None), P(None, "data", None), P("data", None, None)
     # check_vma=False: gradients inside are this device's own; every sum over devices is
     # written above. (With the check on, JAX would already psum the gradient of a
     # replicated input, and the pmean above would then scale it by N.)
-    return jax.shard_map(step, mesh=mesh, in_specs=(specs, opt_specs, hidden, batch, batch, P()),
+    return jax.shard_map(step, mesh=mesh, in_specs=(specs, opt_specs, hidden, batch, batch, P(), mask),
                          out_specs=(specs, opt_specs, hidden, P()), check_vma=False)
 
 
@@ -190,6 +194,7 @@ class MeshTrainer(T.Trainer):
         self.shardings = {k: self._on(s) for k, s in self.specs.items()}
         self.batch_sharding = self._on(P(batch_axis, None))  # (B, T)
         self.state_sharding = self._on(P(None, batch_axis, None))  # (L, B, H)
+        self.mask_sharding = self._on(P(batch_axis, None, None))  # each dropout mask (B, T, H): streams split like x
         super().__init__(model_cfg, cfg, params, adam=adam, hidden=hidden, device=device)
         self.device = self.mesh.devices.flat[0]
 
@@ -223,7 +228,7 @@ class MeshTrainer(T.Trainer):
         else:
             step = T.make_train_step(self.model_cfg, self.cfg, self.tx, layer=self.layer)
         b, s, r = self.batch_sharding, self.state_sharding, self._on(P())
-        return jax.jit(step, in_shardings=(self.shardings, self.opt_shardings, s, b, b, r),
+        return jax.jit(step, in_shardings=(self.shardings, self.opt_shardings, s, b, b, r, self.mask_sharding),
                        out_shardings=(self.shardings, self.opt_shardings, s, r))
 
 

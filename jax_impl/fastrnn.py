@@ -209,8 +209,12 @@ def input_table(params, tokens, name: str = "rnn"):
     return used @ w_ih.T + params[f"{name}.bias_ih_l0"][None, :]
 
 
-def apply(params, x, state, *, cfg: ModelConfig, table: bool = True, unroll: int = 1):
-    """`jax_impl.model.apply` computed with `layer`: logits (B, T, V) and the final state, each part (L, B, H)."""
+def apply(params, x, state, *, cfg: ModelConfig, table: bool = True, unroll: int = 1, masks=None):
+    """`jax_impl.model.apply` computed with `layer`: logits (B, T, V) and the final state, each part (L, B, H).
+
+    `masks` (None, or one dropout mask (B, T, H) per layer) multiply each layer's output outside
+    `layer`, so autodiff carries the product's cotangent, dhs * mask, into the layer's backward.
+    """
     tokens = x.T  # (T, B): time-major from here on
     # Under mixed precision (jax_impl.model.loss) the recurrent weights are in the compute
     # dtype and the embedding in the master dtype; otherwise both are the same.
@@ -226,6 +230,8 @@ def apply(params, x, state, *, cfg: ModelConfig, table: bool = True, unroll: int
             xw = project(seq, params[f"rnn.weight_ih_l{k}"], params[f"rnn.bias_ih_l{k}"])  # (T, B, G*H)
         seq, s_k = layer(cfg.cell, xw, tuple(part[k] for part in state), params[f"rnn.weight_hh_l{k}"],
                          params[f"rnn.bias_hh_l{k}"], unroll)
+        if masks is not None:
+            seq = seq * jnp.swapaxes(masks[k], 0, 1)  # (T, B, H), time-major like seq
         finals.append(s_k)
     final = tuple(jnp.stack([f[i] for f in finals]) for i in range(len(state)))
     logits = (seq @ params["head.weight"].T).astype(master) + params["head.bias"][None, None, :]  # (T, B, V)

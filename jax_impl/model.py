@@ -56,12 +56,16 @@ _MASTER_PRECISION = ("embedding.weight", "head.bias")  # kept in the master dtyp
 LAYERS = ("scan", "fast", "fast-no-table")  # the reference; jax_impl.fastrnn with and without its lookup table
 
 
-def apply(params, x, state, *, cfg: ModelConfig, layer: str = "scan", unroll: int = 1):
-    """Logits (B, T, V) for tokens x (B, T) and the final state, each part (L, B, H)."""
+def apply(params, x, state, *, cfg: ModelConfig, layer: str = "scan", unroll: int = 1, masks=None):
+    """Logits (B, T, V) for tokens x (B, T) and the final state, each part (L, B, H).
+
+    `masks`: None, or one dropout mask (B, T, H) per layer (`charclip.dropout`), multiplying
+    that layer's output on its way into the next layer or the head.
+    """
     if layer != "scan":
         if layer not in LAYERS:
             raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
-        return fastrnn.apply(params, x, state, cfg=cfg, table=layer == "fast", unroll=unroll)
+        return fastrnn.apply(params, x, state, cfg=cfg, table=layer == "fast", unroll=unroll, masks=masks)
     seq = params["embedding.weight"][x].astype(params["rnn.weight_ih_l0"].dtype)  # (B, T, E), in the compute dtype
     finals = []
     for k in range(cfg.num_layers):
@@ -74,6 +78,8 @@ def apply(params, x, state, *, cfg: ModelConfig, layer: str = "scan", unroll: in
 
         s_k, hs = jax.lax.scan(step, tuple(part[k] for part in state), jnp.swapaxes(xw, 0, 1), unroll=unroll)
         seq = jnp.swapaxes(hs, 0, 1)  # (B, T, H)
+        if masks is not None:
+            seq = seq * masks[k]  # dropout: the carried state s_k is not dropped, only what goes on
         finals.append(s_k)
     final = tuple(jnp.stack([f[i] for f in finals]) for i in range(len(state)))
     return _head(seq, params["head.weight"], params["head.bias"]), final
@@ -84,21 +90,26 @@ def _head(seq, weight, bias):
     return (seq @ weight.T).astype(bias.dtype) + bias[None, None, :]
 
 
-def loss(params, x, y, state, *, cfg: ModelConfig, layer: str = "scan", unroll: int = 1, compute_dtype=None):
+def loss(params, x, y, state, *, cfg: ModelConfig, layer: str = "scan", unroll: int = 1, masks=None,
+         compute_dtype=None):
     """Mean cross-entropy over every position (nats per character), and the final state.
 
+    `masks`: dropout's, one (B, T, H) per layer (`charclip.dropout`), or None.
+
     `compute_dtype` (bfloat16, float16): mixed precision, the policy torch_impl.model.CharRNN
-    follows too. The recurrent weights, the head's weight and the carried state are cast to
-    it (casts that autodiff turns into casts of the gradients back to the master dtype) and
-    the model runs in it; embedding rows are gathered in the master dtype and then rounded,
-    the head's output returns to the master dtype before its bias is added, and the softmax
-    runs in the master dtype. So the two large gradient sums, over the gathered rows and over
-    the head's B*T outputs, accumulate in float32: autodiff would otherwise sum them in
-    bfloat16 (`lax.reduce_sum` does not widen; `jnp.sum` and torch's sum do).
+    follows too. The recurrent weights, the head's weight, the carried state and the masks are
+    cast to it (casts that autodiff turns into casts of the gradients back to the master
+    dtype) and the model runs in it; embedding rows are gathered in the master dtype and then
+    rounded, the head's output returns to the master dtype before its bias is added, and the
+    softmax runs in the master dtype. So the two large gradient sums, over the gathered rows
+    and over the head's B*T outputs, accumulate in float32: autodiff would otherwise sum them
+    in bfloat16 (`lax.reduce_sum` does not widen; `jnp.sum` and torch's sum do).
     """
     master = params["head.weight"].dtype
     params, state = cast_for(params, state, compute_dtype)
-    logits, final = apply(params, x, state, cfg=cfg, layer=layer, unroll=unroll)
+    if masks is not None and compute_dtype is not None:
+        masks = tuple(m.astype(compute_dtype) for m in masks)
+    logits, final = apply(params, x, state, cfg=cfg, layer=layer, unroll=unroll, masks=masks)
     logits, final = logits.astype(master), tuple(part.astype(master) for part in final)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)

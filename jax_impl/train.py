@@ -142,7 +142,7 @@ def with_learning_rate(opt_state, lr):
 
 
 def loss_and_grads(model_cfg: ModelConfig, cfg: TrainConfig, params, x, y, state, *, layer: str = "fast", unroll: int = 1,
-                   scale=None):
+                   scale=None, masks=None):
     """((mean loss, final state), gradient) of the batch, as `accumulate` equal micro-batches.
 
     With K > 1 micro-batches of B/K streams each, the gradient is the sum of the gradients of
@@ -150,37 +150,39 @@ def loss_and_grads(model_cfg: ModelConfig, cfg: TrainConfig, params, x, y, state
     the loss is the mean of the K losses. A `lax.scan` over the micro-batches keeps one copy of
     the model in the compiled program. With a loss `scale` (fp16) each backward pass starts
     from (loss_k / K) * scale, as `scaler.scale(loss / K).backward()` does: the gradient
-    returned is scaled, and the loss is not.
+    returned is scaled, and the loss is not. `masks` (dropout, one (B, T, H) per layer, or
+    None) are cut into micro-batches like the rows of x.
     """
     k = cfg.accumulate
     compute = None if cfg.precision == "full" else jnp.dtype(compute_dtype(cfg))
 
-    def objective(p, xk, yk, sk):
-        loss_k, final_k = M.loss(p, xk, yk, sk, cfg=model_cfg, layer=layer, unroll=unroll, compute_dtype=compute)
+    def objective(p, xk, yk, sk, mk):
+        loss_k, final_k = M.loss(p, xk, yk, sk, cfg=model_cfg, layer=layer, unroll=unroll, masks=mk, compute_dtype=compute)
         part = loss_k / k if k > 1 else loss_k
         return (part if scale is None else part * scale), (part, final_k)
 
     grad = jax.value_and_grad(objective, has_aux=True)
     if k == 1:
-        (_, aux), g = grad(params, x, y, state)
+        (_, aux), g = grad(params, x, y, state, masks)
         return aux, g
     b = x.shape[0] // k
     xs, ys = x.reshape(k, b, -1), y.reshape(k, b, -1)  # (K, B/K, T)
     states = tuple(jnp.swapaxes(s.reshape(s.shape[0], k, b, s.shape[2]), 0, 1) for s in state)  # (K, L, B/K, H)
+    ms = None if masks is None else tuple(m.reshape(k, b, *m.shape[1:]) for m in masks)  # (K, B/K, T, H) each
 
     def micro(acc, batch):
         (_, (loss_k, final_k)), g = grad(params, *batch)
         return jax.tree.map(jnp.add, acc, (loss_k, g)), final_k
 
     zero = (jnp.zeros((), jnp.dtype(cfg.dtype)), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), finals = jax.lax.scan(micro, zero, (xs, ys, states))
+    (loss, grads), finals = jax.lax.scan(micro, zero, (xs, ys, states, ms))
     final = tuple(jnp.swapaxes(f, 0, 1).reshape(f.shape[1], k * b, f.shape[3]) for f in finals)  # (L, B, H)
     return (loss, final), grads
 
 
 def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.GradientTransformation, *,
                     layer: str = "fast", unroll: int = 1):
-    """The pure step (params, opt_state, state, x, y, lr) -> (params, opt_state, state, metrics), jitted.
+    """The pure step (params, opt_state, state, x, y, lr, masks) -> (params, opt_state, state, metrics), jitted.
 
     `layer` picks the recurrent layer (`jax_impl.model.LAYERS`): "fast", the default, is
     `jax_impl.fastrnn`'s hand-written backward pass; "scan" is autodiff of the reference.
@@ -190,10 +192,10 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Gradient
     measure = gradient_norm(cfg)
     scaled = loss_scaled(cfg)
 
-    def train_step(params, opt_state, state, x, y, lr):
+    def train_step(params, opt_state, state, x, y, lr, masks=None):  # masks: dropout's, or None (compiled without)
         scaler = loss_scale_of(opt_state) if scaled else None
         (loss, final), grads = loss_and_grads(model_cfg, cfg, params, x, y, state, layer=layer, unroll=unroll,
-                                              scale=None if scaler is None else scaler.scale)
+                                              scale=None if scaler is None else scaler.scale, masks=masks)
         found_inf = False
         if scaled:  # fp16: unscale BEFORE measuring and clipping
             grads, found_inf = unscale(grads, scaler.scale)
@@ -240,10 +242,15 @@ class Trainer:
             return self._put_hidden(M.zero_state(self.model_cfg, batch, self.dtype))
         return self.hidden
 
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> StepResult:
-        """One optimizer step on the batch (B, T); `lr` (the schedule's rate) replaces the configured one."""
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None,
+             masks: tuple[np.ndarray, ...] | None = None) -> StepResult:
+        """One optimizer step on the batch (B, T); `lr` (the schedule's rate) replaces the configured one.
+
+        `masks`: dropout's (`charclip.dropout`, one (B, T, H) per layer), or None.
+        """
         lr = self.cfg.lr if lr is None else lr
-        params, opt_state, hidden, m = self.train_step(self.params, self.opt_state, self._hidden_for(len(x)), x, y, lr)
+        params, opt_state, hidden, m = self.train_step(self.params, self.opt_state, self._hidden_for(len(x)), x, y, lr,
+                                                       masks)
         result = verdict(m["loss"], m["grad_norm"], self.cfg.clip, self.cfg.nonfinite,
                          loss_scale=m.get("loss_scale"))  # raises: nothing adopted
         # Under "skip" the jitted step already kept the old values (branch-free), so adopt it either way.

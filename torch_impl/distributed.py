@@ -177,8 +177,8 @@ class _Leader:
         _broadcast([name, args], self.group)
         return getattr(self.trainer, name)(*args)
 
-    def step(self, x, y, lr=None):
-        return self._call("step", x, y, lr)
+    def step(self, x, y, lr=None, masks=None):
+        return self._call("step", x, y, lr, masks)  # the global batch's masks: each rank cuts its rows (_local)
 
     def evaluate(self, batches):
         return self._call("evaluate", list(batches))

@@ -10,6 +10,8 @@ from torch import nn
 from charclip.config import ModelConfig
 
 _RNN = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+# The kernels those modules' forward() calls (through torch._VF), here for one layer at a time
+_ONE_LAYER = {"rnn": torch.rnn_tanh, "lstm": torch.lstm, "gru": torch.gru}
 
 
 class CharRNN(nn.Module):
@@ -22,28 +24,64 @@ class CharRNN(nn.Module):
         # None: compute in the parameters' dtype. bfloat16 / float16: mixed precision (see `forward`).
         self.compute_dtype: torch.dtype | None = None
 
-    def forward(self, x: torch.Tensor, h=None):
+    def forward(self, x: torch.Tensor, h=None, masks=None):
         """Logits at every step and the final hidden state (a tensor, or (h, c) for an LSTM).
+
+        `masks`: one dropout mask (B, T, H) per layer (`charclip.dropout`), multiplying that
+        layer's output; None: no dropout, and the layers run as one nn.RNN/LSTM/GRU call.
 
         With a `compute_dtype`, the recurrent layers' weights and the head's weight are cast to
         it for this pass (the casts are part of the graph, so the gradients land in the master
         weights' own dtype), embedding rows are gathered in the master dtype and then rounded,
-        the carried state enters in it, and the head's output returns to the master dtype
-        before its bias is added, so the two large gradient sums (embedding rows, head bias)
-        accumulate in float32: the policy of jax_impl.model.loss's `compute_dtype` too. torch.autocast is not used: on a
-        CPU it leaves nn.LSTM and nn.GRU in float32 (docs/precision.md).
+        the carried state and the masks enter in it, and the head's output returns to the
+        master dtype before its bias is added, so the two large gradient sums (embedding rows,
+        head bias) accumulate in float32: the policy of jax_impl.model.loss's `compute_dtype`
+        too. torch.autocast is not used: on a CPU it leaves nn.LSTM and nn.GRU in float32
+        (docs/precision.md).
         """
         cd = self.compute_dtype
         if cd is None:
             e = self.embedding(x)  # (B, T, E)
-            out, h = self.rnn(e, h)  # (B, T, H); h: (L, B, H)
+            if masks is None:
+                out, h = self.rnn(e, h)  # (B, T, H); h: (L, B, H)
+            else:
+                out, h = self._layers_with_dropout(e, h, masks, dict(self.rnn.named_parameters()))
             return self.head(out), h  # (B, T, V)
         master = self.head.weight.dtype
         e = F.embedding(x, self.embedding.weight).to(cd)  # rows gathered, then rounded: their gradient sums in float32
         weights = {name: p.to(cd) for name, p in self.rnn.named_parameters()}
-        out, h = torch.func.functional_call(self.rnn, weights, (e, _cast(h, cd)))
+        if masks is None:
+            out, h = torch.func.functional_call(self.rnn, weights, (e, _cast(h, cd)))
+        else:
+            out, h = self._layers_with_dropout(e, _cast(h, cd), tuple(m.to(cd) for m in masks), weights)
         logits = F.linear(out, self.head.weight.to(cd)).to(master) + self.head.bias  # the bias added in float32
         return logits, _cast(h, master)
+
+    def _layers_with_dropout(self, seq: torch.Tensor, h, masks, weights: dict[str, torch.Tensor]):
+        """The recurrent layers one by one, with layer k's own weights, each output times masks[k].
+
+        nn.LSTM's `dropout=` cannot be used: it draws from torch's generator (JAX cannot draw
+        the same units) and never drops the last layer's output, which char-rnn drops before
+        the head. Layer k runs the kernel nn.LSTM itself runs, with num_layers 1, so the
+        parameters (and the state_dict names) stay those of `self.rnn`; `weights` holds them
+        by name, cast to the compute dtype under mixed precision.
+        """
+        cfg = self.cfg
+        if h is None:
+            zeros = seq.new_zeros(cfg.num_layers, seq.shape[0], cfg.hidden_size)
+            h = (zeros, zeros) if cfg.cell == "lstm" else zeros
+        parts = h if isinstance(h, tuple) else (h,)
+        finals = []
+        for k, mask in enumerate(masks):
+            layer = [weights[f"{name}_l{k}"] for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            hx = tuple(part[k:k + 1] for part in parts)  # (1, B, H) each
+            # (input, hx, weights, bias, num_layers, dropout, train, bidirectional, batch_first), as nn.RNNBase passes them
+            out, *state = _ONE_LAYER[cfg.cell](seq, hx if cfg.cell == "lstm" else hx[0], layer, True, 1, 0.0,
+                                               self.training, False, True)
+            seq = out * mask  # (B, T, H): into the next layer, or the head
+            finals.append(state)
+        final = tuple(torch.cat(layers, dim=0) for layers in zip(*finals))  # (L, B, H) each
+        return seq, final if cfg.cell == "lstm" else final[0]
 
 
 def _cast(h, dtype):
@@ -66,13 +104,16 @@ def build(cfg: ModelConfig, params: dict[str, np.ndarray], device: torch.device 
     return model.to(device)
 
 
-def loss(model: nn.Module, x: np.ndarray, y: np.ndarray, hidden):
+def loss(model: nn.Module, x: np.ndarray, y: np.ndarray, hidden, masks=None):
     """Mean cross-entropy over every position (nats per character), and the final hidden state.
 
-    `model` is the CharRNN or a wrapper running it (DDP, FSDP); x, y are (B, T) int64.
+    `model` is the CharRNN or a wrapper running it (DDP, FSDP); x, y are (B, T) int64;
+    `masks`: None, or the dropout masks, one NumPy (B, T, H) per layer.
     """
     device = next(model.parameters()).device
-    logits, final = model(torch.from_numpy(x).to(device), hidden)  # (B, T, V)
+    if masks is not None:
+        masks = tuple(torch.from_numpy(m).to(device) for m in masks)
+    logits, final = model(torch.from_numpy(x).to(device), hidden, masks)  # (B, T, V)
     target = torch.from_numpy(y).to(device)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1)), final
 

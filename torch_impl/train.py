@@ -51,18 +51,21 @@ class Trainer:
             value_clip(params, clip.max_value)
         return norm
 
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> StepResult:
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None,
+             masks: tuple[np.ndarray, ...] | None = None) -> StepResult:
         """One optimizer step on the batch (B, T); `lr` (the schedule's rate) replaces the configured one.
 
         With `accumulate` K > 1 the batch is K micro-batches of B/K streams: each backward
         adds its share of the mean gradient, and clipping sees only the accumulated sum.
+        `masks` (`charclip.dropout`, one (B, T, H) per layer, or None) are cut like the rows of x.
         """
         self.optimizer.zero_grad(set_to_none=True)
         losses, finals = [], []
         k = self.cfg.accumulate
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        for xk, yk, hk in _micro_batches(self._local(x), self._local(y), self.hidden, k):
-            loss, h = M.loss(self.model, xk, yk, hk)
+        local = None if masks is None else tuple(self._local(m) for m in masks)
+        for xk, yk, hk, mk in _micro_batches(self._local(x), self._local(y), self.hidden, k, local):
+            loss, h = M.loss(self.model, xk, yk, hk, mk)
             self.scaler.scale(loss / k).backward()  # under DDP/FSDP: the mean gradient over the whole batch
             losses.append(loss.detach())
             finals.append(h)
@@ -174,8 +177,9 @@ class Trainer:
         return h
 
 
-def _micro_batches(x: np.ndarray, y: np.ndarray, hidden, k: int):
-    """(x, y, hidden) of each of k equal slices of the streams (rows of x; axis 1 of the hidden state)."""
+def _micro_batches(x: np.ndarray, y: np.ndarray, hidden, k: int, masks=None):
+    """(x, y, hidden, masks) of each of k equal slices of the streams (rows of x and of each mask; axis 1 of
+    the hidden state)."""
     if len(x) % k:
         raise CharclipError(f"{len(x)} streams do not split into --accumulate {k} equal micro-batches")
     b = len(x) // k
@@ -187,7 +191,7 @@ def _micro_batches(x: np.ndarray, y: np.ndarray, hidden, k: int):
             h = tuple(t[:, rows].contiguous() for t in hidden)
         else:
             h = hidden[:, rows].contiguous()
-        yield x[rows], y[rows], h
+        yield x[rows], y[rows], h, None if masks is None else tuple(m[rows] for m in masks)
 
 
 def _joined(finals: list):

@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
                    help="clipping compared: charclip's reference implementations (one convention on both sides) "
                    "or the libraries' (torch adds 1e-6 to the norm, optax does not)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared initial weights and batches")
+    p.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help="train the compared trajectory with dropout P, both backends given the same masks")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--plot", metavar="PATH", help="write the per-step drift plot (PNG)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -52,11 +54,12 @@ def _main(a) -> int:
     for cell in cells:
         rep = run_parity(cell, a.layers, a.dtype, a.steps, device=a.device, hidden_size=a.hidden,
                          embedding_dim=max(a.hidden // 2, 1), batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed,
-                         clip_impl=a.clip_impl, progress=not a.no_progress, precision=a.precision)
+                         clip_impl=a.clip_impl, progress=not a.no_progress, precision=a.precision, dropout=a.dropout)
         c = rep.config
         precision = "" if a.precision == "full" else f" ({a.precision} mixed precision)"
         print(f"\n{cell} {c['layers']}x{c['hidden']} (embedding {c['embedding']}, vocabulary {c['vocab']}), {a.dtype}{precision}, "
-              f"batch {c['batch']}x{c['seq_len']}, {a.device}, clipping: {a.clip_impl}")
+              f"batch {c['batch']}x{c['seq_len']}, {a.device}, clipping: {a.clip_impl}"
+              + (f", dropout {a.dropout:g}" if a.dropout else ""))
         for note in rep.notes:
             print(note)
         print(format_table(rep.rows))

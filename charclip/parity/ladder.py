@@ -6,8 +6,9 @@ quantity by quantity, the way llm.c checks its port: first the forward pass,
 then the loss, then every parameter's gradient by name, then the global norm
 and the clipped gradients (compared directly: Adam is nearly scale-invariant
 and would hide a wrong norm), then one Adam update, then a training
-trajectory with clipping active on some steps and not on others, and finally
-sampled text. Every quantity comes out of the backends' real `Trainer.step`
+trajectory with clipping active on some steps and not on others (with
+`dropout` > 0, both backends given the same masks, `charclip.dropout`), and
+finally sampled text. Every quantity comes out of the backends' real `Trainer.step`
 where the trainer exposes it:
 
 - the gradient a step feeds to Adam is read back from Adam's first moment
@@ -30,6 +31,7 @@ import numpy as np
 from charclip import backends
 from charclip.config import CELLS, DTYPES, ClipConfig, ModelConfig, TrainConfig
 from charclip.contract import BACKENDS
+from charclip.dropout import masks as dropout_masks  # (run_parity has a `dropout` argument)
 from charclip.errors import CharclipError
 from charclip.parity.report import Report
 from charclip.config import compute_dtype
@@ -163,7 +165,8 @@ def trajectory(model_cfg: ModelConfig, train_cfg: TrainConfig, params, batches, 
                progress: bool = False) -> tuple[Trajectory, dict[str, dict]]:
     """Train both backends side by side on `batches` [(x, y, new_epoch)], comparing after every step.
 
-    Returns the trajectory and each backend's final parameters.
+    Step i of both is handed the dropout masks `charclip.run` would draw for update i (none when
+    `train_cfg.dropout` is 0). Returns the trajectory and each backend's final parameters.
     """
     from tqdm.auto import tqdm
 
@@ -171,11 +174,13 @@ def trajectory(model_cfg: ModelConfig, train_cfg: TrainConfig, params, batches, 
     tr = Trajectory(max_norm=train_cfg.clip.max_norm)
     for b in BACKENDS:
         tr.loss[b], tr.grad_norm[b], tr.clipped[b] = [], [], []
-    for x, y, new_epoch in tqdm(batches, desc=f"trajectory {model_cfg.cell}", disable=not progress, leave=False):
+    for i, (x, y, new_epoch) in enumerate(tqdm(batches, desc=f"trajectory {model_cfg.cell}", disable=not progress,
+                                               leave=False)):
+        masks = dropout_masks(model_cfg, train_cfg, i, *x.shape)
         for b, trainer in trainers.items():
             if new_epoch:
                 trainer.reset_hidden()  # as charclip.run does at the start of an epoch
-            r = trainer.step(x, y)
+            r = trainer.step(x, y, masks=masks)
             tr.loss[b].append(r.loss)
             tr.grad_norm[b].append(r.grad_norm)
             tr.clipped[b].append(r.clipped)
@@ -194,12 +199,15 @@ def trajectory_rows(tr: Trajectory, train_cfg: TrainConfig, cell: str = "lstm") 
     gap = tr.steps * library_gap(train_cfg.clip.impl, train_cfg.clip.max_norm)
     tol = widen(tolerances_for(train_cfg.dtype, train_cfg.precision, cell)["trajectory"], gap, " x steps")
     worst = int(np.argmax(tr.param_drift_rel))
+    # Dropout multiplies by the same NumPy masks on both sides (exact 0s, and 1/(1-p) rounded once,
+    # identically): it adds no rounding of its own, so the bound is the trajectory's.
+    dropped = f", dropout {train_cfg.dropout:g}" if train_cfg.dropout else ""
     same_flags = tr.clipped["torch"] == tr.clipped["jax"]
     n_clipped = sum(tr.clipped["torch"])
     both = 0 < n_clipped < tr.steps
     mismatched = sum(a != b for a, b in zip(tr.clipped["torch"], tr.clipped["jax"]))
     if train_cfg.precision == "full":
-        params = Row(f"params over {tr.steps} steps (worst: step {worst + 1})", tr.param_drift_abs[worst],
+        params = Row(f"params over {tr.steps} steps{dropped} (worst: step {worst + 1})", tr.param_drift_abs[worst],
                      tr.param_drift_rel[worst], tol.rel, tol.reason, bool(tr.param_drift_rel[worst] <= tol.rel))
     else:
         # A gradient component near zero can change sign under rounding, and Adam's first steps
@@ -210,7 +218,7 @@ def trajectory_rows(tr: Trajectory, train_cfg: TrainConfig, cell: str = "lstm") 
         largest = c.lr * max(1.0, (1 - c.beta1) / math.sqrt(1 - c.beta2))
         ratio = [d / (2 * largest * (k + 1)) for k, d in enumerate(tr.param_drift_abs)]
         w = int(np.argmax(ratio))
-        params = Row(f"params over {tr.steps} steps (worst: step {w + 1}; share of 2 x Adam's largest step x steps)",
+        params = Row(f"params over {tr.steps} steps{dropped} (worst: step {w + 1}; share of 2 x Adam's largest step x steps)",
                      tr.param_drift_abs[w], ratio[w], 1.0,
                      "Adam's step is at most lr * max(1, (1 - b1) / sqrt(1 - b2)): two runs part by twice that a step",
                      bool(ratio[w] <= 1.0))
@@ -244,8 +252,9 @@ def sample_row(model_cfg: ModelConfig, params, vocab, *, prime: str, length: int
 def run_parity(cell: str = "lstm", layers: int = 1, dtype: str = "float64", steps: int = 50, *, device: str = "cpu",
                hidden_size: int = 32, embedding_dim: int = 16, batch_size: int = 8, seq_len: int = 32,
                lr: float = 1e-2, seed: int = 0, clip_impl: str = "reference", sample_chars: int = 200,
-               corpus_chars: int = 50_000, progress: bool = True, precision: str = "full") -> Report:
-    """Compare torch_impl and jax_impl on one configuration (the ladder 1 to 7)."""
+               corpus_chars: int = 50_000, progress: bool = True, precision: str = "full",
+               dropout: float = 0.0) -> Report:
+    """Compare torch_impl and jax_impl on one configuration (the ladder 1 to 7; the trajectory with `dropout`)."""
     from charclip import corpus
     from charclip.batching import Position, Streams
     from charclip.vocab import Vocab
@@ -262,7 +271,7 @@ def run_parity(cell: str = "lstm", layers: int = 1, dtype: str = "float64", step
     model_cfg = ModelConfig(vocab_size=len(vocab), cell=cell, hidden_size=hidden_size, num_layers=layers,
                             embedding_dim=embedding_dim)
     train_cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype,
-                            precision=precision)  # raises for a low precision with float64 master weights
+                            precision=precision, dropout=dropout)  # raises for a low precision with float64 master weights
     params = init_params(model_cfg, seed, dtype)
     streams = Streams(vocab.encode(text), batch_size, seq_len)
     batches, pos = [], Position()
@@ -287,20 +296,21 @@ def run_parity(cell: str = "lstm", layers: int = 1, dtype: str = "float64", step
             rows.append(sample_row(model_cfg, finals["torch"], vocab, prime="\n", length=sample_chars, seed=seed, device=device))
     config = {"cell": cell, "layers": layers, "dtype": dtype, "steps": steps, "device": device, "hidden": hidden_size,
               "embedding": embedding_dim, "batch": batch_size, "seq_len": seq_len, "lr": lr, "seed": seed,
-              "clip_impl": clip_impl, "vocab": len(vocab), "precision": precision}
+              "clip_impl": clip_impl, "vocab": len(vocab), "precision": precision,
+              **({"dropout": dropout} if dropout else {})}
     return Report(config, rows, tr, notes)
 
 
 def clipping_threshold(model_cfg: ModelConfig, train_cfg: TrainConfig, params, batches) -> float:
-    """The median gradient norm of an unclipped torch run on the same batches.
+    """The median gradient norm of an unclipped torch run on the same batches (and dropout masks).
 
     With tau there, roughly half the steps of the clipped run exceed it; the
     report checks that some steps are clipped and some are not.
     """
     trainer = _trainer("torch", model_cfg, replace(train_cfg, clip=ClipConfig(mode="none")), params)
     norms = []
-    for x, y, new_epoch in batches:
+    for i, (x, y, new_epoch) in enumerate(batches):
         if new_epoch:
             trainer.reset_hidden()
-        norms.append(trainer.step(x, y).grad_norm)
+        norms.append(trainer.step(x, y, masks=dropout_masks(model_cfg, train_cfg, i, *x.shape)).grad_norm)
     return float(np.median(norms))

@@ -231,6 +231,8 @@ BAD_OPTIONS = {
     "negative seed": (["--seed", "-1"], "--seed"),
     "negative sample length": (["--sample-chars", "-5"], "--sample-chars"),
     "zero checkpoint interval": (["--checkpoint-every", "0"], "checkpoint-every"),
+    "dropout 1": (["--dropout", "1"], "--dropout must lie in [0, 1)"),
+    "negative dropout": (["--dropout", "-0.1"], "--dropout must lie in [0, 1)"),
 }
 
 

@@ -31,9 +31,10 @@ from charclip.weights import init_params
 
 STEPS, EVERY = 60, 5
 # 4,000 characters: 27 batches per epoch, so the runs cross an epoch boundary (hidden state reset).
+# With dropout: its masks are keyed by the step, so a resumed run must draw the uninterrupted run's.
 TINY = ["--batch-size", "8", "--seq-len", "16", "--hidden", "16", "--embed", "8", "--layers", "1",
         "--checkpoint-every", str(EVERY), "--eval-every", "10", "--eval-batches", "2", "--sample-chars", "0",
-        "--no-progress"]
+        "--no-progress", "--dropout", "0.2"]
 
 # Runs `charclip.cli.main(argv)` after arming one stop point. The child writes `marker` and waits
 # in signal.pause() for the test's signal; mode "update" sends itself SIGINT instead.

@@ -84,7 +84,7 @@ def test_clipping_each_micro_batch_instead_bends_the_gradient():
 
     x, y = _batch()
     acc = {n: torch.zeros_like(p) for n, p in trainer.module.named_parameters()}
-    for xk, yk, hk in _micro_batches(x, y, tuple(torch.from_numpy(_hidden()[k]) for k in ("h", "c")), K):
+    for xk, yk, hk, _ in _micro_batches(x, y, tuple(torch.from_numpy(_hidden()[k]) for k in ("h", "c")), K):
         trainer.optimizer.zero_grad()
         loss, _ = M.loss(trainer.model, xk, yk, hk)
         (loss / K).backward()
@@ -204,8 +204,8 @@ def test_both_backends_apply_the_same_rate_at_every_step(tmp_path):
             t = factory(*a, **kw)
             step = t.step
 
-            def recorded(x, y, lr=None):
-                r = step(x, y, lr=lr)
+            def recorded(x, y, lr=None, **kw):
+                r = step(x, y, lr=lr, **kw)
                 rates.append(_applied_lr(backend, t))
                 return r
 

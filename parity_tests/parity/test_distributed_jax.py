@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from charclip import dropout
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
 from charclip.weights import init_params
 from jax_impl import clipping
@@ -62,6 +63,8 @@ CASES += [(4, lay, "float32", TAU_ACTIVE, "library", "") for lay in LAYOUTS]
 CASES += [(4, lay, "float64", TAU_IDLE, "library", "") for lay in ("fsdp", "shard_map")]
 CASES += [(4, lay, "float64", TAU_ACTIVE, "reference", "") for lay in JIT_LAYOUTS]
 CASES += [(4, lay, "float64", TAU_ACTIVE, "library", "resume") for lay in ("fsdp", "shard_map")]
+# Dropout: masks of the global batch, sharded like x by the compiler (data) and by hand (shard_map)
+CASES += [(4, lay, "float64", TAU_ACTIVE, "library", "dropout") for lay in ("data", "shard_map")]
 CONTROLS = [(w, "shard_map", "float64", TAU_ACTIVE, "library", v) for w in WORLDS for v in ("per_shard", "counted_per_device")]
 # Relative to the largest magnitude compared. The devices sum the batch in another
 # order, so results differ by rounding only: float64 a few ulp (2**-53 = 1.1e-16),
@@ -69,8 +72,9 @@ CONTROLS = [(w, "shard_map", "float64", TAU_ACTIVE, "library", v) for w in WORLD
 TOL = {"float64": 1e-12, "float32": 2e-6}
 
 
-def _config(dtype: str, tau: float, impl: str) -> TrainConfig:
-    return TrainConfig(steps=STEPS, batch_size=BATCH, seq_len=SEQ, lr=1e-2, dtype=dtype, clip=ClipConfig(max_norm=tau, impl=impl))
+def _config(dtype: str, tau: float, impl: str, variant: str = "") -> TrainConfig:
+    return TrainConfig(steps=STEPS, batch_size=BATCH, seq_len=SEQ, lr=1e-2, dtype=dtype, clip=ClipConfig(max_norm=tau, impl=impl),
+                       dropout=0.3 if variant == "dropout" else 0.0)
 
 
 def _batches():
@@ -87,8 +91,8 @@ def _clip(impl: str, tau: float):
 
 
 def _clipped_gradient_fn(impl: str, tau: float):
-    def fn(params, state, x, y):
-        grads = jax.grad(lambda p: M.loss(p, x, y, state, cfg=MODEL)[0])(params)
+    def fn(params, state, x, y, masks):
+        grads = jax.grad(lambda p: M.loss(p, x, y, state, cfg=MODEL, masks=masks)[0])(params)
         return _clip(impl, tau)(grads)
 
     return fn
@@ -97,11 +101,12 @@ def _clipped_gradient_fn(impl: str, tau: float):
 def _record(trainer, batches, clipped_gradient, record=None) -> dict:
     """Norms and clipped gradients per step, then the final state, as NumPy."""
     record = record or {"norm": [], "clip_norm": [], "grads": []}
-    for x, y in batches:
-        grads, norm = clipped_gradient(trainer.params, trainer._hidden_for(len(x)), x, y)
+    for x, y in batches:  # the dropout masks of the global batch (None without dropout), as charclip.run draws them
+        masks = dropout.masks(MODEL, trainer.cfg, len(record["norm"]), *x.shape)
+        grads, norm = clipped_gradient(trainer.params, trainer._hidden_for(len(x)), x, y, masks)
         record["grads"].append({k: np.asarray(v) for k, v in grads.items()})
         record["clip_norm"].append(float(norm))
-        record["norm"].append(trainer.step(x, y).grad_norm)
+        record["norm"].append(trainer.step(x, y, masks=masks).grad_norm)
     record.update(params=trainer.params_numpy(), adam=trainer.adam_state(), hidden=trainer.hidden_state())
     return record
 
@@ -126,7 +131,7 @@ def _run_case(case) -> dict:
     from jax_impl import distributed as D
 
     world, layout, dtype, tau, impl, variant = case
-    cfg = _config(dtype, tau, impl)
+    cfg = _config(dtype, tau, impl, variant)
     devices = D.use_devices(world)
     original = D.sharded_global_norm
     if variant in _wrong_norms():
@@ -138,12 +143,14 @@ def _run_case(case) -> dict:
         trainer = make(init_params(MODEL, 0, dtype))
         if layout == "shard_map":
             body = D.make_clipped_gradient(MODEL, cfg, trainer.specs)
-            batch, hidden = P("data", None), P(None, "data", None)
-            clipped = jax.jit(jax.shard_map(lambda *a: body(*a)[:2], mesh=trainer.mesh, in_specs=(trainer.specs, hidden, batch, batch),
+            batch, hidden, mask = P("data", None), P(None, "data", None), P("data", None, None)
+            clipped = jax.jit(jax.shard_map(lambda *a: body(*a)[:2], mesh=trainer.mesh,
+                                            in_specs=(trainer.specs, hidden, batch, batch, mask),
                                             out_specs=(trainer.specs, P()), check_vma=False))
         else:
             b = trainer.batch_sharding
-            clipped = jax.jit(_clipped_gradient_fn(impl, tau), in_shardings=(trainer.shardings, trainer.state_sharding, b, b),
+            clipped = jax.jit(_clipped_gradient_fn(impl, tau),
+                              in_shardings=(trainer.shardings, trainer.state_sharding, b, b, trainer.mask_sharding),
                               out_shardings=(trainer.shardings, trainer._on(P())))
         batches = _batches()
         split = {k: any(spec) for k, spec in trainer.specs.items()}
@@ -230,10 +237,10 @@ _single_cache: dict = {}
 
 def _single(case) -> dict:
     """One device, the whole batch: what every layout must equal."""
-    _, _, dtype, tau, impl, _ = case
-    key = (dtype, tau, impl)
+    _, _, dtype, tau, impl, variant = case
+    key = (dtype, tau, impl, variant == "dropout")
     if key not in _single_cache:
-        trainer = Trainer(MODEL, _config(dtype, tau, impl), init_params(MODEL, 0, dtype))
+        trainer = Trainer(MODEL, _config(dtype, tau, impl, variant), init_params(MODEL, 0, dtype))
         _single_cache[key] = _record(trainer, _batches(), jax.jit(_clipped_gradient_fn(impl, tau)))
     return _single_cache[key]
 

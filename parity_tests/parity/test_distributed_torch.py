@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from charclip import checkpoint
+from charclip import checkpoint, dropout
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
 from charclip.weights import init_params
 from torch_impl import distributed as D
@@ -39,6 +39,7 @@ TAU_ACTIVE, TAU_IDLE = 0.05, 1e3  # the gradient norm here is about 0.1 to 0.3
 CASES = [(par, dt, tau, "library", "") for par in D.PARALLEL for dt in ("float64", "float32") for tau in (TAU_ACTIVE, TAU_IDLE)]
 CASES += [(par, dt, TAU_ACTIVE, "reference", "") for par in D.PARALLEL for dt in ("float64", "float32")]
 CASES += [(par, "float64", TAU_ACTIVE, "library", "resume") for par in D.PARALLEL]  # Adam and hidden state reloaded after 2 steps
+CASES += [(par, "float64", TAU_ACTIVE, "library", "dropout") for par in D.PARALLEL]  # global masks, each rank its rows
 CONTROLS = [("fsdp", "float64", TAU_ACTIVE, "library", "per_shard"), ("ddp", "float64", TAU_ACTIVE, "library", "counted_per_rank")]
 # Relative to the largest magnitude compared. The ranks sum the batch in another order,
 # so results differ by rounding: measured at most 1.1e-15 in float64 and 6e-7 (10 ulp
@@ -46,8 +47,9 @@ CONTROLS = [("fsdp", "float64", TAU_ACTIVE, "library", "per_shard"), ("ddp", "fl
 TOL = {"float64": 1e-12, "float32": 2e-6}
 
 
-def _config(dtype: str, tau: float, impl: str) -> TrainConfig:
-    return TrainConfig(steps=STEPS, batch_size=BATCH, seq_len=SEQ, lr=1e-2, dtype=dtype, clip=ClipConfig(max_norm=tau, impl=impl))
+def _config(dtype: str, tau: float, impl: str, variant: str = "") -> TrainConfig:
+    return TrainConfig(steps=STEPS, batch_size=BATCH, seq_len=SEQ, lr=1e-2, dtype=dtype, clip=ClipConfig(max_norm=tau, impl=impl),
+                       dropout=0.3 if variant == "dropout" else 0.0)
 
 
 def _batches():
@@ -68,8 +70,9 @@ def _record(trainer, batches, record=None) -> dict:
         record["grads"].append({n: D._full(p.grad).detach().numpy().copy() for n, p in _module(trainer).named_parameters()})
 
     handle = trainer.optimizer.register_step_pre_hook(grab)
-    for x, y in batches:
-        record["norm"].append(trainer.step(x, y).grad_norm)
+    for x, y in batches:  # the dropout masks of the global batch (None without dropout), as charclip.run draws them
+        masks = dropout.masks(MODEL, trainer.cfg, len(record["norm"]), *x.shape)
+        record["norm"].append(trainer.step(x, y, masks=masks).grad_norm)
     handle.remove()
     record.update(params=trainer.params_numpy(), adam=trainer.adam_state(), hidden=trainer.hidden_state())
     return record
@@ -99,7 +102,7 @@ def _wrong_clip(trainer, variant: str, tau: float):
 
 def _run_case(case) -> dict:
     parallel, dtype, tau, impl, variant = case
-    cfg = _config(dtype, tau, impl)
+    cfg = _config(dtype, tau, impl, variant)
     batches = _batches()
     trainer = D.DistributedTrainer(MODEL, cfg, init_params(MODEL, 0, dtype), parallel=parallel)
     if variant in ("per_shard", "counted_per_rank"):
@@ -131,10 +134,11 @@ _single_cache: dict = {}
 
 def _single(case) -> dict:
     """One process, the whole batch: what every distributed run must equal."""
-    _, dtype, tau, impl, _ = case
-    key = (dtype, tau, impl)
+    _, dtype, tau, impl, variant = case
+    key = (dtype, tau, impl, variant == "dropout")
     if key not in _single_cache:
-        _single_cache[key] = _record(Trainer(MODEL, _config(dtype, tau, impl), init_params(MODEL, 0, dtype)), _batches())
+        cfg = _config(dtype, tau, impl, variant)
+        _single_cache[key] = _record(Trainer(MODEL, cfg, init_params(MODEL, 0, dtype)), _batches())
     return _single_cache[key]
 
 

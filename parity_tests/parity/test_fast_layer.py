@@ -46,11 +46,11 @@ def _setup(cell, layers, hidden, embed, vocab, batch, seq, seed, dtype="float64"
     return cfg, {k: jnp.asarray(v) for k, v in params.items()}, x, y, state
 
 
-def _value_and_grads(cfg, params, x, y, state, layer):
+def _value_and_grads(cfg, params, x, y, state, layer, masks=None):
     """Loss plus a term of the final state (so its cotangent is non-zero), and d/d(params, state)."""
 
     def objective(p, s):
-        loss, final = M.loss(p, x, y, s, cfg=cfg, layer=layer)
+        loss, final = M.loss(p, x, y, s, cfg=cfg, layer=layer, masks=masks)
         return loss + sum(jnp.sum(jnp.sin(part)) for part in final)
 
     return jax.value_and_grad(objective, argnums=(0, 1))(params, state)
@@ -76,8 +76,8 @@ BUCKETS = [(1, 1, 1, 2, 1, 1), (2, 4, 3, 5, 3, 6)]
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _every_layer(cfg, params, x, y, state):
-    return {layer: _value_and_grads(cfg, params, x, y, state, layer) for layer in M.LAYERS}
+def _every_layer(cfg, params, x, y, state, masks=None):
+    return {layer: _value_and_grads(cfg, params, x, y, state, layer, masks) for layer in M.LAYERS}
 
 
 @given(cell=st.sampled_from(["rnn", "lstm", "gru"]), bucket=st.sampled_from(BUCKETS), seed=st.integers(0, 2**32 - 1),
@@ -147,3 +147,21 @@ def test_saturated_gates_agree_element_by_element_in_float32(cell):
     for a, b in zip(jax.tree_util.tree_leaves(jax.grad(reference, argnums=(0, 1, 2, 3))(*args)),
                     jax.tree_util.tree_leaves(jax.grad(fast, argnums=(0, 1, 2, 3))(*args))):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=0)
+
+
+def test_fast_gradients_with_dropout_masks_equal_autodiff_of_the_scan():
+    """Dropout masks multiply each layer's output outside the custom-VJP layer, so the cotangent the
+    layer's backward receives is the masked one. Checked like the test above, float64, with masks of
+    zeros and 1/(1-p) (p = 0.5) on both layers of the bucket that has every path. One cell: what the
+    masks add is cell-independent (the cells' backward of any cotangent is the test above; every cell
+    with masks is compared with torch in test_dropout.py)."""
+    cfg, params, x, y, state = _setup("lstm", *BUCKETS[1], seed=3)
+    rng = np.random.default_rng(4)
+    masks = tuple(jnp.asarray((rng.random((x.shape[0], x.shape[1], cfg.hidden_size)) >= 0.5) * 2.0)
+                  for _ in range(cfg.num_layers))
+
+    out = _every_layer(cfg, params, x, y, state, masks)
+    for layer in ("fast", "fast-no-table"):
+        _assert_same(out["scan"], out[layer], F64_REL, f"{layer} with masks")
+    unmasked = _every_layer(cfg, params, x, y, state)["scan"]
+    assert abs(float(unmasked[0]) - float(out["scan"][0])) > 1e-3, "the masks changed nothing"
