@@ -191,3 +191,24 @@ def test_mixed_precision_needs_float32_master_weights():
         TrainConfig(precision="bf16", dtype="float64")
     with pytest.raises(CharclipError, match="unknown --precision"):
         TrainConfig(precision="int8")
+
+
+def test_dropout_under_mixed_precision_agrees_across_backends():
+    """Dropout's masks enter in the compute dtype in both backends (1/(1-p) rounded to bfloat16
+    alike), so a bf16 step with dropout agrees within the same rounding bound."""
+    from charclip.dropout import masks as draw
+
+    model_cfg = _model("lstm")
+    cfg = TrainConfig(batch_size=4, seq_len=8, beta1=0.0, precision="bf16", dropout=0.3, clip=ClipConfig(mode="none"))
+    params = init_params(model_cfg, 0, "float32")
+    x, y = _batch()
+    masks = draw(model_cfg, cfg, 0, 4, 8)
+    grads = {}
+    for b in BACKENDS:
+        t = _trainer(b, model_cfg, cfg, params)
+        assert not t.step(x, y, masks=masks).skipped
+        grads[b] = _received(t)
+    bound = low_precision_bound("bf16", "lstm")
+    for k in grads["torch"]:
+        a, c = grads["torch"][k], grads["jax"][k]
+        assert np.max(np.abs(a - c)) <= bound * np.max(np.abs(a)), k
