@@ -28,7 +28,10 @@ DEFAULT_OUT = ROOT / "docs/figures/precision/precision.json"
 PRECISIONS = ("full", "bf16", "fp16")
 
 
-def measure(steps: int, backends_: list[str], eval_batches: int = 16, progress: bool = True) -> dict:
+TINY = {"model": dict(hidden_size=16, num_layers=1, embedding_dim=8), "train": dict(batch_size=4, seq_len=8)}
+
+
+def measure(steps: int, backends_: list[str], eval_batches: int = 16, progress: bool = True, tiny: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     from charclip import backends
@@ -37,12 +40,13 @@ def measure(steps: int, backends_: list[str], eval_batches: int = 16, progress: 
     from charclip.run import prepare_data
     from charclip.weights import init_params
 
-    cfg0 = TrainConfig(steps=steps)
+    shape = TINY if tiny else {"model": {}, "train": {}}
+    cfg0 = TrainConfig(steps=steps, **shape["train"])
     data = prepare_data(None, cfg0)
-    model_cfg = ModelConfig(vocab_size=len(data.vocab))
+    model_cfg = ModelConfig(vocab_size=len(data.vocab), **shape["model"])
     params = init_params(model_cfg, cfg0.seed, cfg0.dtype)
     names = [(b, p) for b in backends_ for p in PRECISIONS]
-    trainers = {(b, p): backends.trainer_factory(b)(model_cfg, TrainConfig(steps=steps, precision=p), params)
+    trainers = {(b, p): backends.trainer_factory(b)(model_cfg, TrainConfig(steps=steps, precision=p, **shape["train"]), params)
                 for b, p in names}
     times = {n: [] for n in names}
     losses = {n: [] for n in names}
@@ -61,7 +65,9 @@ def measure(steps: int, backends_: list[str], eval_batches: int = 16, progress: 
         position = data.train.next(position)
     val = {n: trainers[n].evaluate(data.val.eval_batches(eval_batches)) for n in names}
     load_end = os.getloadavg()[0]
-    out = {"config": {"steps": steps, "model": "lstm 2x256, embedding 64", "batch": cfg0.batch_size,
+    m = model_cfg
+    out = {"config": {"steps": steps, "model": f"{m.cell} {m.num_layers}x{m.hidden_size}, embedding {m.embedding_dim}",
+                      "batch": cfg0.batch_size,
                       "seq_len": cfg0.seq_len, "eval_batches": eval_batches},
            "environment": environment("cpu"), "load_start": load_start, "load_end": load_end, "runs": []}
     for b, p in names:
@@ -81,11 +87,15 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="+", choices=("torch", "jax"), default=["torch", "jax"])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON written (default: the README's source)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="a tiny model instead of the default one (the suite's smoke test)")
     a = p.parse_args(argv)
     if a.steps < 12:
         print("benchmarks.precision: error: --steps must be at least 12", file=sys.stderr)
         return 2
-    result = measure(a.steps, a.backends, progress=not a.no_progress)
+    if a.tiny and a.out == DEFAULT_OUT:
+        print("benchmarks.precision: error: --tiny results do not go to the README's source; pass --out", file=sys.stderr)
+        return 2
+    result = measure(a.steps, a.backends, progress=not a.no_progress, tiny=a.tiny, eval_batches=2 if a.tiny else 16)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     for r in result["runs"]:

@@ -24,11 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PARITY_JSON = ROOT / "docs/figures/parity/parity-float64.json"
 DEFAULT_RUN = ROOT / "docs/figures/default-run"  # summary.json and metrics.jsonl of one `charclip train`
+PRECISION_JSON = ROOT / "docs/figures/precision/precision.json"  # python -m benchmarks.precision
 SOURCES = {  # name -> (the JSON, the command that writes it); the default run is measured by measure_default_run
     "default-run": (DEFAULT_RUN / "summary.json", None),
     "parity-table": (PARITY_JSON, ["charclip", "parity", "--cell", "all", "--layers", "2", "--dtype", "float64",
                                    "--no-progress", "--json", str(PARITY_JSON.relative_to(ROOT)),
                                    "--plot", "docs/figures/parity/drift-float64.png"]),
+    "precision": (PRECISION_JSON, [sys.executable, "-m", "benchmarks.precision", "--no-progress"]),
 }
 README_CELL = "lstm"  # the configuration the README shows; docs/parity.md shows all three
 
@@ -120,10 +122,32 @@ def default_run(summary: dict) -> str:
     return "\n".join(wrapped) + "\n\n```\n" + summary["sample"].strip("\n") + "\n```"
 
 
+def precision_table(result: dict) -> str:
+    """The README's mixed-precision table, from `python -m benchmarks.precision` output."""
+    c, env = result["config"], result["environment"]
+    runs = result["runs"]
+    full = {r["backend"]: r for r in runs if r["precision"] == "full"}
+    lines = [f"| backend | precision | validation loss after {c['steps']} steps | vs float32 | ms per step (median) "
+             "| time vs float32 (median of paired ratios) | overflowed steps |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        base = full[r["backend"]]
+        delta = "" if r["precision"] == "full" else f"{r['val_loss'] - base['val_loss']:+.4f}"
+        ratio = "1" if r["precision"] == "full" else f"{r['time_vs_full']['median']:.2f}x"
+        lines.append(f"| {r['backend']} | {r['precision']} | {r['val_loss']:.4f} | {delta} | "
+                     f"{r['step_seconds']['median'] * 1e3:,.0f} | {ratio} | {r['overflow_steps']} |")
+    lines.append("")
+    lines.append(f"Default model ({c['model']}), batch {c['batch']}x{c['seq_len']}, validation on {c['eval_batches']} "
+                 f"batches; {env['cpu']}, {env['cores']} cores, torch {env['versions']['torch']}, jax "
+                 f"{env['versions']['jax']}; load average {result['load_start']:.1f} at the start, "
+                 f"{result['load_end']:.1f} at the end.")
+    return "\n".join(lines)
+
+
 # block name -> (file it sits in, what writes it)
 TARGETS = {"parity-table": (README, parity_table), "parity-lstm-output": (ROOT / "docs/parity.md", parity_output),
-           "default-run": (README, default_run)}
-SOURCE_OF = {"parity-table": "parity-table", "parity-lstm-output": "parity-table", "default-run": "default-run"}
+           "default-run": (README, default_run), "precision": (README, precision_table)}
+SOURCE_OF = {"parity-table": "parity-table", "parity-lstm-output": "parity-table", "default-run": "default-run",
+             "precision": "precision"}
 
 
 def render(name: str, data) -> str:
@@ -178,7 +202,8 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the JSON gives")
     g.add_argument("--measure", action="store_true", help="rerun the commands that write the JSON first")
-    p.add_argument("--only", choices=("parity-table", "default-run"), help="with --measure: rerun only this one")
+    p.add_argument("--only", choices=("parity-table", "default-run", "precision"),
+                   help="with --measure: rerun only this one")
     a = p.parse_args(argv)
     if a.measure:
         if a.only in (None, "default-run"):

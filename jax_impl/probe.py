@@ -29,7 +29,7 @@ def logits(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray,
     dtype = next(iter(p.values())).dtype
     state = M.hidden_from_numpy(hidden) if hidden is not None else M.zero_state(model_cfg, x.shape[0], dtype)
     p, state = M.cast_for(p, state, None if compute_dtype is None else jnp.dtype(compute_dtype))
-    out, _ = M.apply(p, jax.device_put(x, dev), jax.device_put(state, dev), cfg=model_cfg, layer="fast")
+    out, _ = M.apply(p, jax.device_put(x, dev), jax.device_put(state, dev), cfg=model_cfg)
     return np.asarray(out.astype(dtype))
 
 

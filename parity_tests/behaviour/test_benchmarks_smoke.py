@@ -59,3 +59,19 @@ def test_quick_and_partial_runs_never_write_the_committed_folder(tmp_path, monke
     assert r["mode"] == "quick (partial)" and r["peak"]["peak_flop_per_s"] > 0
     assert suite.main(["--only", "no such task"]) == 2
     assert "no task matches" in capsys.readouterr().err
+
+
+def test_precision_benchmark_writes_six_comparable_runs(tmp_path):
+    """benchmarks.precision on a tiny model: six trainers, each with a validation loss, a
+    positive median step time and a paired time ratio (exactly 1 for float32 against itself)."""
+    from benchmarks import precision
+
+    out = tmp_path / "p.json"
+    assert precision.main(["--steps", "12", "--tiny", "--out", str(out), "--no-progress"]) == 0
+    r = json.loads(out.read_text())
+    assert [(x["backend"], x["precision"]) for x in r["runs"]] == [
+        (b, p) for b in ("torch", "jax") for p in ("full", "bf16", "fp16")]
+    for x in r["runs"]:
+        assert 0 < x["val_loss"] < 10 and x["step_seconds"]["n"] == 11 and x["step_seconds"]["median"] > 0, x
+    assert all(x["time_vs_full"]["median"] == 1.0 for x in r["runs"] if x["precision"] == "full")
+    assert precision.main(["--steps", "12", "--tiny", "--no-progress"]) == 2  # never onto the README's source
