@@ -31,9 +31,11 @@ import jax
 
 import jax_impl  # noqa: F401  (switches on x64 before any test builds an array)
 
-for _name in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-              "jax_persistent_cache_min_entry_size_bytes"):  # in case a plugin imported JAX first
-    jax.config.update(_name, type(getattr(jax.config, _name))(os.environ[_name.upper()]))
+# Again through jax.config, in case a plugin imported JAX before this file set the variables.
+# JAX_COMPILATION_CACHE_DIR= (empty) in the environment switches the cache off, to compare.
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"] or None)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 # As equinox's tests do: a silent upcast (float32 + float64 arrays -> float64, int + float
 # arrays) or an implicit broadcast between ranks is an error in the tests, not a slowdown
