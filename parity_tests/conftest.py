@@ -5,16 +5,37 @@ derandomized; chosen automatically when the CI variable is set), `thorough`
 (thousands, opt-in with HYPOTHESIS_PROFILE=thorough).
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import hypothesis
 from hypothesis import HealthCheck
 
 import torch
 
+# Most of the suite's time is XLA compiling programs it has compiled before: every Trainer
+# jits fresh closures (new cache entries in memory, the same HLO), and every `charclip`
+# subprocess starts cold. JAX's persistent compilation cache, keyed on the HLO, the compile
+# options and the devices, hands back the executable an identical compile would have
+# produced, so nothing a test computes changes. One fresh folder per session (the environment
+# variables reach the subprocesses), removed at exit: a run never reuses an older run's binaries.
+_CACHE = tempfile.mkdtemp(prefix="charclip-xla-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax
 
 import jax_impl  # noqa: F401  (switches on x64 before any test builds an array)
+
+# Again through jax.config, in case a plugin imported JAX before this file set the variables.
+# JAX_COMPILATION_CACHE_DIR= (empty) in the environment switches the cache off, to compare.
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"] or None)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 # As equinox's tests do: a silent upcast (float32 + float64 arrays -> float64, int + float
 # arrays) or an implicit broadcast between ranks is an error in the tests, not a slowdown

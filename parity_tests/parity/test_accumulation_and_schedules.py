@@ -115,14 +115,21 @@ def _multisteps_params(params, accumulator_dtype):
 
     tx = optax.MultiSteps(optax.chain(optax.clip_by_global_norm(1e-3), optax.adam(TrainConfig().lr)),
                           every_k_schedule=K, accumulator_dtype=accumulator_dtype)
+
+    # One optax call per micro-batch, jitted: the K calls share one compiled program (op by op,
+    # every primitive is its own compile, which made this test take 20 s).
+    @jax.jit
+    def call(p, state, x, y, s):
+        (_, _), g = jax.value_and_grad(JT.M.loss, has_aux=True)(p, x, y, s, cfg=MODEL)
+        updates, state = JT.optax_update(tx, g, state, p)
+        return optax.apply_updates(p, updates), state
+
     p = {k: jnp.asarray(v) for k, v in params.items()}
     state, hidden, (x, y), b = tx.init(p), _hidden(), _batch(), B // K
     for i in range(K):
         rows = slice(i * b, (i + 1) * b)
         s = tuple(jnp.asarray(hidden[k][:, rows]) for k in ("h", "c"))
-        (_, _), g = jax.value_and_grad(JT.M.loss, has_aux=True)(p, x[rows], y[rows], s, cfg=MODEL)
-        updates, state = JT.optax_update(tx, g, state, p)
-        p = optax.apply_updates(p, updates)
+        p, state = call(p, state, x[rows], y[rows], s)
     return {k: np.asarray(v) for k, v in p.items()}
 
 
