@@ -361,6 +361,7 @@ def _check_state(where: Path, state: dict[str, np.ndarray], model: C.ModelConfig
         raise CharclipError(f"{where}: Adam's second moment is negative somewhere, which no training produces")
     if "adam.loss_scale" in state:
         scale, good = float(state["adam.loss_scale"]), int(state["adam.loss_scale_good_steps"])
-        if not (math.isfinite(scale) and scale > 0) or not 0 <= good < train.loss_scale_interval:
-            raise CharclipError(f"{where}: the loss scale {scale} (after {good} clean steps) is not a positive finite "
-                                f"number with a count below {train.loss_scale_interval}")
+        # Repeated backoff may reach 0 (GradScaler has no floor), so 0 is a scale a run can write.
+        if not (math.isfinite(scale) and scale >= 0) or not 0 <= good < train.loss_scale_interval:
+            raise CharclipError(f"{where}: the loss scale {scale} (after {good} clean steps) is not a finite, "
+                                f"non-negative number with a count below {train.loss_scale_interval}")

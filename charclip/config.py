@@ -169,11 +169,11 @@ class TrainConfig:
         if self.precision != "full" and self.dtype != "float32":
             raise CharclipError(f"--precision {self.precision} keeps float32 master weights; it needs --dtype float32, "
                                 f"not {self.dtype}")
-        _positive_float("loss_scale_init", self.loss_scale_init)
-        if not (isinstance(self.loss_scale_growth, (int, float)) and self.loss_scale_growth > 1):
-            raise CharclipError(f"loss_scale_growth must be above 1, got {self.loss_scale_growth!r}")
-        if not (isinstance(self.loss_scale_backoff, (int, float)) and 0 < self.loss_scale_backoff < 1):
-            raise CharclipError(f"loss_scale_backoff must lie in (0, 1), got {self.loss_scale_backoff!r}")
+        # Powers of two keep scaling, unscaling and every rescale exact in float32, so both
+        # backends (torch rounds factor * scale once in double, JAX in float32) hold the same scale.
+        _power_of_two("loss_scale_init", self.loss_scale_init, 2.0**-24, 2.0**64)
+        _power_of_two("loss_scale_growth", self.loss_scale_growth, 2.0, 2.0**8)
+        _power_of_two("loss_scale_backoff", self.loss_scale_backoff, 2.0**-8, 0.5)
         _positive_int("loss_scale_interval", self.loss_scale_interval)
         if self.nonfinite not in NONFINITE_POLICIES:
             raise CharclipError(f"unknown --nonfinite {self.nonfinite!r}; use one of {', '.join(NONFINITE_POLICIES)}")
@@ -206,6 +206,12 @@ def compute_dtype(cfg: "TrainConfig") -> str:
 def loss_scaled(cfg: "TrainConfig") -> bool:
     """Whether the run uses a dynamic loss scale (fp16 only: bfloat16 has float32's range)."""
     return cfg.precision == "fp16"
+
+
+def _power_of_two(name: str, value, low: float, high: float) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high
+    if not ok or math.frexp(value)[0] != 0.5:
+        raise CharclipError(f"{name} must be a power of two between {low:g} and {high:g}, got {value!r}")
 
 
 def _positive_int(name: str, value: int) -> None:

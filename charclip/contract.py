@@ -56,31 +56,36 @@ def update_applies(policy: str, finite, found_inf=False):
     if policy not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite policy must be one of {', '.join(NONFINITE_POLICIES)} (got {policy!r})")
     applies = finite if policy == "skip" else True
-    if isinstance(found_inf, bool):  # Python bools: `~True` is -2, so no bitwise operators here
+    if isinstance(found_inf, (bool, int, np.bool_, np.integer)):  # `~True` is -2: no bitwise operators on these
         return False if found_inf else applies
     return ~found_inf & applies if applies is not True else ~found_inf
 
 
-def verdict(loss: float, grad_norm: float, clip: ClipConfig, policy: str, loss_scale: float | None = None) -> StepResult:
+def verdict(loss: float, grad_norm: float, clip: ClipConfig, policy: str, loss_scale: float | None = None,
+            found_inf: bool | None = None) -> StepResult:
     """The step's result from its loss and pre-clip norm; raises NonFiniteStep under "error".
 
     Norm clipping acted when the norm is above the threshold (at the threshold itself
     the optax convention leaves the gradient unchanged, and torch's scale is 1 - 1e-6/tau:
     counted as not clipped in both).
 
-    With a loss scale (fp16), a finite loss with a non-finite gradient is an overflow of
-    the scaled gradient: the step is skipped and the scale backs off, under every policy
-    (the expected event of dynamic loss scaling, not an error). A non-finite loss is
-    judged by the policy as in every precision.
+    With a loss scale (fp16), `found_inf` is the trainer's own finding (a non-finite entry
+    in the scaled gradient, GradScaler's test; None: the norm's finiteness stands in). Such
+    a step is skipped and the scale backs off, under every policy, as GradScaler does; with
+    a finite loss it is an overflow (`overflow`), the expected event of dynamic loss
+    scaling, not an error. A non-finite loss still raises under "error".
     """
     loss, grad_norm = float(loss), float(grad_norm)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     result = StepResult(loss=loss, grad_norm=grad_norm, clipped=clip.mode == "norm" and grad_norm > clip.max_norm,
                         loss_scale=None if loss_scale is None else float(loss_scale))
-    result.overflow = loss_scale is not None and math.isfinite(loss) and not math.isfinite(grad_norm)
+    if loss_scale is not None and found_inf is None:
+        found_inf = not math.isfinite(grad_norm)
+    found_inf = loss_scale is not None and bool(found_inf)
+    result.overflow = found_inf and math.isfinite(loss)
     if not finite and policy == "error" and not result.overflow:
         raise NonFiniteStep(result)
-    result.skipped = not update_applies(policy, finite, found_inf=loss_scale is not None and not math.isfinite(grad_norm))
+    result.skipped = not update_applies(policy, finite, found_inf=found_inf)
     return result
 
 

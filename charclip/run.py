@@ -290,7 +290,7 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
     log(f"charclip: {backend} backend, {model_cfg.cell} {model_cfg.num_layers}x{model_cfg.hidden_size}, "
         f"{n_params:,} parameters, {data.info['chars']:,} characters, vocabulary {len(vocab)}, "
         f"{data.train.batches_per_epoch} batches per epoch, output in {out}")
-    first_loss, warned, step, last = None, False, start_step, None
+    first_loss, warned, step, last, scale_warned = None, False, start_step, None, False
     val_loss = None
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
@@ -317,6 +317,10 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
                 more = "; further ones go to metrics.jsonl only" if metrics.overflows == OVERFLOWS_SHOWN else ""
                 bar.write(f"charclip: step {step}: the fp16 gradient overflowed at loss scale {last.loss_scale:g}; "
                           f"step skipped, scale now {last.loss_scale * cfg.loss_scale_backoff:g}{more}")
+            if last.loss_scale is not None and last.loss_scale < 1 and not scale_warned:
+                scale_warned = True  # GradScaler's rule has no floor: every further overflow halves it again
+                bar.write(f"charclip: warning: step {step}: the fp16 loss scale has fallen to {last.loss_scale:g}: the "
+                          "float16 pass overflows even unscaled; use --precision bf16 or full, or lower --lr")
             if first_loss is None and math.isfinite(last.loss):
                 first_loss = last.loss
             if not warned and first_loss is not None and not last.loss <= DIVERGENCE_FACTOR * first_loss:

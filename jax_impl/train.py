@@ -96,11 +96,11 @@ def next_loss_scale(cfg: TrainConfig, s: LossScaleState, found_inf) -> LossScale
 
 def unscale(grads, scale):
     """The gradient divided by the loss scale (times its float32 reciprocal, as GradScaler.unscale_),
-    and whether any component is infinite or NaN."""
-    inv = jnp.asarray(1, jnp.float32) / scale
-    grads = jax.tree.map(lambda g: g * inv.astype(g.dtype), grads)
+    and whether any component of the scaled gradient is infinite or NaN (GradScaler's test,
+    made before the multiply)."""
     found_inf = ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    return grads, found_inf
+    inv = jnp.asarray(1, jnp.float32) / scale
+    return jax.tree.map(lambda g: g * inv.astype(g.dtype), grads), found_inf
 
 
 def gradient_norm(cfg: TrainConfig):
@@ -208,7 +208,7 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Gradient
         metrics = {"loss": loss, "grad_norm": norm}
         if scaled:  # the scale moves whether or not the update applied: back off after an overflow
             new_opt_state = with_loss_scale(new_opt_state, next_loss_scale(cfg, scaler, found_inf))
-            metrics["loss_scale"] = scaler.scale
+            metrics["loss_scale"], metrics["found_inf"] = scaler.scale, found_inf
         return new_params, new_opt_state, final, metrics
 
     return jax.jit(train_step)
@@ -252,7 +252,7 @@ class Trainer:
         params, opt_state, hidden, m = self.train_step(self.params, self.opt_state, self._hidden_for(len(x)), x, y, lr,
                                                        masks)
         result = verdict(m["loss"], m["grad_norm"], self.cfg.clip, self.cfg.nonfinite,
-                         loss_scale=m.get("loss_scale"))  # raises: nothing adopted
+                         loss_scale=m.get("loss_scale"), found_inf=m.get("found_inf"))  # raises: nothing adopted
         # Under "skip" the jitted step already kept the old values (branch-free), so adopt it either way.
         self.params, self.opt_state, self.hidden = params, opt_state, hidden
         return result

@@ -70,10 +70,12 @@ class Trainer:
             losses.append(loss.detach())
             finals.append(h)
         loss = torch.stack(losses).mean()  # equal micro-batches: the mean of their means
+        found_inf = self._found_inf() if scale is not None else None  # GradScaler's test, on the scaled gradient
         self.scaler.unscale_(self.optimizer)  # fp16: divide by the scale BEFORE clipping (a no-op otherwise)
         norm = self._whole(self._clip()).item()  # after the last backward and the unscaling, before the step
         try:
-            result = verdict(self._global_loss(loss), norm, self.cfg.clip, self.cfg.nonfinite, loss_scale=scale)
+            result = verdict(self._global_loss(loss), norm, self.cfg.clip, self.cfg.nonfinite, loss_scale=scale,
+                             found_inf=found_inf)
         except NonFiniteStep:  # "error": no state changes, the scaler's record of this step included
             self.scaler = self._scaler(self.adam_state())
             raise
@@ -126,6 +128,11 @@ class Trainer:
             out["loss_scale"] = np.array(state["scale"], dtype=np.float32)
             out["loss_scale_good_steps"] = np.array(state["_growth_tracker"], dtype=np.int64)
         return out
+
+    def _found_inf(self) -> bool:
+        """Whether any gradient entry is inf or NaN (on every rank alike: the gradients are reduced)."""
+        grads = [self._whole(p.grad) for p in self.module.parameters() if p.grad is not None]
+        return not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def _scaler(self, adam: dict[str, np.ndarray] | None) -> torch.amp.GradScaler:
         """fp16's GradScaler with the configured rule, at the scale and count stored in `adam` if there."""

@@ -99,7 +99,7 @@ def _compute(cfg: TrainConfig) -> dict:
 
 def compare_step(s: StepSetup, device: str = "cpu") -> list[Row]:
     """Quantities 1 to 5 of the parity ladder, torch against JAX."""
-    tol = tolerances_for(s.train.dtype, s.train.precision, s.model.cell)
+    tol = tolerances_for(s.train.dtype, s.train.precision, s.model.cell, positions=s.x.size)
     gap = library_gap(s.clip_impl, s.max_norm)
     t, j = (step_quantities(b, s, device) for b in BACKENDS)
     rows = [compare("logits", t["logits"], j["logits"], tol["forward"])]
