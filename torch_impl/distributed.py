@@ -76,6 +76,12 @@ def _uneven(cfg: TrainConfig, world: int) -> str:
             f"use a multiple of {world * cfg.accumulate}")
 
 
+def _sum_gradients(state, bucket):
+    """DDP communication hook: all-reduce a bucket of gradients as a sum (DDP's own divides by N)."""
+    del state
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a DTensor (a collective); a plain tensor as it is."""
     from torch.distributed.tensor import DTensor
@@ -103,15 +109,32 @@ class DistributedTrainer(Trainer):
         super().__init__(model_cfg, cfg, params, adam=adam, hidden=hidden, device=device)
 
     def _parallel(self, module):
+        # Gradients are summed over the ranks, not averaged: each rank back-propagates its share
+        # of the global mean loss (`_ranks`), so its backward pass (float16 under --precision fp16)
+        # sees the values one process would, and overflows on the same steps.
         if self.parallel == "ddp":
             ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
-            return DistributedDataParallel(module, device_ids=ids)
+            ddp = DistributedDataParallel(module, device_ids=ids)
+            ddp.register_comm_hook(None, _sum_gradients)
+            return ddp
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         # The root module itself: every parameter becomes a DTensor (a mix of
         # sharded and plain gradients would fail in clip_grad_norm_'s foreach norm).
+        # FSDP2 averages its reduce-scatter (a sum would need PREMUL_SUM, which gloo lacks), so
+        # `_summed` multiplies its gradients back by N after the backward passes.
         return fully_shard(module, mesh=init_device_mesh(self.device.type, (self.world,)))
+
+    def _summed(self):
+        if self.parallel == "fsdp":
+            with torch.no_grad():
+                for p in self.module.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(self.world)
+
+    def _ranks(self):
+        return self.world
 
     def _slice(self, a):
         """This rank's streams of a global batch (rows of `a`, or the batch axis 1 of a hidden state)."""

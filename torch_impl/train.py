@@ -66,10 +66,13 @@ class Trainer:
         local = None if masks is None else tuple(self._local(m) for m in masks)
         for xk, yk, hk, mk in _micro_batches(self._local(x), self._local(y), self.hidden, k, local):
             loss, h = M.loss(self.model, xk, yk, hk, mk)
-            self.scaler.scale(loss / k).backward()  # under DDP/FSDP: the mean gradient over the whole batch
+            # Each backward starts from this rank's share of the batch's mean loss, as one process
+            # would: the ranks' gradients are summed (DDP/FSDP), so fp16 overflows where one process does.
+            self.scaler.scale(loss / (k * self._ranks())).backward()
             losses.append(loss.detach())
             finals.append(h)
         loss = torch.stack(losses).mean()  # equal micro-batches: the mean of their means
+        self._summed()
         found_inf = self._found_inf() if scale is not None else None  # GradScaler's test, on the scaled gradient
         self.scaler.unscale_(self.optimizer)  # fp16: divide by the scale BEFORE clipping (a no-op otherwise)
         norm = self._whole(self._clip()).item()  # after the last backward and the unscaling, before the step
@@ -161,6 +164,13 @@ class Trainer:
 
     def _parallel(self, module: torch.nn.Module) -> torch.nn.Module:
         return module
+
+    def _ranks(self) -> int:
+        """How many processes' gradients are summed into the step's gradient."""
+        return 1
+
+    def _summed(self) -> None:
+        """Turn the reduced gradients into the ranks' sum where the reduction averaged them."""
 
     def _local(self, x: np.ndarray) -> np.ndarray:
         """This process's streams of a global batch (B, T)."""

@@ -244,3 +244,4 @@ def test_the_verdict_under_a_loss_scale():
     assert not verdict(math.nan, math.nan, clip, "propagate").skipped  # without a scale, propagate applies it
     with pytest.raises(NonFiniteStep):
         verdict(math.nan, math.nan, clip, "error", loss_scale=2.0**16, found_inf=True)
+
