@@ -204,7 +204,7 @@ def _signal_at(monkeypatch, step: int, signum: int) -> None:
 def test_sigterm_and_sighup_stop_like_ctrl_c(text, tmp_path, monkeypatch, capsys, signum):
     out = tmp_path / "run"
     _signal_at(monkeypatch, 6, signum)
-    previous = signal.getsignal(signum)
+    previous = signal.signal(signum, signal.SIG_DFL)  # as a terminal leaves it (nohup would ignore SIGHUP, and a run keeps that)
     try:
         with pytest.raises(SystemExit) as stop:
             main(_train(text, out, "--steps", "100"))
