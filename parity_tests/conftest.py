@@ -49,11 +49,16 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 torch.set_num_threads(1)
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-hypothesis.settings.register_profile("dev", max_examples=30, **_common)
+# `dev` and `thorough` draw fresh random examples on every run, as a new user's run does.
+# derandomize=False is spelled out: when a CI variable is set, Hypothesis's own default
+# profile is derandomized, and a profile registered without it would inherit that, so the
+# random run that .ci/run adds would silently repeat the `ci` profile's examples.
+_random = dict(derandomize=False, print_blob=True)
+hypothesis.settings.register_profile("dev", max_examples=30, **_random, **_common)
 hypothesis.settings.register_profile(
     "ci", max_examples=200, derandomize=True, database=None, print_blob=True, **_common
 )
-hypothesis.settings.register_profile("thorough", max_examples=3000, **_common)
+hypothesis.settings.register_profile("thorough", max_examples=3000, **_random, **_common)
 
 _default = "ci" if os.environ.get("CI") else "dev"
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default))
