@@ -7,7 +7,7 @@ weights and take the same batches of the embedded Shakespeare, one step each in 
 (the order rotating every round), so a burst of load from elsewhere hits all of them
 alike and the per-round time ratios to float32 stay meaningful. After the last step each
 is evaluated on the same validation batches. The default output,
-`docs/figures/precision/precision.json`, feeds the README's table
+`docs/figures/precision/precision.json`, feeds the table in docs/usage.md
 (`python docs/make_readme_tables.py`); a run with other settings should go elsewhere.
 """
 
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=150, help="training steps of each trainer")
     p.add_argument("--backends", nargs="+", choices=("torch", "jax"), default=["torch", "jax"])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON written (default: the README's source)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON written (default: the source of docs/usage.md's table)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a tiny model instead of the default one (the suite's smoke test)")
     a = p.parse_args(argv)
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         print("benchmarks.precision: error: --steps must be at least 12", file=sys.stderr)
         return 2
     if a.tiny and a.out == DEFAULT_OUT:
-        print("benchmarks.precision: error: --tiny results do not go to the README's source; pass --out", file=sys.stderr)
+        print("benchmarks.precision: error: --tiny results do not go to the committed table's source; pass --out", file=sys.stderr)
         return 2
     result = measure(a.steps, a.backends, progress=not a.no_progress, tiny=a.tiny, eval_batches=2 if a.tiny else 16)
     a.out.parent.mkdir(parents=True, exist_ok=True)

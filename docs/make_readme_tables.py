@@ -147,7 +147,7 @@ def precision_table(result: dict) -> str:
 
 # block name -> (file it sits in, what writes it)
 TARGETS = {"parity-table": (README, parity_table), "parity-lstm-output": (ROOT / "docs/parity.md", parity_output),
-           "default-run": (README, default_run), "precision": (README, precision_table)}
+           "default-run": (README, default_run), "precision": (ROOT / "docs/usage.md", precision_table)}
 SOURCE_OF = {"parity-table": "parity-table", "parity-lstm-output": "parity-table", "default-run": "default-run",
              "precision": "precision"}
 
