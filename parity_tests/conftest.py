@@ -62,3 +62,10 @@ hypothesis.settings.register_profile("thorough", max_examples=3000, **_random, *
 
 _default = "ci" if os.environ.get("CI") else "dev"
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject.toml): one worker per core, at most 4. Each worker imports torch
+    and JAX and compiles its own programs (about 1-2 GiB), so more would cost memory on a
+    big machine without shortening the longest test file much."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
