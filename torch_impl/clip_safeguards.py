@@ -17,7 +17,6 @@ Nothing here is public API; `torch_impl.clipping` is.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -101,7 +100,6 @@ def _mul_(g: Grouped, factor: torch.Tensor, foreach: bool | None) -> None:
                 t.mul_(f)
 
 
-@functools.cache
 def _trust_floor(dtype: torch.dtype, p: float) -> float:
     """Below this norm, p-th powers of the entries may have been subnormal and torch's norm
     may have lost digits. Each such power is off by at most the smallest subnormal; at

@@ -384,6 +384,29 @@ def test_branch_free_path_gives_the_cpu_paths_bits(tree, tau, convention, nonfin
     assert_same_bits(grads_of(device), grads_of(host), "branch-free path vs CPU path")
 
 
+@pytest.mark.parametrize("convention", ("torch", "optax"))
+def test_compiles_with_fullgraph_as_torchs_own(convention):
+    """torch.compile(fullgraph=True) captures the drop-in in one graph, as it does torch's own
+    clip_grad_norm_: no branch on a tensor's value while tracing (the branch-free path runs).
+    backend="eager" runs the captured graph op by op: the capture is what a data-dependent
+    branch breaks; inductor's code generation would add ~100 s here and prove nothing more."""
+    arrays = [np.linspace(-3, 5, 12, dtype=np.float32).reshape(4, 3), np.full(5, 2.0, np.float32)]
+    compiled_fn = torch.compile(ours.clip_grad_norm_, fullgraph=True, backend="eager")
+    for tau in (1.0, 100.0):  # clipped, then kept
+        compiled, eager = params_of(arrays), params_of(arrays)
+        got = compiled_fn(compiled, tau, convention=convention)
+        with mock.patch.object(clip_safeguards, "_host_readable", lambda d: False):
+            expected = ours.clip_grad_norm_(eager, tau, convention=convention)
+        assert float(got) == float(expected), f"norm {float(got)!r} vs {float(expected)!r}"
+        assert_same_bits(grads_of(compiled), grads_of(eager), f"compiled vs branch-free eager, tau={tau}")
+    if convention == "torch":
+        theirs = params_of(arrays)
+        LIB.clip_grad_norm_(theirs, 1.0)
+        mine = params_of(arrays)
+        compiled_fn(mine, 1.0)
+        assert_same_bits(grads_of(mine), grads_of(theirs), "compiled drop-in vs torch")
+
+
 def test_huge_norm_keeps_direction_in_torch_convention():
     """tau / (n + 1e-6) is subnormal for n = 6e38 (above float32's max anyway): torch zeroes."""
     theirs, mine = params_of([np.full(4, 3e38, np.float32)]), params_of([np.full(4, 3e38, np.float32)])
