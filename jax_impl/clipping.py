@@ -23,31 +23,14 @@ Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural netwo
 ICML 2013.
 
 On float32/float64 gradients the default computes optax's expression on optax's norm,
-so it returns optax's bits (parity_tests/properties/test_clipping_properties.py and
-test_jax_clipping_api.py check it, eagerly and under `jit`). Where optax is wrong, ours
-is not (docs/divergences.md lists each case and its test):
-
-- The norm is first summed as optax sums it. Only when that sum is not finite (a
-  square overflowed) or so small that squares may have underflowed does a second pass
-  measure g * 2**-e, with 2**-e chosen from max|g| (exact, so the answer is the same
-  wherever both are right), or, for float32, sums the squares in float64. On the CPU
-  the second pass sits in a `lax.cond`, so an ordinary step pays nothing for it; on
-  other platforms it is a `jnp.where` (a conditional there reads its predicate on the
-  host), so no step ever waits for the host.
-- float16/bfloat16 gradients are measured in float64 (their squares are exact there:
-  one pass, no prescale), clipped by the library's formula, rounded toward zero into
-  their dtype, and the result passes an exact check (rescaled by a hair where it does
-  not), so the clipped norm, measured exactly, is <= tau. `strict=True` makes that
-  promise for every dtype: float32/float64 are measured in float64 and scaled by tau
-  over a proven upper bound of the norm, in one pass. The default on float32/float64
-  keeps optax's bits, which can exceed tau by an ulp or two.
-- A concrete threshold that is negative or NaN raises ValueError. A traced one cannot
-  raise; it makes the update NaN (never a flipped sign, which is what optax returns),
-  so the step fails visibly.
-
-Everything is branch-free (`jnp.where`, `lax.cond`, never a Python `if` on a traced
-value): under `jit` the values are tracers, and one compiled program serves every
-step and every threshold.
+so it returns optax's bits, eagerly and under `jit` (test_jax_clipping_api.py). Where
+optax is wrong, ours is not (docs/divergences.md lists each case and its test): a norm
+whose squares overflow or underflow is measured again on g * 2**-e; float16/bfloat16
+are measured in float64 and rounded so the clipped norm is <= tau; `strict=True` makes
+that promise for every dtype; a negative or NaN threshold raises (a traced one makes
+the update NaN, never a flipped sign). How: `jax_impl/clip_safeguards.py`. Everything
+is branch-free (`jnp.where`, `lax.cond`, never a Python `if` on a traced value), so one
+compiled program serves every step and every threshold.
 
 Non-finite gradients (`nonfinite=`):
     "propagate"  what optax does: NaN/inf spread through the clipped gradient;
