@@ -250,32 +250,39 @@ def clip_(g: Grouped, m: _Measure, max_norm: float, convention: str, foreach, p:
     # Below, the libraries' own formulas on the measured norm (on an accelerator also for a
     # huge norm, with the coefficient from float64: see docs/divergences.md).
     n = m.norm
-    c = clipping.coefficient(n, max_norm, convention)
     if convention == "torch":
-        coef = c.factor()
-        if not g.on_cpu:
-            ordinary = (n < largest) | ~_finite(m)
-            wide = clipping.coefficient(m.scaled, max_norm, convention, scale=m.scale)
-            coef = torch.where(ordinary, coef, wide.factor(m.scale).to(coef.dtype))
-        elif float(coef) == 1.0:  # multiplying by 1 changes no bit: on the CPU, the usual unclipped step is free
+        c = clipping.coefficient(n, max_norm, convention)
+        if g.on_cpu:
+            if bool(c.keep):  # c = 1 changes no bit: on the CPU, the usual unclipped step is free
+                return
+            _mul_(g, c.ratio, foreach)
             return
-        _mul_(g, coef, foreach)
+        ordinary = (n < largest) | ~_finite(m)
+        wide = clipping.coefficient(m.scaled, max_norm, convention, scale=m.scale)
+        _mul_(g, torch.where(ordinary, c.factor(), wide.factor(m.scale).to(n.dtype)), foreach)
         return
     # optax: (g / n) * tau, divide then multiply as optax writes it; by 1 and 1 where g is kept.
     if g.on_cpu:
-        if bool(c.keep):
+        # Read on the host (free on the CPU); Python scalars give 0-dim tensors' bits here.
+        c = clipping.coefficient(float(n), max_norm, convention)
+        if c.keep:
             return
-        divisor, factor = c.divisor, torch.full_like(n, max_norm)
+        divisor, factor = c.divisor, c.tau
     else:
-        one = torch.ones_like(n)
+        c, one = clipping.coefficient(n, max_norm, convention), torch.ones_like(n)
         divisor, factor = torch.where(c.keep, one, c.divisor), torch.where(c.keep, one, max_norm)
     for (device, _), ts in g.groups.items():
+        d, f = _on(divisor, device), _on(factor, device)
         if use_foreach(ts, device, foreach):
-            torch._foreach_div_(ts, divisor.to(device))
-            torch._foreach_mul_(ts, factor.to(device))
+            torch._foreach_div_(ts, d)
+            torch._foreach_mul_(ts, f)
         else:
             for t in ts:
-                t.div_(divisor.to(device)).mul_(factor.to(device))
+                t.div_(d).mul_(f)
+
+
+def _on(x: torch.Tensor | float, device: torch.device) -> torch.Tensor | float:
+    return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
 def enforce_bound_(g: Grouped, max_norm: float, p: float, foreach, *, exact: bool) -> None:

@@ -77,36 +77,40 @@ class NonFiniteGradientError(RuntimeError, FloatingPointError):
 
 
 class Coefficient(NamedTuple):
-    """The factor c of g' = c * g: c = 1 where `keep`, else c = tau / divisor."""
+    """The factor c of g' = c * g: c = 1 where `keep`, else c = tau / divisor (`ratio`, where
+    the formula computes it first)."""
 
-    keep: torch.Tensor
+    keep: torch.Tensor | bool
     tau: float
-    divisor: torch.Tensor
+    divisor: torch.Tensor | float
+    ratio: torch.Tensor | None = None
 
     def factor(self, scale: torch.Tensor | None = None) -> torch.Tensor:
         """c as one tensor (times `scale` for a norm given as norm * scale)."""
-        ratio = self.tau / self.divisor
+        ratio = self.tau / self.divisor if self.ratio is None else self.ratio
         return torch.where(self.keep, 1.0, ratio if scale is None else ratio * scale)
 
 
-def coefficient(norm: torch.Tensor, tau: float, convention: str, *,
+def coefficient(norm: torch.Tensor | float, tau: float, convention: str, *,
                 scale: torch.Tensor | None = None) -> Coefficient:
     """The clipping factor c, as docs/clipping.md (step 2) writes it; the only place it is derived.
 
         torch:  c = min(1, tau / (n + 1e-6))
         optax:  c = 1 if n < tau (or n == 0, so tau = 0 keeps a zero gradient), else tau / n
 
+    `norm` is a tensor, or a Python float where the caller reads it on the host anyway.
     `scale`: the norm was measured on g * scale (a power of two, so that a norm beyond the
     dtype's range stays finite) and `norm` is that scaled norm; tau / divisor is then the
     factor for g * scale, c / scale.
     """
     n = norm if scale is None else norm / scale
-    if convention == "torch":
-        if scale is None:
-            # min(1, .) on the ratio as torch computes it (a clamp: a branch would sync with the device)
-            return Coefficient(tau / (n + TORCH_EPS) >= 1, tau, n + TORCH_EPS)
-        return Coefficient(tau >= n + TORCH_EPS, tau, norm + TORCH_EPS * scale)
-    return Coefficient((n < tau) | (n == 0), tau, norm)
+    if convention == "optax":
+        return Coefficient((n < tau) | (n == 0), tau, norm)
+    if scale is None:
+        divisor = n + TORCH_EPS
+        ratio = tau / divisor  # torch's expression; min(1, ratio) is decided on it, never branched on
+        return Coefficient(ratio >= 1, tau, divisor, ratio)
+    return Coefficient(tau >= n + TORCH_EPS, tau, norm + TORCH_EPS * scale)
 
 
 def get_total_norm(tensors: Tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False,
