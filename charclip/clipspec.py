@@ -17,17 +17,24 @@ NONFINITE_POLICIES = ("propagate", "skip", "error")
 
 def check_threshold(name: str, value: float) -> float:
     value = float(value)
-    if math.isnan(value) or value < 0:
+    if not value >= 0:  # NaN too; a comparison, not math.isnan, which torch.compile cannot trace
         raise ValueError(f"{name} must be >= 0 (got {value}); a negative threshold would flip the gradient's sign.")
     return value
 
 
-def check_norm_type(norm_type: float) -> float:
+def check_norm_type(norm_type: float, *, clipping: bool = True) -> float:
+    """p as a float, as both backends accept it: p > 0 or inf, and p = 0 only to measure.
+
+    torch accepts every p (its `vector_norm` takes any order). 0 < p < 1 is a quasi-norm,
+    computed right by torch and by ours, and >= the 2-norm, so clipping by it bounds the
+    step. p = 0 counts non-zero entries, which no scaling changes, so it cannot clip; p < 0
+    measures the smallest entries and NaN nothing: both raise.
+    """
     p = float(norm_type)
-    if not p >= 1:
+    if math.isnan(p) or p < 0 or (p == 0 and clipping):
         raise ValueError(
-            f"norm_type must be >= 1 or inf (got {norm_type}); below 1 it is not a norm "
-            "(norm_type=0 counts non-zeros) and cannot bound a gradient."
+            f"norm_type must be > 0 or inf (got {norm_type}): below 0 it measures the smallest entries, "
+            "and norm_type=0 counts non-zero entries, which no scaling changes, so neither can bound a gradient."
         )
     return p
 

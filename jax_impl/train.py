@@ -30,12 +30,13 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     step can be handed each update's rate from `charclip.schedules` without recompiling.
     """
     clip = cfg.clip
+    clip.check_for("jax")
     adam = optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps"), hyperparam_dtype=jnp.dtype(cfg.dtype))(
         learning_rate=cfg.lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
     if clip.mode == "norm" and clip.impl == "library":
         tx = optax.chain(optax.clip_by_global_norm(clip.max_norm), adam)
     elif clip.mode == "norm":
-        tx = optax.chain(clipping.clip_by_global_norm(clip.max_norm), adam)
+        tx = optax.chain(clipping.clip_by_global_norm(clip.max_norm, convention=clip.convention_in("jax")), adam)
     elif clip.mode == "value" and clip.impl == "library":
         tx = optax.chain(optax.clip(clip.max_value), adam)
     elif clip.mode == "value":
@@ -105,7 +106,7 @@ def unscale(grads, scale):
 
 def gradient_norm(cfg: TrainConfig):
     """The norm the configured clipper measures: the reference's is finite wherever the true norm is."""
-    return clipping.global_norm if cfg.clip.impl == "reference" else optax.tree.norm
+    return clipping.global_norm if cfg.clip.impl == "charclip" else optax.tree.norm
 
 
 def adopt(policy: str, loss, norm, new, old, found_inf=False):

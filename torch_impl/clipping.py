@@ -10,7 +10,8 @@ viewed as one vector), a threshold tau and a norm order p:
     torch convention (default):  g' = g * min(1, tau / (n + 1e-6))
     optax convention:            g' = g  if n < tau (strict), else (g / n) * tau
 
-Where torch's answer is right, ours is torch's, bit for bit: the same kernels
+`coefficient` below is that factor, written once; the public functions measure, take it
+and scale. Where torch's answer is right, ours is torch's, bit for bit: the same kernels
 (`torch._foreach_norm`, `torch._foreach_mul_`, grouped by device and dtype) on the same
 tensors. Where torch's answer is wrong and a cheap check shows it, ours is right (each
 case is a row of docs/divergences.md):
@@ -22,18 +23,21 @@ case is a row of docs/divergences.md):
   toward zero into their dtype, so the clipped norm is <= tau after rounding (torch's
   bfloat16 norm is itself rounded to bfloat16, and its clipped norm can exceed tau);
 - negative or NaN thresholds, and norm orders that do not bound the gradient (p <= 0),
-  raise ValueError.
+  raise ValueError (`charclip.clipspec.check_norm_type`, the check both backends share).
 
 `strict=True` makes the promise literal for every dtype: the clipped gradient's exact
 norm is <= tau. It measures the result again in float64 and, where that is not
 provably <= tau, scales once more, rounding so that no entry can grow. This also
 corrects torch's own float32 norm of a large CPU tensor, which the default reproduces
 (one float32 accumulator per thread: 1.1% low for 1e8 entries, pytorch#169237).
+How each safeguard works is in `torch_impl/clip_safeguards.py`; every factor it applies
+comes from `coefficient`.
 
 Nothing on the fast path branches on a device tensor's value: a branch would make the
 host wait for the device on every step. On the CPU, where reading a value costs
 nothing, the float64 re-measurement runs only when torch's norm is untrustworthy;
-elsewhere it runs every time and the coefficient is chosen with `torch.where`.
+elsewhere, and under `torch.compile`, it runs every time and the coefficient is chosen
+with `torch.where`, so `torch.compile(clip_grad_norm_, fullgraph=True)` compiles.
 
 Non-finite gradients (`nonfinite=`):
     "propagate"  what torch does: NaN/inf spread through the gradients;
@@ -44,29 +48,27 @@ Non-finite gradients (`nonfinite=`):
                  is touched.
 """
 
+
 from __future__ import annotations
 
-import functools
-import math
 import types
 import warnings
 from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from charclip.clipspec import (
     CONVENTIONS,
     NONFINITE_POLICIES,
     TORCH_EPS,
     check_choice,
+    check_norm_type,
     check_threshold,
 )
+from torch_impl import clip_safeguards as safe
 
 Tensors = torch.Tensor | Iterable[torch.Tensor]
-
-_CHUNK = 1 << 14  # float64 re-measurement in chunks: error (chunk + n / chunk) ulps, and fast on the CPU
 
 
 class NonFiniteGradientError(RuntimeError, FloatingPointError):
@@ -74,194 +76,41 @@ class NonFiniteGradientError(RuntimeError, FloatingPointError):
     `error_if_nonfinite=True`; a FloatingPointError, which charclip raised before."""
 
 
-def _norm_order(norm_type, *, clipping: bool) -> float:
-    """p as a float; p in (0, 1) is a quasi-norm, >= the 2-norm, so clipping by it bounds the step."""
-    p = float(norm_type)
-    if math.isnan(p) or p < 0 or (p == 0 and clipping):
-        raise ValueError(
-            f"norm_type must be > 0 or inf (got {norm_type}): below 0 it measures the smallest entries, and "
-            "norm_type=0 counts non-zero entries, which no scaling changes, so neither can bound a gradient."
-        )
-    return p
+class Coefficient(NamedTuple):
+    """The factor c of g' = c * g: c = 1 where `keep`, else c = tau / divisor (`ratio`, where
+    the formula computes it first)."""
+
+    keep: torch.Tensor | bool
+    tau: float
+    divisor: torch.Tensor | float
+    ratio: torch.Tensor | None = None
+
+    def factor(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """c as one tensor (times `scale` for a norm given as norm * scale)."""
+        ratio = self.tau / self.divisor if self.ratio is None else self.ratio
+        return torch.where(self.keep, 1.0, ratio if scale is None else ratio * scale)
 
 
-def _as_list(tensors: Tensors) -> list[torch.Tensor]:
-    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+def coefficient(norm: torch.Tensor | float, tau: float, convention: str, *,
+                scale: torch.Tensor | None = None) -> Coefficient:
+    """The clipping factor c, as docs/clipping.md (step 2) writes it; the only place it is derived.
 
+        torch:  c = min(1, tau / (n + 1e-6))
+        optax:  c = 1 if n < tau (or n == 0, so tau = 0 keeps a zero gradient), else tau / n
 
-def _is_low_precision(dtype: torch.dtype) -> bool:
-    return torch.finfo(dtype).bits < 32
-
-
-class _Grouped:
-    """Tensors by (device, dtype), in the order torch's clipping groups them (the order of
-    the per-tensor norms in the final norm, so it decides the last bit), and what the rest
-    of this module asks about them, found once. (torch's grouping helper is private but
-    has served its clipping and optimizers since torch 2.0.)"""
-
-    def __init__(self, tensors: list[torch.Tensor]):
-        self.tensors = tensors
-        grouped = _group_tensors_by_device_and_dtype([tensors])
-        self.groups = {key: list(lists[0]) for key, (lists, _) in grouped.items()}
-        self.device = tensors[0].device
-        self.on_cpu = all(_host_readable(device) for device, _ in self.groups)
-        self.low = any(_is_low_precision(dtype) for _, dtype in self.groups)
-        self.has_float64 = any(dtype == torch.float64 for _, dtype in self.groups)
-
-    def numel(self) -> int:
-        return sum(t.numel() for t in self.tensors)
-
-
-def _host_readable(device: torch.device) -> bool:
-    """Whether reading a value on `device` is free (no wait for a device queue to drain)."""
-    return device.type == "cpu"
-
-
-def _foreach_devices() -> tuple[str, ...]:
-    # The device types torch's own foreach kernels serve (torch/utils/_foreach_utils.py).
-    return ("cpu", "cuda", "xpu", "mtia", torch._C._get_privateuse1_backend_name())
-
-
-def _use_foreach(tensors: list[torch.Tensor], device: torch.device, foreach: bool | None) -> bool:
-    """torch's rule: None means foreach where the device and plain tensors allow it."""
-    supported = device.type in _foreach_devices() and not torch.jit.is_scripting()
-    if foreach is None:
-        return supported and all(type(t) is torch.Tensor for t in tensors)
-    if foreach and not supported:
-        raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
-    return bool(foreach)
-
-
-def _per_tensor_norms(g: _Grouped, p, foreach, dtype=None) -> list[torch.Tensor]:
-    norms: list[torch.Tensor] = []
-    for (device, _), ts in g.groups.items():
-        if _use_foreach(ts, device, foreach):
-            norms.extend(torch._foreach_norm(ts, p, dtype=dtype))
-        else:
-            norms.extend(torch.linalg.vector_norm(t, p, dtype=dtype) for t in ts)
-    return norms
-
-
-def _norm_of_norms(norms: list[torch.Tensor], p: float, device: torch.device) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), p)
-
-
-def _mul_(g: _Grouped, factor: torch.Tensor, foreach: bool | None) -> None:
-    for (device, _), ts in g.groups.items():
-        f = factor.to(device)
-        if _use_foreach(ts, device, foreach):
-            torch._foreach_mul_(ts, f)
-        else:
-            for t in ts:
-                t.mul_(f)
-
-
-@functools.cache
-def _trust_floor(dtype: torch.dtype, p: float) -> float:
-    """Below this norm, p-th powers of the entries may have been subnormal and torch's norm
-    may have lost digits. Each such power is off by at most the smallest subnormal; at
-    n**p >= 2**56 * smallest subnormal, 2**31 of them stay below one ulp of n**p."""
-    if p <= 1 or math.isinf(p):
-        return 0.0
-    info = torch.finfo(dtype)
-    return 2.0 ** ((math.log2(info.smallest_normal * info.eps) + 56) / p)
-
-
-def _largest(dtype: torch.dtype, max_norm: float) -> float:
-    """From this norm on, max_norm / norm may be subnormal in `dtype` (or the norm overflowed):
-    the coefficient has lost digits, so the clip is done in float64 instead."""
-    return 2.0 ** (math.frexp(torch.finfo(dtype).max)[1] - 2) * min(1.0, max_norm)
-
-
-class _Measure(NamedTuple):
-    """The norm that get_total_norm returns, and the same norm as `scaled / scale` in
-    float64, where `scale` is a power of two (1 unless float64 entries needed it): so
-    `scaled` is finite whenever every entry is, even where `norm` overflowed."""
-
-    norm: torch.Tensor
-    scaled: torch.Tensor
-    scale: torch.Tensor
-
-
-_ONE = torch.ones((), dtype=torch.float64)  # a CPU scalar: torch lets it meet tensors on any device
-
-
-def _measured(norm: torch.Tensor) -> _Measure:
-    """A norm taken as it is (scale 1); finite exactly when every entry is."""
-    return _Measure(norm, norm, _ONE)
-
-
-def _wide_norm(g: _Grouped, p: float, foreach) -> tuple[torch.Tensor, torch.Tensor]:
-    """(||g * scale||_p in float64, scale), from chunks of at most _CHUNK entries.
-
-    p-th powers of float32 and narrower entries can neither overflow nor underflow in
-    float64. float64 entries are first scaled by 2**-e, with max|g| = f * 2**e and
-    f in [0.5, 1) (exact), so theirs cannot either.
+    `norm` is a tensor, or a Python float where the caller reads it on the host anyway.
+    `scale`: the norm was measured on g * scale (a power of two, so that a norm beyond the
+    dtype's range stays finite) and `norm` is that scaled norm; tau / divisor is then the
+    factor for g * scale, c / scale.
     """
-    one = torch.ones((), dtype=torch.float64, device=g.device)
-    chunks = [c for t in g.tensors for c in t.reshape(-1).split(_CHUNK) if c.numel()]
-    if not chunks:
-        return torch.zeros_like(one), one
-    scale = one
-    if g.has_float64:
-        top = _norm_of_norms(_per_tensor_norms(_Grouped(chunks), math.inf, foreach, torch.float64), math.inf, g.device)
-        _, exponent = torch.frexp(top)  # 0 for a zero, inf or nan maximum: scale 1
-        scale = torch.exp2(-exponent.clamp(-1021, 1021).to(torch.float64))
-        chunks = [c.double() * scale.to(c.device) for c in chunks]
-    return _norm_of_norms(_per_tensor_norms(_Grouped(chunks), p, foreach, torch.float64), p, g.device), scale
-
-
-def _result_dtype(g: _Grouped) -> torch.dtype:
-    dtype = torch.float32  # float16/bfloat16 norms are returned as float32, not rounded to 3 digits
-    for _, d in g.groups:
-        dtype = torch.promote_types(dtype, d)
-    return dtype
-
-
-def _measure(g: _Grouped, p: float, foreach: bool | None) -> _Measure:
-    if math.isinf(p) and any(t.numel() == 0 for t in g.tensors):
-        # torch's foreach inf-norm refuses empty tensors; they hold no maximum
-        nonempty = [t for t in g.tensors if t.numel()]
-        if not nonempty:
-            return _measured(torch.zeros((), device=g.device))
-        g = _Grouped(nonempty)
-    if g.low:
-        scaled, scale = _wide_norm(g, p, foreach)
-        return _Measure((scaled / scale).to(_result_dtype(g)), scaled, scale)
-    fast = _norm_of_norms(_per_tensor_norms(g, p, foreach), p, g.device)  # torch's own norm
-    floor = _trust_floor(fast.dtype, p)
-    if g.on_cpu:
-        if floor <= float(fast) < math.inf:  # reading a CPU tensor is no device sync
-            return _measured(fast)
-        scaled, scale = _wide_norm(g, p, foreach)
-        return _Measure((scaled / scale).to(fast.dtype), scaled, scale)
-    scaled, scale = _wide_norm(g, p, foreach)
-    trusted = (fast >= floor) & (fast < math.inf)
-    return _Measure(torch.where(trusted, fast, (scaled / scale).to(fast.dtype)),
-                    torch.where(trusted, fast.double(), scaled), torch.where(trusted, 1.0, scale))
-
-
-def _finite(m: _Measure) -> torch.Tensor:
-    return torch.isfinite(m.scaled)  # the scaled norm is finite iff every entry is
-
-
-def _raise_if_nonfinite(m: _Measure, p: float) -> None:
-    if not _finite(m):
-        raise NonFiniteGradientError(
-            f"The total norm of order {p} for gradients from `parameters` is non-finite (a gradient entry "
-            "is NaN or infinite), so it cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
-            "`error_if_nonfinite=False`"
-        )
-
-
-def _count_nonzero(tensors: list[torch.Tensor], error_if_nonfinite: bool) -> torch.Tensor:
-    """The 0-"norm" of all tensors as one vector: how many entries are not zero."""
-    if error_if_nonfinite and not all(bool(torch.isfinite(t).all()) for t in tensors):
-        raise NonFiniteGradientError(
-            "The total norm of order 0.0 for gradients from `parameters` is non-finite (a gradient entry is NaN or infinite)"
-        )
-    device = tensors[0].device
-    return sum(torch.count_nonzero(t).to(device) for t in tensors).to(_result_dtype(_Grouped(tensors)))
+    n = norm if scale is None else norm / scale
+    if convention == "optax":
+        return Coefficient((n < tau) | (n == 0), tau, norm)
+    if scale is None:
+        divisor = n + TORCH_EPS
+        ratio = tau / divisor  # torch's expression; min(1, ratio) is decided on it, never branched on
+        return Coefficient(ratio >= 1, tau, divisor, ratio)
+    return Coefficient(tau >= n + TORCH_EPS, tau, norm + TORCH_EPS * scale)
 
 
 def get_total_norm(tensors: Tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -276,139 +125,16 @@ def get_total_norm(tensors: Tensors, norm_type: float = 2.0, error_if_nonfinite:
     RuntimeError) when `error_if_nonfinite`.
     """
     with torch.no_grad():
-        tensors = _as_list(tensors)
-        p = _norm_order(norm_type, clipping=False)
+        tensors = safe.as_list(tensors)
+        p = check_norm_type(norm_type, clipping=False)
         if not tensors:
             return torch.tensor(0.0)
         if p == 0:
-            return _count_nonzero(tensors, error_if_nonfinite)
-        m = _measure(_Grouped(tensors), p, foreach)
+            return safe.count_nonzero(tensors, error_if_nonfinite)
+        m = safe.measure(safe.Grouped(tensors), p, foreach)
         if error_if_nonfinite:
-            _raise_if_nonfinite(m, p)
+            safe.raise_if_nonfinite(m, p)
         return m.norm
-
-
-def _wide_factor(m: _Measure, max_norm: float, convention: str, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep, k) in float64: g' = g where keep, else g' = (g * scale) * k, k being the
-    convention's coefficient (times `shrink`, below 1 where the bound must be exact)."""
-    norm = m.scaled / m.scale  # may be inf while `scaled` is finite
-    tau = max_norm * shrink
-    if convention == "optax":
-        # A zero gradient stays zero, also for max_norm == 0, where optax computes 0 / 0.
-        return (norm < tau) | (norm == 0), tau / m.scaled
-    return tau >= norm + TORCH_EPS, tau / (m.scaled + TORCH_EPS * m.scale)
-
-
-def _round_toward_zero(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x (float64) into `dtype` with |result| <= |x|: rounding cannot raise the norm.
-    float64 itself: one step toward zero, as x was already rounded to nearest."""
-    if dtype == torch.float64:
-        return torch.nextafter(x, torch.zeros_like(x))
-    nearest = x.to(dtype)
-    away = nearest.to(x.dtype).abs() > x.abs()
-    return torch.where(away, torch.nextafter(nearest, torch.zeros_like(nearest)), nearest)
-
-
-def _shrink(n_entries: int, p: float) -> float:
-    """1 minus a bound on the relative error of a chunked float64 norm (recursive sums
-    within and across chunks), with room for the coefficient's and products' roundings
-    (general p: for pow and its root, which torch's kernel gets 14 ulps off)."""
-    room = 16 if p in (1.0, 2.0, math.inf) else 64
-    return 1.0 - (_CHUNK + n_entries / _CHUNK + room) * 2.0**-52
-
-
-def _clip_wide_(g: _Grouped, m: _Measure, max_norm: float, convention: str) -> None:
-    """The careful path: each gradient times a power of two and a float64 coefficient,
-    rounded into its dtype (toward zero for float16/bfloat16, so rounding cannot raise the norm)."""
-    keep, k = _wide_factor(m, max_norm, convention, 1.0)
-    for t in g.tensors:
-        wide = (t.double() * m.scale.to(t.device)) * k.to(t.device)
-        new = _round_toward_zero(wide, t.dtype) if _is_low_precision(t.dtype) else wide.to(t.dtype)
-        t.copy_(torch.where(keep.to(t.device), t, new))
-
-
-def _clip_(g: _Grouped, m: _Measure, max_norm: float, convention: str, foreach, p: float) -> None:
-    """Scale the gradients in place by the convention's coefficient for the measured norm."""
-    if g.low:
-        _clip_wide_(g, m, max_norm, convention)
-        # The float32 norm may be a few ulps low: check the rounded result in float64.
-        _enforce_bound_(g, max_norm, p, foreach, exact=False)
-        return
-    largest = _largest(m.norm.dtype, max_norm)
-    if g.on_cpu and not float(m.norm) < largest and math.isfinite(float(m.scaled)):
-        _clip_wide_(g, m, max_norm, convention)
-        return
-    # Below, the libraries' own formulas on the measured norm (on an accelerator also for a
-    # huge norm, with the coefficient from float64: see docs/divergences.md).
-    n = m.norm
-    if convention == "torch":
-        # Clamp rather than branch on coef < 1: a branch would sync with the device.
-        coef = torch.clamp(max_norm / (n + TORCH_EPS), max=1.0)
-        if not g.on_cpu:
-            ordinary = (n < largest) | ~_finite(m)
-            keep, k = _wide_factor(m, max_norm, convention, 1.0)
-            coef = torch.where(ordinary, coef, torch.where(keep, 1.0, k * m.scale).to(coef.dtype))
-        elif float(coef) == 1.0:  # multiplying by 1 changes no bit: on the CPU, the usual unclipped step is free
-            return
-        _mul_(g, coef, foreach)
-        return
-    # optax: (g / n) * tau, divide then multiply as optax writes it; by 1 and 1 where g is kept.
-    if g.on_cpu:
-        if float(n) < max_norm or float(n) == 0:
-            return
-        divisor, factor = n, torch.full_like(n, max_norm)
-    else:
-        keep, one = (n < max_norm) | (n == 0), torch.ones_like(n)
-        divisor, factor = torch.where(keep, one, n), torch.where(keep, one, max_norm)
-    for (device, _), ts in g.groups.items():
-        if _use_foreach(ts, device, foreach):
-            torch._foreach_div_(ts, divisor.to(device))
-            torch._foreach_mul_(ts, factor.to(device))
-        else:
-            for t in ts:
-                t.div_(divisor.to(device)).mul_(factor.to(device))
-
-
-def _enforce_bound_(g: _Grouped, max_norm: float, p: float, foreach, *, exact: bool) -> None:
-    """Measure the clipped gradients in float64; where that norm is above max_norm (exact:
-    where it does not prove the exact norm <= max_norm), scale them once more, by
-    k = max_norm * shrink / measured. (One host sync, also on an accelerator; the second
-    scaling runs only when needed.)
-
-    float32/float64 tensors are multiplied in place by k * (1 - 8u), rounded to their dtype
-    (u its unit roundoff): each product then rounds to at most |g_i| * k. float16/bfloat16
-    tensors, and norms so small that products could be subnormal (absolute rounding
-    errors), are scaled in float64 and rounded toward zero instead.
-    """
-    scaled, scale = _wide_norm(g, p, foreach)
-    measured = scaled / scale
-    shrink = _shrink(g.numel(), p)
-    if not bool(measured > (max_norm * shrink if exact else max_norm)):  # False for NaN: left as is
-        return
-    k = max_norm * shrink / measured
-    for (device, dtype), ts in g.groups.items():
-        info = torch.finfo(dtype)
-        if _is_low_precision(dtype) or max_norm < 8 * math.sqrt(g.numel()) * info.smallest_normal:
-            for t in ts:
-                t.copy_(_round_toward_zero(t.double() * k.to(device), dtype))
-            continue
-        factor = (k * (1 - 4 * info.eps)).to(device=device, dtype=dtype)  # eps = 2u
-        if _use_foreach(ts, device, foreach):
-            torch._foreach_mul_(ts, factor)
-        else:
-            for t in ts:
-                t.mul_(factor)
-
-
-def _zero_if_nonfinite_(g: _Grouped, m: _Measure) -> None:
-    finite = _finite(m)
-    if g.on_cpu:
-        if not finite:
-            for t in g.tensors:
-                t.zero_()
-        return
-    for t in g.tensors:
-        t.masked_fill_(~finite.to(t.device), 0.0)
 
 
 def clip_grad_norm_(parameters: Tensors, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -437,7 +163,7 @@ def clip_grad_norm_(parameters: Tensors, max_norm: float, norm_type: float = 2.0
             if is_generator and not parameters:
                 warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
         max_norm = check_threshold("max_norm", max_norm)
-        p = _norm_order(norm_type, clipping=True)
+        p = check_norm_type(norm_type)
         check_choice("convention", convention, CONVENTIONS)
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         if error_if_nonfinite:
@@ -447,15 +173,15 @@ def clip_grad_norm_(parameters: Tensors, max_norm: float, norm_type: float = 2.0
         grads = [q.grad for q in parameters if q.grad is not None]
         if not grads:
             return torch.tensor(0.0)
-        g = _Grouped(grads)
-        m = _measure(g, p, foreach)
+        g = safe.Grouped(grads)
+        m = safe.measure(g, p, foreach)
         if nonfinite == "error":
-            _raise_if_nonfinite(m, p)
-        _clip_(g, m, max_norm, convention, foreach, p)
+            safe.raise_if_nonfinite(m, p)
+        safe.clip_(g, m, max_norm, convention, foreach, p)
         if strict:
-            _enforce_bound_(g, max_norm, p, foreach, exact=True)
+            safe.enforce_bound_(g, max_norm, p, foreach, exact=True)
         if nonfinite == "skip":
-            _zero_if_nonfinite_(g, m)
+            safe.zero_if_nonfinite_(g, m)
         return m.norm
 
 
@@ -472,7 +198,7 @@ def clip_grads_with_norm_(parameters: Tensors, max_norm: float, total_norm: torc
         check_choice("convention", convention, CONVENTIONS)
         if not grads:
             return
-        _clip_(_Grouped(grads), _measured(torch.as_tensor(total_norm)), max_norm, convention, foreach, 2.0)
+        safe.clip_(safe.Grouped(grads), safe.measured(torch.as_tensor(total_norm)), max_norm, convention, foreach, 2.0)
 
 
 def clip_grad_value_(parameters: Tensors, clip_value: float, foreach: bool | None = None) -> None:
@@ -485,13 +211,10 @@ def clip_grad_value_(parameters: Tensors, clip_value: float, foreach: bool | Non
         grads = [q.grad for q in parameters if q.grad is not None]
         if not grads:
             return
-        for (device, _), ts in _Grouped(grads).groups.items():
-            if _use_foreach(ts, device, foreach):
+        for (device, _), ts in safe.Grouped(grads).groups.items():
+            if safe.use_foreach(ts, device, foreach):
                 torch._foreach_clamp_min_(ts, -v)
                 torch._foreach_clamp_max_(ts, v)
             else:
                 for t in ts:
                     t.clamp_(min=-v, max=v)
-
-
-global_norm = get_total_norm  # the name jax_impl.clipping gives the same measurement

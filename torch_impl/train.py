@@ -24,6 +24,7 @@ class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, params: dict[str, np.ndarray], *,
                  adam: dict[str, np.ndarray] | None = None, hidden: dict[str, np.ndarray] | None = None,
                  device: str = "cpu"):
+        cfg.clip.check_for("torch")
         self.model_cfg, self.cfg = model_cfg, cfg
         self.device = D.resolve(device)
         compute = None if cfg.precision == "full" else compute_dtype(cfg)
@@ -44,7 +45,7 @@ class Trainer:
         if clip.mode == "norm" and clip.impl == "library":
             return torch.nn.utils.clip_grad_norm_(params, clip.max_norm)
         if clip.mode == "norm":
-            return clipping.clip_grad_norm_(params, clip.max_norm, convention="optax")  # as jax_impl, for parity
+            return clipping.clip_grad_norm_(params, clip.max_norm, convention=clip.convention_in("torch"))
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if clip.mode == "value":
             value_clip = torch.nn.utils.clip_grad_value_ if clip.impl == "library" else clipping.clip_grad_value_

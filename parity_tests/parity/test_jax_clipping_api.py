@@ -165,14 +165,21 @@ def test_bfloat16_updates_with_a_float32_threshold():
     assert _exact_square_norm(jax.tree.leaves(clipped)) <= 1, f"clipped {clipped} above tau"
 
 
-def test_norm_type_below_one_is_refused_as_optax_refuses_it():
+def test_norm_type_below_one_is_refused_by_optax_and_follows_torch_here():
+    """optax.tree.norm knows 1, 2 and inf; ours takes the orders torch_impl takes (one check,
+    charclip.clipspec.check_norm_type): 0 < p < 1 clips, p = 0 counts non-zero entries."""
+    grads = _grads(1.0)
     for bad in (0, 0.5):
         with pytest.raises(ValueError, match="Unsupported ord"):
-            optax.tree.norm(_grads(1.0), ord=bad)
-        with pytest.raises(ValueError, match="norm_type must be >= 1"):
-            clipping.global_norm(_grads(1.0), bad)
-        with pytest.raises(ValueError, match="norm_type must be >= 1"):
-            clipping.clip_by_global_norm(1.0, norm_type=bad)
+            optax.tree.norm(grads, ord=bad)
+    entries = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(grads)]).astype(np.float64)
+    expected = float(np.sum(np.sqrt(np.abs(entries))) ** 2)
+    # n float32 roots (2 u each) summed ((n - 1) u), then squared, which doubles that and adds 2 u
+    np.testing.assert_allclose(float(clipping.global_norm(grads, 0.5)), expected,
+                               rtol=(2 * entries.size + 4) * 2.0**-24, err_msg="0.5-quasi-norm")
+    assert float(clipping.global_norm(grads, 0)) == np.count_nonzero(entries)
+    with pytest.raises(ValueError, match="norm_type must be > 0"):
+        clipping.clip_by_global_norm(1.0, norm_type=0)
 
 
 # ---- composition ------------------------------------------------------------------------

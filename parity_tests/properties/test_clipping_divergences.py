@@ -135,14 +135,37 @@ def test_norm_type_zero_counts_tensors_in_torch():
         param.grad = torch.tensor(values)
     # 4 non-zero entries, but 2 non-zero tensors.
     assert float(torch.nn.utils.get_total_norm([p.grad for p in params], 0)) == 2.0
-    # Ours counts the 4 entries; clipping by a count (which no scaling changes) or by p < 0 raises.
+    # Ours counts the 4 entries, in both backends; clipping by a count (which no scaling
+    # changes) or by p < 0 raises, in both, through the one check (charclip.clipspec).
     assert float(tclip.get_total_norm([p.grad for p in params], 0)) == 4.0
+    assert float(jclip.global_norm([jnp.asarray(p.grad.numpy()) for p in params], 0)) == 4.0
     for bad in (0, -1, math.nan):
-        with pytest.raises(ValueError, match="norm_type must be > 0"):
+        with pytest.raises(ValueError, match="norm_type must be > 0") as torch_error:
             tclip.clip_grad_norm_(params, 1.0, norm_type=bad)
-    for bad in (0, 0.5, -1):
-        with pytest.raises(ValueError, match="not a norm"):
+        with pytest.raises(ValueError, match="norm_type must be > 0") as jax_error:
             jclip.clip_tree_by_global_norm([jnp.ones(3, jnp.float32)], 1.0, norm_type=bad)
+        assert str(torch_error.value) == str(jax_error.value)
+
+
+def test_quasi_norms_below_one_are_accepted_alike():
+    """torch clips by p = 0.5 (its vector_norm takes any order), and so do both of ours: the
+    quasi-norm is >= the 2-norm, so clipping by it still bounds the step."""
+    values = np.array([3.0, -4.0, 0.25, 0.0])
+    grad = torch.tensor(values)
+    expected = float(np.sum(np.sqrt(np.abs(values))) ** 2)  # 10.6... ; float64 throughout
+    got_torch = float(tclip.get_total_norm([grad], 0.5))
+    got_jax = float(jclip.global_norm([jnp.asarray(values)], 0.5))
+    # 4 roots (2 u each) summed (3 u), squared (doubling that: 10 u, and 2 u more): 12 u; 16 u allowed
+    for name, got in (("torch_impl", got_torch), ("jax_impl", got_jax)):
+        np.testing.assert_allclose(got, expected, rtol=16 * 2.0**-53, err_msg=f"{name}: 0.5-quasi-norm")
+    clipped, _ = jclip.clip_tree_by_global_norm([jnp.asarray(values)], 1.0, norm_type=0.5)
+    param = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    param.grad = grad.clone()
+    tclip.clip_grad_norm_([param], 1.0, norm_type=0.5)
+    for name, result in (("torch_impl", param.grad.numpy()), ("jax_impl", np.asarray(clipped[0]))):
+        after = float(np.sum(np.sqrt(np.abs(result))) ** 2)
+        # scaled by 1 / 10.6 (optax) or 1 / (10.6 + 1e-6) (torch): 1 within a few ulps of the quasi-norm
+        assert after <= 1.0 + 16 * 2.0**-53, f"{name}: clipped 0.5-quasi-norm {after!r} above 1"
 
 
 @pytest.mark.parametrize("convention", ("optax", "torch"))
@@ -210,7 +233,7 @@ def test_infinity_norm_of_empty_tensors():
     with pytest.raises(RuntimeError, match="empty tensor"):
         torch_library([], 1.0, norm_type=math.inf)
     assert float(optax.tree.norm([jnp.zeros(0, jnp.float32)], ord=math.inf)) == -math.inf
-    assert float(tclip.global_norm([torch.zeros(0)], math.inf)) == 0.0
+    assert float(tclip.get_total_norm([torch.zeros(0)], math.inf)) == 0.0
     assert float(jclip.global_norm([jnp.zeros(0, jnp.float32)], math.inf)) == 0.0
 
 
