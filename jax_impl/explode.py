@@ -112,10 +112,10 @@ def _temporal_order_loss(params, x, y, activation: str):
     h0 = jnp.zeros((x.shape[0], params["W_hh"].shape[0]), params["W_hh"].dtype)
 
     def step(h, x_t):  # h (B, H); a one-hot input times W_uh is a row of W_uh
-        return act(h @ params["W_hh"] + params["W_uh"][x_t] + params["b_hh"]), None
+        return act(h @ params["W_hh"] + params["W_uh"][x_t] + params["b_hh"][None, :]), None
 
     h, _ = jax.lax.scan(step, h0, x.T)
-    logits = h @ params["W_hy"] + params["b_hy"]  # (B, 4)
+    logits = h @ params["W_hy"] + params["b_hy"][None, :]  # (B, 4)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=-1)), logits
 
