@@ -56,6 +56,7 @@ def test_each_step_of_a_path_agrees_across_backends(threshold):
     # The whole paths: rounding differences are multiplied by the wall's gradient at each crossing (measured
     # 7.5e-9 over 60 updates); 1e-7 is far below the ~1 length of a step at the wall.
     np.testing.assert_allclose(pj, pt, atol=1e-7, err_msg="the paths drifted apart")
+    np.testing.assert_allclose(nj, nt, rtol=1e-6, err_msg="the norms along the paths drifted apart")
     if threshold is None:
         assert np.linalg.norm(np.diff(pt, axis=0), axis=1).max() > 0.5, "the unclipped path should jump at the wall"
 

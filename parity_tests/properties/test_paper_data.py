@@ -10,7 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from charclip.explode.paper import (
-    N_CLASSES, basin_boundary, fixed_points, fold_curve, temporal_order_batch, temporal_order_init, wilson_interval,
+    N_CLASSES,
+    basin_boundary,
+    fixed_points,
+    fold_curve,
+    temporal_order_batch,
+    temporal_order_init,
+    wilson_interval,
 )
 
 
