@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from charclip.run import DIVERGENCE_FACTOR  # a loss over this many times the first counts as diverged
+
 # ---------------------------------------------------------------- the temporal-order task
 
 N_SYMBOLS = 6  # A, B and the four distractors c, d, e, f (section 4.1.1; the authors' tempOrder.py)
@@ -297,9 +299,6 @@ def temporal_order_run(backend: str, s: PaperSettings, length: int, lr: float, c
             "max_loss": float(np.nanmax(arr)) if np.isfinite(arr).any() else math.nan,
             "max_norm": float(np.nanmax(norms)) if np.isfinite(norms).any() else math.nan,
             "mean_norm": float(np.nanmean(norms)), "loss": losses, "checks": checks}
-
-
-DIVERGENCE_FACTOR = 3.0  # as charclip.run: a loss over 3x the first counts as diverged (chance level is ln 4)
 
 
 def temporal_order_agreement(s: PaperSettings, length: int, lr: float, clip: bool, seed: int = 0) -> float:
