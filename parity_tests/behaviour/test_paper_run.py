@@ -21,3 +21,26 @@ def test_clipping_solves_the_tiny_task_where_plain_sgd_diverges():
     assert clipped["solved"] and not clipped["diverged"], (
         f"clipped: max loss {clipped['max_loss']:.3g}, max norm {clipped['max_norm']:.3g}, errors {clipped['checks']}")
     assert clipped["max_norm"] > TINY.threshold, "the clipped run never clipped: the test shows nothing"
+
+
+def test_the_report_writes_its_figures_and_a_table_row_per_cell(tmp_path):
+    import json
+
+    from charclip.explode.paper import run_paper
+    from charclip.explode.paper_report import write_paper_report
+
+    # JAX alone (the backends' agreement is the parity tests'); the shapes of the test above, so no new compiles.
+    micro = replace(TINY, grid=11, path_updates=3, max_updates=250)
+    results = run_paper(micro, ("jax",), progress=False)
+    write_paper_report(results, tmp_path)
+    for name in ("cliff.png", "bifurcation.png", "temporal-order.png", "report.md", "results.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "results.json").read_text())
+    report = (tmp_path / "report.md").read_text()
+    for row in saved["temporal_order"]["table"]:
+        method = "MSGD-C" if row["clip"] else "MSGD"
+        line = f"| {row['length']} | {row['lr']:g} | {method} | {row['solved']}/{row['runs']} |"
+        assert line in report, f"no row {line!r} in report.md"
+    for p in saved["cliff"]["paths"]:  # the rescaled path's longest step is at most lr * tau (plus rounding)
+        r = p["backends"]["jax"]
+        assert r["clipped_longest_step"] <= micro.path_lr * r["threshold"] * (1 + 1e-12)
