@@ -7,7 +7,9 @@ A tool, not part of the framework-neutral core: the experiments run the backends
   from an unstable start with no, value and norm clipping, the threshold sweep;
 - `figures`: the four figures;
 - `report`: report.md, results.json and the console summary;
-- `command`: the `charclip explode` subcommand.
+- `command`: the `charclip explode` subcommand;
+- `paper`, `paper_report`: `charclip explode --paper`, Pascanu, Mikolov & Bengio (2013) rerun
+  (docs/paper-rerun.md).
 """
 
 from charclip.explode.command import add_parser

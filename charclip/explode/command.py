@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="folder for report.md, results.json and figures (default: runs/explode-<time>)")
     p.add_argument("--quick", action="store_true", help="fewer steps and thresholds: under a minute")
     p.add_argument("--backend", choices=("torch", "jax", "both"), default="both", help="framework(s) to run in")
+    p.add_argument("--paper", action="store_true", help="rerun Pascanu, Mikolov & Bengio (2013) instead: the cliff, "
+                   "the bifurcation view and the temporal-order task (docs/paper-rerun.md); with --quick, the small setting")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_main)
 
@@ -37,6 +39,15 @@ def _main(a) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CharclipError(f"cannot create the output folder {out}: {e.strerror}; pass another --out") from None
+    if a.paper:
+        from charclip.explode.paper import FULL, SMALL, run_paper
+        from charclip.explode.paper_report import paper_summary, write_paper_report
+
+        results = run_paper(SMALL if a.quick else FULL, backends, progress=not a.no_progress)
+        results["full"] = not a.quick
+        write_paper_report(results, out)
+        print(paper_summary(results, out))
+        return 0
     results = run_all(QUICK if a.quick else DEFAULT, backends, progress=not a.no_progress)
     results["quick"] = a.quick
     write_report(results, out)
