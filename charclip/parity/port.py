@@ -134,7 +134,7 @@ class Trajectory:
     bound: list[float]
     perturbed: list[float]
     initial_perturbation: float
-    per_step: float  # the one-step bound (the gradient's, plus torch's clipping epsilon) that k steps add up
+    per_step: float  # b1: the most one step adds to the weights' relative error (from the step rows' bounds)
 
     def amplification(self, k: int) -> float:
         """A_k: how much a one-ulp perturbation of the weights has grown after k steps (at least 1)."""
@@ -317,16 +317,26 @@ def _rows(t: dict, j: dict, perturbed: dict | None, params: dict, trainable: lis
     for name in reversed(t["use_order"]):
         row("backward", f"clipped grad {name} ({clip_name})", [t["clipped"][name]], [j["clipped"][name]],
             g_tol + gap, g_formula + gap_text)
-    # step: each parameter's first update, relative to the update's own size
+    # step: each parameter's first update, relative to the update's own size. SGD's update is linear
+    # in the gradient (kappa = 1); Adam's first one is lr g / (|g| + eps), whose slope eps / (|g| + eps)^2
+    # turns an absolute gradient error d into an update error lr d eps / (|g| + eps)^2: kappa is that
+    # slope times max|g| at these gradients (large when some g is near 0 and eps is small).
     ops = SGD_OPS if opt.name == "sgd" else ADAM_OPS
+    any_gap = TORCH_EPS / max_norm if max_norm is not None else 0.0  # a later step may clip
+    per_step = C * u
     for name in t["use_order"]:
+        g = np.abs(t["clipped"][name])
+        kappa = 1.0 if opt.name == "sgd" or not g.size else float(g.max() * np.max(opt.eps / (g + opt.eps) ** 2))
+        kappa = max(kappa, 1.0)
         du = float(np.max(np.abs(t["update"][name]))) if t["update"][name].size else 0.0
         dp = float(np.max(np.abs(t["start"][name]))) if t["start"][name].size else 0.0
         ratio = dp / du if du > 0 else 1.0
-        tol = g_tol + gap + C * u * (ops + ratio)
+        tol = g_tol * kappa + gap + C * u * (ops + ratio)
         row("step", f"update {name}", [t["update"][name]], [j["update"][name]], tol,
-            f"grad bound{' + gap' if gap else ''} + {C}·u·(k + |p|/|dp|), k={ops} ({opt.name} ops), "
-            f"|p|/|dp|={ratio:.3g}")
+            f"grad bound·kappa{' + gap' if gap else ''} + {C}·u·(k + |p|/|dp|), kappa={kappa:.3g}, "
+            f"k={ops} ({opt.name} ops), |p|/|dp|={ratio:.3g}")
+        # what one step adds to the weights' relative error (the trajectory's per-step bound)
+        per_step = max(per_step, (g_tol * kappa + any_gap + C * u * ops) / max(ratio, 1e-300) + C * u)
     traj = None
     if perturbed is not None:
         steps = len(t["params"])
@@ -336,9 +346,8 @@ def _rows(t: dict, j: dict, perturbed: dict | None, params: dict, trainable: lis
         pert0 = _rel(start, {k: _perturbed(params, trainable, "float32" if dtype == "bfloat16" else dtype)[k]
                              for k in trainable})
         pert = [_rel(a, b) for a, b in zip(t["params"], perturbed["params"])]
-        any_gap = TORCH_EPS / max_norm if max_norm is not None else 0.0  # a later step may clip
-        bounds = [(g_tol + any_gap) * k * max(1.0, pk / pert0) for k, pk in enumerate(pert, 1)]
-        traj = Trajectory(gaps, bounds, pert, pert0, g_tol + any_gap)
+        bounds = [per_step * k * max(1.0, pk / pert0) for k, pk in enumerate(pert, 1)]
+        traj = Trajectory(gaps, bounds, pert, pert0, per_step)
         worst = int(np.argmax([g / b for g, b in zip(gaps, bounds)]))
         rows.append(PortRow("trajectory", f"params and loss, {steps} steps (worst: step {worst + 1})", math.nan,
                             gaps[worst], bounds[worst], traj.formula(worst + 1), bool(gaps[worst] <= bounds[worst])))

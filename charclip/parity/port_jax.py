@@ -131,8 +131,8 @@ def as_function(side, params: dict[str, np.ndarray], trainable: list[str], mappi
             continue
         spec = mapping.get(path)
         if callable(spec):
-            probe = _Used({k: jnp.asarray(v) for k, v in params.items()})
-            got = spec(probe)
+            probe = _Used({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()})
+            got = jax.eval_shape(spec, probe)
             if tuple(got.shape) != tuple(leaf.shape):
                 raise CharclipError(f"mapping[{path!r}] gives shape {tuple(got.shape)}; the JAX array is "
                                     f"{tuple(leaf.shape)}")
@@ -152,8 +152,9 @@ def as_function(side, params: dict[str, np.ndarray], trainable: list[str], mappi
         if name not in params:
             raise CharclipError(f"mapping[{path!r}] names {name!r}, which is not in the torch state_dict")
         layout = layout or _auto_layout(name, path, params[name].shape, tuple(leaf.shape))
-        shape = tuple(np.shape(_apply_layout(layout, jnp.zeros(params[name].shape), name, path))
-                      if layout != "reshape" else leaf.shape)
+        shape = (tuple(jax.eval_shape(lambda a: _apply_layout(layout, a, name, path),
+                                      jax.ShapeDtypeStruct(params[name].shape, params[name].dtype)).shape)
+                 if layout != "reshape" else tuple(leaf.shape))
         if shape != tuple(leaf.shape) or (layout == "reshape" and params[name].size != leaf.size):
             raise CharclipError(f"torch {name} {params[name].shape} does not fit JAX {path} {tuple(leaf.shape)} "
                                 f"(layout {layout if isinstance(layout, str) else 'given'}: {shape})")
@@ -268,30 +269,46 @@ def _all(module, kind: str) -> list:
     return found
 
 
-def _leaves(value) -> list[np.ndarray]:
-    out = []
-    for leaf in jax.tree_util.tree_leaves(value):
-        if isinstance(leaf, jax.core.Tracer):
-            raise CharclipError("tap() saw a traced value: pass prove_port the JAX forward without jax.jit "
-                                "(it jits the training step itself)")
-        if _floating(leaf):
-            out.append(np.asarray(leaf.astype(jnp.float32) if leaf.dtype == jnp.bfloat16 else leaf))
-    return out
+def _leaves(value) -> list:
+    return [leaf for leaf in jax.tree_util.tree_leaves(value) if _floating(leaf)]
+
+
+def _level(leaf):
+    return getattr(leaf, "_trace", None)
 
 
 def record_forward(fn, build, kind: str, params: dict, x) -> list[tuple[str, list[np.ndarray]]]:
-    """One eager forward pass: what `tap` marked and (for modules) each submodule's output, in call order."""
-    calls: list = []
-    with recording() as taps:
-        if build is None:
-            fn(params, x)
-        else:
-            module = build(params)
-            with _recording_calls(module, kind, calls):
-                module(x)
-    tapped = {name for name, _ in taps}
-    merged = [(n, v) for n, v in calls if n not in tapped] + list(taps)
-    return [(n, _leaves(v)) for n, v in merged]
+    """One forward pass, compiled: what `tap` marked and (for modules) each submodule's output, in call order.
+
+    The values are returned from the jitted function, so only those of the function's own
+    level can be: a submodule called under `jax.vmap` or `lax.scan` is skipped, and a tap there
+    is an error (tap the batched value outside it).
+    """
+    names: list[str] = []
+
+    def traced(p, x):
+        top = _level(next(v for v in jax.tree_util.tree_leaves(p) if _floating(v)))
+        calls: list = []
+        with recording() as taps:
+            if build is None:
+                fn(p, x)
+            else:
+                module = build(p)
+                with _recording_calls(module, kind, calls):
+                    module(x)
+        tapped = {name for name, _ in taps}
+        for name, v in taps:
+            if any(_level(leaf) is not top for leaf in _leaves(v)):
+                raise CharclipError(f"tap({name!r}, ...) was called inside jax.vmap, lax.scan or a nested jit; "
+                                    f"tap the value where the forward pass itself computes it")
+        kept = [(n, v) for n, v in calls if n not in tapped and all(_level(leaf) is top for leaf in _leaves(v))]
+        merged = kept + list(taps)
+        names.extend(n for n, _ in merged)
+        return [_leaves(v) for _, v in merged]
+
+    values = jax.jit(traced)(params, x)
+    return [(n, [np.asarray(a).astype(np.float32 if a.dtype == jnp.bfloat16 else a.dtype) for a in v])
+            for n, v in zip(names, values)]
 
 
 def build_optimizer(opt, lr: float, max_norm: float | None, clip_value: float | None,
@@ -323,9 +340,9 @@ def run(fn, build, kind: str, params: dict[str, np.ndarray], trainable: list[str
     """The JAX side of the proof; the same quantities as `port_torch.run`."""
     jdtype = jnp.dtype(dtype)
 
-    def array(a):
-        a = jnp.asarray(a)
-        return a.astype(jdtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    def array(a):  # cast in NumPy (bfloat16 from ml_dtypes): no JAX operation to compile
+        a = np.asarray(a)
+        return jnp.asarray(a.astype(jdtype) if np.issubdtype(a.dtype, np.floating) else a)
 
     full = {k: array(v) for k, v in params.items()}
     frozen = {k: v for k, v in full.items() if k not in trainable}
@@ -348,11 +365,11 @@ def run(fn, build, kind: str, params: dict[str, np.ndarray], trainable: list[str
         return optax.apply_updates(train, updates), opt_state, value, out, grads, optax.tree.norm(grads), clipped
 
     def numpy(tree) -> dict[str, np.ndarray]:
-        return {k: np.asarray(v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v).copy() for k, v in tree.items()}
+        return {k: np.asarray(v).astype(np.float32 if v.dtype == jnp.bfloat16 else v.dtype) for k, v in tree.items()}
 
     train = {k: full[k] for k in trainable}
     start = numpy(train)
-    opt_state = tx.init(train)
+    opt_state = jax.jit(tx.init)(train)
     result: dict = {}
     if ladder:
         result["taps"] = record_forward(fn, build, kind, full, array(batches[0][0]))
@@ -360,7 +377,7 @@ def run(fn, build, kind: str, params: dict[str, np.ndarray], trainable: list[str
     for i, (x, y) in enumerate(batches):
         train, opt_state, value, out, grads, norm, clipped = step(train, opt_state, array(x), array(y))
         if i == 0 and ladder:
-            result.update(output=np.asarray(out.astype(jnp.float32) if out.dtype == jnp.bfloat16 else out),
+            result.update(output=np.asarray(out).astype(np.float32 if out.dtype == jnp.bfloat16 else out.dtype),
                           loss=float(value), grad=numpy(grads), grad_norm=float(norm), clipped=numpy(clipped))
         losses.append(float(value))
         per_step.append(numpy(train))
