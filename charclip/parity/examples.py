@@ -176,7 +176,7 @@ def gru_port(layers: int, broken: str | None = None):
             b_hh = jnp.zeros_like(b_hh)  # the hidden-side bias forgotten
 
         def step(h, xi):  # h (B, H), xi (B, 3H): the input projection, precomputed
-            gh = h @ w_hh.T + b_hh
+            gh = h @ w_hh.T + b_hh[None, :]
             r_i, z_i, n_i = jnp.split(xi, 3, axis=-1)
             r_h, z_h, n_h = jnp.split(gh, 3, axis=-1)
             if broken == "gate_order":
@@ -193,13 +193,13 @@ def gru_port(layers: int, broken: str | None = None):
         for layer in range(layers):
             step, w_ih, b_ih = cell(p, layer)
             h0 = jnp.zeros((x.shape[0], w_ih.shape[0] // 3), x.dtype)
-            h, seq = jax.lax.scan(step, h0, seq @ w_ih.T + b_ih)
+            h, seq = jax.lax.scan(step, h0, seq @ w_ih.T + b_ih[None, None, :])
             hs.append(h)
         out = jnp.swapaxes(seq, 0, 1)  # (B, T, H)
         if broken == "custom_backward":
             out = _scale_grad_bug(out)
         tap("gru", (out, jnp.stack(hs)))  # torch's GRU returns (output, h_n)
-        return tap("head", out @ p["head.weight"].T + p["head.bias"])
+        return tap("head", out @ p["head.weight"].T + p["head.bias"][None, None, :])
 
     return forward
 

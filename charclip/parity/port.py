@@ -211,7 +211,7 @@ def _perturbed(params: dict[str, np.ndarray], trainable: list[str], dtype: str) 
         if dtype == "bfloat16":
             out[n] = (p * (1 + 2 * UNIT_ROUNDOFF[dtype])).astype(p.dtype)
         else:
-            out[n] = np.nextafter(p, np.where(p < 0, -np.inf, np.inf)).astype(p.dtype)
+            out[n] = np.nextafter(p, np.where(p < 0, -np.inf, np.inf).astype(p.dtype))  # in p's own dtype
     return out
 
 
@@ -329,7 +329,8 @@ def _rows(t: dict, j: dict, perturbed: dict | None, params: dict, trainable: lis
         kappa = 1.0 if opt.name == "sgd" or not g.size else float(g.max() * np.max(opt.eps / (g + opt.eps) ** 2))
         kappa = max(kappa, 1.0)
         du = float(np.max(np.abs(t["update"][name]))) if t["update"][name].size else 0.0
-        dp = float(np.max(np.abs(t["start"][name]))) if t["start"][name].size else 0.0
+        dp = max(float(np.max(np.abs(t["start"][name]))), float(np.max(np.abs(t["params"][0][name])))) \
+            if t["start"][name].size else 0.0  # the weights' scale, before or after (a zero-initialised bias)
         ratio = dp / du if du > 0 else 1.0
         tol = g_tol * kappa + gap + C * u * (ops + ratio)
         row("step", f"update {name}", [t["update"][name]], [j["update"][name]], tol,

@@ -24,8 +24,13 @@ LAYOUTS = ("same", "transpose", "oihw->hwio", "reshape")
 
 @contextlib.contextmanager
 def pinned_precision():
-    """float32 matmuls at full precision (JAX's default on GPUs is TF32-like); yields what was pinned."""
-    with jax.default_matmul_precision("highest"):
+    """float32 matmuls at full precision (JAX's default on GPUs is TF32-like); yields what was pinned.
+
+    Standard dtype and rank promotion too, whatever the caller's suite set: optax and Flax are
+    written for them (a strict setting would fail inside the libraries, not in the port).
+    """
+    with jax.default_matmul_precision("highest"), jax.numpy_dtype_promotion("standard"), \
+            jax.numpy_rank_promotion("allow"):
         yield "JAX: default_matmul_precision 'highest'"
 
 
@@ -277,38 +282,32 @@ def _level(leaf):
     return getattr(leaf, "_trace", None)
 
 
-def record_forward(fn, build, kind: str, params: dict, x) -> list[tuple[str, list[np.ndarray]]]:
-    """One forward pass, compiled: what `tap` marked and (for modules) each submodule's output, in call order.
+def recorded(fn, build, kind: str, p: dict, x, names: list[str]):
+    """`fn(p, x)` and, as a list of arrays per entry, what `tap` marked and (for modules) each
+    submodule's output, in call order; their names go to `names` (filled while tracing).
 
-    The values are returned from the jitted function, so only those of the function's own
-    level can be: a submodule called under `jax.vmap` or `lax.scan` is skipped, and a tap there
-    is an error (tap the batched value outside it).
+    The values leave through the traced function's outputs (`value_and_grad`'s aux), so only
+    those of the forward pass's own level can: a submodule called under `jax.vmap` or
+    `lax.scan` is skipped, and a tap there is an error (tap the batched value outside it).
     """
-    names: list[str] = []
-
-    def traced(p, x):
-        top = _level(next(v for v in jax.tree_util.tree_leaves(p) if _floating(v)))
-        calls: list = []
-        with recording() as taps:
-            if build is None:
-                fn(p, x)
-            else:
-                module = build(p)
-                with _recording_calls(module, kind, calls):
-                    module(x)
-        tapped = {name for name, _ in taps}
-        for name, v in taps:
-            if any(_level(leaf) is not top for leaf in _leaves(v)):
-                raise CharclipError(f"tap({name!r}, ...) was called inside jax.vmap, lax.scan or a nested jit; "
-                                    f"tap the value where the forward pass itself computes it")
-        kept = [(n, v) for n, v in calls if n not in tapped and all(_level(leaf) is top for leaf in _leaves(v))]
-        merged = kept + list(taps)
-        names.extend(n for n, _ in merged)
-        return [_leaves(v) for _, v in merged]
-
-    values = jax.jit(traced)(params, x)
-    return [(n, [np.asarray(a).astype(np.float32 if a.dtype == jnp.bfloat16 else a.dtype) for a in v])
-            for n, v in zip(names, values)]
+    top = _level(next(v for v in jax.tree_util.tree_leaves(p) if _floating(v) and _level(v) is not None))
+    calls: list = []
+    with recording() as taps:
+        if build is None:
+            out = fn(p, x)
+        else:
+            module = build(p)
+            with _recording_calls(module, kind, calls):
+                out = module(x)
+    tapped = {name for name, _ in taps}
+    for name, v in taps:
+        if any(_level(leaf) is not top for leaf in _leaves(v)):
+            raise CharclipError(f"tap({name!r}, ...) was called inside jax.vmap, lax.scan or a nested jit; "
+                                f"tap the value where the forward pass itself computes it")
+    kept = [(n, v) for n, v in calls if n not in tapped and all(_level(leaf) is top for leaf in _leaves(v))]
+    merged = kept + list(taps)
+    names[:] = [n for n, _ in merged]
+    return out, [_leaves(v) for _, v in merged]
 
 
 def build_optimizer(opt, lr: float, max_norm: float | None, clip_value: float | None,
@@ -347,22 +346,26 @@ def run(fn, build, kind: str, params: dict[str, np.ndarray], trainable: list[str
     full = {k: array(v) for k, v in params.items()}
     frozen = {k: v for k, v in full.items() if k not in trainable}
 
+    names: list[str] = []
+
     def loss_of(train, x, y):
-        out = fn({**frozen, **train}, x)
+        out, taps = recorded(fn, build, kind, {**frozen, **train}, x, names) if ladder else (
+            fn({**frozen, **train}, x), [])
         if loss == "mse":
-            return jnp.mean((out - y) ** 2), out
+            return jnp.mean((out - y) ** 2), (out, taps)
         logp = jax.nn.log_softmax(out.reshape(-1, out.shape[-1]), axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, y.reshape(-1)[:, None], axis=-1)), out
+        return -jnp.mean(jnp.take_along_axis(logp, y.reshape(-1)[:, None], axis=-1)), (out, taps)
 
     tx = build_optimizer(opt, lr, max_norm, clip_value, jax_optimizer)
     clip = build_optimizer(opt, lr, max_norm, clip_value, optax.identity())
 
     @jax.jit
     def step(train, opt_state, x, y):
-        (value, out), grads = jax.value_and_grad(loss_of, has_aux=True)(train, x, y)
+        (value, (out, taps)), grads = jax.value_and_grad(loss_of, has_aux=True)(train, x, y)
         clipped, _ = clip.update(grads, clip.init(train), train)
         updates, opt_state = tx.update(grads, opt_state, train)
-        return optax.apply_updates(train, updates), opt_state, value, out, grads, optax.tree.norm(grads), clipped
+        return (optax.apply_updates(train, updates), opt_state, value, out, grads, optax.tree.norm(grads), clipped,
+                taps)
 
     def numpy(tree) -> dict[str, np.ndarray]:
         return {k: np.asarray(v).astype(np.float32 if v.dtype == jnp.bfloat16 else v.dtype) for k, v in tree.items()}
@@ -371,12 +374,12 @@ def run(fn, build, kind: str, params: dict[str, np.ndarray], trainable: list[str
     start = numpy(train)
     opt_state = jax.jit(tx.init)(train)
     result: dict = {}
-    if ladder:
-        result["taps"] = record_forward(fn, build, kind, full, array(batches[0][0]))
     losses, per_step = [], []
     for i, (x, y) in enumerate(batches):
-        train, opt_state, value, out, grads, norm, clipped = step(train, opt_state, array(x), array(y))
+        train, opt_state, value, out, grads, norm, clipped, taps = step(train, opt_state, array(x), array(y))
         if i == 0 and ladder:
+            result["taps"] = [(n, [np.asarray(a).astype(np.float32 if a.dtype == jnp.bfloat16 else a.dtype)
+                                   for a in v]) for n, v in zip(names, taps)]
             result.update(output=np.asarray(out).astype(np.float32 if out.dtype == jnp.bfloat16 else out.dtype),
                           loss=float(value), grad=numpy(grads), grad_norm=float(norm), clipped=numpy(clipped))
         losses.append(float(value))
