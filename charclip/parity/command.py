@@ -12,7 +12,9 @@ from charclip.parity.report import format_table, plot_drift
 
 
 def add_parser(sub) -> None:
-    from charclip.cli import HelpFormatter  # imported here: cli imports this module to register it
+    from charclip.cli import (
+        HelpFormatter,  # imported here: cli imports this module to register it
+    )
 
     p = sub.add_parser(
         "parity", help="prove torch and JAX compute the same thing, quantity by quantity",

@@ -261,7 +261,7 @@ def prove_port(torch_model, jax_forward, batches, *, loss: str = "mse", optimize
         j = pj.run(fn, build, kind, params, trainable, runs, jax_optimizer=jax_optimizer, **kw)
         perturbed = (pt.run(torch_model, _perturbed(params, trainable, host), trainable, runs, ladder=False, **kw)
                      if trajectory else None)
-    notes = [f"precision pinned: {t_note}; {j_note}", f"JAX side: {kind}" + (f"; jax_optimizer given" if
+    notes = [f"precision pinned: {t_note}; {j_note}", f"JAX side: {kind}" + ("; jax_optimizer given" if
                                                                               jax_optimizer is not None else "")]
     notes += [f"layout: {n}" for n in layouts]
     notes += opt.differences()

@@ -9,7 +9,6 @@ and equinox only for their modules).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +156,7 @@ def as_function(side, params: dict[str, np.ndarray], trainable: list[str], mappi
         if name not in params:
             raise CharclipError(f"mapping[{path!r}] names {name!r}, which is not in the torch state_dict")
         layout = layout or _auto_layout(name, path, params[name].shape, tuple(leaf.shape))
-        shape = (tuple(jax.eval_shape(lambda a: _apply_layout(layout, a, name, path),
+        shape = (tuple(jax.eval_shape(lambda a, lay=layout, n=name, q=path: _apply_layout(lay, a, n, q),
                                       jax.ShapeDtypeStruct(params[name].shape, params[name].dtype)).shape)
                  if layout != "reshape" else tuple(leaf.shape))
         if shape != tuple(leaf.shape) or (layout == "reshape" and params[name].size != leaf.size):

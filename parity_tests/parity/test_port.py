@@ -19,7 +19,7 @@ from charclip.parity import Optimizer, assert_port_equal, prove_port, tap
 
 pytest.importorskip("flax")  # the `port` extra: the NNX and Equinox front ends and the examples
 pytest.importorskip("equinox")
-from charclip.parity import examples  # noqa: E402
+from charclip.parity import examples
 
 
 class MLP(nn.Module):
