@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from charclip.cli import main
 from charclip.errors import CharclipError
 from charclip.parity import Optimizer, assert_port_equal, prove_port, tap
 
@@ -197,8 +198,9 @@ def test_a_real_port_is_exact_in_float64(name):
     report = prove_port(model, port, batches, **options)
     assert report.ok, report.table()
     # float64 rounding (1.1e-16) over these few hundred operations; a bug is many orders above. The
-    # trajectory is left to its own bound: Adam's step amplifies rounding of near-zero gradients.
-    worst = max(r.max_rel for r in report.rows if r.phase != "trajectory")
+    # step and trajectory rows keep their own bounds: Adam's first step turns the rounding noise of a
+    # gradient that is exactly 0 in exact arithmetic (the attention's key bias) into a visible update.
+    worst = max(r.max_rel for r in report.rows if r.phase in ("forward", "backward"))
     assert worst < 1e-12, report.table()
     layers = [r.where for r in report.rows if r.phase == "forward" and r.where not in ("output", "loss")]
     assert len(layers) >= 2, layers  # localised: the modules inside are compared, not only the output
@@ -215,7 +217,7 @@ def test_a_broken_port_is_localised_to_its_layer_and_phase(name, broken):
 
 # --- the command line ----------------------------------------------------------------------
 
-def test_charclip_prove_prints_the_table_and_exits_1_on_a_divergence(tmp_path):
+def test_charclip_prove_prints_the_table_and_exits_1_on_a_divergence(tmp_path, capsys):
     for broken, code in (("gate_order", 1),):  # exit 0 for a right port: test_a_real_port_is_exact_in_float64
         spec = tmp_path / f"spec_{broken}.py"
         spec.write_text(textwrap.dedent(f"""
@@ -223,11 +225,10 @@ def test_charclip_prove_prints_the_table_and_exits_1_on_a_divergence(tmp_path):
             torch_model, jax_forward, batches, options = examples.make_gru({broken!r}, steps=1)
         """))
         out = subprocess.run([sys.executable, "-m", "charclip", "prove", str(spec), "--no-trajectory"],
-                             capture_output=True, text=True, timeout=300)
+                             check=False, capture_output=True, text=True, timeout=300)
         assert out.returncode == code, out.stdout + out.stderr
         assert "bound = formula" in out.stdout, out.stdout
     assert out.stdout.splitlines()[0].startswith("diverges in the forward phase at gru"), out.stdout
-    bad = subprocess.run([sys.executable, "-m", "charclip", "prove", str(tmp_path / "missing.py")],
-                         capture_output=True, text=True, timeout=120)
-    lines = bad.stderr.strip().splitlines()
-    assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("charclip: error: SPEC"), bad.stderr
+    assert main(["prove", str(tmp_path / "missing.py")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("charclip: error: SPEC.py"), lines
