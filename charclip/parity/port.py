@@ -259,7 +259,7 @@ def prove_port(torch_model, jax_forward, batches, *, loss: str = "mse", optimize
     with pt.pinned_precision() as t_note, pj.pinned_precision() as j_note:
         t = pt.run(torch_model, params, trainable, runs, **kw)
         j = pj.run(fn, build, kind, params, trainable, runs, jax_optimizer=jax_optimizer, **kw)
-        perturbed = (pt.run(torch_model, _perturbed(params, trainable, host), trainable, runs, ladder=False, **kw)
+        perturbed = (pt.run(torch_model, _perturbed(params, trainable, dtype), trainable, runs, ladder=False, **kw)
                      if trajectory else None)
     notes = [f"precision pinned: {t_note}; {j_note}", f"JAX side: {kind}" + ("; jax_optimizer given" if
                                                                               jax_optimizer is not None else "")]
@@ -344,8 +344,7 @@ def _rows(t: dict, j: dict, perturbed: dict | None, params: dict, trainable: lis
         gaps = [max(_rel(a, b), errors(la, lb)[1]) for a, b, la, lb in
                 zip(t["params"], j["params"], t["losses"], j["losses"])]
         start = {k: params[k] for k in trainable}
-        pert0 = _rel(start, {k: _perturbed(params, trainable, "float32" if dtype == "bfloat16" else dtype)[k]
-                             for k in trainable})
+        pert0 = _rel(start, {k: _perturbed(params, trainable, dtype)[k] for k in trainable})
         pert = [_rel(a, b) for a, b in zip(t["params"], perturbed["params"])]
         bounds = [per_step * k * max(1.0, pk / pert0) for k, pk in enumerate(pert, 1)]
         traj = Trajectory(gaps, bounds, pert, pert0, per_step)
