@@ -125,6 +125,25 @@ def test_float32_adam_trajectory_bound_grows_with_the_measured_perturbation():
     assert tr.bound == pytest.approx([tr.per_step * k * tr.amplification(k) for k in range(1, 7)])
 
 
+def test_tap_returns_its_value_and_records_only_inside_a_proof():
+    from charclip.parity.tap import recording
+
+    v = np.arange(3.0)
+    assert tap("x", v) is v
+    with recording() as taps:
+        tap("a", v)
+    tap("b", v)
+    assert [n for n, _ in taps] == ["a"]
+
+
+def test_a_tap_inside_vmap_is_a_one_line_error():
+    def port(p, x):
+        return jax.vmap(lambda v: tap("fc1", v @ p["fc1.weight"].T) + p["fc1.bias"])(x) @ p["fc2.weight"].T
+
+    with pytest.raises(CharclipError, match=r"tap\('fc1', ...\) was called inside jax.vmap"):
+        prove_port(_model(), port, _batches(n=1), trajectory=False)
+
+
 def test_a_dropout_model_in_training_mode_is_refused_in_one_line():
     model = nn.Sequential(nn.Linear(5, 3), nn.Dropout(0.1))
     with pytest.raises(CharclipError, match=r"training mode with dropout active \(1, p=0.1\); call model.eval"):
