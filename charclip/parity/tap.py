@@ -1,10 +1,11 @@
 """`tap(name, value)`: mark a value in a JAX port so that `prove_port` can compare it.
 
 Framework-free. Outside a proof `tap` returns its value and does nothing else, so a port
-keeps its taps in production code at no cost. While `prove_port` runs the JAX side's
-forward pass eagerly (not under `jax.jit`), each tap appends `(name, value)` to the active
-recording; `name` is the qualified name of the torch submodule whose output the value is
-(`"encoder.layers.0"`, `"head"`), as `named_modules()` spells it.
+keeps its taps in production code at no cost. While `prove_port` traces the JAX side's
+training step, each tap appends `(name, value)` to the active recording and the values leave
+through the compiled step's outputs; `name` is the qualified name of the torch submodule whose
+output the value is (`"encoder.layers.0"`, `"head"`), as `named_modules()` spells it. Tap the
+forward pass's own values, not values inside `jax.vmap` or `lax.scan` (a one-line error).
 """
 
 from __future__ import annotations
