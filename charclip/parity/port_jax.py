@@ -167,6 +167,9 @@ def as_function(side, params: dict[str, np.ndarray], trainable: list[str], mappi
         if layout != "same":
             notes.append(f"{name} {tuple(params[name].shape)} -> {path} {tuple(leaf.shape)}: "
                          f"{layout if isinstance(layout, str) else 'mapped'}")
+        if layout == "oihw->hwio":
+            notes.append(f"{path.rsplit('.', 1)[0]}: Flax's channels-last output compared with its channel axis "
+                         f"moved to torch's place (N, C, ...)")
     missing = [n for n in trainable if n not in used]
     if missing:
         raise CharclipError(f"torch parameter {missing[0]!r} {params[missing[0]].shape} has no counterpart in the "
@@ -236,7 +239,7 @@ def _recording_calls(module, kind: str, out: list):
         def wrapper(self, *a, __original=original, **k):
             result = __original(self, *a, **k)
             if id(self) in names:
-                out.append((names[id(self)], result))
+                out.append((names[id(self)], _channels_first(self, result)))
             return result
 
         try:
@@ -252,6 +255,16 @@ def _recording_calls(module, kind: str, out: list):
                 type.__delattr__(cls, "__call__")
             else:
                 type.__setattr__(cls, "__call__", own)
+
+
+def _channels_first(module, result):
+    """A Flax convolution's output is channels-last (N, *spatial, C); torch's is (N, C, *spatial):
+    the channel axis is moved to torch's place before comparing (stated in the report's notes)."""
+    cls = type(module)
+    if cls.__module__.startswith("flax.nnx") and cls.__name__ in ("Conv", "ConvTranspose") and hasattr(
+            result, "ndim") and result.ndim >= 3:
+        return jnp.moveaxis(result, -1, 1)
+    return result
 
 
 def _all(module, kind: str) -> list:

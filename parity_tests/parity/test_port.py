@@ -207,6 +207,33 @@ def test_flax_kernels_are_transposed_and_the_layout_is_stated():
     assert [r.where for r in report.rows if r.phase == "forward"] == ["fc1", "fc2", "output", "loss"]
 
 
+def test_a_flax_conv_kernel_is_matched_from_oihw_to_hwio():
+    from flax import nnx
+
+    class TorchConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, (3, 2))
+
+        def forward(self, x):  # (B, 2, H, W) -> (B, 3 * H' * W')
+            return self.conv(x).flatten(1)
+
+    class NnxConv(nnx.Module):
+        def __init__(self):
+            self.conv = nnx.Conv(2, 3, (3, 2), padding="VALID", rngs=nnx.Rngs(0))
+
+        def __call__(self, x):  # NCHW in, as torch; Flax convolves NHWC
+            y = self.conv(jnp.transpose(x, (0, 2, 3, 1)))
+            return jnp.transpose(y, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((2, 2, 5, 4))
+    y = np.random.default_rng(1).standard_normal((2, 3 * 3 * 3))
+    report = prove_port(TorchConv(), NnxConv(), [(x, y)], trajectory=False)
+    assert report.ok, report.table()
+    assert "layout: conv.weight (3, 2, 3, 2) -> conv.kernel (3, 2, 2, 3): oihw->hwio" in report.notes
+
+
 # --- the three real ports and their broken variants -----------------------------------------
 
 @pytest.mark.parametrize("name", ["transformer", "gru", "convnet"])
