@@ -34,7 +34,9 @@ def measure() -> dict:
     from charclip.parity import prove_port
     from charclip.parity.examples import make_transformer
 
-    torch.set_num_threads(1)  # beside XLA's threads on a small machine (torch_impl.probe.one_thread)
+    torch.set_num_threads(
+        1
+    )  # beside XLA's threads on a small machine (torch_impl.probe.one_thread)
     times, report = [], None
     for _ in range(2):
         model, port, batches, options = make_transformer(**CONFIG)
@@ -43,25 +45,36 @@ def measure() -> dict:
         times.append(time.perf_counter() - t0)
     forward = [r for r in report.rows if r.phase == "forward"]
     non_traj = [r.max_rel for r in report.rows if r.phase != "trajectory"]
-    return {"config": CONFIG, "dtype": "float64", "optimizer": "adamw", "cold_s": round(times[0], 1),
-            "warm_s": round(times[1], 1), "ok": report.ok, "rows": len(report.rows),
-            "forward_rows": len(forward), "worst_rel_error_ladder": max(non_traj),
-            "trajectory_worst_gap": max(report.trajectory.gap), "cores": os.cpu_count(),
-            "machine": platform.processor() or platform.machine()}
+    return {
+        "config": CONFIG,
+        "dtype": "float64",
+        "optimizer": "adamw",
+        "cold_s": round(times[0], 1),
+        "warm_s": round(times[1], 1),
+        "ok": report.ok,
+        "rows": len(report.rows),
+        "forward_rows": len(forward),
+        "worst_rel_error_ladder": max(non_traj),
+        "trajectory_worst_gap": max(report.trajectory.gap),
+        "cores": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+    }
 
 
 def table(r: dict) -> str:
     c = r["config"]
-    return "\n".join([
-        "| model | proof | cold (s) | warm (s) | rows | worst error, one step | worst trajectory gap | verdict |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {c['layers']}-layer encoder, d_model {c['d_model']}, {c['heads']} heads, seq {c['seq']}, batch "
-        f"{c['batch']} | float64, all submodules, AdamW x {c['steps']} steps | {r['cold_s']} | {r['warm_s']} | "
-        f"{r['rows']} | {r['worst_rel_error_ladder']:.1e} | {r['trajectory_worst_gap']:.1e} | "
-        f"{'exact to the bounds' if r['ok'] else 'DIFFERS'} |",
-        "",
-        f"Measured by `python -m benchmarks.port --write-docs` on {r['cores']} CPU cores ({r['machine']}).",
-    ])
+    return "\n".join(
+        [
+            "| model | proof | cold (s) | warm (s) | rows | worst error, one step | worst trajectory gap | verdict |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {c['layers']}-layer encoder, d_model {c['d_model']}, {c['heads']} heads, seq {c['seq']}, batch "
+            f"{c['batch']} | float64, all submodules, AdamW x {c['steps']} steps | {r['cold_s']} | {r['warm_s']} | "
+            f"{r['rows']} | {r['worst_rel_error_ladder']:.1e} | {r['trajectory_worst_gap']:.1e} | "
+            f"{'exact to the bounds' if r['ok'] else 'DIFFERS'} |",
+            "",
+            f"Measured by `python -m benchmarks.port --write-docs` on {r['cores']} CPU cores ({r['machine']}).",
+        ]
+    )
 
 
 def broken_example() -> str:
@@ -74,25 +87,36 @@ def broken_example() -> str:
     report = prove_port(model, port, batches, trajectory=False, **options)
     rows = report.table().splitlines()
     cut = next(i for i, line in enumerate(rows) if line.startswith("backward"))
-    return "```\n" + "\n".join(rows[:cut + 1]) + f"\n... ({len(rows) - cut - 1} more rows)\n```"
+    return "```\n" + "\n".join(rows[: cut + 1]) + f"\n... ({len(rows) - cut - 1} more rows)\n```"
 
 
 def write_docs(r: dict) -> None:
     text = DOC.read_text(encoding="utf-8")
     for name, body in (("benchmark", table(r)), ("example", broken_example())):
         block = f"<!-- {name}:port:start -->\n{body}\n<!-- {name}:port:end -->"
-        text, n = re.subn(rf"<!-- {name}:port:start -->.*?<!-- {name}:port:end -->", lambda _, b=block: b, text,
-                          flags=re.DOTALL)
+        text, n = re.subn(
+            rf"<!-- {name}:port:start -->.*?<!-- {name}:port:end -->",
+            lambda _, b=block: b,
+            text,
+            flags=re.DOTALL,
+        )
         if n != 1:
             raise SystemExit(f"docs/porting.md has no <!-- {name}:port:start/end --> block")
     DOC.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--write-docs", action="store_true", help="rewrite the generated table in docs/porting.md")
-    p.add_argument("--example-only", action="store_true",
-                   help="with --write-docs: rewrite only the localisation example, keep results/port.json's timing")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--write-docs", action="store_true", help="rewrite the generated table in docs/porting.md"
+    )
+    p.add_argument(
+        "--example-only",
+        action="store_true",
+        help="with --write-docs: rewrite only the localisation example, keep results/port.json's timing",
+    )
     a = p.parse_args(argv)
     out = ROOT / "benchmarks" / "results" / "port.json"
     if a.example_only:

@@ -31,12 +31,20 @@ from charclip.parity.tap import tap
 
 # name -> {broken variant: (phase, where) the proof must name}
 BROKEN = {
-    "transformer": {"layernorm_eps": ("forward", "encoder.layers.0.norm1"),
-                    "tanh_gelu": ("forward", "encoder.layers.0.activation"),
-                    "transposed_weight": ("forward", "encoder.layers.0.self_attn")},
-    "gru": {"gate_order": ("forward", "gru"), "missing_bias": ("forward", "gru"),
-            "custom_backward": ("backward", "gru.bias_hh_l1")},
-    "convnet": {"transposed_weight": ("forward", "conv2"), "adam_eps_in_sqrt": ("step", "conv1.weight")},
+    "transformer": {
+        "layernorm_eps": ("forward", "encoder.layers.0.norm1"),
+        "tanh_gelu": ("forward", "encoder.layers.0.activation"),
+        "transposed_weight": ("forward", "encoder.layers.0.self_attn"),
+    },
+    "gru": {
+        "gate_order": ("forward", "gru"),
+        "missing_bias": ("forward", "gru"),
+        "custom_backward": ("backward", "gru.bias_hh_l1"),
+    },
+    "convnet": {
+        "transposed_weight": ("forward", "conv2"),
+        "adam_eps_in_sqrt": ("step", "conv1.weight"),
+    },
 }
 
 
@@ -46,12 +54,19 @@ def _batches(rng, n: int, x_shape: tuple, classes: int, y_shape: tuple) -> list:
 
 # --- nn.TransformerEncoderLayer -> Flax NNX -------------------------------------------------
 
+
 class TorchEncoder(nn.Module):
     def __init__(self, d_in: int, d_model: int, heads: int, layers: int, classes: int):
         super().__init__()
         self.embed = nn.Linear(d_in, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=2 * d_model, dropout=0.0,
-                                           activation=nn.GELU(), batch_first=True)
+        layer = nn.TransformerEncoderLayer(
+            d_model,
+            heads,
+            dim_feedforward=2 * d_model,
+            dropout=0.0,
+            activation=nn.GELU(),
+            batch_first=True,
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(d_model, classes)
 
@@ -87,9 +102,14 @@ class Gelu(nnx.Module):
 class EncoderLayer(nnx.Module):
     """Post-norm: x = norm1(x + attention(x)); x = norm2(x + linear2(gelu(linear1(x))))."""
 
-    def __init__(self, d: int, heads: int, rngs: nnx.Rngs, eps: float = 1e-5, approximate: bool = False):
+    def __init__(
+        self, d: int, heads: int, rngs: nnx.Rngs, eps: float = 1e-5, approximate: bool = False
+    ):
         self.self_attn = Attention(d, heads, rngs)
-        self.linear1, self.linear2 = nnx.Linear(d, 2 * d, rngs=rngs), nnx.Linear(2 * d, d, rngs=rngs)
+        self.linear1, self.linear2 = (
+            nnx.Linear(d, 2 * d, rngs=rngs),
+            nnx.Linear(2 * d, d, rngs=rngs),
+        )
         # torch's LayerNorm: the mean of squared deviations, not E[x^2] - E[x]^2
         self.norm1 = nnx.LayerNorm(d, epsilon=eps, use_fast_variance=False, rngs=rngs)
         self.norm2 = nnx.LayerNorm(d, epsilon=eps, use_fast_variance=False, rngs=rngs)
@@ -111,11 +131,23 @@ class Stack(nnx.Module):
 
 
 class NnxEncoder(nnx.Module):
-    def __init__(self, d_in: int, d_model: int, heads: int, layers: int, classes: int, *, eps: float = 1e-5,
-                 approximate: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        d_in: int,
+        d_model: int,
+        heads: int,
+        layers: int,
+        classes: int,
+        *,
+        eps: float = 1e-5,
+        approximate: bool = False,
+        seed: int = 0,
+    ):
         rngs = nnx.Rngs(seed)
         self.embed = nnx.Linear(d_in, d_model, rngs=rngs)
-        self.encoder = Stack([EncoderLayer(d_model, heads, rngs, eps, approximate) for _ in range(layers)])
+        self.encoder = Stack(
+            [EncoderLayer(d_model, heads, rngs, eps, approximate) for _ in range(layers)]
+        )
         self.head = nnx.Linear(d_model, classes, rngs=rngs)
 
     def __call__(self, x):
@@ -133,19 +165,44 @@ def transformer_mapping(layers: int, out_proj_layout: str = "transpose") -> dict
     return m
 
 
-def make_transformer(broken: str | None = None, *, d_in: int = 6, d_model: int = 8, heads: int = 2, layers: int = 2,
-                     seq: int = 5, batch: int = 3, classes: int = 4, steps: int = 4, seed: int = 0):
+def make_transformer(
+    broken: str | None = None,
+    *,
+    d_in: int = 6,
+    d_model: int = 8,
+    heads: int = 2,
+    layers: int = 2,
+    seq: int = 5,
+    batch: int = 3,
+    classes: int = 4,
+    steps: int = 4,
+    seed: int = 0,
+):
     torch.manual_seed(seed)
     model = TorchEncoder(d_in, d_model, heads, layers, classes).eval()
-    port = NnxEncoder(d_in, d_model, heads, layers, classes, eps=1e-6 if broken == "layernorm_eps" else 1e-5,
-                      approximate=broken == "tanh_gelu")
+    port = NnxEncoder(
+        d_in,
+        d_model,
+        heads,
+        layers,
+        classes,
+        eps=1e-6 if broken == "layernorm_eps" else 1e-5,
+        approximate=broken == "tanh_gelu",
+    )
     mapping = transformer_mapping(layers, "same" if broken == "transposed_weight" else "transpose")
-    batches = _batches(np.random.default_rng(seed), steps, (batch, seq, d_in), classes, (batch, seq))
-    return model, port, batches, dict(loss="cross_entropy", optimizer="adamw", lr=1e-3, max_norm=None,
-                                      mapping=mapping)
+    batches = _batches(
+        np.random.default_rng(seed), steps, (batch, seq, d_in), classes, (batch, seq)
+    )
+    return (
+        model,
+        port,
+        batches,
+        dict(loss="cross_entropy", optimizer="adamw", lr=1e-3, max_norm=None, mapping=mapping),
+    )
 
 
 # --- multi-layer nn.GRU -> a plain function -------------------------------------------------
+
 
 class TorchGRU(nn.Module):
     def __init__(self, d_in: int, hidden: int, layers: int, classes: int):
@@ -169,6 +226,7 @@ _scale_grad_bug.defvjp(lambda h: (h, None), lambda _, g: (0.5 * g,))
 
 def gru_port(layers: int, broken: str | None = None):
     """`forward(params, x)` over the state_dict: torch's GRU equations, gates in (r, z, n) order."""
+
     def cell(p, layer):
         w_ih, w_hh = p[f"gru.weight_ih_l{layer}"], p[f"gru.weight_hh_l{layer}"]
         b_ih, b_hh = p[f"gru.bias_ih_l{layer}"], p[f"gru.bias_hh_l{layer}"]
@@ -204,17 +262,35 @@ def gru_port(layers: int, broken: str | None = None):
     return forward
 
 
-def make_gru(broken: str | None = None, *, d_in: int = 3, hidden: int = 6, layers: int = 2, seq: int = 7,
-             batch: int = 4, classes: int = 5, steps: int = 4, seed: int = 0):
+def make_gru(
+    broken: str | None = None,
+    *,
+    d_in: int = 3,
+    hidden: int = 6,
+    layers: int = 2,
+    seq: int = 7,
+    batch: int = 4,
+    classes: int = 5,
+    steps: int = 4,
+    seed: int = 0,
+):
     torch.manual_seed(seed)
     model = TorchGRU(d_in, hidden, layers, classes)
-    batches = _batches(np.random.default_rng(seed), steps, (batch, seq, d_in), classes, (batch, seq))
-    options = dict(loss="cross_entropy", optimizer=Optimizer("sgd", momentum=0.9, nesterov=True), lr=0.1,
-                   max_norm=None, clip_value=0.05)  # value clipping: the same arithmetic in torch and optax
+    batches = _batches(
+        np.random.default_rng(seed), steps, (batch, seq, d_in), classes, (batch, seq)
+    )
+    options = dict(
+        loss="cross_entropy",
+        optimizer=Optimizer("sgd", momentum=0.9, nesterov=True),
+        lr=0.1,
+        max_norm=None,
+        clip_value=0.05,
+    )  # value clipping: the same arithmetic in torch and optax
     return model, gru_port(layers, broken), batches, options
 
 
 # --- a conv net with BatchNorm2d in eval mode -> Equinox ------------------------------------
+
 
 class TorchConvNet(nn.Module):
     def __init__(self, channels: int = 3, classes: int = 4):
@@ -274,21 +350,37 @@ class EqxConvNet(eqx.Module):
         return tap("head", each(self.head)(h.reshape(b, -1)))
 
 
-def make_convnet(broken: str | None = None, *, channels: int = 3, size: int = 8, batch: int = 4, classes: int = 4,
-                 steps: int = 4, seed: int = 0):
+def make_convnet(
+    broken: str | None = None,
+    *,
+    channels: int = 3,
+    size: int = 8,
+    batch: int = 4,
+    classes: int = 4,
+    steps: int = 4,
+    seed: int = 0,
+):
     torch.manual_seed(seed)
     model = TorchConvNet(channels, classes)
-    with torch.no_grad():  # running statistics as after some training, so eval-mode BatchNorm does something
+    with (
+        torch.no_grad()
+    ):  # running statistics as after some training, so eval-mode BatchNorm does something
         model.bn1.running_mean.uniform_(-0.5, 0.5)
         model.bn1.running_var.uniform_(0.5, 2.0)
     model.eval()
     port = EqxConvNet(channels, classes, key=jax.random.key(seed))
     options = dict(loss="cross_entropy", optimizer="adam", lr=1e-2, max_norm=None)
     if broken == "transposed_weight":
-        options["mapping"] = {"conv2.weight": ("conv2.weight", lambda w: jnp.swapaxes(w, 2, 3))}  # kernel H, W swapped
+        options["mapping"] = {
+            "conv2.weight": ("conv2.weight", lambda w: jnp.swapaxes(w, 2, 3))
+        }  # kernel H, W swapped
     if broken == "adam_eps_in_sqrt":
-        options["jax_optimizer"] = optax.adam(1e-2, eps=0.0, eps_root=1e-8)  # sqrt(v + eps), not sqrt(v) + eps
-    batches = _batches(np.random.default_rng(seed), steps, (batch, 1, size, size), classes, (batch,))
+        options["jax_optimizer"] = optax.adam(
+            1e-2, eps=0.0, eps_root=1e-8
+        )  # sqrt(v + eps), not sqrt(v) + eps
+    batches = _batches(
+        np.random.default_rng(seed), steps, (batch, 1, size, size), classes, (batch,)
+    )
     return model, port, batches, options
 
 

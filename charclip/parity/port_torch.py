@@ -26,21 +26,28 @@ def check_no_active_dropout(model: nn.Module) -> None:
     for name, m in model.named_modules():
         p = m.p if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "dropout", 0.0)
         if m.training and isinstance(p, float) and p > 0:
-            raise CharclipError(f"the torch model is in training mode with dropout active ({name or 'the model'}, "
-                                f"p={p:g}); call model.eval() or set its dropout to 0 before proving a port")
+            raise CharclipError(
+                f"the torch model is in training mode with dropout active ({name or 'the model'}, "
+                f"p={p:g}); call model.eval() or set its dropout to 0 before proving a port"
+            )
 
 
 @contextlib.contextmanager
 def pinned_precision():
     """No TF32 anywhere (matmuls, cuDNN): full float32 matmul precision; yields what was pinned."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     try:
-        yield ("torch: TF32 off (backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = False), "
-               "float32 matmul precision 'highest'")
+        yield (
+            "torch: TF32 off (backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = False), "
+            "float32 matmul precision 'highest'"
+        )
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
         torch.set_float32_matmul_precision(saved[2])
@@ -56,32 +63,56 @@ def reduction_length(m: nn.Module, inputs: tuple, output) -> int:
     if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
         return 2 * math.prod(m.normalized_shape)  # a mean, then a variance
     if isinstance(m, nn.GroupNorm):
-        return 2 * (first.shape[1] // m.num_groups) * math.prod(first.shape[2:]) if first is not None else 1
+        return (
+            2 * (first.shape[1] // m.num_groups) * math.prod(first.shape[2:])
+            if first is not None
+            else 1
+        )
     if isinstance(m, nn.MultiheadAttention):
-        seq = first.shape[0 if not m.batch_first else 1] if first is not None and first.dim() == 3 else 1
-        return 3 * m.embed_dim + seq  # projections, scores over head dims, the softmax-weighted sum over keys
+        seq = (
+            first.shape[0 if not m.batch_first else 1]
+            if first is not None and first.dim() == 3
+            else 1
+        )
+        return (
+            3 * m.embed_dim + seq
+        )  # projections, scores over head dims, the softmax-weighted sum over keys
     if isinstance(m, nn.RNNBase):
-        seq = first.shape[1 if m.batch_first else 0] if first is not None and first.dim() == 3 else 1
-        return m.num_layers * seq * (m.input_size + m.hidden_size)  # rounding fed back through the recurrence
+        seq = (
+            first.shape[1 if m.batch_first else 0] if first is not None and first.dim() == 3 else 1
+        )
+        return (
+            m.num_layers * seq * (m.input_size + m.hidden_size)
+        )  # rounding fed back through the recurrence
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         if m.training and first is not None:
-            return 2 * first.numel() // first.shape[1]  # batch statistics: a mean and a variance per channel
+            return (
+                2 * first.numel() // first.shape[1]
+            )  # batch statistics: a mean and a variance per channel
         return 4  # eval: (x - mean) / sqrt(var + eps) * weight + bias, elementwise
     if isinstance(m, nn.modules.pooling._MaxPoolNd):
         return 0  # a maximum rounds nothing
     if isinstance(m, (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd)):
-        return max(int(first[0].numel() // max(output[0].numel(), 1)), 1) if first is not None else 1
+        return (
+            max(int(first[0].numel() // max(output[0].numel(), 1)), 1) if first is not None else 1
+        )
     if any(True for _ in m.children()):
         return 0  # a container: its children's hooks count its work
     if isinstance(m, nn.Embedding) or not any(True for _ in m.parameters(recurse=False)):
         return 1  # a lookup or an elementwise function (activation, flatten): one rounding
-    return 1 if first is None else int(first.shape[-1])  # another leaf with weights: its input's last axis
+    return (
+        1 if first is None else int(first.shape[-1])
+    )  # another leaf with weights: its input's last axis
 
 
 def _leaves(out) -> list[np.ndarray]:
     """The floating tensors of a module's output (a tensor, or a tuple such as an RNN's (output, h_n))."""
     if isinstance(out, torch.Tensor):
-        return [out.detach().float().numpy().copy() if out.dtype == torch.bfloat16 else out.detach().numpy().copy()]
+        return [
+            out.detach().float().numpy().copy()
+            if out.dtype == torch.bfloat16
+            else out.detach().numpy().copy()
+        ]
     if isinstance(out, (tuple, list)):
         return [a for o in out for a in _leaves(o)]
     return []
@@ -89,8 +120,13 @@ def _leaves(out) -> list[np.ndarray]:
 
 def build_optimizer(params: list[torch.Tensor], opt, lr: float) -> torch.optim.Optimizer:
     if opt.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, nesterov=opt.nesterov,
-                               weight_decay=opt.weight_decay)
+        return torch.optim.SGD(
+            params,
+            lr=lr,
+            momentum=opt.momentum,
+            nesterov=opt.nesterov,
+            weight_decay=opt.weight_decay,
+        )
     cls = torch.optim.Adam if opt.name == "adam" else torch.optim.AdamW
     return cls(params, lr=lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
 
@@ -101,8 +137,20 @@ def loss_of(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
-def run(module: nn.Module, params: dict[str, np.ndarray], trainable: list[str], batches, *, dtype: str, loss: str,
-        opt, lr: float, max_norm: float | None, clip_value: float | None, ladder: bool = True) -> dict:
+def run(
+    module: nn.Module,
+    params: dict[str, np.ndarray],
+    trainable: list[str],
+    batches,
+    *,
+    dtype: str,
+    loss: str,
+    opt,
+    lr: float,
+    max_norm: float | None,
+    clip_value: float | None,
+    ladder: bool = True,
+) -> dict:
     """The torch side of the proof from `params` (a state_dict as NumPy).
 
     `ladder`: on the first batch, also the hooked submodule outputs (in execution order, each with
@@ -126,6 +174,7 @@ def run(module: nn.Module, params: dict[str, np.ndarray], trainable: list[str], 
             for p in m.parameters(recurse=False):
                 if owner.get(id(p)) in trainable and owner[id(p)] not in used:
                     used.append(owner[id(p)])
+
         return fn
 
     if ladder:
@@ -144,7 +193,9 @@ def run(module: nn.Module, params: dict[str, np.ndarray], trainable: list[str], 
             h.remove()
         handles.clear()
         grads = {n: named[n].grad.detach().clone() for n in trainable}
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])
+        )
         if max_norm is not None:
             nn.utils.clip_grad_norm_(group, max_norm)
         if clip_value is not None:
@@ -164,10 +215,16 @@ def run(module: nn.Module, params: dict[str, np.ndarray], trainable: list[str], 
     for i, (x, y) in enumerate(batches):
         out, value, grads, norm = step(x, y)
         if i == 0 and ladder:
-            result = {"taps": record, "use_order": used + [n for n in trainable if n not in used],
-                      "output": numpy(out), "loss": value.item(), "grad": {n: numpy(g) for n, g in grads.items()},
-                      "grad_norm": norm.item(), "clipped": {n: numpy(named[n].grad) for n in trainable},
-                      "out_rows": int(np.prod(out.shape[:-1])) if out.dim() > 1 else 1}
+            result = {
+                "taps": record,
+                "use_order": used + [n for n in trainable if n not in used],
+                "output": numpy(out),
+                "loss": value.item(),
+                "grad": {n: numpy(g) for n, g in grads.items()},
+                "grad_norm": norm.item(),
+                "clipped": {n: numpy(named[n].grad) for n in trainable},
+                "out_rows": int(np.prod(out.shape[:-1])) if out.dim() > 1 else 1,
+            }
         optimizer.step()
         losses.append(value.item())
         per_step.append(snapshot())

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
-_RECORDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("charclip_tap", default=None)
+_RECORDING: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "charclip_tap", default=None
+)
 
 
 def tap(name: str, value):
