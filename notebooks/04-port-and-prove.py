@@ -19,11 +19,12 @@
 # looks similar" is not an answer: a wrong backward pass can leave the forward pass, and the
 # first loss, exactly right.
 #
-# charclip proves its own char-RNN port with a ladder of comparisons (llm.c's idea): the
-# forward output, the loss, every gradient by name, the global norm, the clipped gradients,
-# one optimizer step, a short trajectory. `charclip.parity.prove_port` runs that ladder for
-# a model of yours: a torch `nn.Module` and a JAX function over its `state_dict`. Here the
-# model is not charclip's: a two-layer MLP with ReLU, trained with MSE, SGD and norm clipping.
+# `charclip.parity.prove_port` compares a torch `nn.Module` and its JAX rewrite phase by phase:
+# every submodule's output in execution order (torch forward hooks against the values the port
+# marks with `tap`), the loss, every gradient in reverse order of use, the first optimizer
+# update of every parameter, and a trajectory. Each row has a bound derived from the dtype's
+# unit roundoff and the number of terms summed, and the first row out of its bound is named:
+# the phase, the layer or parameter, the step. docs/porting.md is the reference.
 
 # %%
 # Install charclip where it is missing (Colab, a fresh environment). Where charclip is
@@ -54,8 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import jax_impl  # noqa: F401  (switches JAX to 64-bit mode, so float64 means float64)
-from charclip.parity import TOLERANCES, prove_port
+from charclip.parity import prove_port, tap
 
 torch.set_num_threads(1)  # small tensors: one thread is faster beside XLA's pool
 
@@ -64,104 +64,61 @@ torch.set_num_threads(1)  # small tensors: one thread is faster beside XLA's poo
 #
 # The torch model is an ordinary `nn.Module`. The JAX port is a plain function of
 # `(params, x)`, where `params` is the module's `state_dict` as arrays: the same names and the
-# same shapes, so a `nn.Linear` weight is `(out_features, in_features)` and the port multiplies
-# by its transpose. That is the one convention a port has to keep.
+# same shapes, so a `nn.Linear` weight is `(out_features, in_features)`. Each intermediate the
+# port computes is wrapped in `tap(name, value)` with the name of the torch submodule it
+# stands for; outside a proof `tap` just returns its value.
 
 # %%
 class MLP(nn.Module):
     def __init__(self, d_in=4, d_hidden=16, d_out=2):
         super().__init__()
-        self.fc1 = nn.Linear(d_in, d_hidden)
-        self.fc2 = nn.Linear(d_hidden, d_out)
+        self.fc1, self.act, self.fc2 = nn.Linear(d_in, d_hidden), nn.Tanh(), nn.Linear(d_hidden, d_out)
 
     def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
-def mlp_apply(params, x):
+def mlp_apply(params, x, act=jnp.tanh):
     """The JAX port: params["fc1.weight"] is (16, 4), as in torch."""
-    h = jax.nn.relu(x @ params["fc1.weight"].T + params["fc1.bias"])  # (B, 16)
-    return h @ params["fc2.weight"].T + params["fc2.bias"]  # (B, 2)
+    h = tap("fc1", x @ params["fc1.weight"].T + params["fc1.bias"])  # (B, 16)
+    h = tap("act", act(h))
+    return tap("fc2", h @ params["fc2.weight"].T + params["fc2.bias"])  # (B, 2)
 
 
 torch.manual_seed(0)
 model = MLP()
-print({name: tuple(t.shape) for name, t in model.state_dict().items()})
-
-# %% [markdown]
-# A small regression task: targets from a fixed random function of the inputs, eight batches.
-
-# %%
 rng = np.random.default_rng(0)
 W_true = rng.standard_normal((4, 2))
 batches = []
 for _ in range(8):
     x = rng.standard_normal((32, 4))
     batches.append((x, np.tanh(x @ W_true)))
-print(len(batches), "batches of", batches[0][0].shape, "->", batches[0][1].shape)
+print({name: tuple(t.shape) for name, t in model.state_dict().items()}, len(batches), "batches")
 
 # %% [markdown]
-# ## The ladder
+# ## The proof
 #
-# `prove_port` casts the module's weights to `dtype` (float64 by default), hands the same
-# numbers to both sides and compares each rung. Clipping is the libraries' own:
-# `clip_grad_norm_` in torch, `optax.clip_by_global_norm` in JAX. They differ by design:
-# torch scales by tau / (norm + 1e-6), optax by tau / norm, so on a clipped step the two
-# differ by about 1e-6 / tau relative. The ladder widens exactly those rows by exactly that
-# gap, and the reason column says so; every other bound comes from the tolerance table.
+# float64 is the proving mode: the two frameworks then agree to about 1e-16, and anything
+# larger is a difference in the algorithm. The table shows each row's error, its bound and the
+# bound's formula with its inputs (`u` the unit roundoff, `n` the terms summed so far).
 
 # %%
-TAU, LR = 0.5, 0.1
-report = prove_port(model, mlp_apply, batches, loss="mse", lr=LR, max_norm=TAU)
+report = prove_port(model, mlp_apply, batches, loss="mse", optimizer="adamw", lr=1e-2, max_norm=None,
+                    dtype="float64")
 print(report.table())
-print("\nverdict:", "the port is exact" if report.ok else f"differs first at: {report.first_failure.quantity}")
+print("\nok:", report.ok, "| divergence:", report.divergence)
 
 # %% [markdown]
-# Each bound and why it is what it is. In float64 the unit roundoff is 1.1e-16, so an
-# agreement near 1e-16 on every rung is the two frameworks doing the same arithmetic in a
-# different order.
-
-# %%
-for row in report.rows:
-    print(f"{row.quantity:45s} bound {row.tol:.1e}: {row.reason}")
-
-# %%
-grad_rows = [r for r in report.rows if r.quantity.startswith("grad ")]
-worst = max(grad_rows, key=lambda r: r.max_rel)
-print(f"worst gradient: {worst.quantity}, relative error {worst.max_rel:.1e} "
-      f"({worst.max_rel / np.finfo(np.float64).eps:.1f} float64 ulps)")
-
-# %% [markdown]
-# ## float32
+# ## Wrong ports, and where they are caught
 #
-# The same port in float32. The errors grow to float32's roundoff (6e-8) times the operation
-# count, and the table's float32 bounds say how much that allows and why.
+# 1. leaky ReLU after the tanh, where torch has none: right wherever tanh is positive;
+# 2. a hand-written backward (`jax.custom_vjp`) that forgets the first bias's gradient: the
+#    forward pass and the loss are exactly right, so an output comparison passes it;
+# 3. Adam with its epsilon inside the square root (optax's `eps_root`), the training loop's
+#    slip rather than the model's.
 
 # %%
-report32 = prove_port(model, mlp_apply, batches, loss="mse", lr=LR, max_norm=TAU, dtype="float32")
-print(report32.table())
-print("\nfloat32 trajectory bound:", TOLERANCES["float32"]["trajectory"].reason)
-
-# %% [markdown]
-# ## Three wrong ports, and where the ladder catches them
-#
-# A proof is only worth something if it fails on a wrong port. Three classic slips:
-#
-# 1. a weight read in the wrong layout (`(in, out)` instead of torch's `(out, in)`);
-# 2. leaky ReLU where torch has ReLU: right wherever the pre-activation is positive;
-# 3. a hand-written backward pass (`jax.custom_vjp`) that forgets a bias gradient: the forward
-#    pass, and so the loss, are exactly right.
-
-# %%
-def wrong_layout(params, x):
-    w2 = params["fc2.weight"].reshape(params["fc2.weight"].shape[::-1])  # reshaped, not transposed
-    h = jax.nn.relu(x @ params["fc1.weight"].T + params["fc1.bias"])
-    return h @ w2 + params["fc2.bias"]
-
-
-def leaky(params, x):
-    h = jax.nn.leaky_relu(x @ params["fc1.weight"].T + params["fc1.bias"], 0.01)
-    return h @ params["fc2.weight"].T + params["fc2.bias"]
+import optax
 
 
 @jax.custom_vjp
@@ -173,32 +130,35 @@ add_bias.defvjp(lambda h, b: (h + b, None), lambda _, g: (g, jnp.zeros(g.shape[-
 
 
 def forgot_bias_grad(params, x):
-    h = jax.nn.relu(add_bias(x @ params["fc1.weight"].T, params["fc1.bias"]))
-    return h @ params["fc2.weight"].T + params["fc2.bias"]
+    h = tap("fc1", add_bias(x @ params["fc1.weight"].T, params["fc1.bias"]))
+    return tap("fc2", tap("act", jnp.tanh(h)) @ params["fc2.weight"].T + params["fc2.bias"])
 
 
+wrong = {
+    "leaky ReLU": (lambda p, x: mlp_apply(p, x, lambda h: jax.nn.leaky_relu(jnp.tanh(h), 0.1)), {}),
+    "forgot a bias gradient": (forgot_bias_grad, {}),
+    "Adam eps inside sqrt": (mlp_apply, {"jax_optimizer": optax.adamw(1e-2, eps=0.0, eps_root=1e-8,
+                                                                      weight_decay=0.01)}),
+}
 results = {}
-for name, port in [("wrong layout", wrong_layout), ("leaky ReLU", leaky), ("forgot a bias gradient", forgot_bias_grad)]:
-    r = prove_port(model, port, batches, loss="mse", lr=LR, max_norm=TAU)
+for name, (port, extra) in wrong.items():
+    r = prove_port(model, port, batches, loss="mse", optimizer="adamw", lr=1e-2, max_norm=None, **extra)
     results[name] = r
-    failing = [row.quantity for row in r.rows if not row.ok]
-    print(f"{name:24s} ok={r.ok}; first failing rung: {r.first_failure.quantity}; {len(failing)} of {len(r.rows)} rungs fail")
+    print(f"{name:24s} -> {r.divergence.phase:8s} at {r.divergence.where}")
 
 # %% [markdown]
-# The third is the dangerous one: its forward output and loss agree to rounding, so a test
-# that compares outputs (as many port checks do) passes it. Only the gradient rungs see it.
+# The localisation shows the rows before the divergence agreeing to rounding, so the layer
+# named is the first place the port is wrong, not merely a place where it shows.
 
 # %%
-r = results["forgot a bias gradient"]
-for row in r.rows[:8]:
-    print(f"{row.quantity:30s} {row.max_rel:9.1e}  {'ok' if row.ok else 'DIFFERS'}")
+print(results["forgot a bias gradient"].table())
 
 # %% [markdown]
 # ## The picture
 #
-# Relative error per rung, for the right port and the three wrong ones, against each rung's
-# bound. A right port sits at rounding level on every rung; a wrong one jumps by many orders
-# of magnitude at the rung where the mistake acts.
+# Relative error per row against each row's bound, for the right port and the wrong ones. A
+# right port sits at rounding level everywhere; a wrong one jumps by many orders of magnitude
+# at the phase and place where the mistake acts.
 
 # %%
 labels = [row.quantity for row in report.rows]
@@ -206,20 +166,42 @@ fig, ax = plt.subplots(figsize=(9, 4.5))
 floor = 1e-18  # an exact agreement (0) is drawn here
 ax.semilogy(range(len(labels)), [max(row.tol, floor) for row in report.rows], "k--", lw=1, label="bound")
 for i, (name, rep) in enumerate([("right port", report), *results.items()]):
-    ax.semilogy(range(len(labels)), [max(row.max_rel, floor) if np.isfinite(row.max_rel) else 1.0 for row in rep.rows],
+    err = {row.quantity: row.max_rel for row in rep.rows}  # the trajectory row's name holds its worst step
+    err = [err.get(q, next((v for k, v in err.items() if k.startswith("trajectory")), np.nan)
+                   if q.startswith("trajectory") else np.nan) for q in labels]
+    ax.semilogy(range(len(labels)), [max(e, floor) if np.isfinite(e) else 1.0 for e in err],
                 "o-", ms=4, lw=1, label=name, color=f"C{i}")
 ax.set_xticks(range(len(labels)))
-ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+ax.set_xticklabels(labels, rotation=70, ha="right", fontsize=7)
 ax.set_ylabel("max relative error, torch vs JAX")
-ax.set_title("The port ladder: where a right and three wrong ports stand")
+ax.set_title("prove_port: where a right and three wrong ports stand")
 ax.legend(fontsize=8)
 ax.grid(alpha=0.3, which="both")
 fig.tight_layout()
 plt.show()
 
 # %% [markdown]
+# ## A Flax NNX port of a real torch module
+#
+# `charclip/parity/examples.py` ports `nn.TransformerEncoderLayer` to Flax NNX. The NNX
+# module's submodules carry torch's names (`encoder.layers.0.linear1`), so their outputs are
+# compared without taps; Flax's `kernel`s are (in, out) and are transposed, as the notes say;
+# the packed attention projection is matched by `mapping`. A LayerNorm epsilon of 1e-6 where
+# torch has 1e-5 is found at the first LayerNorm.
+
+# %%
+from charclip.parity import examples
+
+for broken in (None, "layernorm_eps"):
+    torch_model, nnx_port, data, options = examples.make_transformer(broken, layers=1, steps=2)
+    r = prove_port(torch_model, nnx_port, data, **options)
+    print(f"{broken or 'correct port'}: {r.divergence or 'agrees within every bound'}")
+print("\n".join(n for n in r.notes if n.startswith("layout")))
+
+# %% [markdown]
 # ## Your own model
 #
-# Replace `MLP` and `mlp_apply` with yours. `loss="cross_entropy"` takes logits `(..., C)` and
-# integer targets. The API is documented in
-# [docs/parity.md](../docs/parity.md#prove-a-port-of-your-own-model-charclipparityprove_port).
+# Replace `MLP` and `mlp_apply` with yours, or write a `SPEC.py` defining `torch_model`,
+# `jax_forward`, `batches` (and `options`) and run `charclip prove SPEC.py`. In a test suite,
+# `charclip.parity.assert_port_equal` fails with the table. See
+# [docs/porting.md](../docs/porting.md).

@@ -1,4 +1,4 @@
-"""The `charclip parity` subcommand."""
+"""The `charclip parity` and `charclip prove` subcommands."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from charclip.parity.report import format_table, plot_drift
 
 
 def add_parser(sub) -> None:
-    from charclip.cli import HelpFormatter  # imported here: cli imports this module to register it
+    from charclip.cli import (
+        HelpFormatter,  # imported here: cli imports this module to register it
+    )
 
     p = sub.add_parser(
         "parity", help="prove torch and JAX compute the same thing, quantity by quantity",
@@ -43,6 +45,47 @@ def add_parser(sub) -> None:
     p.add_argument("--plot", metavar="PATH", help="write the per-step drift plot (PNG)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_main)
+    _add_prove(sub)
+
+
+def _add_prove(sub) -> None:
+    from charclip.cli import HelpFormatter
+
+    p = sub.add_parser(
+        "prove", help="prove your JAX port of a torch model, naming the first layer where they part",
+        description="Run SPEC.py, a file that defines `torch_model` (an nn.Module), `jax_forward` (a function "
+        "(params, x) over the state_dict's names, a Flax NNX or an Equinox module), `batches` (a list of (x, y) "
+        "NumPy pairs) and optionally `options` (a dict of charclip.parity.prove_port's keyword arguments); prove "
+        "the port; print the table. Exits 1 when the two sides diverge (docs/porting.md).",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("spec", metavar="SPEC.py", help="the file defining torch_model, jax_forward, batches, options")
+    p.add_argument("--dtype", choices=("float64", "float32", "bfloat16"),
+                   help="override the spec's dtype (float64 proves the algorithm, the others add their rounding)")
+    p.add_argument("--no-trajectory", action="store_true", help="stop after the first optimizer step")
+    p.set_defaults(func=_prove)
+
+
+def _prove(a) -> int:
+    import runpy
+
+    from charclip.parity.port import prove_port
+
+    path = Path(a.spec)
+    if not path.is_file():
+        raise CharclipError(f"SPEC.py {a.spec!r} is not a file")
+    spec = runpy.run_path(str(path))
+    missing = [n for n in ("torch_model", "jax_forward", "batches") if n not in spec]
+    if missing:
+        raise CharclipError(f"SPEC.py {a.spec} defines no {missing[0]!r} (it needs torch_model, jax_forward, batches)")
+    options = dict(spec.get("options") or {})
+    if a.dtype:
+        options["dtype"] = a.dtype
+    if a.no_trajectory:
+        options["trajectory"] = False
+    report = prove_port(spec["torch_model"], spec["jax_forward"], spec["batches"], **options)
+    print(report.table())
+    return 0 if report.ok else 1
 
 
 def _main(a) -> int:
