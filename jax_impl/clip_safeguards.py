@@ -344,3 +344,12 @@ def clip_leaves(leaves, tau, p, convention, strict, measured=None):
     return clipped, norm.astype(norm_dtype(leaves))
 
 
+def apply_nonfinite(clipped: list[jax.Array], norm: jax.Array, nonfinite: str) -> list[jax.Array]:
+    """nonfinite="skip" (and "error" under jit): zeros where the norm is not finite; "error"
+    on concrete arrays raises."""
+    if nonfinite == "propagate":
+        return clipped
+    finite = jnp.isfinite(norm)
+    if nonfinite == "error" and concrete_bool(finite) is False:
+        clipping.raise_if_nonfinite(norm)
+    return [jnp.where(finite, c, jnp.zeros_like(c)) for c in clipped]

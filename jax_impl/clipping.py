@@ -107,9 +107,6 @@ def coefficient(norm: jax.Array, tau: jax.Array, convention: str, *, scale: jax.
     return Coefficient((1 / (n + TORCH_EPS)) * tau >= 1, tau, divisor, convention)
 
 
-# ---- measuring and clipping -----------------------------------------------------------
-
-
 def global_norm(tree: Any, norm_type: float = 2) -> jax.Array:
     """||g||_p of all leaves viewed as one vector (optax.tree.norm for p = 2, without its overflow).
 
@@ -135,15 +132,6 @@ def _check_options(norm_type, convention, nonfinite) -> float:
     return check_norm_type(norm_type)
 
 
-def _apply_nonfinite(clipped: list[jax.Array], norm: jax.Array, nonfinite: str) -> list[jax.Array]:
-    if nonfinite == "propagate":
-        return clipped
-    finite = jnp.isfinite(norm)
-    if nonfinite == "error" and safe.concrete_bool(finite) is False:
-        raise_if_nonfinite(norm)
-    return [jnp.where(finite, c, jnp.zeros_like(c)) for c in clipped]
-
-
 def clip_tree_with_norm(
     tree: Any,
     max_norm: jax.typing.ArrayLike,
@@ -165,7 +153,7 @@ def clip_tree_with_norm(
         return tree
     norm = jnp.asarray(norm)
     clipped, norm = safe.clip_leaves(leaves, tau, 2, convention, strict, measured=(jnp.ones((), norm.dtype), norm))
-    return jax.tree.unflatten(treedef, _apply_nonfinite(clipped, norm, nonfinite))
+    return jax.tree.unflatten(treedef, safe.apply_nonfinite(clipped, norm, nonfinite))
 
 
 def clip_tree_by_global_norm(
@@ -190,7 +178,7 @@ def clip_tree_by_global_norm(
     if not leaves:
         return tree, jnp.zeros((), jnp.float32)
     clipped, norm = safe.clip_leaves(leaves, tau, p, convention, strict)
-    return jax.tree.unflatten(treedef, _apply_nonfinite(clipped, norm, nonfinite)), norm
+    return jax.tree.unflatten(treedef, safe.apply_nonfinite(clipped, norm, nonfinite)), norm
 
 
 def raise_if_nonfinite(norm: jax.Array) -> None:
@@ -207,9 +195,6 @@ def clip_tree_by_value(tree: Any, clip_value: jax.typing.ArrayLike) -> Any:
     if isinstance(v, jax.core.Tracer):
         v = safe.poison_invalid(v)
     return jax.tree.map(lambda t: jnp.clip(t, -v, v), tree)
-
-
-# ---- the transformations --------------------------------------------------------------
 
 
 def clip_by_global_norm(

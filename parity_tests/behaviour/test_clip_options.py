@@ -102,13 +102,13 @@ def test_the_trainers_clip_by_the_chosen_formula(convention, monkeypatch):
     cfg = TrainConfig(dtype="float64", clip=clip)
     g = np.array([6.0, 8.0])
     module = torch.nn.Linear(2, 1, bias=False, dtype=torch.float64)
-    module.weight.grad = torch.tensor([g])
+    module.weight.grad = torch.from_numpy(g[None].copy())
     Trainer._clip(type("T", (), {"cfg": cfg, "module": module})())  # the step's clip, on a gradient we chose
     expected = torch.nn.Parameter(torch.zeros(1, 2, dtype=torch.float64))
-    expected.grad = torch.tensor([g])
+    expected.grad = torch.from_numpy(g[None].copy())
     tclip.clip_grad_norm_([expected], 1.0, convention=clip.convention_in("torch"))
     assert torch.equal(module.weight.grad, expected.grad), f"torch: {module.weight.grad} vs {expected.grad}"
-    other = torch.tensor([g]) * (1.0 / 10.0 if clip.convention_in("torch") == "torch" else 1.0 / (10.0 + 1e-6))
+    other = torch.from_numpy(g[None].copy()) * (1.0 / 10.0 if clip.convention_in("torch") == "torch" else 1.0 / (10.0 + 1e-6))
     assert not torch.equal(module.weight.grad, other), "the two formulas gave the same bits: the test shows nothing"
 
     chosen = []

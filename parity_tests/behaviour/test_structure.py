@@ -94,7 +94,8 @@ ALLOWED = {
         "Grouped", "as_list", "clip_", "count_nonzero", "enforce_bound_", "measured", "raise_if_nonfinite",
         "use_foreach", "zero_if_nonfinite_")},
     **{("clip_safeguards", n): "JAX: pure, on leaves, traced thresholds" for n in (
-        "accumulation_dtype", "clip_leaves", "concrete_bool", "is_low_precision", "norm_dtype", "poison_invalid")},
+        "accumulation_dtype", "apply_nonfinite", "clip_leaves", "concrete_bool", "is_low_precision", "norm_dtype",
+        "poison_invalid")},
     **{("clipping", n): "optax's names" for n in (
         "clip_by_global_norm", "clip", "clip_tree_with_norm", "clip_tree_by_global_norm", "clip_tree_by_value",
         "count_nonfinite", "CountNonfiniteState", "raise_if_nonfinite")},
