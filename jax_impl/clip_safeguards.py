@@ -1,4 +1,4 @@
-"""The safeguards of jax_impl.clipping: what makes optax's formula safe where optax's answer is wrong.
+"""The safeguards of jax_impl.clipping: what makes optax's formula safe where optax is wrong.
 
 `jax_impl/clipping.py` is the algorithm: measure, take `coefficient(norm, tau,
 convention)`, scale. This module is how each step is made safe (docs/clipping.md,
@@ -170,7 +170,7 @@ def _library_clip(leaves, scale, scaled_norm, norm, tau, convention) -> list[jax
     largest = 2.0 ** (jnp.finfo(norm.dtype).maxexp - 2) * jnp.minimum(1, tau)
     huge = ~(norm < largest) & jnp.isfinite(scaled_norm) & (scaled_norm > 0)
     c = clipping.coefficient(norm, tau, convention)
-    wide = clipping.coefficient(scaled_norm, tau, "optax", scale=scale)  # epsilon 1e-6 is nothing there
+    wide = clipping.coefficient(scaled_norm, tau, "optax", scale=scale)  # 1e-6 is nothing there
     out = []
     for leaf in leaves:
         t = leaf.astype(norm.dtype)

@@ -11,8 +11,8 @@ max_norm, norm)` scales by a norm measured elsewhere (a `psum` over devices, say
 
 The math is written once, in docs/clipping.md, and once here, in `coefficient`: the
 public functions measure, take that factor and scale. How each safeguard below works is
-in `jax_impl/clip_safeguards.py`, which applies no other factor. For a gradient g (all leaves viewed as
-one vector), a threshold tau and a norm order p:
+in `jax_impl/clip_safeguards.py`, which applies no other factor. For a gradient g (all
+leaves viewed as one vector), a threshold tau and a norm order p:
 
     n = ||g||_p
     optax convention:  g' = g                 if n < tau (strict)
@@ -90,7 +90,8 @@ class Coefficient(NamedTuple):
         return t * jnp.minimum((1 / self.divisor) * self.tau, 1)
 
 
-def coefficient(norm: jax.Array, tau: jax.Array, convention: str, *, scale: jax.Array | None = None) -> Coefficient:
+def coefficient(norm: jax.Array, tau: jax.Array, convention: str, *,
+                scale: jax.Array | None = None) -> Coefficient:
     """The clipping factor c, as docs/clipping.md (step 2) writes it; the only place it is derived.
 
         optax:  c = 1 if n < tau (or n == 0, so tau = 0 keeps a zero gradient), else tau / n

@@ -1,4 +1,4 @@
-"""The safeguards of torch_impl.clipping: what makes torch's formula safe where torch's answer is wrong.
+"""The safeguards of torch_impl.clipping: what makes torch's formula safe where torch is wrong.
 
 `torch_impl/clipping.py` is the algorithm: measure, take `coefficient(norm, tau,
 convention)`, scale. This module is how each step is made safe (docs/clipping.md,
