@@ -16,8 +16,10 @@ from charclip.clipspec import CONVENTIONS, NONFINITE_POLICIES
 from charclip.errors import CharclipError
 from charclip.schedules import SCHEDULES
 
-CLIP_IMPLS = ("library", "charclip")  # whose code clips: the framework's library, or charclip's drop-ins
-LIBRARY_CONVENTION = {"torch": "torch", "jax": "optax"}  # the formula each backend's library clips by
+# Whose code clips (the framework's library, or charclip's drop-ins), and the formula each
+# backend's library clips by (docs/clipping.md, step 2).
+CLIP_IMPLS = ("library", "charclip")
+LIBRARY_CONVENTION = {"torch": "torch", "jax": "optax"}
 CELLS = ("rnn", "lstm", "gru")
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # rows of W_ih / W_hh per hidden unit (PyTorch layout)
 DTYPES = ("float32", "float64")
@@ -82,38 +84,43 @@ class ClipConfig:
     max_value: float = option(5.0, flag="--clip-value", metavar="V", group="clipping",
                               help="instead, clamp every gradient component to [-V, V]")
     # Whose code clips, and by which formula (docs/clipping.md), are two questions: two options.
-    impl: str = option("library", flag="--clip-impl", choices=CLIP_IMPLS + ("reference",), group="clipping",
-                       help="library: torch's clip_grad_norm_ / optax.clip_by_global_norm; charclip: charclip's own "
-                       "(reference, the former name: charclip with --clip-convention optax)")
-    convention: str | None = option(None, flag="--clip-convention", choices=CONVENTIONS, type=str, group="clipping",
-                                    shown="the backend's library's: torch in torch, optax in jax",
-                                    help="torch: g * min(1, tau / (n + 1e-6)); optax: g * tau / n once n >= tau")
+    impl: str = option(
+        "library", flag="--clip-impl", choices=CLIP_IMPLS + ("reference",), group="clipping",
+        help="library: torch's clip_grad_norm_ / optax.clip_by_global_norm; charclip: charclip's "
+        "own (reference, the former name: charclip with --clip-convention optax)")
+    convention: str | None = option(
+        None, flag="--clip-convention", choices=CONVENTIONS, type=str, group="clipping",
+        shown="the backend's library's: torch in torch, optax in jax",
+        help="torch: g * min(1, tau / (n + 1e-6)); optax: g * tau / n once n >= tau")
 
     def __post_init__(self) -> None:
         if self.mode not in ("norm", "value", "none"):
             raise CharclipError(f"unknown clipping mode {self.mode!r}; use norm, value or none")
-        if self.impl == "reference":  # the spelling before 0.x (checkpoints keep it): charclip's, optax's formula
+        if self.impl == "reference":  # the former spelling (old checkpoints keep it)
             object.__setattr__(self, "impl", "charclip")
             object.__setattr__(self, "convention", self.convention or "optax")
         if self.impl not in CLIP_IMPLS:
             raise CharclipError(f"unknown --clip-impl {self.impl!r}; use {' or '.join(CLIP_IMPLS)}")
         if self.convention is not None and self.convention not in CONVENTIONS:
-            raise CharclipError(f"unknown --clip-convention {self.convention!r}; use {' or '.join(CONVENTIONS)}")
+            raise CharclipError(f"unknown --clip-convention {self.convention!r}; "
+                                f"use {' or '.join(CONVENTIONS)}")
         if self.mode == "norm":
             _positive_float("--clip-norm", self.max_norm)
         if self.mode == "value":
             _positive_float("--clip-value", self.max_value)
 
     def convention_in(self, backend: str) -> str:
-        """The formula this run clips by in `backend` ("torch" or "jax"): the one chosen, else its library's."""
+        """The formula this run clips by in `backend` ("torch" or "jax"): the chosen one, else
+        its library's."""
         return self.convention or LIBRARY_CONVENTION[backend]
 
     def check_for(self, backend: str) -> None:
         """A library clips by its own formula only: say so rather than silently use another."""
-        if self.impl == "library" and self.mode == "norm" and self.convention_in(backend) != LIBRARY_CONVENTION[backend]:
+        own = LIBRARY_CONVENTION[backend]
+        if self.impl == "library" and self.mode == "norm" and self.convention_in(backend) != own:
             library = "torch's clip_grad_norm_" if backend == "torch" else "optax.clip_by_global_norm"
-            raise CharclipError(f"--clip-convention {self.convention} with --clip-impl library: {library} has the "
-                                f"{LIBRARY_CONVENTION[backend]} convention only; use --clip-impl charclip")
+            raise CharclipError(f"--clip-convention {self.convention} with --clip-impl library: "
+                                f"{library} has the {own} convention only; use --clip-impl charclip")
 
     @property
     def threshold(self) -> float | None:

@@ -1,4 +1,4 @@
-"""The safeguards of jax_impl.clipping: what makes optax's formula safe where optax's answer is wrong.
+"""The safeguards of jax_impl.clipping: what makes optax's formula safe where optax is wrong.
 
 `jax_impl/clipping.py` is the algorithm: measure, take `coefficient(norm, tau,
 convention)`, scale. This module is how each step is made safe (docs/clipping.md,
@@ -170,7 +170,7 @@ def _library_clip(leaves, scale, scaled_norm, norm, tau, convention) -> list[jax
     largest = 2.0 ** (jnp.finfo(norm.dtype).maxexp - 2) * jnp.minimum(1, tau)
     huge = ~(norm < largest) & jnp.isfinite(scaled_norm) & (scaled_norm > 0)
     c = clipping.coefficient(norm, tau, convention)
-    wide = clipping.coefficient(scaled_norm, tau, "optax", scale=scale)  # epsilon 1e-6 is nothing there
+    wide = clipping.coefficient(scaled_norm, tau, "optax", scale=scale)  # 1e-6 is nothing there
     out = []
     for leaf in leaves:
         t = leaf.astype(norm.dtype)
@@ -344,3 +344,12 @@ def clip_leaves(leaves, tau, p, convention, strict, measured=None):
     return clipped, norm.astype(norm_dtype(leaves))
 
 
+def apply_nonfinite(clipped: list[jax.Array], norm: jax.Array, nonfinite: str) -> list[jax.Array]:
+    """nonfinite="skip" (and "error" under jit): zeros where the norm is not finite; "error"
+    on concrete arrays raises."""
+    if nonfinite == "propagate":
+        return clipped
+    finite = jnp.isfinite(norm)
+    if nonfinite == "error" and concrete_bool(finite) is False:
+        clipping.raise_if_nonfinite(norm)
+    return [jnp.where(finite, c, jnp.zeros_like(c)) for c in clipped]

@@ -11,8 +11,8 @@ max_norm, norm)` scales by a norm measured elsewhere (a `psum` over devices, say
 
 The math is written once, in docs/clipping.md, and once here, in `coefficient`: the
 public functions measure, take that factor and scale. How each safeguard below works is
-in `jax_impl/clip_safeguards.py`, which applies no other factor. For a gradient g (all leaves viewed as
-one vector), a threshold tau and a norm order p:
+in `jax_impl/clip_safeguards.py`, which applies no other factor. For a gradient g (all
+leaves viewed as one vector), a threshold tau and a norm order p:
 
     n = ||g||_p
     optax convention:  g' = g                 if n < tau (strict)
@@ -90,7 +90,8 @@ class Coefficient(NamedTuple):
         return t * jnp.minimum((1 / self.divisor) * self.tau, 1)
 
 
-def coefficient(norm: jax.Array, tau: jax.Array, convention: str, *, scale: jax.Array | None = None) -> Coefficient:
+def coefficient(norm: jax.Array, tau: jax.Array, convention: str, *,
+                scale: jax.Array | None = None) -> Coefficient:
     """The clipping factor c, as docs/clipping.md (step 2) writes it; the only place it is derived.
 
         optax:  c = 1 if n < tau (or n == 0, so tau = 0 keeps a zero gradient), else tau / n
@@ -105,9 +106,6 @@ def coefficient(norm: jax.Array, tau: jax.Array, convention: str, *, scale: jax.
         return Coefficient((n < tau) | (n == 0), tau, norm, convention)
     divisor = n + TORCH_EPS if scale is None else norm + TORCH_EPS * scale
     return Coefficient((1 / (n + TORCH_EPS)) * tau >= 1, tau, divisor, convention)
-
-
-# ---- measuring and clipping -----------------------------------------------------------
 
 
 def global_norm(tree: Any, norm_type: float = 2) -> jax.Array:
@@ -135,15 +133,6 @@ def _check_options(norm_type, convention, nonfinite) -> float:
     return check_norm_type(norm_type)
 
 
-def _apply_nonfinite(clipped: list[jax.Array], norm: jax.Array, nonfinite: str) -> list[jax.Array]:
-    if nonfinite == "propagate":
-        return clipped
-    finite = jnp.isfinite(norm)
-    if nonfinite == "error" and safe.concrete_bool(finite) is False:
-        raise_if_nonfinite(norm)
-    return [jnp.where(finite, c, jnp.zeros_like(c)) for c in clipped]
-
-
 def clip_tree_with_norm(
     tree: Any,
     max_norm: jax.typing.ArrayLike,
@@ -165,7 +154,7 @@ def clip_tree_with_norm(
         return tree
     norm = jnp.asarray(norm)
     clipped, norm = safe.clip_leaves(leaves, tau, 2, convention, strict, measured=(jnp.ones((), norm.dtype), norm))
-    return jax.tree.unflatten(treedef, _apply_nonfinite(clipped, norm, nonfinite))
+    return jax.tree.unflatten(treedef, safe.apply_nonfinite(clipped, norm, nonfinite))
 
 
 def clip_tree_by_global_norm(
@@ -190,7 +179,7 @@ def clip_tree_by_global_norm(
     if not leaves:
         return tree, jnp.zeros((), jnp.float32)
     clipped, norm = safe.clip_leaves(leaves, tau, p, convention, strict)
-    return jax.tree.unflatten(treedef, _apply_nonfinite(clipped, norm, nonfinite)), norm
+    return jax.tree.unflatten(treedef, safe.apply_nonfinite(clipped, norm, nonfinite)), norm
 
 
 def raise_if_nonfinite(norm: jax.Array) -> None:
@@ -207,9 +196,6 @@ def clip_tree_by_value(tree: Any, clip_value: jax.typing.ArrayLike) -> Any:
     if isinstance(v, jax.core.Tracer):
         v = safe.poison_invalid(v)
     return jax.tree.map(lambda t: jnp.clip(t, -v, v), tree)
-
-
-# ---- the transformations --------------------------------------------------------------
 
 
 def clip_by_global_norm(

@@ -188,7 +188,7 @@ class MeshTrainer(T.Trainer):
                                 f"{cfg.precision} use another --mesh (data, model, fsdp, 2d)")
         if layout == "shard_map" and cfg.clip.mode == "norm" and cfg.clip.impl == "charclip":
             raise CharclipError("--mesh shard_map writes its clipping out itself (optax's formula); "
-                                "use --clip-impl library, or another --mesh to run charclip's implementation")
+                                "use --clip-impl library, or another --mesh for charclip's implementation")
         self.spec = partial(param_spec, axis=param_axis, size=self.mesh.shape[param_axis] if param_axis else 1)
         self.specs = {k: self.spec(np.shape(v)) for k, v in params.items()}
         self.shardings = {k: self._on(s) for k, s in self.specs.items()}

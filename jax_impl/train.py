@@ -36,7 +36,8 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     if clip.mode == "norm" and clip.impl == "library":
         tx = optax.chain(optax.clip_by_global_norm(clip.max_norm), adam)
     elif clip.mode == "norm":
-        tx = optax.chain(clipping.clip_by_global_norm(clip.max_norm, convention=clip.convention_in("jax")), adam)
+        ours = clipping.clip_by_global_norm(clip.max_norm, convention=clip.convention_in("jax"))
+        tx = optax.chain(ours, adam)
     elif clip.mode == "value" and clip.impl == "library":
         tx = optax.chain(optax.clip(clip.max_value), adam)
     elif clip.mode == "value":

@@ -1,4 +1,4 @@
-"""The safeguards of torch_impl.clipping: what makes torch's formula safe where torch's answer is wrong.
+"""The safeguards of torch_impl.clipping: what makes torch's formula safe where torch is wrong.
 
 `torch_impl/clipping.py` is the algorithm: measure, take `coefficient(norm, tau,
 convention)`, scale. This module is how each step is made safe (docs/clipping.md,
@@ -263,26 +263,22 @@ def clip_(g: Grouped, m: _Measure, max_norm: float, convention: str, foreach, p:
         return
     # optax: (g / n) * tau, divide then multiply as optax writes it; by 1 and 1 where g is kept.
     if g.on_cpu:
-        # Read on the host (free on the CPU); Python scalars give 0-dim tensors' bits here.
+        # Decided on the host (reading a CPU value is free); c.divisor is float(n), so the
+        # tensor n divides (foreach kernels take 0-dim tensors faster than Python scalars).
         c = clipping.coefficient(float(n), max_norm, convention)
         if c.keep:
             return
-        divisor, factor = c.divisor, c.tau
+        divisor, factor = n, torch.full_like(n, c.tau)
     else:
         c, one = clipping.coefficient(n, max_norm, convention), torch.ones_like(n)
         divisor, factor = torch.where(c.keep, one, c.divisor), torch.where(c.keep, one, max_norm)
     for (device, _), ts in g.groups.items():
-        d, f = _on(divisor, device), _on(factor, device)
         if use_foreach(ts, device, foreach):
-            torch._foreach_div_(ts, d)
-            torch._foreach_mul_(ts, f)
+            torch._foreach_div_(ts, divisor.to(device))
+            torch._foreach_mul_(ts, factor.to(device))
         else:
             for t in ts:
-                t.div_(d).mul_(f)
-
-
-def _on(x: torch.Tensor | float, device: torch.device) -> torch.Tensor | float:
-    return x.to(device) if isinstance(x, torch.Tensor) else x
+                t.div_(divisor.to(device)).mul_(factor.to(device))
 
 
 def enforce_bound_(g: Grouped, max_norm: float, p: float, foreach, *, exact: bool) -> None:

@@ -198,7 +198,8 @@ def clip_grads_with_norm_(parameters: Tensors, max_norm: float, total_norm: torc
         check_choice("convention", convention, CONVENTIONS)
         if not grads:
             return
-        safe.clip_(safe.Grouped(grads), safe.measured(torch.as_tensor(total_norm)), max_norm, convention, foreach, 2.0)
+        measured = safe.measured(torch.as_tensor(total_norm))
+        safe.clip_(safe.Grouped(grads), measured, max_norm, convention, foreach, 2.0)
 
 
 def clip_grad_value_(parameters: Tensors, clip_value: float, foreach: bool | None = None) -> None:

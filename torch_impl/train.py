@@ -45,7 +45,8 @@ class Trainer:
         if clip.mode == "norm" and clip.impl == "library":
             return torch.nn.utils.clip_grad_norm_(params, clip.max_norm)
         if clip.mode == "norm":
-            return clipping.clip_grad_norm_(params, clip.max_norm, convention=clip.convention_in("torch"))
+            convention = clip.convention_in("torch")
+            return clipping.clip_grad_norm_(params, clip.max_norm, convention=convention)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if clip.mode == "value":
             value_clip = torch.nn.utils.clip_grad_value_ if clip.impl == "library" else clipping.clip_grad_value_

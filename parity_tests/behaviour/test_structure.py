@@ -87,14 +87,15 @@ ALLOWED = {
     **{("clipping", n): "torch.nn.utils' names" for n in (
         "Tensors", "clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_")},
     ("clipping", "NonFiniteGradientError"): "torch raises RuntimeError; ours is also a FloatingPointError",
-    ("clipping", "global_norm"): "JAX's measurement, optax.tree.norm's role (torch's is get_total_norm)",
+    ("clipping", "global_norm"): "JAX's measurement, optax.tree.norm's role (torch: get_total_norm)",
     # clip_safeguards: the helpers of each public module; torch scales .grad tensors in place,
     # grouped by device and dtype as torch groups them; JAX returns new leaves, branch-free.
     **{("clip_safeguards", n): "torch: in place, by (device, dtype) group" for n in (
-        "Grouped", "as_list", "clip_", "count_nonzero", "enforce_bound_", "measured", "raise_if_nonfinite",
-        "use_foreach", "zero_if_nonfinite_")},
+        "Grouped", "as_list", "clip_", "count_nonzero", "enforce_bound_", "measured",
+        "raise_if_nonfinite", "use_foreach", "zero_if_nonfinite_")},
     **{("clip_safeguards", n): "JAX: pure, on leaves, traced thresholds" for n in (
-        "accumulation_dtype", "clip_leaves", "concrete_bool", "is_low_precision", "norm_dtype", "poison_invalid")},
+        "accumulation_dtype", "apply_nonfinite", "clip_leaves", "concrete_bool", "is_low_precision",
+        "norm_dtype", "poison_invalid")},
     **{("clipping", n): "optax's names" for n in (
         "clip_by_global_norm", "clip", "clip_tree_with_norm", "clip_tree_by_global_norm", "clip_tree_by_value",
         "count_nonfinite", "CountNonfiniteState", "raise_if_nonfinite")},

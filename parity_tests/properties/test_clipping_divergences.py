@@ -155,16 +155,17 @@ def test_quasi_norms_below_one_are_accepted_alike():
     expected = float(np.sum(np.sqrt(np.abs(values))) ** 2)  # 10.6... ; float64 throughout
     got_torch = float(tclip.get_total_norm([grad], 0.5))
     got_jax = float(jclip.global_norm([jnp.asarray(values)], 0.5))
-    # 4 roots (2 u each) summed (3 u), squared (doubling that: 10 u, and 2 u more): 12 u; 16 u allowed
+    # 4 roots (2 u each) summed (3 u), squared (doubling that: 10 u, then 2 u): 12 u; 16 u allowed
     for name, got in (("torch_impl", got_torch), ("jax_impl", got_jax)):
-        np.testing.assert_allclose(got, expected, rtol=16 * 2.0**-53, err_msg=f"{name}: 0.5-quasi-norm")
+        np.testing.assert_allclose(got, expected, rtol=16 * 2.0**-53,
+                                   err_msg=f"{name}: 0.5-quasi-norm")
     clipped, _ = jclip.clip_tree_by_global_norm([jnp.asarray(values)], 1.0, norm_type=0.5)
     param = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     param.grad = grad.clone()
     tclip.clip_grad_norm_([param], 1.0, norm_type=0.5)
     for name, result in (("torch_impl", param.grad.numpy()), ("jax_impl", np.asarray(clipped[0]))):
         after = float(np.sum(np.sqrt(np.abs(result))) ** 2)
-        # scaled by 1 / 10.6 (optax) or 1 / (10.6 + 1e-6) (torch): 1 within a few ulps of the quasi-norm
+        # scaled by 1 / 10.6 (optax) or 1 / (10.6 + 1e-6) (torch): 1 within a few ulps
         assert after <= 1.0 + 16 * 2.0**-53, f"{name}: clipped 0.5-quasi-norm {after!r} above 1"
 
 

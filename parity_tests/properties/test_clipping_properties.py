@@ -282,7 +282,7 @@ def _pnorm_error(k: int, p: float, norm: float, impl: str) -> float:
 
 @pytest.mark.parametrize("impl", ("ours-torch", "ours-jax", "torch", "optax"))
 @given(tree=gradient_trees(HIGH), norm_type=st.sampled_from((1, 2, 3.5, math.inf)), data=st.data())
-@example(tree=[np.array(4.00249476e-36)], norm_type=3.5, data=None).via("issue 20: ours-jax was 40 u off")
+@example(tree=[np.array(4.00249476e-36)], norm_type=3.5, data=None).via("issue 20: ours-jax 40 u off")
 def test_global_norm_is_norm_of_tensor_norms(impl, tree, norm_type, data):
     if impl == "optax" and norm_type == 3.5:
         norm_type = 2  # optax.tree.norm knows 1, 2 and inf only
@@ -292,7 +292,8 @@ def test_global_norm_is_norm_of_tensor_norms(impl, tree, norm_type, data):
         arrays = [a for a in arrays if a.size]
         hypothesis.assume(arrays)
     whole = _norm(impl, arrays, norm_type)
-    per_tensor = [np.asarray(_norm(impl, [a], norm_type), arrays[0].dtype) for a in arrays]  # exact: same dtype
+    # each norm is in the leaves' dtype already: the cast is exact
+    per_tensor = [np.asarray(_norm(impl, [a], norm_type), arrays[0].dtype) for a in arrays]
     shuffled = arrays if data is None else data.draw(st.permutations(arrays))
     flat = [np.concatenate([np.ravel(a) for a in arrays])]
     # Each side is within its own _pnorm_error of the exact norm; a p-norm moves by at most the
@@ -300,7 +301,8 @@ def test_global_norm_is_norm_of_tensor_norms(impl, tree, norm_type, data):
     # (largest per-tensor error + the outer norm's) of it. Second-order terms are below 1e-27.
     n, u = _size(arrays), _eps(arrays[0].dtype) / 2
     err_whole = _pnorm_error(n, norm_type, whole, impl)
-    err_inner = max(_pnorm_error(a.size, norm_type, float(v), impl) for a, v in zip(arrays, per_tensor))
+    err_inner = max(_pnorm_error(a.size, norm_type, float(v), impl)
+                    for a, v in zip(arrays, per_tensor))
     outer = _norm(impl, per_tensor, norm_type)
     rtol_nested = (err_whole + err_inner + _pnorm_error(len(arrays), norm_type, outer, impl)) * u
     np.testing.assert_allclose(outer, whole, rtol=rtol_nested, err_msg=f"{impl}: norm of norms")
