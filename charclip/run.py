@@ -53,6 +53,8 @@ class Data:
 
 def prepare_data(path: str | None, cfg: TrainConfig, vocab: Vocab | None = None) -> Data:
     """Read the corpus, build (or check against) the vocabulary, split and cut into streams."""
+    if path is not None:  # every checkpoint stores the corpus's absolute path, as UTF-8 JSON
+        runfolder.require_utf8(Path(path).resolve(), "--data")
     text = corpus.load(path)
     vocab = vocab or Vocab.from_text(text)
     tokens = vocab.encode(text, what=f"the corpus {path or '(embedded Shakespeare)'}")
@@ -86,9 +88,8 @@ class Metrics:
         if path.exists() and not path.is_file():
             raise CharclipError(f"{path} is not a file; move it out of the run folder")
         kept = [r for r in read_records(path) if r["step"] <= resume_step] if resume_step is not None else []
-        for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a writer killed mid-rewrite (one writer: the lock)
-            stale.unlink(missing_ok=True)
-        _replace_file(path, "".join(json.dumps(r) + "\n" for r in kept))
+        # Rewritten whole: a line an older charclip wrote with a bare NaN becomes JSON (null and a flag).
+        _replace_file(path, "".join(json_line(r) for r in kept))
         trained = [r for r in kept if "loss" in r]
         self.logged_steps = len(trained)
         self.clipped = sum(r.get("clipped") is True for r in trained)
@@ -97,7 +98,9 @@ class Metrics:
         self.best_val = min((r["val_loss"] for r in kept if _finite(r.get("val_loss"))), default=math.inf)
         self.time_offset = max((r["time"] for r in trained if _finite(r.get("time"))), default=0.0)
         # Line-buffered: a killed run has logged every step it took, so none goes missing on resume.
-        self.file = open(path, "a", encoding="utf-8", buffering=1)
+        # O_NOFOLLOW: the file just renamed into place is appended to, never a link made since.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        self.file = open(fd, "a", encoding="utf-8", buffering=1)
 
     def write(self, **record) -> None:
         if "loss" in record:
@@ -105,7 +108,7 @@ class Metrics:
             self.clipped += bool(record.get("clipped"))
             self.skipped += bool(record.get("skipped"))
             self.overflows += bool(record.get("overflow"))
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json_line(record))
 
     def close(self) -> None:
         self.file.close()
@@ -114,6 +117,17 @@ class Metrics:
 def _scale_record(r) -> dict:
     """fp16's loss-scale columns of a step's metrics line: the scale it used, and whether it overflowed."""
     return {} if r.loss_scale is None else {"loss_scale": r.loss_scale, "overflow": r.overflow}
+
+
+def json_line(record: dict) -> str:
+    """One metrics line, strict JSON: a NaN or infinite value is written as null, and its key is listed
+    under "nonfinite" (bare NaN, which Python's json writes by default, is no JSON)."""
+    bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        flagged = record.get("nonfinite") if isinstance(record.get("nonfinite"), list) else []
+        record = {**{k: None if k in bad else v for k, v in record.items()},
+                  "nonfinite": sorted(set(flagged) | set(bad), key=str)}
+    return json.dumps(record, allow_nan=False) + "\n"
 
 
 def _finite(x) -> bool:
@@ -137,13 +151,8 @@ def read_records(path: Path) -> list[dict]:
 
 
 def _replace_file(path: Path, text: str) -> None:
-    """Write `text` to a new file beside `path`, sync it, and rename it over `path` (atomic)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `text` to a new file beside `path`, sync it, and rename it over `path` (atomic, no link followed)."""
+    runfolder.write_file(path, text)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -218,6 +227,7 @@ def train(
     if keep < 1:
         raise CharclipError(f"--keep must be 1 or more, got {keep}")
     out = Path(out_dir)
+    runfolder.require_utf8(out, "--out")  # the console prints it, the summary stores it
     try:
         with contextlib.ExitStack() as lock:
             return _train(model_cfg, cfg, backend=backend, out=out, data_path=data_path, resume=resume, device=device,
@@ -266,6 +276,8 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
     # Everything is checked; from here on the run folder is written, by this process alone.
     runfolder.create(out)
     lock.enter_context(runfolder.Lock(out))
+    runfolder.check_links(out)
+    runfolder.remove_stale_temporaries(out)  # of writers killed mid-write: under the lock, none is alive
     if not same_run:  # again under the lock: another run may have started in it meanwhile
         runfolder.claim(out, overwrite=overwrite)
     else:  # resumed from an older step folder: LATEST moves back to it before the metrics are cut back to it
