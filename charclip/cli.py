@@ -18,6 +18,13 @@ from charclip.errors import CharclipError
 COMMANDS: tuple[str, ...] = ("charclip.parity", "benchmarks.suite", "charclip.explode")  # modules adding subcommands
 GROUPS = ("data and output", "model", "optimisation", "clipping", "reporting", "several devices (docs/distributed.md)")
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistyped option is one line, `charclip: error: argument --steps: ...`, not a usage block."""
+
+    def error(self, message: str):
+        raise CharclipError(f"{message} (see {self.prog} --help)")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where it says something (not None, not a flag, not already in the text)."""
 
@@ -221,7 +228,7 @@ def _eval(a) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="charclip",
         description="A character-level RNN with gradient clipping, written twice (PyTorch and JAX) and proven equal.",
     )
@@ -241,13 +248,19 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
         return args.func(args)
     except CharclipError as e:
-        print(f"charclip: error: {e}", file=sys.stderr)
+        print(f"charclip: error: {_printable(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # outside the loop, or a second signal: checkpoints on disk are whole
         print(f"charclip: interrupted ({signal_name(e)})", file=sys.stderr)
         return signals.exit_code(e)
     finally:
         signals.restore(previous)
+
+
+def _printable(message: str) -> str:
+    """One line any console prints: a path's undecodable bytes (surrogate escapes) as \\xNN, no line breaks."""
+    text = message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return " ".join(text.splitlines())
 
 
 def signal_name(e: KeyboardInterrupt) -> str:
