@@ -207,3 +207,42 @@ def require_utf8(path, option: str) -> None:
     except UnicodeEncodeError:
         raise CharclipError(f"{option} {shown(path)} has a name that is not UTF-8, which a checkpoint cannot "
                             "record; rename it") from None
+
+
+def _probe(folder: Path, what: str) -> None:
+    """Create and remove a file in `folder`: proof, before hours of work, that the results can be written."""
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".charclip-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise os_error(e, f"{what}: cannot write in {folder}") from None
+
+
+def writable_folder(path, option: str) -> Path:
+    """The output folder `path` of a command, created if need be and proven writable, or one line naming `option`."""
+    path = Path(path)
+    require_utf8(path, option)
+    if path.exists() and not path.is_dir():
+        raise CharclipError(f"{option} {path} is a file, not a folder; choose a folder for the results")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise CharclipError(f"{option} {path} lies below {parent}, which is a file; choose a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, f"{option}: cannot create the folder {path}") from None
+    _probe(path, option)
+    return path
+
+
+def writable_file(path, option: str) -> Path:
+    """The output file `path` of a command: not a folder, in a folder (created if need be) that can be written."""
+    path = Path(path)
+    require_utf8(path, option)
+    if path.is_dir():
+        raise CharclipError(f"{option} {path} is a folder; name a file to write")
+    writable_folder(path.parent, option)
+    return path
