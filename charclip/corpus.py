@@ -195,6 +195,9 @@ def read_text(path: str | os.PathLike) -> str:
     """
     p = Path(path)
     if not p.exists():
+        if p.is_symlink():  # exists() follows links: a loop or a dangling one is not "not found"
+            raise CharclipError(f"corpus path {p} is a symbolic link that leads nowhere (a loop, or its target is "
+                                "missing); give a text file")
         raise CharclipError(f"corpus file not found: {p}")
     if p.is_dir():
         raise CharclipError(f"corpus path is a directory, not a text file: {p}")

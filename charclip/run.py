@@ -96,6 +96,8 @@ class Metrics:
         self.skipped = sum(r.get("skipped") is True for r in trained)
         self.overflows = sum(r.get("overflow") is True for r in trained)  # fp16 steps skipped for an overflow
         self.best_val = min((r["val_loss"] for r in kept if _finite(r.get("val_loss"))), default=math.inf)
+        self.last_loss = trained[-1].get("loss") if trained else None  # the kept history's, for a closing-only resume
+        self.last_val = next((r["val_loss"] for r in reversed(kept) if "val_loss" in r), None)
         self.time_offset = max((r["time"] for r in trained if _finite(r.get("time"))), default=0.0)
         # Line-buffered: a killed run has logged every step it took, so none goes missing on resume.
         # O_NOFOLLOW: the file just renamed into place is appended to, never a link made since.
@@ -181,17 +183,73 @@ def machine_memory() -> int | None:
         return None
 
 
-def check_memory(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
-    """Refuse, before allocating anything, a model that cannot fit in this machine's memory."""
-    n, need = memory_estimate(model_cfg, cfg)
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None  # "max" (cgroup v2): no limit
+
+
+def _own_address_space() -> int:
+    """Bytes of address space this process maps now (VmSize), 0 where /proc does not say."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def memory_limits() -> list[tuple[str, int]]:
+    """(what, bytes still available) for every bound on this process's memory that can be read: the
+    machine's physical memory, the address-space limit (`ulimit -v`, less what is mapped already) and
+    the cgroup's limit (containers; less what the cgroup uses already)."""
+    limits = []
     have = machine_memory()
-    if have is not None and need > have:
-        raise CharclipError(f"this model needs about {_gib(need)} of memory ({n:,} parameters), but this machine has "
-                            f"{_gib(have)}; use a smaller --hidden, --embed, --layers or --batch-size")
+    if have is not None:
+        limits.append(("this machine has", have))
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append(("the address-space limit (ulimit -v) leaves", max(soft - _own_address_space(), 0)))
+    except (ImportError, AttributeError, OSError, ValueError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit = _read_int(limit_file)
+        if limit is not None and (have is None or limit < have):  # v1 reports "no limit" as a huge number
+            limits.append(("the container's memory limit (cgroup) leaves", max(limit - (_read_int(usage_file) or 0), 0)))
+            break
+    return limits
+
+
+def check_memory(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Refuse, before allocating anything, a model that cannot fit in the memory this process may use."""
+    n, need = memory_estimate(model_cfg, cfg)
+    for what, have in memory_limits():
+        if need > have:
+            raise CharclipError(f"this model needs about {_gib(need)} of memory ({n:,} parameters), but {what} "
+                                f"{_gib(have)}; use a smaller --hidden, --embed, --layers or --batch-size")
 
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:,.1f} GiB"
+
+
+def _closed(out: Path, step: int) -> bool:
+    """Whether the run in `out` finished its closing phase at `step`: its summary.json says so."""
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(summary, dict) and summary.get("steps") == step
 
 
 def run_folder_of(checkpoint_folder: Path) -> Path | None:
@@ -259,8 +317,6 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
             log(f"charclip: note: this corpus has {data.train.batches_per_epoch} batches per epoch, fewer than the "
                 f"checkpoint's position {position.batch}; continuing from the start of epoch {position.epoch + 1}")
             position = Position(position.epoch + 1, 0)
-        if start_step >= cfg.steps:
-            raise CharclipError(f"the checkpoint is at step {start_step}, already at --steps {cfg.steps}; pass a larger --steps")
     else:
         data = prepare_data(data_path, cfg)
         model_cfg = replace(model_cfg, vocab_size=len(data.vocab))
@@ -271,6 +327,11 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
     vocab = data.vocab
     same_run = resume is not None and ck.path is not None and run_folder_of(ck.path) is not None and (
         run_folder_of(ck.path).resolve() == out.resolve())
+    # A finished run whose closing phase (plot, sample, summary: summary.json is written last) did
+    # not complete, say for a full disk or a signal, gets that phase redone; otherwise there is nothing to do.
+    finishing = resume is not None and start_step >= cfg.steps
+    if finishing and not (same_run and not _closed(out, start_step)):
+        raise CharclipError(f"the checkpoint is at step {start_step}, already at --steps {cfg.steps}; pass a larger --steps")
     if not same_run and not overwrite and out.is_dir():
         runfolder.claim(out, overwrite=False)  # refused before even the lock file is made in someone's folder
     # Everything is checked; from here on the run folder is written, by this process alone.
@@ -353,14 +414,16 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
                 save(step, position)
         bar.close()
         metrics.close()
-        path = save(step, position)
+        path = ck.path if finishing else save(step, position)
+    if finishing:
+        log(f"charclip: the run had reached step {step} but not finished its closing phase; finished it now")
     if interrupt.requested:
         log(f"charclip: interrupted at step {step}; checkpoint written to {path}; continue with --resume {out}")
         raise SystemExit(128 + interrupt.requested)
     elapsed = time.perf_counter() - t0
     summary = {
-        "backend": backend, "steps": step, "steps_run": step - start_step, "train_loss": last.loss if last else None,
-        "val_loss": val_loss, "logged_steps": metrics.logged_steps, "clipped_steps": metrics.clipped,
+        "backend": backend, "steps": step, "steps_run": step - start_step,
+        "train_loss": last.loss if last else metrics.last_loss, "val_loss": metrics.last_val if val_loss is None else val_loss, "logged_steps": metrics.logged_steps, "clipped_steps": metrics.clipped,
         "clipped_fraction": metrics.clipped / max(metrics.logged_steps, 1), "skipped_steps": metrics.skipped,
         "overflow_steps": metrics.overflows, "precision": cfg.precision,
         "seconds": round(elapsed, 2), "chars_per_second": round((step - start_step) * cfg.batch_size * cfg.seq_len
