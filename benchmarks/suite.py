@@ -274,6 +274,8 @@ def run(args) -> int:
         torch.set_num_threads(args.torch_threads)
     plan = QUICK if args.quick else FULL
     machine = harness.machine_name(args.device)
+    out = Path(args.out) if args.out else RESULTS / (machine + ("-partial" if args.only else "-quick" if args.quick else ""))
+    out = runfolder.writable_folder(out, "--out")  # before the tasks run: an unwritable --out fails now, in one line
     tasks = _tasks(plan, args.device, torch.get_num_threads())
     if args.only:
         tasks = [(name, fn) for name, fn in tasks if any(o in name for o in args.only)]
@@ -281,8 +283,6 @@ def run(args) -> int:
             raise CharclipError(f"--only {' '.join(args.only)}: no task matches; the tasks: "
                                 + ", ".join(n for n, _ in _tasks(plan, args.device, 1)))
     mode = ("quick" if args.quick else "full") + (" (partial)" if args.only else "")
-    out = Path(args.out) if args.out else RESULTS / (machine + ("-partial" if args.only else "-quick" if args.quick else ""))
-    out = runfolder.writable_folder(out, "--out")  # before the tasks run: an unwritable --out fails now, in one line
     r = {"machine": machine, "mode": mode, "plan": dataclasses.asdict(plan),
          "environment": harness.environment(args.device), "torch_threads": torch.get_num_threads(),
          "throughput": [], "variants": {}, "clipping": {"by_size": [], "by_tensors": []}, "scaling": {}, "first_step": {},

@@ -53,9 +53,9 @@ class Data:
 
 def prepare_data(path: str | None, cfg: TrainConfig, vocab: Vocab | None = None) -> Data:
     """Read the corpus, build (or check against) the vocabulary, split and cut into streams."""
+    text = corpus.load(path)
     if path is not None:  # every checkpoint stores the corpus's absolute path, as UTF-8 JSON
         runfolder.require_utf8(Path(path).resolve(), "--data")
-    text = corpus.load(path)
     vocab = vocab or Vocab.from_text(text)
     tokens = vocab.encode(text, what=f"the corpus {path or '(embedded Shakespeare)'}")
     train_tok, val_tok = split(tokens, cfg.val_fraction)

@@ -244,5 +244,8 @@ def writable_file(path, option: str) -> Path:
     require_utf8(path, option)
     if path.is_dir():
         raise CharclipError(f"{option} {path} is a folder; name a file to write")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise CharclipError(f"{option} {path} lies below {parent}, which is a file; choose another path")
     writable_folder(path.parent, option)
     return path
