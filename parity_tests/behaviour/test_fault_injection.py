@@ -111,6 +111,7 @@ def _steps(metrics: Path) -> list[int]:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_symlinked_lock_is_refused_and_its_target_untouched(finished_runs, tmp_path, capsys, outside, backend):
     out = _copy(finished_runs, backend, tmp_path)
+    (out / runfolder.LOCK_FILE).unlink(missing_ok=True)
     (out / runfolder.LOCK_FILE).symlink_to(outside.victim)
     line = _one_error_line(capsys, main(["train", "--resume", str(out), "--steps", "6", *TINY]))
     assert "symbolic link" in line and ".lock" in line, line
