@@ -352,13 +352,16 @@ def load(path: str | os.PathLike) -> Checkpoint:
     folder = resolve(path)
     try:
         return _load(folder)
-    except CharclipError:
-        if folder.exists() or Path(path).resolve() == folder.resolve():
+    except CharclipError as first:
+        # A writer saves the new checkpoint and moves LATEST before it prunes the old one, so a
+        # checkpoint that vanished under the reader shows as LATEST naming another folder now.
+        try:
+            again = resolve(path)
+        except CharclipError:
+            raise first from None
+        if again == folder:
             raise
-        retry = resolve(path)  # the folder vanished: rotated away by a writer
-        if retry == folder:
-            raise
-        return _load(retry)
+        return _load(again)
 
 
 def _load(folder: Path) -> Checkpoint:

@@ -370,7 +370,8 @@ def test_an_address_space_limit_is_taken_into_account(text, tmp_path, capsys, mo
 
 # ---- 14. a reader racing a writer that rotates checkpoints ------------------------------------------
 
-def test_a_reader_loads_the_new_latest_when_the_old_one_vanishes(finished_runs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("pruned", ["whole", "halfway"])
+def test_a_reader_loads_the_new_latest_when_the_old_one_vanishes(finished_runs, tmp_path, monkeypatch, pruned):
     out = _copy(finished_runs, "torch", tmp_path)
     newer = ckpt_io.load(out)
     newer.step += 2
@@ -381,7 +382,10 @@ def test_a_reader_loads_the_new_latest_when_the_old_one_vanishes(finished_runs, 
     def racing(path, sha):  # between reading checkpoint.json and the tensors, the writer rotates
         if not calls:
             ckpt_io.save(out, newer, keep=1)
-            shutil.rmtree(old_folder)  # as --keep 1 prunes it
+            if pruned == "whole":  # as --keep 1 prunes it
+                shutil.rmtree(old_folder)
+            else:  # caught in the middle of the pruning: the folder is there, its tensors are gone
+                (old_folder / ckpt_io.MODEL_FILE).unlink()
         calls.append(path)
         return real(path, sha)
 
