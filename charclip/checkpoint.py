@@ -193,6 +193,10 @@ def _hidden_or_zeros(ckpt: Checkpoint) -> dict[str, np.ndarray]:
     return {k: np.zeros(shape, np.dtype(ckpt.train.dtype)) for k in parts}
 
 
+class NonFiniteCheckpoint(CharclipError):
+    """A checkpoint whose parameters or training state hold NaN or infinity: not written."""
+
+
 def _check_finite(ckpt: Checkpoint) -> None:
     """A checkpoint is a state to continue from: one holding NaN or infinity is never written (nor named
     by LATEST); the caller keeps the last whole one."""
@@ -202,7 +206,7 @@ def _check_finite(ckpt: Checkpoint) -> None:
     bad = [k for k, v in tensors.items() if np.issubdtype(np.asarray(v).dtype, np.floating)
            and not np.isfinite(v).all()]
     if bad:
-        raise CharclipError(f"the training state at step {ckpt.step} is not finite ({', '.join(bad[:3])}"
+        raise NonFiniteCheckpoint(f"the training state at step {ckpt.step} is not finite ({', '.join(bad[:3])}"
                             f"{', ...' if len(bad) > 3 else ''}); no checkpoint was written for it")
 
 

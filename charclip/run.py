@@ -350,10 +350,17 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
 
     def save(step: int, pos: Position, best: bool = False) -> Path:
         if step not in saved:  # once per step: Ctrl-C just after a periodic checkpoint does not rewrite it
-            saved[step] = ckpt_io.save(out, ckpt_io.Checkpoint(
-                model=model_cfg, train=cfg, vocab=vocab, params=trainer.params_numpy(), step=step, position=pos,
-                backend=backend, corpus=data.info, adam=trainer.adam_state(), hidden=trainer.hidden_state(),
-            ), keep=keep, best=best)
+            try:
+                saved[step] = ckpt_io.save(out, ckpt_io.Checkpoint(
+                    model=model_cfg, train=cfg, vocab=vocab, params=trainer.params_numpy(), step=step, position=pos,
+                    backend=backend, corpus=data.info, adam=trainer.adam_state(), hidden=trainer.hidden_state(),
+                ), keep=keep, best=best)
+            except ckpt_io.NonFiniteCheckpoint as e:  # --nonfinite propagate let NaN in: keep the last whole one
+                try:
+                    where = f"the last whole checkpoint is {ckpt_io.resolve(out)}"
+                except CharclipError:
+                    where = "no checkpoint was written"
+                raise CharclipError(f"{e}; {where}; --nonfinite error or skip keep a run finite") from None
         elif best:
             ckpt_io.mark_best(out, saved[step], keep=keep)
         return saved[step]

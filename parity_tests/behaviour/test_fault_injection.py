@@ -282,6 +282,27 @@ def test_a_nonfinite_state_is_never_saved_nor_named_by_latest(finished_runs, tmp
     assert not (out / "checkpoints" / f"step-{ck.step:08d}").exists()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_run_gone_nonfinite_keeps_latest_on_its_last_finite_checkpoint(finished_runs, tmp_path, capsys, backend):
+    """--nonfinite propagate from NaN parameters: the run's next checkpoint would be NaN; it is not
+    written, LATEST stays on the last finite one, and the error line names it."""
+    from safetensors.numpy import load_file, save_file
+
+    out = _copy(finished_runs, backend, tmp_path)
+    folder = ckpt_io.resolve(out)
+    params = load_file(str(folder / ckpt_io.MODEL_FILE))
+    params["head.bias"][0] = np.nan
+    save_file(params, str(folder / ckpt_io.MODEL_FILE))
+    meta = json.loads((folder / ckpt_io.META_FILE).read_text())
+    meta["files"][ckpt_io.MODEL_FILE] = hashlib.sha256((folder / ckpt_io.MODEL_FILE).read_bytes()).hexdigest()
+    meta["train"]["nonfinite"] = "propagate"
+    (folder / ckpt_io.META_FILE).write_text(json.dumps(meta))
+    line = _one_error_line(capsys, main(["train", "--resume", str(out), "--steps", "6", *TINY]))
+    assert "not finite" in line and folder.name in line, line
+    assert (out / "checkpoints" / "LATEST").read_text().strip() == folder.name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")) == [folder.name]
+
+
 META_FAULTS = {
     "repeated vocab key": lambda raw: raw.replace('"vocab":', '"vocab": ["x"], "vocab":', 1),
     "format version -7": lambda raw: raw.replace('"format_version": 1', '"format_version": -7', 1),
