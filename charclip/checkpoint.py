@@ -198,10 +198,11 @@ class NonFiniteCheckpoint(CharclipError):
 
 
 def _check_finite(ckpt: Checkpoint) -> None:
-    """A checkpoint is a state to continue from: one holding NaN or infinity is never written (nor named
-    by LATEST); the caller keeps the last whole one."""
-    tensors = {**{f"parameter {k}": v for k, v in ckpt.params.items()},
-               **{f"adam.{k}": v for k, v in (ckpt.adam or {}).items()},
+    """A checkpoint is a state to continue from: one whose training state (Adam's moments, the hidden
+    state, the loss scale) holds NaN or infinity is never written (nor named by LATEST); the caller
+    keeps the last whole one. Parameters are not checked: a NaN embedding row of a character that never
+    occurs trains harmlessly, and eval and sample report non-finite parameters themselves."""
+    tensors = {**{f"adam.{k}": v for k, v in (ckpt.adam or {}).items()},
                **{f"hidden.{k}": v for k, v in (ckpt.hidden or {}).items()}}
     bad = [k for k, v in tensors.items() if np.issubdtype(np.asarray(v).dtype, np.floating)
            and not np.isfinite(v).all()]
