@@ -12,7 +12,13 @@ naming the checkpoint with the lowest one. Each folder holds:
   under `--precision fp16` also the dynamic loss scale (`adam.loss_scale`, float32) and its
   count of clean steps since the last change (`adam.loss_scale_good_steps`);
 - `checkpoint.json`: format version, backend, configuration, vocabulary, step,
-  data position, and the SHA-256 of both tensor files.
+  data position, and the SHA-256 of both tensor files. It is parsed strictly: a
+  repeated key, a format version below 1 or an integer of absurd length is damage.
+
+Every tensor a resume needs is required, and the training state (Adam's moments, the
+hidden state, the loss scale) must be finite, both on load and on save: a state holding
+NaN or infinity is never written, so LATEST never names one. Files are created new
+(never through a symbolic link) with the process umask's mode.
 
 Writes are atomic: the folder is written under a temporary name, flushed, and
 renamed; then LATEST is replaced atomically. A crash at any moment leaves the
