@@ -32,7 +32,8 @@ def os_error(e: OSError, what: str) -> CharclipError:
     hint = {errno.ENOSPC: "; free some space", errno.EDQUOT: "; free some space", errno.EROFS: "; choose a writable --out",
             errno.EACCES: "; choose a writable --out", errno.EPERM: "; choose a writable --out"}.get(e.errno, "")
     name = os.fsdecode(e.filename) if e.filename else ""
-    where = f": {name}" if name and name not in what else ""  # a path the message names already is not said twice
+    # A path the message names already is not said twice.
+    where = f": {name}" if name and name not in what else ""
     return CharclipError(f"{what}{where}: {reason}{hint}")
 
 
@@ -41,10 +42,13 @@ _TEMPORARY = re.compile(r"\..+\.tmp(\d+)")  # write_file's temporaries: .NAME.tm
 
 
 def create_new(path: Path, data: bytes) -> None:
-    """Write `data` to `path`, which must not exist yet, and sync it. `O_EXCL | O_NOFOLLOW`: a file or a
-    symbolic link already there is an error, never opened. The mode is 0o666 less the process umask,
-    as for any file a program creates, so whoever may read the run may read this file."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    """Write `data` to `path`, which must not exist yet, and sync it.
+
+    `O_EXCL | O_NOFOLLOW`: a file or a symbolic link already there is an error, never opened.
+    The mode is 0o666 less the process umask, as for any file a program creates, so whoever
+    may read the run may read this file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o666)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
@@ -52,13 +56,15 @@ def create_new(path: Path, data: bytes) -> None:
 
 
 def write_file(path: Path, data: bytes | str) -> None:
-    """Replace `path` with a file holding `data`, atomically: written to a new temporary file beside it
-    (`create_new`), then renamed over it. A rename replaces a symbolic link itself, not its target, so
-    a link planted at `path` sends nothing outside the folder. A failure removes the temporary file."""
+    """Replace `path` with a file holding `data`, atomically.
+
+    Written to a new temporary file beside it (`create_new`), then renamed over it. A rename
+    replaces a symbolic link itself, not its target, so a link planted at `path` sends nothing
+    outside the folder. A failure removes the temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # left by an earlier process of the same pid; unlink removes a link, not its target
+        os.unlink(tmp)  # from a dead process of the same pid; unlinks a link, not its target
     try:
         create_new(tmp, data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
@@ -69,7 +75,7 @@ def write_file(path: Path, data: bytes | str) -> None:
 
 
 def remove_stale_temporaries(folder: Path) -> None:
-    """Remove `write_file` temporaries (`.NAME.tmpPID`) left in `folder` by writers that were killed.
+    """Remove `write_file` temporaries (`.NAME.tmpPID`) left in `folder` by killed writers.
 
     Called under the run's lock, so no live writer of this folder has one open; a temporary whose
     pid is this process's own is from an earlier process of the same pid, dead too."""
@@ -106,11 +112,13 @@ class Lock:
         except ImportError:  # not a POSIX system: no advisory locks; run unguarded
             return self
         while True:
-            if self.path.is_symlink():  # charclip never makes one; following it would write the pid elsewhere
-                raise CharclipError(f"{self.path} is a symbolic link, which charclip never makes; remove it and retry")
+            if self.path.is_symlink():  # never charclip's; following it writes the pid elsewhere
+                raise CharclipError(f"{self.path} is a symbolic link, which charclip never makes; "
+                                    "remove it and retry")
             try:
-                # O_NOFOLLOW: a link made between the check above and this call is refused too, never followed.
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+                # O_NOFOLLOW: a link made since the check above is refused too, never followed.
+                flags = os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+                fd = os.open(self.path, flags, 0o666)
             except OSError as e:
                 if e.errno == errno.ELOOP:
                     continue  # the link is reported above
@@ -125,8 +133,8 @@ class Lock:
                 who = f"pid {holder}" if holder.isdigit() else "another process"
                 raise CharclipError(f"{self.path.parent} is in use by another charclip run ({who}); wait for it to "
                                     "finish or stop it, or choose another --out") from None
-            # The holder before us removes the file when it ends (__exit__): the file we locked may be one
-            # that is no longer in the folder. Only a lock on the file the folder holds counts; else retry.
+            # The holder before us removes the file when it ends (__exit__): the file we locked
+            # may be gone from the folder. Only a lock on the folder's own file counts; else retry.
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
             except FileNotFoundError:
@@ -141,7 +149,7 @@ class Lock:
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
-            # Removed while still held, then released: a waiting locker sees the file gone and retries
+            # Removed while held, then released: a waiting locker sees the file gone and retries
             # on a new one, so no finished run keeps a lock file naming a dead pid.
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
@@ -161,18 +169,19 @@ def claim(out: Path, *, overwrite: bool) -> None:
         return
     if not overwrite:
         if "checkpoints" not in held and "metrics.jsonl" not in held:
-            raise CharclipError(f"--out {out} already holds {len(held)} entries; train in a new --out folder, "
-                                "or pass --overwrite to write the run beside them")
+            raise CharclipError(f"--out {out} already holds {len(held)} entries; train in a new "
+                                "--out folder, or pass --overwrite to write the run beside them")
         from charclip import checkpoint
 
         try:
             checkpoint.resolve(out)
-        except CharclipError:  # killed before its first checkpoint was whole: --resume has nothing to continue
-            raise CharclipError(f"--out {out} holds an earlier run that has no whole checkpoint (it was stopped "
-                                "before its first one); pass --overwrite to start it afresh, or use a new --out "
-                                "folder") from None
-        raise CharclipError(f"--out {out} already holds an earlier run; continue it with --resume {out}, train "
-                            "afresh with a new --out folder, or pass --overwrite to replace it")
+        except CharclipError:  # killed before its first whole checkpoint: nothing to --resume
+            raise CharclipError(f"--out {out} holds an earlier run that has no whole checkpoint "
+                                "(it was stopped before its first one); pass --overwrite to start it "
+                                "afresh, or use a new --out folder") from None
+        raise CharclipError(f"--out {out} already holds an earlier run; continue it with --resume "
+                            f"{out}, train afresh with a new --out folder, or pass --overwrite to "
+                            "replace it")
     for name in OUTPUTS:
         p = out / name
         try:
@@ -185,32 +194,35 @@ def claim(out: Path, *, overwrite: bool) -> None:
 
 
 def check_links(out: Path) -> None:
-    """Refuse a run folder whose `checkpoints` is a symbolic link: every checkpoint would land in its target.
+    """Refuse a run folder whose `checkpoints` is a symbolic link (checkpoints would land elsewhere).
 
-    (The files a run replaces, metrics.jsonl, summary.json and training.png, are renamed over whatever
-    is there, a link included, so they never write through one.)"""
+    (The files a run replaces, metrics.jsonl, summary.json and training.png, are renamed over
+    whatever is there, a link included, so they never write through one.)"""
     if (out / "checkpoints").is_symlink():
-        raise CharclipError(f"{out / 'checkpoints'} is a symbolic link, which charclip never makes; checkpoints "
-                            "would be written outside the run folder: remove the link, or pass --overwrite")
+        raise CharclipError(f"{out / 'checkpoints'} is a symbolic link, which charclip never "
+                            "makes; checkpoints would be written outside the run folder: remove "
+                            "the link, or pass --overwrite")
 
 
 def shown(path) -> str:
-    """A path as text that any console can print: bytes that are not UTF-8 appear as \\xNN escapes."""
+    """A path as text any console can print: bytes that are not UTF-8 appear as \\xNN escapes."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def require_utf8(path, option: str) -> None:
-    """Refuse, before anything is trained, a path whose name is not UTF-8: a checkpoint stores its paths
-    as UTF-8 JSON, so such a name would fail at the first save and lose the run."""
+    """Refuse, before anything is trained, a path whose name is not UTF-8.
+
+    A checkpoint stores its paths as UTF-8 JSON: such a name would fail at the first save and
+    lose the run."""
     try:
         os.fsdecode(path).encode("utf-8")
     except UnicodeEncodeError:
-        raise CharclipError(f"{option} {shown(path)} has a name that is not UTF-8, which a checkpoint cannot "
-                            "record; rename it") from None
+        raise CharclipError(f"{option} {shown(path)} has a name that is not UTF-8, which a "
+                            "checkpoint cannot record; rename it") from None
 
 
 def _probe(folder: Path, what: str) -> None:
-    """Create and remove a file in `folder`: proof, before hours of work, that the results can be written."""
+    """Create and remove a file in `folder`: proof, before the work, that results can be written."""
     import tempfile
 
     try:
@@ -222,14 +234,18 @@ def _probe(folder: Path, what: str) -> None:
 
 
 def writable_folder(path, option: str) -> Path:
-    """The output folder `path` of a command, created if need be and proven writable, or one line naming `option`."""
+    """A command's output folder `path`, created if need be and proven writable.
+
+    Any problem is one line naming `option`."""
     path = Path(path)
     require_utf8(path, option)
     if path.exists() and not path.is_dir():
-        raise CharclipError(f"{option} {path} is a file, not a folder; choose a folder for the results")
+        raise CharclipError(f"{option} {path} is a file, not a folder; choose a folder for the "
+                            "results")
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
-            raise CharclipError(f"{option} {path} lies below {parent}, which is a file; choose a folder")
+            raise CharclipError(f"{option} {path} lies below {parent}, which is a file; "
+                                "choose a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -239,13 +255,14 @@ def writable_folder(path, option: str) -> Path:
 
 
 def writable_file(path, option: str) -> Path:
-    """The output file `path` of a command: not a folder, in a folder (created if need be) that can be written."""
+    """A command's output file `path`: not a folder, in a writable folder (created if need be)."""
     path = Path(path)
     require_utf8(path, option)
     if path.is_dir():
         raise CharclipError(f"{option} {path} is a folder; name a file to write")
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
-            raise CharclipError(f"{option} {path} lies below {parent}, which is a file; choose another path")
+            raise CharclipError(f"{option} {path} lies below {parent}, which is a file; "
+                                "choose another path")
     writable_folder(path.parent, option)
     return path
