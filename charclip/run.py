@@ -430,7 +430,9 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
     elapsed = time.perf_counter() - t0
     summary = {
         "backend": backend, "steps": step, "steps_run": step - start_step,
-        "train_loss": last.loss if last else metrics.last_loss, "val_loss": metrics.last_val if val_loss is None else val_loss, "logged_steps": metrics.logged_steps, "clipped_steps": metrics.clipped,
+        "train_loss": last.loss if last else metrics.last_loss,
+        "val_loss": metrics.last_val if val_loss is None else val_loss,
+        "logged_steps": metrics.logged_steps, "clipped_steps": metrics.clipped,
         "clipped_fraction": metrics.clipped / max(metrics.logged_steps, 1), "skipped_steps": metrics.skipped,
         "overflow_steps": metrics.overflows, "precision": cfg.precision,
         "seconds": round(elapsed, 2), "chars_per_second": round((step - start_step) * cfg.batch_size * cfg.seq_len
