@@ -360,8 +360,9 @@ def load(path: str | os.PathLike) -> Checkpoint:
 
     A run folder's latest checkpoint may be pruned by its training run between resolving LATEST and
     reading the files (`--keep 1`); then LATEST names a newer one, which is read instead (once)."""
-    folder = resolve(path)
+    folder = None
     try:
+        folder = resolve(path)
         return _load(folder)
     except CharclipError as first:
         # A writer saves the new checkpoint and moves LATEST before it prunes the old one, so a
