@@ -240,16 +240,16 @@ def writable_folder(path, option: str) -> Path:
     path = Path(path)
     require_utf8(path, option)
     if path.exists() and not path.is_dir():
-        raise CharclipError(f"{option} {path} is a file, not a folder; choose a folder for the "
-                            "results")
+        raise CharclipError(f"{option} {path}: cannot create the output folder, it is a file; "
+                            "choose a folder")
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
-            raise CharclipError(f"{option} {path} lies below {parent}, which is a file; "
-                                "choose a folder")
+            raise CharclipError(f"{option} {path}: cannot create the output folder below {parent}, "
+                                "which is a file; choose a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise os_error(e, f"{option}: cannot create the folder {path}") from None
+        raise os_error(e, f"{option}: cannot create the output folder {path}") from None
     _probe(path, option)
     return path
 
