@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from charclip import runfolder
 from charclip.errors import CharclipError
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -252,8 +253,8 @@ def write(r: dict, out: Path) -> str:
     _derive(r)
     r["plots"] = report.plots(r, out)
     md = report.markdown(r)
-    (out / "results.json").write_text(json.dumps(r, indent=1, default=float) + "\n")
-    (out / "results.md").write_text(md + "\n")
+    runfolder.write_file(out / "results.json", json.dumps(r, indent=1, default=float) + "\n")
+    runfolder.write_file(out / "results.md", md + "\n")
     return md
 
 
@@ -273,6 +274,8 @@ def run(args) -> int:
         torch.set_num_threads(args.torch_threads)
     plan = QUICK if args.quick else FULL
     machine = harness.machine_name(args.device)
+    out = Path(args.out) if args.out else RESULTS / (machine + ("-partial" if args.only else "-quick" if args.quick else ""))
+    out = runfolder.writable_folder(out, "--out")  # before the tasks run: an unwritable --out fails now, in one line
     tasks = _tasks(plan, args.device, torch.get_num_threads())
     if args.only:
         tasks = [(name, fn) for name, fn in tasks if any(o in name for o in args.only)]
@@ -280,8 +283,6 @@ def run(args) -> int:
             raise CharclipError(f"--only {' '.join(args.only)}: no task matches; the tasks: "
                                 + ", ".join(n for n, _ in _tasks(plan, args.device, 1)))
     mode = ("quick" if args.quick else "full") + (" (partial)" if args.only else "")
-    out = Path(args.out) if args.out else RESULTS / (machine + ("-partial" if args.only else "-quick" if args.quick else ""))
-    out.mkdir(parents=True, exist_ok=True)
     r = {"machine": machine, "mode": mode, "plan": dataclasses.asdict(plan),
          "environment": harness.environment(args.device), "torch_threads": torch.get_num_threads(),
          "throughput": [], "variants": {}, "clipping": {"by_size": [], "by_tensors": []}, "scaling": {}, "first_step": {},
@@ -295,7 +296,10 @@ def run(args) -> int:
             r["task_seconds"][name] = time.perf_counter() - t0
     r["total_seconds"] = time.perf_counter() - t_start
     r["loadavg_end"] = list(os.getloadavg())
-    print(write(r, out))
+    try:
+        print(write(r, out))
+    except OSError as e:
+        raise runfolder.os_error(e, f"cannot write the results in {out}") from None
     print(f"\nresults: {out}/results.json, results.md and {len(r['plots'])} plots ({r['total_seconds']:.0f} s)")
     return 0
 

@@ -12,7 +12,13 @@ naming the checkpoint with the lowest one. Each folder holds:
   under `--precision fp16` also the dynamic loss scale (`adam.loss_scale`, float32) and its
   count of clean steps since the last change (`adam.loss_scale_good_steps`);
 - `checkpoint.json`: format version, backend, configuration, vocabulary, step,
-  data position, and the SHA-256 of both tensor files.
+  data position, and the SHA-256 of both tensor files. It is parsed strictly: a
+  repeated key, a format version below 1 or an integer of absurd length is damage.
+
+Every tensor a resume needs is required, and the training state (Adam's moments, the
+hidden state, the loss scale) must be finite, both on load and on save: a state holding
+NaN or infinity is never written, so LATEST never names one. Files are created new
+(never through a symbolic link) with the process umask's mode.
 
 Writes are atomic: the folder is written under a temporary name, flushed, and
 renamed; then LATEST is replaced atomically. A crash at any moment leaves the
@@ -38,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from charclip import config as C
+from charclip import runfolder
 from charclip.batching import Position
 from charclip.errors import CharclipError
 from charclip.vocab import Vocab
@@ -52,6 +59,7 @@ KEEP = 2  # newest checkpoints kept per run (besides LATEST's, BEST's and final 
 POINTERS = ("LATEST", "BEST")
 MAX_POINTER_BYTES = 64  # a pointer holds one folder name; a longer file is not one of ours
 _POINTER_NAME = re.compile(r"\.?step-\d{8,}(\.tmp\d+)?")  # a step folder, or save's temporary copy of one
+MAX_INT_DIGITS = 30  # a step, a size or a seed has far fewer; Python refuses to parse over 4300 with a traceback
 _META_KEYS = {"format", "format_version", "backend", "model", "train", "vocab", "step", "position", "corpus", "files"}
 
 
@@ -87,21 +95,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(path))  # ascontiguousarray would make 0-d arrays 1-d
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    # Serialised here and written by create_new: a new file (never through a link), mode per the
+    # umask (safetensors' own writer makes it 0600, unreadable to the run's other readers), synced.
+    data = save({k: np.asarray(v, order="C") for k, v in tensors.items()})  # ascontiguousarray would make 0-d arrays 1-d
+    runfolder.create_new(path, data)
 
 
 def _point(root: Path, name: str, pointer: str = "LATEST") -> None:
     """Atomically make `root/pointer` (LATEST or BEST) name the folder `name`."""
-    tmp = root / f".{pointer}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / pointer)
+    runfolder.write_file(root / pointer, name + "\n")  # .POINTER.tmpPID, synced, renamed over it
     _fsync_dir(root)
 
 
@@ -147,6 +151,10 @@ def read_pointer(path: Path) -> str:
 def save(run_dir: str | os.PathLike, ckpt: Checkpoint, *, keep: int = KEEP, best: bool = False) -> Path:
     """Write `ckpt` atomically under `run_dir/checkpoints/`, point LATEST (and BEST if `best`) at it, and prune."""
     root = Path(run_dir) / "checkpoints"
+    if root.is_symlink():
+        raise CharclipError(f"{root} is a symbolic link, which charclip never makes; checkpoints would be written "
+                            "outside the run folder: remove the link")
+    _check_finite(ckpt)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{ckpt.step:08d}"
     final = root / name
@@ -182,11 +190,38 @@ def save(run_dir: str | os.PathLike, ckpt: Checkpoint, *, keep: int = KEEP, best
     return final
 
 
+def _hidden_or_zeros(ckpt: Checkpoint) -> dict[str, np.ndarray]:
+    """The carried hidden state; none yet (a fresh epoch) is zeros, which is what a step starts from then."""
+    if ckpt.hidden:
+        return ckpt.hidden
+    shape = (ckpt.model.num_layers, ckpt.train.batch_size, ckpt.model.hidden_size)  # (L, B, H)
+    parts = ("h", "c") if ckpt.model.cell == "lstm" else ("h",)
+    return {k: np.zeros(shape, np.dtype(ckpt.train.dtype)) for k in parts}
+
+
+class NonFiniteCheckpoint(CharclipError):
+    """A checkpoint whose parameters or training state hold NaN or infinity: not written."""
+
+
+def _check_finite(ckpt: Checkpoint) -> None:
+    """A checkpoint is a state to continue from: one whose training state (Adam's moments, the hidden
+    state, the loss scale) holds NaN or infinity is never written (nor named by LATEST); the caller
+    keeps the last whole one. Parameters are not checked: a NaN embedding row of a character that never
+    occurs trains harmlessly, and eval and sample report non-finite parameters themselves."""
+    tensors = {**{f"adam.{k}": v for k, v in (ckpt.adam or {}).items()},
+               **{f"hidden.{k}": v for k, v in (ckpt.hidden or {}).items()}}
+    bad = [k for k, v in tensors.items() if np.issubdtype(np.asarray(v).dtype, np.floating)
+           and not np.isfinite(v).all()]
+    if bad:
+        raise NonFiniteCheckpoint(f"the training state at step {ckpt.step} is not finite ({', '.join(bad[:3])}"
+                            f"{', ...' if len(bad) > 3 else ''}); no checkpoint was written for it")
+
+
 def _write_folder(tmp: Path, ckpt: Checkpoint) -> None:
     tmp.mkdir()
     _write_tensors(tmp / MODEL_FILE, ckpt.params)
     state = {f"adam.{k}": v for k, v in (ckpt.adam or {}).items()}
-    state.update({f"hidden.{k}": v for k, v in (ckpt.hidden or {}).items()})
+    state.update({f"hidden.{k}": v for k, v in _hidden_or_zeros(ckpt).items()})
     _write_tensors(tmp / STATE_FILE, state)
     meta = {
         "format": FORMAT,
@@ -200,7 +235,8 @@ def _write_folder(tmp: Path, ckpt: Checkpoint) -> None:
         "corpus": ckpt.corpus,
         "files": {MODEL_FILE: _sha256(tmp / MODEL_FILE), STATE_FILE: _sha256(tmp / STATE_FILE)},
     }
-    with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+    fd = os.open(tmp / META_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with open(fd, "w", encoding="utf-8") as f:  # a new file in the new folder; the mode follows the umask
         json.dump(meta, f, indent=1, ensure_ascii=False)
         f.flush()
         os.fsync(f.fileno())
@@ -251,11 +287,41 @@ def resolve(path: str | os.PathLike) -> Path:
     raise CharclipError(f"{p} is neither a checkpoint folder (with {META_FILE}) nor a run folder with checkpoints/LATEST")
 
 
+class _Malformed(ValueError):
+    """checkpoint.json spells something no charclip writes (a repeated key, a huge number)."""
+
+
+def _no_repeated_keys(pairs: list[tuple]) -> dict:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:  # json keeps the last silently: a second "vocab" would remap every character
+        raise _Malformed(f"the key {repeated[0]!r} appears more than once")
+    return dict(pairs)
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Malformed(f"a number has {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS} are meaningful)")
+    return int(text)
+
+
+def parse_meta(raw: bytes) -> object:
+    """checkpoint.json's bytes as JSON, strictly: UTF-8, no repeated key, no integer of absurd length."""
+    return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_repeated_keys, parse_int=_bounded_int)
+
+
 def _read_meta(folder: Path) -> dict:
+    path = folder / META_FILE
     try:
-        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
-        raise CharclipError(f"{folder / META_FILE} is not readable JSON ({type(e).__name__}); the checkpoint is damaged") from None
+        raw = path.read_bytes()
+    except OSError as e:  # not damage: say what happened
+        raise runfolder.os_error(e, f"cannot read {path}") from None
+    try:
+        meta = parse_meta(raw)
+    except _Malformed as e:
+        raise CharclipError(f"{path} is malformed ({e}); the checkpoint is damaged") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurd nesting
+        raise CharclipError(f"{path} is not readable JSON ({type(e).__name__}); the checkpoint is damaged") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CharclipError(f"{folder / META_FILE} is not a charclip checkpoint")
     version = meta.get("format_version")
@@ -263,6 +329,8 @@ def _read_meta(folder: Path) -> dict:
         raise CharclipError(
             f"{folder} has checkpoint format version {version!r}; this charclip reads up to {FORMAT_VERSION}: upgrade charclip"
         )
+    if version < 1:
+        raise CharclipError(f"{path} has format version {version}, which no charclip wrote; the checkpoint is damaged")
     missing, extra = _META_KEYS - meta.keys(), meta.keys() - _META_KEYS
     if missing or extra:
         raise CharclipError(f"{folder / META_FILE} has missing keys {sorted(missing)} / unknown keys {sorted(extra)}")
@@ -275,7 +343,11 @@ def _read_tensors(path: Path, expected_sha: str) -> dict[str, np.ndarray]:
 
     if not path.is_file():
         raise CharclipError(f"{path} is missing; the checkpoint is incomplete")
-    if _sha256(path) != expected_sha:
+    try:
+        actual = _sha256(path)
+    except OSError as e:  # an I/O or permission error is not a corrupted file: say which
+        raise runfolder.os_error(e, f"cannot read {path}") from None
+    if actual != expected_sha:
         raise CharclipError(f"{path} does not match the SHA-256 recorded in {META_FILE}: the file is truncated or corrupted")
     try:
         return load_file(str(path))
@@ -284,8 +356,27 @@ def _read_tensors(path: Path, expected_sha: str) -> dict[str, np.ndarray]:
 
 
 def load(path: str | os.PathLike) -> Checkpoint:
-    """Read and validate a checkpoint completely before returning anything."""
-    folder = resolve(path)
+    """Read and validate a checkpoint completely before returning anything.
+
+    A run folder's latest checkpoint may be pruned by its training run between resolving LATEST and
+    reading the files (`--keep 1`); then LATEST names a newer one, which is read instead (once)."""
+    folder = None
+    try:
+        folder = resolve(path)
+        return _load(folder)
+    except CharclipError as first:
+        # A writer saves the new checkpoint and moves LATEST before it prunes the old one, so a
+        # checkpoint that vanished under the reader shows as LATEST naming another folder now.
+        try:
+            again = resolve(path)
+        except CharclipError:
+            raise first from None
+        if again == folder:
+            raise
+        return _load(again)
+
+
+def _load(folder: Path) -> Checkpoint:
     meta = _read_meta(folder)
     try:
         model = C.model_from_dict(meta["model"])
@@ -343,14 +434,18 @@ def _check_state(where: Path, state: dict[str, np.ndarray], model: C.ModelConfig
     if C.loss_scaled(train):  # fp16: the dynamic loss scale and its count of clean steps
         expect["adam.loss_scale"] = ((), np.dtype(np.float32))
         expect["adam.loss_scale_good_steps"] = ((), np.dtype(np.int64))
-    if any(k.startswith("hidden.") for k in state):
-        h_shape = (model.num_layers, train.batch_size, model.hidden_size)  # (L, B, H)
-        expect.update({f"hidden.{k}": (h_shape, dtype) for k in (("h", "c") if model.cell == "lstm" else ("h",))})
+    # The carried hidden state too: without it a resume would silently start the streams from zeros.
+    h_shape = (model.num_layers, train.batch_size, model.hidden_size)  # (L, B, H)
+    expect.update({f"hidden.{k}": (h_shape, dtype) for k in (("h", "c") if model.cell == "lstm" else ("h",))})
     if set(state) != set(expect):
         raise CharclipError(f"{where} holds tensors {sorted(set(state) ^ set(expect))} that do not fit the configuration")
     for name, (shape, dt) in expect.items():
         if state[name].shape != shape and not (name == "adam.step" and state[name].shape == (1,)) or state[name].dtype != dt:
             raise CharclipError(f"{where}: {name} is {state[name].dtype}{list(state[name].shape)}, expected {dt}{list(shape)}")
+    nonfinite = [k for k, v in state.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+    if nonfinite:  # NaN moments would make the run non-finite; infinite second moments freeze every parameter
+        raise CharclipError(f"{where}: {', '.join(sorted(nonfinite)[:3])} holds NaN or infinite values, which no "
+                            "finite training state has; the checkpoint is damaged")
     adam_step = int(state["adam.step"].reshape(()))
     if not 0 <= adam_step <= step:
         raise CharclipError(f"{where}: the optimizer has taken {adam_step} steps, not between 0 and the checkpoint's {step}")

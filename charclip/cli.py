@@ -18,6 +18,13 @@ from charclip.errors import CharclipError
 COMMANDS: tuple[str, ...] = ("charclip.parity", "benchmarks.suite", "charclip.explode")  # modules adding subcommands
 GROUPS = ("data and output", "model", "optimisation", "clipping", "reporting", "several devices (docs/distributed.md)")
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistyped option is one line, `charclip: error: argument --steps: ...`, not a usage block."""
+
+    def error(self, message: str):
+        raise CharclipError(f"{message} (see {self.prog} --help)")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where it says something (not None, not a flag, not already in the text)."""
 
@@ -135,13 +142,19 @@ def _train(a) -> int:
               resume=ck, device=o.device, progress=not o.no_progress, sample_chars=o.sample_chars, keep=o.keep,
               overwrite=o.overwrite)
     ran = f"{s['steps_run']} steps" + (f" (steps {s['steps'] - s['steps_run'] + 1}-{s['steps']})" if s["steps_run"] != s["steps"] else "")
-    print(f"\ndone: {ran} in {s['seconds']:.0f} s; training loss {s['train_loss']:.3f}, "
-          f"validation loss {s['val_loss']:.3f} nats/char; {run.describe_clipped(s['clipped_steps'], s['logged_steps'])}"
+    if not s["steps_run"]:
+        ran = f"no step (the run was at step {s['steps']}; its closing phase was redone)"
+    print(f"\ndone: {ran} in {s['seconds']:.0f} s; training loss {_loss(s['train_loss'])}, "
+          f"validation loss {_loss(s['val_loss'])} nats/char; {run.describe_clipped(s['clipped_steps'], s['logged_steps'])}"
           + (f"; {s['skipped_steps']} skipped" if s["skipped_steps"] else ""))
     print(f"checkpoint: {s['checkpoint']}\nmetrics:    {s['metrics']}" + (f"\nplot:       {s['plot']}" if "plot" in s else ""))
     if s.get("sample"):
         print("\n--- sample (temperature 0.8) ---" + s["sample"].rstrip() + "\n---")
     return 0
+
+
+def _loss(x) -> str:
+    return "none" if x is None else f"{x:.3f}"
 
 
 def _add_sample(sub) -> None:
@@ -167,9 +180,10 @@ def _sample(a) -> int:
     for i in range(o.num_samples):
         if o.num_samples > 1:
             sys.stdout.write(f"--- sample {i + 1} of {o.num_samples} (seed {o.seed + i}) ---\n")
+        # Streamed as drawn: a long sample shows progress, and an interrupted one keeps its text.
         text = sample(ck.model, ck.params, ck.vocab, o.prime, o.length, temperature=o.temperature, top_k=o.top_k,
-                      top_p=o.top_p, seed=o.seed + i, device=o.device)
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+                      top_p=o.top_p, seed=o.seed + i, device=o.device, emit=sys.stdout.write)
+        sys.stdout.write("" if text.endswith("\n") else "\n")
     return 0
 
 
@@ -221,7 +235,7 @@ def _eval(a) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="charclip",
         description="A character-level RNN with gradient clipping, written twice (PyTorch and JAX) and proven equal.",
     )
@@ -241,13 +255,19 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
         return args.func(args)
     except CharclipError as e:
-        print(f"charclip: error: {e}", file=sys.stderr)
+        print(f"charclip: error: {_printable(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # outside the loop, or a second signal: checkpoints on disk are whole
         print(f"charclip: interrupted ({signal_name(e)})", file=sys.stderr)
         return signals.exit_code(e)
     finally:
         signals.restore(previous)
+
+
+def _printable(message: str) -> str:
+    """One line any console prints: a path's undecodable bytes (surrogate escapes) as \\xNN, no line breaks."""
+    text = message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return " ".join(text.splitlines())
 
 
 def signal_name(e: KeyboardInterrupt) -> str:

@@ -30,6 +30,7 @@ COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 # What --resume does with an option: "kept" (the checkpoint's value wins; a given flag is named
 # as ignored), "extends" (--steps: the checkpoint's unless given), "used" (applies to this invocation).
 RESUME_RULES = ("kept", "extends", "used")
+_DTYPE_MAX = {"float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}  # numpy.finfo(dtype).max
 
 
 def option(default=dataclasses.MISSING, *, flag: str, help: str, choices: tuple | None = None, resume: str = "kept",
@@ -65,7 +66,7 @@ class ModelConfig:
         if self.cell not in CELLS:
             raise CharclipError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
         for name in ("vocab_size", "hidden_size", "num_layers", "embedding_dim"):
-            _positive_int(name, getattr(self, name))
+            _positive_int(_flag(type(self), name), getattr(self, name))
 
     @property
     def gates(self) -> int:
@@ -183,7 +184,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "checkpoint_every"):
-            _positive_int(name.replace("_", "-"), getattr(self, name))
+            _positive_int(_flag(type(self), name), getattr(self, name))
         _positive_float("--lr", self.lr)
         for name in ("beta1", "beta2"):  # Adam divides by 1 - beta**t: beta must lie in [0, 1)
             value = getattr(self, name)
@@ -196,6 +197,11 @@ class TrainConfig:
             raise CharclipError(f"unknown --dtype {self.dtype!r}; use float32 or float64")
         if self.precision not in PRECISIONS:
             raise CharclipError(f"unknown --precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        # Adam's first step moves a parameter by lr / (1 - beta1): it must be a number of the parameters'
+        # dtype (float32 master weights under bf16/fp16), or torch cannot even form it.
+        if self.lr / (1.0 - self.beta1) > _DTYPE_MAX.get(self.dtype, math.inf):
+            raise CharclipError(f"--lr {self.lr:g} is too large for {self.dtype} parameters: Adam's first step "
+                                f"(lr / (1 - beta1)) would exceed {self.dtype}'s largest number; use a smaller --lr")
         if self.precision != "full" and self.dtype != "float32":
             raise CharclipError(f"--precision {self.precision} keeps float32 master weights; it needs --dtype float32, "
                                 f"not {self.dtype}")
@@ -207,7 +213,7 @@ class TrainConfig:
         _positive_int("loss_scale_interval", self.loss_scale_interval)
         if self.nonfinite not in NONFINITE_POLICIES:
             raise CharclipError(f"unknown --nonfinite {self.nonfinite!r}; use one of {', '.join(NONFINITE_POLICIES)}")
-        _positive_int("accumulate", self.accumulate)
+        _positive_int("--accumulate", self.accumulate)
         if self.batch_size % self.accumulate:
             raise CharclipError(f"--batch-size {self.batch_size} does not split into --accumulate {self.accumulate} "
                                 "equal micro-batches; use a multiple of it")
@@ -217,7 +223,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise CharclipError(f"--{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
-        _positive_int("decay-every", self.decay_every)
+        _positive_int("--decay-every", self.decay_every)
         if not (isinstance(self.min_lr, (int, float)) and math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr):
             raise CharclipError(f"--min-lr must lie in [0, --lr {self.lr:g}], got {self.min_lr!r}")
         if not (isinstance(self.decay_factor, (int, float)) and 0 < self.decay_factor <= 1):
@@ -242,6 +248,11 @@ def _power_of_two(name: str, value, low: float, high: float) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high
     if not ok or math.frexp(value)[0] != 0.5:
         raise CharclipError(f"{name} must be a power of two between {low:g} and {high:g}, got {value!r}")
+
+
+def _flag(cls, name: str) -> str:
+    """The option a user types for the field `name` (messages name it), or the field's name if it has none."""
+    return next((f.metadata["flag"] for f in options(cls) if f.name == name), name)
 
 
 def _positive_int(name: str, value: int) -> None:

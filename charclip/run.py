@@ -54,6 +54,8 @@ class Data:
 def prepare_data(path: str | None, cfg: TrainConfig, vocab: Vocab | None = None) -> Data:
     """Read the corpus, build (or check against) the vocabulary, split and cut into streams."""
     text = corpus.load(path)
+    if path is not None:  # every checkpoint stores the corpus's absolute path, as UTF-8 JSON
+        runfolder.require_utf8(Path(path).resolve(), "--data")
     vocab = vocab or Vocab.from_text(text)
     tokens = vocab.encode(text, what=f"the corpus {path or '(embedded Shakespeare)'}")
     train_tok, val_tok = split(tokens, cfg.val_fraction)
@@ -86,18 +88,21 @@ class Metrics:
         if path.exists() and not path.is_file():
             raise CharclipError(f"{path} is not a file; move it out of the run folder")
         kept = [r for r in read_records(path) if r["step"] <= resume_step] if resume_step is not None else []
-        for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a writer killed mid-rewrite (one writer: the lock)
-            stale.unlink(missing_ok=True)
-        _replace_file(path, "".join(json.dumps(r) + "\n" for r in kept))
+        # Rewritten whole: a line an older charclip wrote with a bare NaN becomes JSON (null and a flag).
+        _replace_file(path, "".join(json_line(r) for r in kept))
         trained = [r for r in kept if "loss" in r]
         self.logged_steps = len(trained)
         self.clipped = sum(r.get("clipped") is True for r in trained)
         self.skipped = sum(r.get("skipped") is True for r in trained)
         self.overflows = sum(r.get("overflow") is True for r in trained)  # fp16 steps skipped for an overflow
         self.best_val = min((r["val_loss"] for r in kept if _finite(r.get("val_loss"))), default=math.inf)
+        self.last_loss = trained[-1].get("loss") if trained else None  # the kept history's, for a closing-only resume
+        self.last_val = next((r["val_loss"] for r in reversed(kept) if "val_loss" in r), None)
         self.time_offset = max((r["time"] for r in trained if _finite(r.get("time"))), default=0.0)
         # Line-buffered: a killed run has logged every step it took, so none goes missing on resume.
-        self.file = open(path, "a", encoding="utf-8", buffering=1)
+        # O_NOFOLLOW: the file just renamed into place is appended to, never a link made since.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        self.file = open(fd, "a", encoding="utf-8", buffering=1)
 
     def write(self, **record) -> None:
         if "loss" in record:
@@ -105,7 +110,7 @@ class Metrics:
             self.clipped += bool(record.get("clipped"))
             self.skipped += bool(record.get("skipped"))
             self.overflows += bool(record.get("overflow"))
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json_line(record))
 
     def close(self) -> None:
         self.file.close()
@@ -114,6 +119,17 @@ class Metrics:
 def _scale_record(r) -> dict:
     """fp16's loss-scale columns of a step's metrics line: the scale it used, and whether it overflowed."""
     return {} if r.loss_scale is None else {"loss_scale": r.loss_scale, "overflow": r.overflow}
+
+
+def json_line(record: dict) -> str:
+    """One metrics line, strict JSON: a NaN or infinite value is written as null, and its key is listed
+    under "nonfinite" (bare NaN, which Python's json writes by default, is no JSON)."""
+    bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        flagged = record.get("nonfinite") if isinstance(record.get("nonfinite"), list) else []
+        record = {**{k: None if k in bad else v for k, v in record.items()},
+                  "nonfinite": sorted(set(flagged) | set(bad), key=str)}
+    return json.dumps(record, allow_nan=False) + "\n"
 
 
 def _finite(x) -> bool:
@@ -137,13 +153,8 @@ def read_records(path: Path) -> list[dict]:
 
 
 def _replace_file(path: Path, text: str) -> None:
-    """Write `text` to a new file beside `path`, sync it, and rename it over `path` (atomic)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `text` to a new file beside `path`, sync it, and rename it over `path` (atomic, no link followed)."""
+    runfolder.write_file(path, text)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -172,17 +183,73 @@ def machine_memory() -> int | None:
         return None
 
 
-def check_memory(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
-    """Refuse, before allocating anything, a model that cannot fit in this machine's memory."""
-    n, need = memory_estimate(model_cfg, cfg)
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None  # "max" (cgroup v2): no limit
+
+
+def _own_address_space() -> int:
+    """Bytes of address space this process maps now (VmSize), 0 where /proc does not say."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def memory_limits() -> list[tuple[str, int]]:
+    """(what, bytes still available) for every bound on this process's memory that can be read: the
+    machine's physical memory, the address-space limit (`ulimit -v`, less what is mapped already) and
+    the cgroup's limit (containers; less what the cgroup uses already)."""
+    limits = []
     have = machine_memory()
-    if have is not None and need > have:
-        raise CharclipError(f"this model needs about {_gib(need)} of memory ({n:,} parameters), but this machine has "
-                            f"{_gib(have)}; use a smaller --hidden, --embed, --layers or --batch-size")
+    if have is not None:
+        limits.append(("this machine has", have))
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append(("the address-space limit (ulimit -v) leaves", max(soft - _own_address_space(), 0)))
+    except (ImportError, AttributeError, OSError, ValueError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit = _read_int(limit_file)
+        if limit is not None and (have is None or limit < have):  # v1 reports "no limit" as a huge number
+            limits.append(("the container's memory limit (cgroup) leaves", max(limit - (_read_int(usage_file) or 0), 0)))
+            break
+    return limits
+
+
+def check_memory(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Refuse, before allocating anything, a model that cannot fit in the memory this process may use."""
+    n, need = memory_estimate(model_cfg, cfg)
+    for what, have in memory_limits():
+        if need > have:
+            raise CharclipError(f"this model needs about {_gib(need)} of memory ({n:,} parameters), but {what} "
+                                f"{_gib(have)}; use a smaller --hidden, --embed, --layers or --batch-size")
 
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:,.1f} GiB"
+
+
+def _closed(out: Path, step: int) -> bool:
+    """Whether the run in `out` finished its closing phase at `step`: its summary.json says so."""
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(summary, dict) and summary.get("steps") == step
 
 
 def run_folder_of(checkpoint_folder: Path) -> Path | None:
@@ -218,6 +285,7 @@ def train(
     if keep < 1:
         raise CharclipError(f"--keep must be 1 or more, got {keep}")
     out = Path(out_dir)
+    runfolder.require_utf8(out, "--out")  # the console prints it, the summary stores it
     try:
         with contextlib.ExitStack() as lock:
             return _train(model_cfg, cfg, backend=backend, out=out, data_path=data_path, resume=resume, device=device,
@@ -249,8 +317,6 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
             log(f"charclip: note: this corpus has {data.train.batches_per_epoch} batches per epoch, fewer than the "
                 f"checkpoint's position {position.batch}; continuing from the start of epoch {position.epoch + 1}")
             position = Position(position.epoch + 1, 0)
-        if start_step >= cfg.steps:
-            raise CharclipError(f"the checkpoint is at step {start_step}, already at --steps {cfg.steps}; pass a larger --steps")
     else:
         data = prepare_data(data_path, cfg)
         model_cfg = replace(model_cfg, vocab_size=len(data.vocab))
@@ -261,11 +327,18 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
     vocab = data.vocab
     same_run = resume is not None and ck.path is not None and run_folder_of(ck.path) is not None and (
         run_folder_of(ck.path).resolve() == out.resolve())
+    # A finished run whose closing phase (plot, sample, summary: summary.json is written last) did
+    # not complete, say for a full disk or a signal, gets that phase redone; otherwise there is nothing to do.
+    finishing = resume is not None and start_step >= cfg.steps
+    if finishing and not (same_run and not _closed(out, start_step)):
+        raise CharclipError(f"the checkpoint is at step {start_step}, already at --steps {cfg.steps}; pass a larger --steps")
     if not same_run and not overwrite and out.is_dir():
         runfolder.claim(out, overwrite=False)  # refused before even the lock file is made in someone's folder
     # Everything is checked; from here on the run folder is written, by this process alone.
     runfolder.create(out)
     lock.enter_context(runfolder.Lock(out))
+    runfolder.check_links(out)
+    runfolder.remove_stale_temporaries(out)  # of writers killed mid-write: under the lock, none is alive
     if not same_run:  # again under the lock: another run may have started in it meanwhile
         runfolder.claim(out, overwrite=overwrite)
     else:  # resumed from an older step folder: LATEST moves back to it before the metrics are cut back to it
@@ -277,10 +350,17 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
 
     def save(step: int, pos: Position, best: bool = False) -> Path:
         if step not in saved:  # once per step: Ctrl-C just after a periodic checkpoint does not rewrite it
-            saved[step] = ckpt_io.save(out, ckpt_io.Checkpoint(
-                model=model_cfg, train=cfg, vocab=vocab, params=trainer.params_numpy(), step=step, position=pos,
-                backend=backend, corpus=data.info, adam=trainer.adam_state(), hidden=trainer.hidden_state(),
-            ), keep=keep, best=best)
+            try:
+                saved[step] = ckpt_io.save(out, ckpt_io.Checkpoint(
+                    model=model_cfg, train=cfg, vocab=vocab, params=trainer.params_numpy(), step=step, position=pos,
+                    backend=backend, corpus=data.info, adam=trainer.adam_state(), hidden=trainer.hidden_state(),
+                ), keep=keep, best=best)
+            except ckpt_io.NonFiniteCheckpoint as e:  # --nonfinite propagate let NaN in: keep the last whole one
+                try:
+                    where = f"the last whole checkpoint is {ckpt_io.resolve(out)}"
+                except CharclipError:
+                    where = "no checkpoint was written"
+                raise CharclipError(f"{e}; {where}; --nonfinite error or skip keep a run finite") from None
         elif best:
             ckpt_io.mark_best(out, saved[step], keep=keep)
         return saved[step]
@@ -341,14 +421,18 @@ def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress,
                 save(step, position)
         bar.close()
         metrics.close()
-        path = save(step, position)
+        path = ck.path if finishing else save(step, position)
+    if finishing:
+        log(f"charclip: the run had reached step {step} but not finished its closing phase; finished it now")
     if interrupt.requested:
         log(f"charclip: interrupted at step {step}; checkpoint written to {path}; continue with --resume {out}")
         raise SystemExit(128 + interrupt.requested)
     elapsed = time.perf_counter() - t0
     summary = {
-        "backend": backend, "steps": step, "steps_run": step - start_step, "train_loss": last.loss if last else None,
-        "val_loss": val_loss, "logged_steps": metrics.logged_steps, "clipped_steps": metrics.clipped,
+        "backend": backend, "steps": step, "steps_run": step - start_step,
+        "train_loss": last.loss if last else metrics.last_loss,
+        "val_loss": metrics.last_val if val_loss is None else val_loss,
+        "logged_steps": metrics.logged_steps, "clipped_steps": metrics.clipped,
         "clipped_fraction": metrics.clipped / max(metrics.logged_steps, 1), "skipped_steps": metrics.skipped,
         "overflow_steps": metrics.overflows, "precision": cfg.precision,
         "seconds": round(elapsed, 2), "chars_per_second": round((step - start_step) * cfg.batch_size * cfg.seq_len

@@ -17,13 +17,16 @@ from charclip.errors import CharclipError
 from charclip.vocab import Vocab
 
 
+MAX_LENGTH = 10**7  # characters per sample: hours of one-character steps already; more is a typo
+
+
 def check_options(vocab: Vocab, prime: str, length: int, temperature: float, top_k: int | None,
                   top_p: float | None = None) -> None:
     if not prime:
         raise CharclipError("--prime must hold at least one character")
     vocab.encode(prime, what="the prime text")
-    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-        raise CharclipError(f"--length must be a non-negative integer, got {length!r}")
+    if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= MAX_LENGTH:
+        raise CharclipError(f"--length must be an integer from 0 to {MAX_LENGTH:,}, got {length!r}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise CharclipError(f"--temperature must be a positive finite number, got {temperature!r}")
     if top_k is not None and not (1 <= top_k <= len(vocab)):
@@ -42,10 +45,16 @@ def draw(logits: np.ndarray, u: float, temperature: float, top_k: int | None, to
     if not np.isfinite(logits).all():
         raise CharclipError("the model's next-character scores are not finite (NaN or inf): the checkpoint's "
                             "parameters hold non-finite values, so there is nothing to sample")
-    with np.errstate(over="ignore"):
-        z = logits / temperature
-        if not np.isfinite(z).all():  # a tiny temperature overflowed: shift first, the softmax is the same
-            z = (logits - logits.max()) / temperature  # the largest becomes 0, the rest -inf at worst
+    # Every extreme below is handled explicitly (overflow to -inf, underflow to 0), so NumPy's floating-point
+    # warnings would only be noise on the console.
+    with np.errstate(all="ignore"):
+        return _draw(logits, u, temperature, top_k, top_p)
+
+
+def _draw(logits: np.ndarray, u: float, temperature: float, top_k: int | None, top_p: float | None) -> int:
+    z = logits / temperature
+    if not np.isfinite(z).all():  # a tiny temperature overflowed: shift first, the softmax is the same
+        z = (logits - logits.max()) / temperature  # the largest becomes 0, the rest -inf at worst
     if top_k is not None and top_k < len(z):
         kth = np.sort(z)[-top_k]
         z = np.where(z >= kth, z, -np.inf)
@@ -70,8 +79,12 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
+    emit: Callable[[str], None] | None = None,
 ) -> str:
     """Feed the prime, then sample `length` characters one at a time, feeding each back.
+
+    `emit`, if given, receives the prime and then each character as soon as it is drawn (the
+    CLI streams them to stdout, so an interrupted sample keeps what was drawn).
 
     `step(token, state) -> (logits, state)` is the backend's one-character
     forward pass (state None means zeros).
@@ -81,9 +94,13 @@ def generate(
     state = None
     for token in vocab.encode(prime, what="the prime text"):
         logits, state = step(int(token), state)
+    if emit is not None:
+        emit(prime)
     out = []
     for _ in range(length):
         token = draw(logits, rng.random(), temperature, top_k, top_p)
         out.append(token)
+        if emit is not None:
+            emit(vocab.decode([token]))
         logits, state = step(token, state)
     return prime + vocab.decode(out)

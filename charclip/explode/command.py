@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
+from charclip import runfolder
 from charclip.backends import module as backend_module
 from charclip.contract import BACKENDS
-from charclip.errors import CharclipError
 from charclip.explode.experiments import DEFAULT, QUICK, run_all
 from charclip.explode.report import summary, write_report
 
@@ -34,22 +33,25 @@ def _main(a) -> int:
     backends = BACKENDS if a.backend == "both" else (a.backend,)
     for b in backends:
         backend_module(b, "explode")  # a missing framework fails here, in one line
-    out = Path(a.out or f"runs/explode-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CharclipError(f"cannot create the output folder {out}: {e.strerror}; pass another --out") from None
+    # Checked before the experiments run: a destination that cannot be written fails now, in one line.
+    out = runfolder.writable_folder(a.out or f"runs/explode-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
     if a.paper:
         from charclip.explode.paper import FULL, SMALL, run_paper
         from charclip.explode.paper_report import paper_summary, write_paper_report
 
         results = run_paper(SMALL if a.quick else FULL, backends, progress=not a.no_progress)
         results["full"] = not a.quick
-        write_paper_report(results, out)
+        try:
+            write_paper_report(results, out)
+        except OSError as e:
+            raise runfolder.os_error(e, f"cannot write the report in {out}") from None
         print(paper_summary(results, out))
         return 0
     results = run_all(QUICK if a.quick else DEFAULT, backends, progress=not a.no_progress)
     results["quick"] = a.quick
-    write_report(results, out)
+    try:
+        write_report(results, out)
+    except OSError as e:
+        raise runfolder.os_error(e, f"cannot write the report in {out}") from None
     print(summary(results, out))
     return 0

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+from charclip import runfolder
 from charclip.config import CELLS, DTYPES, PRECISIONS
 from charclip.errors import CharclipError
 from charclip.parity.ladder import run_parity
@@ -92,6 +92,9 @@ def _main(a) -> int:
     for name in ("layers", "hidden", "batch_size", "seq_len"):
         if getattr(a, name) < 1:
             raise CharclipError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(a, name)}")
+    # Checked before the comparison runs: an output that cannot be written fails now, in one line.
+    json_path = runfolder.writable_file(a.json, "--json") if a.json else None
+    plot_path = runfolder.writable_file(a.plot, "--plot") if a.plot else None
     cells = CELLS if a.cell == "all" else (a.cell,)
     reports = []
     for cell in cells:
@@ -109,9 +112,12 @@ def _main(a) -> int:
         reports.append(rep)
     bad = [f"{r.config['cell']}: {row.quantity}" for r in reports for row in r.rows if not row.ok]
     print("\nall quantities agree" if not bad else f"\n{len(bad)} quantities DIFFER: " + "; ".join(bad))
-    if a.json:
-        Path(a.json).write_text(json.dumps([r.to_dict() for r in reports], indent=1, default=float), encoding="utf-8")
-        print(f"json: {a.json}")
-    if a.plot:
-        print(f"plot: {plot_drift(reports, a.plot)}")
+    try:
+        if json_path:
+            runfolder.write_file(json_path, json.dumps([r.to_dict() for r in reports], indent=1, default=float))
+            print(f"json: {json_path}")
+        if plot_path:
+            print(f"plot: {plot_drift(reports, plot_path)}")
+    except OSError as e:
+        raise runfolder.os_error(e, "cannot write the report") from None
     return 0 if not bad else 1

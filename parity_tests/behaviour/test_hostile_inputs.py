@@ -216,11 +216,11 @@ def test_one_enormous_line_trains_and_samples(tmp_path, capsys):
 
 
 BAD_OPTIONS = {
-    "zero steps": (["--steps", "0"], "steps"),
-    "negative batch size": (["--batch-size", "-4"], "batch-size"),
-    "zero sequence length": (["--seq-len", "0"], "seq-len"),
-    "zero hidden size": (["--hidden", "0"], "hidden_size"),
-    "negative layers": (["--layers", "-1"], "num_layers"),
+    "zero steps": (["--steps", "0"], "--steps"),
+    "negative batch size": (["--batch-size", "-4"], "--batch-size"),
+    "zero sequence length": (["--seq-len", "0"], "--seq-len"),
+    "zero hidden size": (["--hidden", "0"], "--hidden"),
+    "negative layers": (["--layers", "-1"], "--layers"),
     "NaN clip threshold": (["--clip-norm", "nan"], "--clip-norm"),
     "negative clip threshold": (["--clip-norm", "-1"], "--clip-norm"),
     "infinite clip value": (["--clip-value", "inf"], "--clip-value"),
@@ -230,7 +230,7 @@ BAD_OPTIONS = {
     "NaN validation fraction": (["--val-fraction", "nan"], "--val-fraction"),
     "negative seed": (["--seed", "-1"], "--seed"),
     "negative sample length": (["--sample-chars", "-5"], "--sample-chars"),
-    "zero checkpoint interval": (["--checkpoint-every", "0"], "checkpoint-every"),
+    "zero checkpoint interval": (["--checkpoint-every", "0"], "--checkpoint-every"),
     "dropout 1": (["--dropout", "1"], "--dropout must lie in [0, 1)"),
     "negative dropout": (["--dropout", "-0.1"], "--dropout must lie in [0, 1)"),
 }

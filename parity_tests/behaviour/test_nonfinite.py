@@ -158,7 +158,8 @@ def test_skip_through_the_cli_is_counted_logged_and_the_same_in_both_backends(tm
         logs[backend] = [r for r in read_metrics(tmp_path / backend / "metrics.jsonl") if "loss" in r]
         skipped = [r["step"] for r in logs[backend] if r["skipped"]]
         assert skipped == [BAD_STEP], f"{backend}: skipped steps {skipped}, expected [{BAD_STEP}]"
-        assert not math.isfinite(logs[backend][BAD_STEP - 1]["grad_norm"])
+        bad = logs[backend][BAD_STEP - 1]  # strict JSON: a non-finite value is null, its key flagged (issue 24)
+        assert bad["grad_norm"] is None and "grad_norm" in bad["nonfinite"], bad
         assert [r["step"] for r in logs[backend]] == list(range(1, 11)), "training did not go on after the skip"
     finite = [i for i in range(10) if i != BAD_STEP - 1]
     # float64 through ten steps of both backends: ~1e-15 measured; see test_skip_is_the_same_in_both_backends.
