@@ -9,11 +9,10 @@ from __future__ import annotations
 import importlib
 from functools import partial
 
-from charclip.contract import BACKENDS
+from charclip.config import BACKENDS, LAYOUTS
 from charclip.errors import CharclipError
 
 FRAMEWORKS = ("torch", "jax", "jaxlib", "optax")
-LAYOUTS = {"torch": ("ddp", "fsdp"), "jax": ("data", "model", "fsdp", "2d", "shard_map")}
 
 
 def check_backend(backend: str) -> str:
@@ -72,7 +71,13 @@ def launcher(backend: str, devices: int, layout: str | None):
         return partial(module("torch", "distributed").launch_training, world=devices, layout=layout)
 
     def launch(train_fn, *args, **kwargs):
-        factory = trainer_factory(backend, devices, layout, device=kwargs.get("device", "cpu"))
+        factory = trainer_factory(backend, devices, layout, device=_device_of(kwargs))
         return train_fn(*args, make_trainer=factory, **kwargs)
 
     return launch
+
+
+def _device_of(kwargs: dict) -> str:
+    """The device of a `train_fn` call: its RunOptions' (options=), else its device= keyword."""
+    options = kwargs.get("options")
+    return options.device if options is not None else kwargs.get("device", "cpu")

@@ -96,12 +96,6 @@ def _clip_config(a) -> ClipConfig:
     return fill(ClipConfig, a, mode=mode)
 
 
-def _no_empty_paths(a, *names: str) -> None:
-    for name in names:
-        if getattr(a, name, None) == "":  # '' would read as "not given" and silently start something else
-            raise CharclipError(f"--{name} was given an empty path; name a {'file' if name == 'data' else 'folder'}")
-
-
 def _note_ignored_on_resume(a) -> None:
     """A resumed run keeps its configuration; say which given options that leaves unused."""
     ignored = [f.metadata["flag"] for cls in (ModelConfig, TrainConfig, ClipConfig) for f in options(cls)
@@ -111,41 +105,20 @@ def _note_ignored_on_resume(a) -> None:
 
 
 def _train(a) -> int:
-    import time
+    from charclip import run
+    from charclip.metrics import describe_clipped
 
-    from charclip import backends, checkpoint, run
-
-    _no_empty_paths(a, "data", "out", "resume")
     o = fill(RunOptions, a)
-    if o.sample_chars < 0:
-        raise CharclipError(f"--sample-chars must be zero or more, got {o.sample_chars}")
-    if o.keep < 1:
-        raise CharclipError(f"--keep must be 1 or more, got {o.keep}")
     cfg = fill(TrainConfig, a, clip=_clip_config(a))  # checks every given option, also those a resume ignores
     model = fill(ModelConfig, a, vocab_size=1)
-    ck = None
     if o.resume is not None:
         _note_ignored_on_resume(a)
-        ck = checkpoint.load(o.resume)  # the one load: run.train takes the checkpoint as it is
-    backend = o.backend or (ck.backend if ck else "torch")  # a resumed run continues in the backend that wrote it
-    out = o.out
-    if out is None and ck is not None:
-        out = run.run_folder_of(ck.path)
-        if out is None:
-            raise CharclipError(f"{ck.path} is a checkpoint folder outside a run folder; pass --out DIR for the resumed run")
-    out = out or f"runs/{backend}-{time.strftime('%Y%m%d-%H%M%S')}"
-    world, layout, other = (o.nproc, o.parallel, o.devices) if backend == "torch" else (o.devices, o.mesh, o.nproc)
-    if other != 1:
-        raise CharclipError("--nproc is for --backend torch and --devices for --backend jax")
-    launch = backends.launcher(backend, world, layout if world > 1 else None)
-    s = launch(run.train, model, None if ck is not None and a.steps is None else cfg, backend=backend, out_dir=out, data_path=o.data,
-              resume=ck, device=o.device, progress=not o.no_progress, sample_chars=o.sample_chars, keep=o.keep,
-              overwrite=o.overwrite)
+    s = run.launch(model, None if o.resume is not None and a.steps is None else cfg, o)
     ran = f"{s['steps_run']} steps" + (f" (steps {s['steps'] - s['steps_run'] + 1}-{s['steps']})" if s["steps_run"] != s["steps"] else "")
     if not s["steps_run"]:
         ran = f"no step (the run was at step {s['steps']}; its closing phase was redone)"
     print(f"\ndone: {ran} in {s['seconds']:.0f} s; training loss {_loss(s['train_loss'])}, "
-          f"validation loss {_loss(s['val_loss'])} nats/char; {run.describe_clipped(s['clipped_steps'], s['logged_steps'])}"
+          f"validation loss {_loss(s['val_loss'])} nats/char; {describe_clipped(s['clipped_steps'], s['logged_steps'])}"
           + (f"; {s['skipped_steps']} skipped" if s["skipped_steps"] else ""))
     print(f"checkpoint: {s['checkpoint']}\nmetrics:    {s['metrics']}" + (f"\nplot:       {s['plot']}" if "plot" in s else ""))
     if s.get("sample"):
@@ -171,10 +144,6 @@ def _sample(a) -> int:
     from charclip.backends import module as backend_module
 
     o = fill(SampleOptions, a)
-    if isinstance(o.seed, bool) or o.seed < 0:  # NumPy's generators take only non-negative seeds
-        raise CharclipError(f"--seed must be zero or more, got {o.seed}")
-    if isinstance(o.num_samples, bool) or o.num_samples < 1:
-        raise CharclipError(f"--num-samples must be 1 or more, got {o.num_samples}")
     ck = checkpoint.load(a.checkpoint)
     sample = backend_module(o.backend, "sample").sample
     for i in range(o.num_samples):
@@ -204,7 +173,6 @@ def _eval(a) -> int:
     from charclip.batching import Streams, split
     from charclip.backends import module as backend_module
 
-    _no_empty_paths(a, "data")
     o = fill(EvalOptions, a)
     ck = checkpoint.load(a.checkpoint)
     cfg = ck.train

@@ -21,6 +21,10 @@ from charclip.schedules import SCHEDULES
 CLIP_IMPLS = ("library", "charclip")
 LIBRARY_CONVENTION = {"torch": "torch", "jax": "optax"}
 CELLS = ("rnn", "lstm", "gru")
+BACKENDS = ("torch", "jax")
+DEVICES = ("cpu", "gpu")
+# How several devices share a run: torch's processes (--parallel), JAX's mesh (--mesh); docs/distributed.md.
+LAYOUTS = {"torch": ("ddp", "fsdp"), "jax": ("data", "model", "fsdp", "2d", "shard_map")}
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # rows of W_ih / W_hh per hidden unit (PyTorch layout)
 DTYPES = ("float32", "float64")
 # Arithmetic of the forward and backward passes. "full": in --dtype; "bf16" / "fp16": a bfloat16 /
@@ -255,6 +259,13 @@ def _flag(cls, name: str) -> str:
     return next((f.metadata["flag"] for f in options(cls) if f.name == name), name)
 
 
+def _choice(cls, name: str, value) -> None:
+    """A field declared with choices holds one of them (None where None is its default)."""
+    f = next(f for f in options(cls) if f.name == name)
+    if value not in f.metadata["choices"] and not (value is None and default_of(f) is None):
+        raise CharclipError(f"unknown {f.metadata['flag']} {value!r}; use one of {', '.join(f.metadata['choices'])}")
+
+
 def _positive_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise CharclipError(f"{name} must be a positive integer, got {value!r}")
@@ -280,12 +291,12 @@ def train_from_dict(d: dict) -> TrainConfig:
 
 
 def _backend(default: str | None, shown: str | None = None):
-    return option(default, flag="--backend", choices=("torch", "jax"), type=str, resume="used", shown=shown,
+    return option(default, flag="--backend", choices=BACKENDS, type=str, resume="used", shown=shown,
                   help="framework to run in")
 
 
 def _device():
-    return option("cpu", flag="--device", choices=("cpu", "gpu"), resume="used", help="where to run")
+    return option("cpu", flag="--device", choices=DEVICES, resume="used", help="where to run")
 
 
 @dataclass(frozen=True)
@@ -313,14 +324,30 @@ class RunOptions:
                                help="no progress bar")
     nproc: int = option(1, flag="--nproc", resume="used", group="several devices (docs/distributed.md)",
                         help="torch: processes, the global batch split between them")
-    parallel: str = option("ddp", flag="--parallel", choices=("ddp", "fsdp"), resume="used",
+    parallel: str = option("ddp", flag="--parallel", choices=LAYOUTS["torch"], resume="used",
                            group="several devices (docs/distributed.md)",
                            help="torch: replicated (DDP) or sharded (FSDP2) parameters")
     devices: int = option(1, flag="--devices", resume="used", group="several devices (docs/distributed.md)",
                           help="jax: devices in the mesh (virtual ones on the CPU)")
-    mesh: str = option("data", flag="--mesh", choices=("data", "model", "fsdp", "2d", "shard_map"), resume="used",
+    mesh: str = option("data", flag="--mesh", choices=LAYOUTS["jax"], resume="used",
                        group="several devices (docs/distributed.md)",
                        help="jax: shard the batch, the parameters, both on one axis, both on two axes, or fsdp by hand")
+
+    def __post_init__(self) -> None:
+        for name in ("backend", "device", "parallel", "mesh"):
+            _choice(type(self), name, getattr(self, name))
+        for name in ("data", "out", "resume"):  # '' would read as "not given" and silently start something else
+            if getattr(self, name) == "":
+                what = "file" if name == "data" else "folder"
+                raise CharclipError(f"{_flag(type(self), name)} was given an empty path; name a {what}")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1:
+            raise CharclipError(f"--keep must be 1 or more, got {self.keep}")
+        if isinstance(self.sample_chars, bool) or not isinstance(self.sample_chars, int) or self.sample_chars < 0:
+            raise CharclipError(f"--sample-chars must be zero or more, got {self.sample_chars}")
+        for name in ("nproc", "devices"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CharclipError(f"{_flag(type(self), name)} must be 1 or more, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -343,6 +370,14 @@ class SampleOptions:
     num_samples: int = option(1, flag="--num-samples", metavar="N", resume="used",
                               help="independent samples to print, each from the prime")
 
+    def __post_init__(self) -> None:
+        for name in ("backend", "device"):
+            _choice(type(self), name, getattr(self, name))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:  # NumPy's need >= 0
+            raise CharclipError(f"--seed must be zero or more, got {self.seed}")
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise CharclipError(f"--num-samples must be 1 or more, got {self.num_samples}")
+
 
 @dataclass(frozen=True)
 class EvalOptions:
@@ -352,3 +387,9 @@ class EvalOptions:
     device: str = _device()
     data: str | None = option(None, flag="--data", metavar="PATH", type=str, resume="used",
                               shown="the validation split of the checkpoint's corpus", help="text to evaluate, whole")
+
+    def __post_init__(self) -> None:
+        for name in ("backend", "device"):
+            _choice(type(self), name, getattr(self, name))
+        if self.data == "":  # '' would read as "not given" and silently evaluate another text
+            raise CharclipError("--data was given an empty path; name a file")

@@ -24,7 +24,7 @@ def plot_training(metrics_path, out_png, threshold: float | None) -> Path:
 
 
 def _plot_training(metrics_path, out_png, threshold: float | None) -> Path:
-    from charclip.run import read_records, describe_clipped
+    from charclip.metrics import describe_clipped, read_records
     from charclip.runfolder import write_file
 
     rows = [r for r in read_records(Path(metrics_path)) if _numbers(r, "loss", "grad_norm")]

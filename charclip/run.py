@@ -27,6 +27,7 @@ from charclip.batching import Position, Streams, split
 from charclip.config import ModelConfig, RunOptions, TrainConfig
 from charclip.contract import NonFiniteStep
 from charclip.errors import CharclipError
+from charclip.metrics import Metrics, finite, read_metrics  # noqa: F401  (read_metrics: for older callers)
 from charclip.vocab import Vocab
 from charclip.weights import init_params
 
@@ -73,97 +74,9 @@ def prepare_data(path: str | None, cfg: TrainConfig, vocab: Vocab | None = None)
     return Data(vocab, train, val, info)
 
 
-class Metrics:
-    """Metrics as JSON lines, one per training step and one per validation.
-
-    On resume the history is cut back to the checkpoint's step (lines logged after it are
-    dropped) by writing a new file and renaming it over the old one, so a kill at any
-    moment leaves either the old history or the new one, whole. Lines that are not a
-    JSON object with an integer step (damage, a line torn by a crash) are dropped too.
-    The time column continues from the kept history.
-    """
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if path.exists() and not path.is_file():
-            raise CharclipError(f"{path} is not a file; move it out of the run folder")
-        kept = [r for r in read_records(path) if r["step"] <= resume_step] if resume_step is not None else []
-        # Rewritten whole: a line an older charclip wrote with a bare NaN becomes JSON (null and a flag).
-        _replace_file(path, "".join(json_line(r) for r in kept))
-        trained = [r for r in kept if "loss" in r]
-        self.logged_steps = len(trained)
-        self.clipped = sum(r.get("clipped") is True for r in trained)
-        self.skipped = sum(r.get("skipped") is True for r in trained)
-        self.overflows = sum(r.get("overflow") is True for r in trained)  # fp16 steps skipped for an overflow
-        self.best_val = min((r["val_loss"] for r in kept if _finite(r.get("val_loss"))), default=math.inf)
-        self.last_loss = trained[-1].get("loss") if trained else None  # the kept history's, for a closing-only resume
-        self.last_val = next((r["val_loss"] for r in reversed(kept) if "val_loss" in r), None)
-        self.time_offset = max((r["time"] for r in trained if _finite(r.get("time"))), default=0.0)
-        # Line-buffered: a killed run has logged every step it took, so none goes missing on resume.
-        # O_NOFOLLOW: the file just renamed into place is appended to, never a link made since.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        self.file = open(fd, "a", encoding="utf-8", buffering=1)
-
-    def write(self, **record) -> None:
-        if "loss" in record:
-            self.logged_steps += 1
-            self.clipped += bool(record.get("clipped"))
-            self.skipped += bool(record.get("skipped"))
-            self.overflows += bool(record.get("overflow"))
-        self.file.write(json_line(record))
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def _scale_record(r) -> dict:
     """fp16's loss-scale columns of a step's metrics line: the scale it used, and whether it overflowed."""
     return {} if r.loss_scale is None else {"loss_scale": r.loss_scale, "overflow": r.overflow}
-
-
-def json_line(record: dict) -> str:
-    """One metrics line, strict JSON: a NaN or infinite value is written as null, and its key is listed
-    under "nonfinite" (bare NaN, which Python's json writes by default, is no JSON)."""
-    bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
-    if bad:
-        flagged = record.get("nonfinite") if isinstance(record.get("nonfinite"), list) else []
-        record = {**{k: None if k in bad else v for k, v in record.items()},
-                  "nonfinite": sorted(set(flagged) | set(bad), key=str)}
-    return json.dumps(record, allow_nan=False) + "\n"
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def read_records(path: Path) -> list[dict]:
-    """The well-formed records of a metrics file: JSON objects whose step is a non-negative integer."""
-    if not path.is_file():
-        return []
-    records = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except (ValueError, RecursionError):
-                continue  # a line torn by a crash mid-write, or damage: dropped
-            if isinstance(r, dict) and isinstance(r.get("step"), int) and not isinstance(r["step"], bool) and r["step"] >= 0:
-                records.append(r)
-    return records
-
-
-def _replace_file(path: Path, text: str) -> None:
-    """Write `text` to a new file beside `path`, sync it, and rename it over `path` (atomic, no link followed)."""
-    runfolder.write_file(path, text)
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l]
-
-
-def describe_clipped(clipped: int, steps: int) -> str:
-    """The clipped share as the closing line and the plot's legend both say it."""
-    return f"{clipped} of {steps} steps clipped ({clipped / max(steps, 1):.1%})"
 
 
 def memory_estimate(model_cfg: ModelConfig, cfg: TrainConfig) -> tuple[int, int]:
@@ -243,6 +156,101 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
+def run_folder_of(checkpoint_folder: Path) -> Path | None:
+    """The run folder a step folder belongs to (RUN for RUN/checkpoints/step-N), or None for a loose one."""
+    p = Path(checkpoint_folder)
+    return p.parent.parent if p.parent.name == "checkpoints" else None
+
+
+# ---- where a run starts: fresh, or from a checkpoint (the resume rules, all here) -------
+
+def resolve(options: RunOptions, resumed: ckpt_io.Checkpoint | None = None
+            ) -> tuple[RunOptions, ckpt_io.Checkpoint | None]:
+    """`options` with the backend and the run folder filled in, and the checkpoint to resume from.
+
+    The checkpoint is loaded once, here (`resumed`: already loaded). A resumed run continues in the
+    backend that wrote it and, unless --out says otherwise, in the run folder its step folder is in;
+    a fresh run goes to runs/<backend>-<time>.
+    """
+    if options.resume is not None and resumed is None:
+        resumed = ckpt_io.load(options.resume)
+    backend = options.backend or (resumed.backend if resumed is not None else "torch")
+    out = options.out
+    if out is None and resumed is not None:
+        out = run_folder_of(resumed.path)
+        if out is None:
+            raise CharclipError(f"{resumed.path} is a checkpoint folder outside a run folder; "
+                                "pass --out DIR for the resumed run")
+    out = str(out or f"runs/{backend}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return replace(options, backend=backend, out=out), resumed
+
+
+def launch(model_cfg: ModelConfig, cfg: TrainConfig | None, options: RunOptions, *, log=print) -> dict:
+    """Train as `charclip train` does: resolve the options, then run `train` on the devices asked for.
+
+    `cfg` None on resume keeps the checkpoint's configuration (else its --steps extends it).
+    """
+    options, resumed = resolve(options)
+    torch = options.backend == "torch"
+    world, layout, other = (options.nproc, options.parallel, options.devices) if torch else (
+        options.devices, options.mesh, options.nproc)
+    if other != 1:
+        raise CharclipError("--nproc is for --backend torch and --devices for --backend jax")
+    run_on = backends.launcher(options.backend, world, layout if world > 1 else None)
+    return run_on(train, model_cfg, cfg, options=options, resumed=resumed, log=log)
+
+
+def _options_of(keywords: dict, resumed) -> tuple[RunOptions, ckpt_io.Checkpoint | None]:
+    """The RunOptions of a call in the keyword spelling (backend=, out_dir=, data_path=, resume=,
+    device=, progress=, sample_chars=, keep=, overwrite=); `resume` may be a loaded Checkpoint."""
+    names = {"out_dir": "out", "data_path": "data", "progress": "no_progress"}
+    unknown = set(keywords) - set(names) - {"backend", "resume", "device", "sample_chars", "keep", "overwrite"}
+    if unknown:
+        raise TypeError(f"train() got unexpected keyword arguments {sorted(unknown)}")
+    given = {names.get(k, k): v for k, v in keywords.items()}
+    if "no_progress" in given:
+        given["no_progress"] = not given["no_progress"]
+    for k in ("out", "resume"):
+        if isinstance(given.get(k), os.PathLike):
+            given[k] = os.fspath(given[k])
+    if isinstance(given.get("resume"), ckpt_io.Checkpoint):
+        resumed = given["resume"]
+        given["resume"] = str(resumed.path)
+    return RunOptions(**given), resumed
+
+
+def train(model_cfg: ModelConfig | None, cfg: TrainConfig | None, options: RunOptions | None = None, *,
+          resumed: ckpt_io.Checkpoint | None = None, log=print, make_trainer=None, **keywords) -> dict:
+    """Train (or resume) a run in one process; return its summary. Everything lands in `options.out`.
+
+    A resumed run (`options.resume`, or `resumed`, the checkpoint already loaded) keeps the
+    checkpoint's configurations; `cfg.steps` may extend it (cfg None: unchanged). A fresh run (or a
+    resumed one written to another folder) needs its folder new or empty, unless `options.overwrite`.
+    `make_trainer` replaces the backend's `Trainer` class (same arguments), e.g. a multi-device one.
+    The options may also be given as keywords (`backend="jax", out_dir=..., data_path=...`, see
+    `_options_of`). Returns the summary `summary.json` also holds.
+    """
+    if keywords:
+        if options is not None:
+            raise TypeError("train() takes options or their keywords, not both")
+        options, resumed = _options_of(keywords, resumed)
+    options, resumed = resolve(options or RunOptions(), resumed)
+    out = Path(options.out)
+    runfolder.require_utf8(out, "--out")  # the console prints it, the summary stores it
+    try:
+        with contextlib.ExitStack() as lock:
+            return Run(model_cfg, cfg, options, resumed, log=log, make_trainer=make_trainer).train(lock)
+    except OSError as e:  # a full disk, a read-only file system: the last checkpoint written is whole
+        raise CharclipError(f"{runfolder.os_error(e, f'cannot write the run in {out}')}; {_last_whole(out)}") from None
+
+
+def _last_whole(out: Path) -> str:
+    try:
+        return f"the last whole checkpoint is {ckpt_io.resolve(out)}"
+    except CharclipError:
+        return "no checkpoint was written"
+
+
 def _closed(out: Path, step: int) -> bool:
     """Whether the run in `out` finished its closing phase at `step`: its summary.json says so."""
     try:
@@ -252,208 +260,248 @@ def _closed(out: Path, step: int) -> bool:
     return isinstance(summary, dict) and summary.get("steps") == step
 
 
-def run_folder_of(checkpoint_folder: Path) -> Path | None:
-    """The run folder a step folder belongs to (RUN for RUN/checkpoints/step-N), or None for a loose one."""
-    p = Path(checkpoint_folder)
-    return p.parent.parent if p.parent.name == "checkpoints" else None
+# ---- the run ---------------------------------------------------------------------------
 
+class Run:
+    """One training run, its steps named as the loop reads:
 
-def train(
-    model_cfg: ModelConfig | None,
-    cfg: TrainConfig | None,
-    *,
-    backend: str,
-    out_dir: str | os.PathLike,
-    data_path: str | None = None,
-    resume: str | os.PathLike | ckpt_io.Checkpoint | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-    sample_chars: int = RunOptions.sample_chars,
-    keep: int = RunOptions.keep,
-    overwrite: bool = False,
-    log=print,
-    make_trainer=None,
-) -> dict:
-    """Train (or resume) a run; return a summary. Everything lands in `out_dir`.
-
-    `resume` is a checkpoint path or an already loaded `Checkpoint`. A resumed run keeps the
-    checkpoint's configurations; `cfg.steps` may extend it (cfg None: unchanged). A fresh run
-    (or a resumed one written to another folder) needs `out_dir` new or empty, unless
-    `overwrite`. `keep`: newest checkpoints kept (see `charclip.checkpoint`). `make_trainer`
-    replaces the backend's `Trainer` class (same arguments), e.g. a multi-device one.
+        prepare_data -> build_or_resume -> claim_folder -> (step, validate, checkpoint)* -> finish
     """
-    if keep < 1:
-        raise CharclipError(f"--keep must be 1 or more, got {keep}")
-    out = Path(out_dir)
-    runfolder.require_utf8(out, "--out")  # the console prints it, the summary stores it
-    try:
-        with contextlib.ExitStack() as lock:
-            return _train(model_cfg, cfg, backend=backend, out=out, data_path=data_path, resume=resume, device=device,
-                          progress=progress, sample_chars=sample_chars, keep=keep, overwrite=overwrite, log=log,
-                          make_trainer=make_trainer, lock=lock)
-    except OSError as e:  # a full disk, a read-only file system: the last checkpoint written is whole
+
+    def __init__(self, model_cfg: ModelConfig | None, cfg: TrainConfig | None, options: RunOptions,
+                 resumed: ckpt_io.Checkpoint | None, *, log=print, make_trainer=None):
+        self.options, self.resumed, self.log = options, resumed, log
+        self.backend, self.out = options.backend, Path(options.out)
+        self.make_trainer = make_trainer
+        self.model_cfg, self.cfg = model_cfg, cfg
+        self.start_step, self.position = 0, Position()
+        self.saved: dict[int, Path] = {}  # step -> its checkpoint folder, written once per step
+        self.last = None  # the last step's StepResult
+        self.val_loss = None  # the last validation loss of this invocation
+
+    def train(self, lock: contextlib.ExitStack) -> dict:
+        """The whole run; `lock` holds the run folder's lock until the caller's block ends."""
+        self.prepare_data()
+        self.build_or_resume()
+        self.claim_folder(lock)
+        make_trainer = self.make_trainer or backends.trainer_factory(self.backend)
+        self.trainer = make_trainer(self.model_cfg, self.cfg, self.params, adam=self.adam,
+                                         hidden=self.hidden, device=self.options.device)
+        self.metrics = Metrics(self.out / "metrics.jsonl", self.start_step if self.same_run else None)
+        self.log(f"charclip: {self.backend} backend, {self.model_cfg.cell} {self.model_cfg.num_layers}x"
+                 f"{self.model_cfg.hidden_size}, {self._n_params():,} parameters, "
+                 f"{self.data.info['chars']:,} characters, vocabulary {len(self.data.vocab)}, "
+                 f"{self.data.train.batches_per_epoch} batches per epoch, output in {self.out}")
+        return self.loop()
+
+    def prepare_data(self) -> None:
+        """The corpus, cut into training and validation streams (a resumed run: the checkpoint's
+        vocabulary and configuration, its corpus unless --data names another)."""
+        ck, path = self.resumed, self.options.data
+        if ck is None:
+            self.data = prepare_data(path, self.cfg)
+            return
+        cfg = self.cfg
+        self.cfg = replace(ck.train, steps=cfg.steps) if cfg is not None and cfg.steps != ck.train.steps else ck.train
+        self.data = prepare_data(path if path is not None else ck.corpus.get("path"), self.cfg, ck.vocab)
+        if self.data.info["sha256_16"] != ck.corpus.get("sha256_16"):
+            self.log("charclip: note: the corpus differs from the one this checkpoint was trained on (fine-tuning)")
+
+    def build_or_resume(self) -> None:
+        """Fresh: initial weights from the seed. Resumed: the checkpoint's weights, Adam state,
+        hidden state, step and place in the corpus."""
+        ck = self.resumed
+        self.adam = self.hidden = None
+        if ck is None:
+            self.model_cfg = replace(self.model_cfg, vocab_size=len(self.data.vocab))
+            check_memory(self.model_cfg, self.cfg)
+            self.params = init_params(self.model_cfg, self.cfg.seed, self.cfg.dtype)
+            if self.cfg.schedule == "cosine" and self.cfg.decay_steps == 0:  # fixed now: a longer --steps on resume
+                self.cfg = replace(self.cfg, decay_steps=self.cfg.steps)  # keeps the curve
+            return
+        self.model_cfg, self.params, self.adam, self.hidden = ck.model, ck.params, ck.adam, ck.hidden
+        self.start_step, self.position = ck.step, ck.position
+        per_epoch = self.data.train.batches_per_epoch
+        if self.position.batch >= per_epoch:  # a shorter corpus than the checkpoint's: an index error later
+            self.log(f"charclip: note: this corpus has {per_epoch} batches per epoch, fewer than the "
+                     f"checkpoint's position {self.position.batch}; continuing from the start of epoch "
+                     f"{self.position.epoch + 1}")
+            self.position = Position(self.position.epoch + 1, 0)
+
+    def claim_folder(self, lock: contextlib.ExitStack) -> None:
+        """Check everything, then take the run folder: created, locked, cleaned, claimed."""
+        ck, out = self.resumed, self.out
+        self.same_run = ck is not None and ck.path is not None and run_folder_of(ck.path) is not None and (
+            run_folder_of(ck.path).resolve() == out.resolve())
+        # A finished run whose closing phase (plot, sample, summary: summary.json is written last) did
+        # not complete, say for a full disk or a signal, gets that phase redone; else there is nothing to do.
+        self.finishing = ck is not None and self.start_step >= self.cfg.steps
+        if self.finishing and not (self.same_run and not _closed(out, self.start_step)):
+            raise CharclipError(f"the checkpoint is at step {self.start_step}, already at --steps "
+                                f"{self.cfg.steps}; pass a larger --steps")
+        overwrite = self.options.overwrite
+        if not self.same_run and not overwrite and out.is_dir():
+            runfolder.claim(out, overwrite=False)  # refused before even the lock file is made in someone's folder
+        # Everything is checked; from here on the run folder is written, by this process alone.
+        runfolder.create(out)
+        lock.enter_context(runfolder.Lock(out))
+        runfolder.check_links(out)
+        runfolder.remove_stale_temporaries(out)  # of writers killed mid-write: under the lock, none is alive
+        if not self.same_run:  # again under the lock: another run may have started in it meanwhile
+            runfolder.claim(out, overwrite=overwrite)
+        else:  # resumed from an older step folder: LATEST moves back to it before the metrics are cut back to it
+            ckpt_io.point_latest(out, ck.path)
+
+    def loop(self) -> dict:
+        """Step until --steps or a stop signal, validating and checkpointing on schedule; then finish."""
+        from tqdm.auto import tqdm
+
+        cfg, step = self.cfg, self.start_step
+        self.t0 = time.perf_counter()
+        self.bar = tqdm(total=cfg.steps, initial=step, disable=self.options.no_progress, unit="step",
+                        dynamic_ncols=True)
+        self.watch = _Watch(cfg, self.bar.write)
+        with _DeferInterrupt() as interrupt:
+            while step < cfg.steps and not interrupt.requested:
+                step = self.step(step)
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    self.validate(step)
+                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    self.checkpoint(step)
+            self.bar.close()
+            self.metrics.close()
+            path = self.resumed.path if self.finishing else self.checkpoint(step)
+        if self.finishing:
+            self.log(f"charclip: the run had reached step {step} but not finished its closing phase; finished it now")
+        if interrupt.requested:
+            self.log(f"charclip: interrupted at step {step}; checkpoint written to {path}; "
+                     f"continue with --resume {self.out}")
+            raise SystemExit(128 + interrupt.requested)
+        return self.finish(step, path)
+
+    def step(self, step: int) -> int:
+        """Training step `step + 1`: one batch, its learning rate and dropout masks; logged. Returns
+        the new step count."""
+        cfg, position = self.cfg, self.position
+        if position.batch == 0:
+            self.trainer.reset_hidden()  # a new epoch starts the streams afresh
+        x, y = self.data.train.batch(cfg.seed, position)
+        lr = schedules.learning_rate(cfg, step)  # the same float for both backends at every step
+        masks = dropout.masks(self.model_cfg, cfg, step, *x.shape)  # keyed by the step: a resumed run draws the same
         try:
-            where = f"the last whole checkpoint is {ckpt_io.resolve(out)}"
-        except CharclipError:
-            where = "no checkpoint was written"
-        raise CharclipError(f"{runfolder.os_error(e, f'cannot write the run in {out}')}; {where}") from None
+            last = self.trainer.step(x, y, lr=lr, masks=masks)
+        except NonFiniteStep as e:
+            path = self.checkpoint(step)
+            raise CharclipError(
+                f"step {step + 1}: the loss or gradient is not finite ({e}); stopped with --nonfinite error. "
+                f"Checkpoint from before this step: {path}. Lower --lr or --clip-norm, or use --nonfinite skip"
+            ) from None
+        step, self.position, self.last = step + 1, self.data.train.next(position), last
+        self.metrics.write(step=step, loss=last.loss, grad_norm=last.grad_norm, clipped=last.clipped,
+                           skipped=last.skipped, time=round(self.metrics.time_offset + self._elapsed(), 4),
+                           **({"lr": lr} if cfg.schedule != "constant" else {}), **_scale_record(last))
+        self.watch.after(step, last, self.metrics.overflows)
+        self.bar.update(1)
+        chars_per_s = (step - self.start_step) * cfg.batch_size * cfg.seq_len / max(self._elapsed(), 1e-9)
+        val = "-" if self.val_loss is None else f"{self.val_loss:.3f}"
+        scale = {} if last.loss_scale is None else {"scale": f"{last.loss_scale:g}"}
+        self.bar.set_postfix(loss=f"{last.loss:.3f}", norm=f"{last.grad_norm:.3g}", val=val,
+                             chars_s=f"{chars_per_s:,.0f}", **scale)
+        return step
 
+    def validate(self, step: int) -> None:
+        """The validation loss over --eval-batches batches; a new best is checkpointed as BEST."""
+        self.val_loss = self.trainer.evaluate(self.data.val.eval_batches(self.cfg.eval_batches))
+        self.metrics.write(step=step, val_loss=self.val_loss)
+        if finite(self.val_loss) and self.val_loss < self.metrics.best_val:  # kept whatever its age, as BEST
+            self.metrics.best_val = self.val_loss
+            self.checkpoint(step, best=True)
 
-def _train(model_cfg, cfg, *, backend, out, data_path, resume, device, progress, sample_chars, keep, overwrite, log,
-           make_trainer, lock: contextlib.ExitStack) -> dict:
-    from tqdm.auto import tqdm
-
-    start_step, position, adam, hidden = 0, Position(), None, None
-    if resume is not None:
-        ck = resume if isinstance(resume, ckpt_io.Checkpoint) else ckpt_io.load(resume)
-        model_cfg, vocab = ck.model, ck.vocab
-        cfg = replace(ck.train, steps=cfg.steps) if cfg is not None and cfg.steps != ck.train.steps else ck.train
-        data = prepare_data(data_path if data_path is not None else ck.corpus.get("path"), cfg, vocab)
-        if data.info["sha256_16"] != ck.corpus.get("sha256_16"):
-            log("charclip: note: the corpus differs from the one this checkpoint was trained on (fine-tuning)")
-        params, adam, hidden = ck.params, ck.adam, ck.hidden
-        start_step, position = ck.step, ck.position
-        if position.batch >= data.train.batches_per_epoch:  # a shorter corpus than the checkpoint's: an index error later
-            log(f"charclip: note: this corpus has {data.train.batches_per_epoch} batches per epoch, fewer than the "
-                f"checkpoint's position {position.batch}; continuing from the start of epoch {position.epoch + 1}")
-            position = Position(position.epoch + 1, 0)
-    else:
-        data = prepare_data(data_path, cfg)
-        model_cfg = replace(model_cfg, vocab_size=len(data.vocab))
-        check_memory(model_cfg, cfg)
-        params = init_params(model_cfg, cfg.seed, cfg.dtype)
-        if cfg.schedule == "cosine" and cfg.decay_steps == 0:  # fixed now: extending --steps on resume keeps the curve
-            cfg = replace(cfg, decay_steps=cfg.steps)
-    vocab = data.vocab
-    same_run = resume is not None and ck.path is not None and run_folder_of(ck.path) is not None and (
-        run_folder_of(ck.path).resolve() == out.resolve())
-    # A finished run whose closing phase (plot, sample, summary: summary.json is written last) did
-    # not complete, say for a full disk or a signal, gets that phase redone; otherwise there is nothing to do.
-    finishing = resume is not None and start_step >= cfg.steps
-    if finishing and not (same_run and not _closed(out, start_step)):
-        raise CharclipError(f"the checkpoint is at step {start_step}, already at --steps {cfg.steps}; pass a larger --steps")
-    if not same_run and not overwrite and out.is_dir():
-        runfolder.claim(out, overwrite=False)  # refused before even the lock file is made in someone's folder
-    # Everything is checked; from here on the run folder is written, by this process alone.
-    runfolder.create(out)
-    lock.enter_context(runfolder.Lock(out))
-    runfolder.check_links(out)
-    runfolder.remove_stale_temporaries(out)  # of writers killed mid-write: under the lock, none is alive
-    if not same_run:  # again under the lock: another run may have started in it meanwhile
-        runfolder.claim(out, overwrite=overwrite)
-    else:  # resumed from an older step folder: LATEST moves back to it before the metrics are cut back to it
-        ckpt_io.point_latest(out, ck.path)
-    make_trainer = make_trainer or backends.trainer_factory(backend)
-    trainer = make_trainer(model_cfg, cfg, params, adam=adam, hidden=hidden, device=device)
-
-    saved: dict[int, Path] = {}
-
-    def save(step: int, pos: Position, best: bool = False) -> Path:
-        if step not in saved:  # once per step: Ctrl-C just after a periodic checkpoint does not rewrite it
+    def checkpoint(self, step: int, best: bool = False) -> Path:
+        """The checkpoint of `step`, written once (Ctrl-C just after a periodic one does not rewrite it)."""
+        out, keep = self.out, self.options.keep
+        if step not in self.saved:
             try:
-                saved[step] = ckpt_io.save(out, ckpt_io.Checkpoint(
-                    model=model_cfg, train=cfg, vocab=vocab, params=trainer.params_numpy(), step=step, position=pos,
-                    backend=backend, corpus=data.info, adam=trainer.adam_state(), hidden=trainer.hidden_state(),
+                self.saved[step] = ckpt_io.save(out, ckpt_io.Checkpoint(
+                    model=self.model_cfg, train=self.cfg, vocab=self.data.vocab, params=self.trainer.params_numpy(),
+                    step=step, position=self.position, backend=self.backend, corpus=self.data.info,
+                    adam=self.trainer.adam_state(), hidden=self.trainer.hidden_state(),
                 ), keep=keep, best=best)
             except ckpt_io.NonFiniteCheckpoint as e:  # --nonfinite propagate let NaN in: keep the last whole one
-                try:
-                    where = f"the last whole checkpoint is {ckpt_io.resolve(out)}"
-                except CharclipError:
-                    where = "no checkpoint was written"
-                raise CharclipError(f"{e}; {where}; --nonfinite error or skip keep a run finite") from None
+                raise CharclipError(f"{e}; {_last_whole(out)}; --nonfinite error or skip keep a run finite") from None
         elif best:
-            ckpt_io.mark_best(out, saved[step], keep=keep)
-        return saved[step]
+            ckpt_io.mark_best(out, self.saved[step], keep=keep)
+        return self.saved[step]
 
-    metrics = Metrics(out / "metrics.jsonl", start_step if same_run else None)
-    n_params = sum(int(np.prod(v.shape)) for v in params.values())
-    log(f"charclip: {backend} backend, {model_cfg.cell} {model_cfg.num_layers}x{model_cfg.hidden_size}, "
-        f"{n_params:,} parameters, {data.info['chars']:,} characters, vocabulary {len(vocab)}, "
-        f"{data.train.batches_per_epoch} batches per epoch, output in {out}")
-    first_loss, warned, step, last, scale_warned = None, False, start_step, None, False
-    val_loss = None
-    t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
-    with _DeferInterrupt() as interrupt:
-        while step < cfg.steps and not interrupt.requested:
-            if position.batch == 0:
-                trainer.reset_hidden()  # a new epoch starts the streams afresh
-            x, y = data.train.batch(cfg.seed, position)
-            lr = schedules.learning_rate(cfg, step)  # the same float for both backends at every step
-            masks = dropout.masks(model_cfg, cfg, step, *x.shape)  # keyed by the step: a resumed run draws the same
-            try:
-                last = trainer.step(x, y, lr=lr, masks=masks)
-            except NonFiniteStep as e:
-                path = save(step, position)
-                raise CharclipError(
-                    f"step {step + 1}: the loss or gradient is not finite ({e}); stopped with --nonfinite error. "
-                    f"Checkpoint from before this step: {path}. Lower --lr or --clip-norm, or use --nonfinite skip"
-                ) from None
-            step, position = step + 1, data.train.next(position)
-            metrics.write(step=step, loss=last.loss, grad_norm=last.grad_norm, clipped=last.clipped,
-                          skipped=last.skipped, time=round(metrics.time_offset + time.perf_counter() - t0, 4),
-                          **({"lr": lr} if cfg.schedule != "constant" else {}), **_scale_record(last))
-            if last.overflow and metrics.overflows <= OVERFLOWS_SHOWN:
-                more = "; further ones go to metrics.jsonl only" if metrics.overflows == OVERFLOWS_SHOWN else ""
-                bar.write(f"charclip: step {step}: the fp16 gradient overflowed at loss scale {last.loss_scale:g}; "
-                          f"step skipped, scale now {last.loss_scale * cfg.loss_scale_backoff:g}{more}")
-            if last.loss_scale is not None and last.loss_scale < 1 and not scale_warned:
-                scale_warned = True  # GradScaler's rule has no floor: every further overflow halves it again
-                bar.write(f"charclip: warning: step {step}: the fp16 loss scale has fallen to {last.loss_scale:g}: the "
-                          "float16 pass overflows even unscaled; use --precision bf16 or full, or lower --lr")
-            if first_loss is None and math.isfinite(last.loss):
-                first_loss = last.loss
-            if not warned and first_loss is not None and not last.loss <= DIVERGENCE_FACTOR * first_loss:
-                warned = True
-                bar.write(f"charclip: warning: step {step}: loss {last.loss:.3g} is over {DIVERGENCE_FACTOR:g}x the first "
-                          f"loss {first_loss:.3g}: training is diverging; lower --lr or --clip-norm")
-            bar.update(1)
-            chars_per_s = (step - start_step) * cfg.batch_size * cfg.seq_len / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{last.loss:.3f}", norm=f"{last.grad_norm:.3g}", val="-" if val_loss is None else f"{val_loss:.3f}",
-                            chars_s=f"{chars_per_s:,.0f}", **({} if last.loss_scale is None else {"scale": f"{last.loss_scale:g}"}))
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                val_loss = trainer.evaluate(data.val.eval_batches(cfg.eval_batches))
-                metrics.write(step=step, val_loss=val_loss)
-                if _finite(val_loss) and val_loss < metrics.best_val:  # kept whatever its age, as BEST
-                    metrics.best_val = val_loss
-                    save(step, position, best=True)
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save(step, position)
-        bar.close()
-        metrics.close()
-        path = ck.path if finishing else save(step, position)
-    if finishing:
-        log(f"charclip: the run had reached step {step} but not finished its closing phase; finished it now")
-    if interrupt.requested:
-        log(f"charclip: interrupted at step {step}; checkpoint written to {path}; continue with --resume {out}")
-        raise SystemExit(128 + interrupt.requested)
-    elapsed = time.perf_counter() - t0
-    summary = {
-        "backend": backend, "steps": step, "steps_run": step - start_step,
-        "train_loss": last.loss if last else metrics.last_loss,
-        "val_loss": metrics.last_val if val_loss is None else val_loss,
-        "logged_steps": metrics.logged_steps, "clipped_steps": metrics.clipped,
-        "clipped_fraction": metrics.clipped / max(metrics.logged_steps, 1), "skipped_steps": metrics.skipped,
-        "overflow_steps": metrics.overflows, "precision": cfg.precision,
-        "seconds": round(elapsed, 2), "chars_per_second": round((step - start_step) * cfg.batch_size * cfg.seq_len
-                                                                 / max(elapsed, 1e-9), 1),
-        "checkpoint": str(path), "metrics": str(out / "metrics.jsonl"),
-    }
-    try:
-        from charclip.plots import plot_training
-
-        summary["plot"] = str(plot_training(out / "metrics.jsonl", out / "training.png", cfg.clip.threshold))
-    except ImportError:
-        log("charclip: note: matplotlib is not installed; skipped the loss plot")
-    if sample_chars:
-        sample_mod = backends.module(backend, "sample")
-        prime = "\n" if "\n" in vocab.chars else vocab.chars[0]  # a corpus without newlines has no "\n" to start from
+    def finish(self, step: int, path: Path) -> dict:
+        """The closing phase: summary, plot, sample; summary.json is written last."""
+        cfg, metrics, elapsed = self.cfg, self.metrics, self._elapsed()
+        steps_run = step - self.start_step
+        summary = {
+            "backend": self.backend, "steps": step, "steps_run": steps_run,
+            "train_loss": self.last.loss if self.last else metrics.last_loss,
+            "val_loss": metrics.last_val if self.val_loss is None else self.val_loss,
+            "logged_steps": metrics.logged_steps, "clipped_steps": metrics.clipped,
+            "clipped_fraction": metrics.clipped / max(metrics.logged_steps, 1), "skipped_steps": metrics.skipped,
+            "overflow_steps": metrics.overflows, "precision": cfg.precision,
+            "seconds": round(elapsed, 2),
+            "chars_per_second": round(steps_run * cfg.batch_size * cfg.seq_len / max(elapsed, 1e-9), 1),
+            "checkpoint": str(path), "metrics": str(self.out / "metrics.jsonl"),
+        }
         try:
-            summary["sample"] = sample_mod.sample(model_cfg, trainer.params_numpy(), vocab, prime, sample_chars,
-                                                  temperature=0.8, seed=cfg.seed, device=device)
-        except CharclipError as e:  # e.g. non-finite parameters after --nonfinite propagate: the run itself is saved
-            log(f"charclip: note: no closing sample: {e}")
-    # The run's summary beside its metrics; NaN and infinities have no JSON spelling: null.
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
-    _replace_file(out / "summary.json", json.dumps(clean, indent=1) + "\n")
-    return summary
+            from charclip.plots import plot_training
+
+            summary["plot"] = str(plot_training(self.out / "metrics.jsonl", self.out / "training.png",
+                                                cfg.clip.threshold))
+        except ImportError:
+            self.log("charclip: note: matplotlib is not installed; skipped the loss plot")
+        if self.options.sample_chars:
+            sample = self.sample()
+            if sample is not None:
+                summary["sample"] = sample
+        # The run's summary beside its metrics; NaN and infinities have no JSON spelling: null.
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
+        runfolder.write_file(self.out / "summary.json", json.dumps(clean, indent=1) + "\n")
+        return summary
+
+    def sample(self) -> str | None:
+        """The closing sample (temperature 0.8), or None with a note when it cannot be drawn."""
+        vocab = self.data.vocab
+        prime = "\n" if "\n" in vocab.chars else vocab.chars[0]  # a corpus without newlines has no "\n"
+        try:
+            return backends.module(self.backend, "sample").sample(
+                self.model_cfg, self.trainer.params_numpy(), vocab, prime, self.options.sample_chars,
+                temperature=0.8, seed=self.cfg.seed, device=self.options.device)
+        except CharclipError as e:  # e.g. non-finite parameters after --nonfinite propagate: the run is saved
+            self.log(f"charclip: note: no closing sample: {e}")
+            return None
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _n_params(self) -> int:
+        return sum(int(np.prod(v.shape)) for v in self.params.values())
+
+
+class _Watch:
+    """The console's warnings about a run going wrong, each said once (or a few times)."""
+
+    def __init__(self, cfg: TrainConfig, write):
+        self.cfg, self.write = cfg, write
+        self.first_loss, self.diverging, self.scale_low = None, False, False
+
+    def after(self, step: int, last, overflows: int) -> None:
+        if last.overflow and overflows <= OVERFLOWS_SHOWN:
+            more = "; further ones go to metrics.jsonl only" if overflows == OVERFLOWS_SHOWN else ""
+            self.write(f"charclip: step {step}: the fp16 gradient overflowed at loss scale {last.loss_scale:g}; "
+                       f"step skipped, scale now {last.loss_scale * self.cfg.loss_scale_backoff:g}{more}")
+        if last.loss_scale is not None and last.loss_scale < 1 and not self.scale_low:
+            self.scale_low = True  # GradScaler's rule has no floor: every further overflow halves it again
+            self.write(f"charclip: warning: step {step}: the fp16 loss scale has fallen to {last.loss_scale:g}: "
+                       "the float16 pass overflows even unscaled; use --precision bf16 or full, or lower --lr")
+        if self.first_loss is None and math.isfinite(last.loss):
+            self.first_loss = last.loss
+        if not self.diverging and self.first_loss is not None and not last.loss <= DIVERGENCE_FACTOR * self.first_loss:
+            self.diverging = True
+            self.write(f"charclip: warning: step {step}: loss {last.loss:.3g} is over {DIVERGENCE_FACTOR:g}x the "
+                       f"first loss {self.first_loss:.3g}: training is diverging; lower --lr or --clip-norm")

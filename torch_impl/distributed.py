@@ -272,10 +272,13 @@ def launch_training(train_fn, model_cfg: ModelConfig | None, cfg: TrainConfig | 
         raise CharclipError(f"--nproc must be 1 or more, got {world}")
     if cfg is not None and cfg.batch_size % (world * cfg.accumulate):
         raise CharclipError(_uneven(cfg, world))
+    options = kwargs.get("options")  # charclip.config.RunOptions, or its pieces as keywords
+    device = options.device if options is not None else kwargs.get("device", "cpu")
     try:
-        return launch(_train_rank, world, train_fn, model_cfg, cfg, layout, kwargs, device=kwargs.get("device", "cpu"))
+        return launch(_train_rank, world, train_fn, model_cfg, cfg, layout, kwargs, device=device)
     except RankDied as e:
-        raise CharclipError(f"{e}; {_resume_hint(kwargs['out_dir'])}") from None
+        out = options.out if options is not None else kwargs["out_dir"]
+        raise CharclipError(f"{e}; {_resume_hint(out)}") from None
 
 
 def _resume_hint(out_dir) -> str:
