@@ -27,10 +27,11 @@ import numpy as np
 import pytest
 
 from charclip import checkpoint as ckpt_io
-from charclip import corpus, run, runfolder, sampling
+from charclip import corpus, runfolder, sampling
 from charclip.cli import main
 from charclip.config import TrainConfig
 from charclip.errors import CharclipError
+from charclip.metrics import Metrics, read_metrics
 
 BACKENDS = ("torch", "jax")
 TINY = [
@@ -146,7 +147,7 @@ def outside(tmp_path):
 
 
 def _steps(metrics: Path) -> list[int]:
-    return [r["step"] for r in run.read_metrics(metrics) if "loss" in r]
+    return [r["step"] for r in read_metrics(metrics) if "loss" in r]
 
 
 # ---- 1. links in the run folder are never written through ----------------------------------------
@@ -502,7 +503,7 @@ def test_nonfinite_metrics_are_null_with_a_flag_and_old_lines_are_repaired(tmp_p
     path.write_text(
         '{"step": 1, "loss": NaN, "grad_norm": Infinity, "clipped": false}\n{"step": 2, "loss": 1.5}\n'
     )
-    m = run.Metrics(path, resume_step=2)  # a resume: the old bare NaN line is rewritten
+    m = Metrics(path, resume_step=2)  # a resume: the old bare NaN line is rewritten
     m.write(step=3, loss=math.nan, grad_norm=math.inf, clipped=True, skipped=True)
     m.close()
     records = [_strict(line) for line in path.read_text().splitlines()]

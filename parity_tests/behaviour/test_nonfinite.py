@@ -21,7 +21,7 @@ from charclip.batching import Position, Streams, split
 from charclip.cli import main
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
 from charclip.backends import module as backend_module
-from charclip.run import read_metrics
+from charclip.metrics import read_metrics
 from charclip.vocab import Vocab
 from charclip.weights import init_params
 

@@ -25,7 +25,7 @@ from charclip import checkpoint as ckpt_io
 from charclip import corpus
 from charclip.batching import Position
 from charclip.config import ModelConfig, TrainConfig
-from charclip.run import read_metrics
+from charclip.metrics import read_metrics
 from charclip.vocab import Vocab
 from charclip.weights import init_params
 
@@ -45,7 +45,7 @@ mode, at, marker, *argv = sys.argv[1:]
 at = int(at)
 import charclip.checkpoint as ck
 import charclip.backends as backends
-import charclip.run as run
+import charclip.metrics as metrics
 from charclip.cli import main
 
 def stop_here():
@@ -53,12 +53,12 @@ def stop_here():
     signal.pause()
 
 if mode == "step":  # just after step `at` is logged
-    write = run.Metrics.write
+    write = metrics.Metrics.write
     def hooked(self, **record):
         write(self, **record)
         if record.get("step") == at and "loss" in record:
             stop_here()
-    run.Metrics.write = hooked
+    metrics.Metrics.write = hooked
 elif mode == "save":  # inside the write of checkpoint `at`: the model file is written, the rest not
     write_tensors = ck._write_tensors
     def hooked(path, tensors):

@@ -27,6 +27,7 @@ from charclip import checkpoint as ckpt_io
 from charclip import corpus, run, runfolder
 from charclip.cli import main
 from charclip.errors import CharclipError
+from charclip.metrics import Metrics, describe_clipped, read_metrics
 
 TINY = ["--batch-size", "4", "--seq-len", "8", "--hidden", "8", "--embed", "4", "--layers", "1",
         "--checkpoint-every", "4", "--eval-every", "4", "--eval-batches", "1", "--sample-chars", "0", "--no-progress"]
@@ -59,7 +60,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def _steps(metrics: Path) -> list[int]:
-    return [r["step"] for r in run.read_metrics(metrics) if "loss" in r]
+    return [r["step"] for r in read_metrics(metrics) if "loss" in r]
 
 
 @pytest.fixture
@@ -109,14 +110,14 @@ def test_a_second_writer_is_refused_with_the_holders_pid(text, finished, capsys)
 def test_the_lock_is_held_for_the_whole_run_including_a_resume(text, finished, monkeypatch, capsys):
     """While a resumed run trains, a second resume of the same folder is refused."""
     refused = []
-    write = run.Metrics.write
+    write = Metrics.write
 
     def hooked(self, **record):
         write(self, **record)
         if record.get("step") == 10 and "loss" in record and not refused:
             refused.append(main(["train", "--resume", str(finished), "--steps", "20", "--no-progress", "--sample-chars", "0"]))
 
-    monkeypatch.setattr(run.Metrics, "write", hooked)
+    monkeypatch.setattr(Metrics, "write", hooked)
     assert main(["train", "--resume", str(finished), "--steps", "12", "--no-progress", "--sample-chars", "0"]) == 0
     assert refused == [2], f"the nested resume returned {refused}"
     assert "in use by another charclip run" in capsys.readouterr().err
@@ -148,14 +149,14 @@ def test_a_kill_during_the_metrics_rewrite_leaves_the_whole_old_history(finished
 def test_resuming_an_older_step_folder_then_dying_loses_no_step(finished, monkeypatch, capsys):
     """Resume from step 4 while LATEST is 8, die before the next checkpoint: the next plain resume
     continues from step 4 (LATEST moved back with the metrics), so steps 5.. are all logged again."""
-    write = run.Metrics.write
+    write = Metrics.write
 
     def dying(self, **record):
         write(self, **record)
         if record.get("step") == 6 and "loss" in record:
             raise _Crash
 
-    monkeypatch.setattr(run.Metrics, "write", dying)
+    monkeypatch.setattr(Metrics, "write", dying)
     with pytest.raises(_Crash):
         main(["train", "--resume", str(finished / "checkpoints" / "step-00000004"), "--no-progress", "--sample-chars", "0"])
     monkeypatch.undo()
@@ -165,9 +166,9 @@ def test_resuming_an_older_step_folder_then_dying_loses_no_step(finished, monkey
 
 
 def test_time_continues_on_resume(finished):
-    kept = [r["time"] for r in run.read_metrics(finished / "metrics.jsonl") if "loss" in r]
+    kept = [r["time"] for r in read_metrics(finished / "metrics.jsonl") if "loss" in r]
     assert main(["train", "--resume", str(finished), "--steps", "11", "--no-progress", "--sample-chars", "0"]) == 0
-    times = [r["time"] for r in run.read_metrics(finished / "metrics.jsonl") if "loss" in r]
+    times = [r["time"] for r in read_metrics(finished / "metrics.jsonl") if "loss" in r]
     assert times[:8] == kept and all(b >= a for a, b in zip(times, times[1:])), f"time column restarted: {times}"
 
 
@@ -190,14 +191,14 @@ def test_a_damaged_metrics_file_does_not_crash_resume(finished, capsys, damage):
 
 def _signal_at(monkeypatch, step: int, signum: int) -> None:
     """Deliver `signum` to this process right after step `step` is logged (inside the loop)."""
-    write = run.Metrics.write
+    write = Metrics.write
 
     def hooked(self, **record):
         write(self, **record)
         if record.get("step") == step and "loss" in record:
             os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(run.Metrics, "write", hooked)
+    monkeypatch.setattr(Metrics, "write", hooked)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
@@ -335,7 +336,7 @@ def test_extending_a_finished_run_twice_keeps_where_each_part_ended(finished):
     names = sorted(p.name for p in (finished / "checkpoints").glob("step-*"))
     best = ckpt_io.read_pointer(finished / "checkpoints" / "BEST")
     assert {"step-00000008", "step-00000016", "step-00000024", best} == set(names), names
-    vals = {r["step"]: r["val_loss"] for r in run.read_metrics(finished / "metrics.jsonl") if "val_loss" in r}
+    vals = {r["step"]: r["val_loss"] for r in read_metrics(finished / "metrics.jsonl") if "val_loss" in r}
     assert vals[int(best[5:])] == min(vals.values()), f"BEST is {best}, validation losses {vals}"
     assert ckpt_io.load(finished / "checkpoints" / "BEST").step == int(best[5:])
 
@@ -519,7 +520,7 @@ def test_closing_line_and_plot_legend_count_the_same_clipped_steps(text, finishe
 
     # Just below the largest norm of the unclipped run's 8 steps: the history is the same up to that
     # step, so that step (at least) clips; the resumed steps 9-12 may clip none.
-    norms = [r["grad_norm"] for r in run.read_metrics(finished / "metrics.jsonl") if "loss" in r]
+    norms = [r["grad_norm"] for r in read_metrics(finished / "metrics.jsonl") if "loss" in r]
     out = tmp_path / "clipped"
     assert main(_train(text, out, "--steps", "8", "--clip-norm", repr(max(norms) * (1 - 1e-6)))) == 0
     labels = []
@@ -533,10 +534,10 @@ def test_closing_line_and_plot_legend_count_the_same_clipped_steps(text, finishe
     capsys.readouterr()
     assert main(["train", "--resume", str(out), "--steps", "12", "--no-progress", "--sample-chars", "0"]) == 0
     said = capsys.readouterr().out
-    rows = [r for r in run.read_metrics(out / "metrics.jsonl") if "loss" in r]
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     clipped = sum(r["clipped"] for r in rows[:8])
     assert clipped > 0, f"no step clipped below the largest norm {max(norms)}"
-    share = run.describe_clipped(sum(r["clipped"] for r in rows), len(rows))
+    share = describe_clipped(sum(r["clipped"] for r in rows), len(rows))
     assert "done: 4 steps (steps 9-12)" in said and share in said, said
     assert share in labels, f"plot legend labels: {labels}"
 
@@ -569,12 +570,15 @@ def test_every_option_is_explained_with_its_default(command):
 
 
 def test_defaults_and_the_resume_rule_have_one_source(finished, capsys):
+    import dataclasses
     import inspect
 
     from charclip.clipspec import NONFINITE_POLICIES
     from charclip.config import RunOptions, TrainConfig, options
 
-    assert inspect.signature(run.train).parameters["sample_chars"].default == RunOptions().sample_chars
+    # run.train takes the RunOptions whole: none of its fields is a second parameter with its own default
+    pieces = {f.name for f in dataclasses.fields(RunOptions)} & set(inspect.signature(run.train).parameters)
+    assert not pieces, f"run.train repeats RunOptions fields as parameters: {sorted(pieces)}"
     assert next(f for f in options(TrainConfig) if f.name == "nonfinite").metadata["choices"] is NONFINITE_POLICIES
     assert main(["train", "--resume", str(finished), "--steps", "9", "--lr", "0.5", "--cell", "gru", "--data",
                  str(finished / ".." / "nowhere.txt"), "--no-progress", "--sample-chars", "0"]) == 2  # --data is used

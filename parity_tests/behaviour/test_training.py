@@ -11,7 +11,8 @@ import torch
 
 from charclip import backends, checkpoint, cli, run
 from charclip.batching import Position, Streams
-from charclip.config import ModelConfig
+from charclip.config import ModelConfig, RunOptions
+from charclip.metrics import read_metrics
 from charclip.weights import init_params
 from jax_impl import train as jax_train
 from parity_tests.helpers import small_corpus, tiny_model, tiny_train, train_cli
@@ -44,8 +45,8 @@ def test_same_seed_same_batches_and_the_run_records_its_position(tmp_path):
         np.testing.assert_array_equal(a.train.batch(cfg.seed, pos)[0], b.train.batch(cfg.seed, pos)[0])
         pos = a.train.next(pos)
     assert not np.array_equal(a.train.batch(cfg.seed, pos)[0], a.train.batch(cfg.seed + 1, pos)[0])
-    run.train(tiny_model(1), cfg, backend="jax", out_dir=tmp_path / "r", data_path=str(path),
-              progress=False, sample_chars=0, log=lambda *_: None)
+    opts = RunOptions(backend="jax", out=str(tmp_path / "r"), data=str(path), no_progress=True, sample_chars=0)
+    run.train(tiny_model(1), cfg, opts, log=lambda *_: None)
     assert checkpoint.load(tmp_path / "r").position == pos
 
 
@@ -53,9 +54,9 @@ def test_same_seed_same_batches_and_the_run_records_its_position(tmp_path):
 def test_training_reduces_the_loss(tmp_path, backend):
     path = small_corpus(tmp_path)
     cfg = tiny_train(steps=60, lr=2e-2, dtype="float32", eval_every=60)
-    summary = run.train(tiny_model(1), cfg, backend=backend, out_dir=tmp_path / backend, data_path=str(path),
-                        progress=False, sample_chars=0, log=lambda *_: None)
-    rows = [r for r in run.read_metrics(summary["metrics"]) if "loss" in r]
+    opts = RunOptions(backend=backend, out=str(tmp_path / backend), data=str(path), no_progress=True, sample_chars=0)
+    summary = run.train(tiny_model(1), cfg, opts, log=lambda *_: None)
+    rows = [r for r in read_metrics(summary["metrics"]) if "loss" in r]
     first, last = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
     assert last < first - 0.5, f"{backend}: loss went from {first:.3f} to {last:.3f}"
     assert summary["val_loss"] < first
