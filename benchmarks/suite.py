@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from charclip import runfolder
+from charclip.config import BenchOptions
 from charclip.errors import CharclipError
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,22 +48,12 @@ FULL = Plan(repeats=5, cells=("rnn", "gru"), seqs=(32, 64, 128, 256, 512), hidde
 
 
 def add_parser(sub) -> None:
+    from charclip.cli import HelpFormatter, add_options  # imported here: cli imports this module to register it
+
     p = sub.add_parser("bench", help="benchmark both backends and clipping; write results and plots",
-                       description=__doc__.split("\n\n")[1].replace("\n", " "))
-    _options(p)
+                       description=__doc__.split("\n\n")[1].replace("\n", " "), formatter_class=HelpFormatter)
+    add_options(p, BenchOptions)
     p.set_defaults(func=run)
-
-
-def _options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a small grid (about 40 s on an idle 2-core machine)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where to run (gpu: CUDA for both backends)")
-    p.add_argument("--out", metavar="DIR",
-                   help="results folder (default: benchmarks/results/<machine>, or <machine>-quick with --quick)")
-    p.add_argument("--only", metavar="NAME", action="append",
-                   help="run only the tasks whose name contains NAME (repeatable), e.g. --only throughput; "
-                        "results go to benchmarks/results/<machine>-partial unless --out")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch intra-op threads for the torch/JAX comparisons (default: torch's own)")
 
 
 def _tasks(plan: Plan, device: str, torch_threads: int):
@@ -260,31 +251,32 @@ def write(r: dict, out: Path) -> str:
 
 def run(args) -> int:
     import torch
+
+    from charclip.cli import fill
     from tqdm import tqdm
 
     import jax_impl  # noqa: F401  (x64 mode, as every charclip run has it)
     from benchmarks import harness
 
-    if args.device == "gpu" and not torch.cuda.is_available():
+    o = fill(BenchOptions, args)
+    if o.device == "gpu" and not torch.cuda.is_available():
         raise CharclipError("--device gpu: PyTorch sees no CUDA GPU on this machine; use --device cpu")
-    if args.torch_threads is not None:
-        if args.torch_threads < 1:
-            raise CharclipError(f"--torch-threads must be 1 or more, got {args.torch_threads}")
-        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # child processes inherit it
-        torch.set_num_threads(args.torch_threads)
-    plan = QUICK if args.quick else FULL
-    machine = harness.machine_name(args.device)
-    out = Path(args.out) if args.out else RESULTS / (machine + ("-partial" if args.only else "-quick" if args.quick else ""))
+    if o.torch_threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(o.torch_threads)  # child processes inherit it
+        torch.set_num_threads(o.torch_threads)
+    plan = QUICK if o.quick else FULL
+    machine = harness.machine_name(o.device)
+    out = Path(o.out) if o.out else RESULTS / (machine + ("-partial" if o.only else "-quick" if o.quick else ""))
     out = runfolder.writable_folder(out, "--out")  # before the tasks run: an unwritable --out fails now, in one line
-    tasks = _tasks(plan, args.device, torch.get_num_threads())
-    if args.only:
-        tasks = [(name, fn) for name, fn in tasks if any(o in name for o in args.only)]
+    tasks = _tasks(plan, o.device, torch.get_num_threads())
+    if o.only:
+        tasks = [(name, fn) for name, fn in tasks if any(part in name for part in o.only)]
         if not tasks:
-            raise CharclipError(f"--only {' '.join(args.only)}: no task matches; the tasks: "
-                                + ", ".join(n for n, _ in _tasks(plan, args.device, 1)))
-    mode = ("quick" if args.quick else "full") + (" (partial)" if args.only else "")
+            raise CharclipError(f"--only {' '.join(o.only)}: no task matches; the tasks: "
+                                + ", ".join(n for n, _ in _tasks(plan, o.device, 1)))
+    mode = ("quick" if o.quick else "full") + (" (partial)" if o.only else "")
     r = {"machine": machine, "mode": mode, "plan": dataclasses.asdict(plan),
-         "environment": harness.environment(args.device), "torch_threads": torch.get_num_threads(),
+         "environment": harness.environment(o.device), "torch_threads": torch.get_num_threads(),
          "throughput": [], "variants": {}, "clipping": {"by_size": [], "by_tensors": []}, "scaling": {}, "first_step": {},
          "task_seconds": {}, "notes": []}
     t_start = time.perf_counter()
@@ -305,8 +297,11 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1].replace("\n", " "))
-    _options(p)
+    from charclip.cli import HelpFormatter, add_options
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1].replace("\n", " "),
+                                formatter_class=HelpFormatter)
+    add_options(p, BenchOptions)
     args = p.parse_args(argv)
     try:
         return run(args)

@@ -65,11 +65,12 @@ def add_options(p: argparse.ArgumentParser, *classes) -> None:
             exclusive = exclusive or target.add_mutually_exclusive_group()
             target = exclusive
         kwargs = dict(dest=f.name, default=None, help=_help(f))
-        if m["action"]:
+        if m["action"] in ("store_true", "store_const"):
             kwargs.update(action=m["action"], **({"const": m["const"]} if m["action"] == "store_const" else {}))
-        else:
+        else:  # a value, or with action "append" several
             metavar = None if m["choices"] else m["metavar"] or m["flag"].lstrip("-").upper().replace("-", "_")
-            kwargs.update(type=m["type"] or type(default_of(f)), choices=m["choices"], metavar=metavar)
+            kwargs.update(type=m["type"] or type(default_of(f)), choices=m["choices"], metavar=metavar,
+                          **({"action": m["action"]} if m["action"] else {}))
         target.add_argument(m["flag"], **kwargs)
 
 

@@ -19,6 +19,7 @@ from charclip.schedules import SCHEDULES
 # Whose code clips (the framework's library, or charclip's drop-ins), and the formula each
 # backend's library clips by (docs/clipping.md, step 2).
 CLIP_IMPLS = ("library", "charclip")
+CLIP_IMPL_CHOICES = CLIP_IMPLS + ("reference",)  # "reference": the former name, accepted and mapped
 LIBRARY_CONVENTION = {"torch": "torch", "jax": "optax"}
 CELLS = ("rnn", "lstm", "gru")
 BACKENDS = ("torch", "jax")
@@ -56,6 +57,12 @@ def default_of(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
+def _clip_impl(default: str, *, help: str, resume: str = "kept", group: str | None = None, shown: str | None = None):
+    """--clip-impl, as train and parity declare it: whose code clips (CLIP_IMPL_CHOICES)."""
+    return option(default, flag="--clip-impl", choices=CLIP_IMPL_CHOICES, resume=resume, group=group, shown=shown,
+                  help=help)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Embedding -> `num_layers` recurrent layers of `cell` -> linear head to the vocabulary."""
@@ -86,13 +93,13 @@ class ClipConfig:
     # measured: 0.5 clips the default run's warm-up spikes only (4 of 1500 steps)
     max_norm: float = option(0.5, flag="--clip-norm", metavar="TAU", group="clipping",
                              help="clip the global L2 norm of the gradient to TAU (the default mode)")
-    max_value: float = option(5.0, flag="--clip-value", metavar="V", group="clipping",
+    # 5.0 serves ClipConfig(mode="value") in Python; on the command line --clip-value always takes its V
+    max_value: float = option(5.0, flag="--clip-value", metavar="V", group="clipping", shown="none, V is required",
                               help="instead, clamp every gradient component to [-V, V]")
     # Whose code clips, and by which formula (docs/clipping.md), are two questions: two options.
-    impl: str = option(
-        "library", flag="--clip-impl", choices=CLIP_IMPLS + ("reference",), group="clipping",
-        help="library: torch's clip_grad_norm_ / optax.clip_by_global_norm; charclip: charclip's "
-        "own (reference, the former name: charclip with --clip-convention optax)")
+    impl: str = _clip_impl("library", group="clipping", help=(
+        "library: torch's clip_grad_norm_ / optax.clip_by_global_norm; charclip: charclip's "
+        "own (reference, the former name: charclip with --clip-convention optax)"))
     convention: str | None = option(
         None, flag="--clip-convention", choices=CONVENTIONS, type=str, group="clipping",
         shown="the backend's library's: torch in torch, optax in jax",
@@ -393,3 +400,102 @@ class EvalOptions:
             _choice(type(self), name, getattr(self, name))
         if self.data == "":  # '' would read as "not given" and silently evaluate another text
             raise CharclipError("--data was given an empty path; name a file")
+
+
+# ---- the tools' subcommands: parity, explode, bench --------------------------------------------
+
+@dataclass(frozen=True)
+class ParityOptions:
+    """`charclip parity`: the configuration on which torch and JAX are compared, quantity by quantity."""
+
+    cell: str = option("lstm", flag="--cell", choices=(*CELLS, "all"), resume="used",
+                       help="recurrent cell compared (all: each in turn)")
+    layers: int = option(1, flag="--layers", resume="used", help="stacked recurrent layers")
+    dtype: str = option("float64", flag="--dtype", choices=DTYPES, resume="used",
+                        help="float64 shows the algorithms agree; float32 shows the rounding they add")
+    precision: str = option("full", flag="--precision", choices=PRECISIONS, resume="used",
+                            help="bf16 / fp16: both backends train in mixed precision (needs --dtype float32); "
+                            "tolerances derived from the unit roundoff")
+    steps: int = option(50, flag="--steps", resume="used", help="length of the compared training trajectory")
+    hidden: int = option(32, flag="--hidden", resume="used", help="hidden units per layer")
+    batch_size: int = option(8, flag="--batch-size", resume="used", help="parallel streams per batch")
+    seq_len: int = option(32, flag="--seq-len", resume="used", help="truncated-BPTT length")
+    device: str = option("cpu", flag="--device", choices=DEVICES, resume="used", help="where both backends run")
+    clip_impl: str = _clip_impl(
+        "charclip", resume="used", help="clipping compared: charclip's own implementations (one convention, "
+        "optax's, on both sides; reference is the former name) or the libraries' (torch adds 1e-6 to the norm, "
+        "optax does not)")
+    seed: int = option(0, flag="--seed", resume="used", help="seed of the shared initial weights and batches")
+    dropout: float = option(0.0, flag="--dropout", metavar="P", resume="used",
+                            help="train the compared trajectory with dropout P, both backends given the same masks")
+    json: str | None = option(None, flag="--json", metavar="PATH", type=str, resume="used", shown="not written",
+                              help="write the report as JSON")
+    plot: str | None = option(None, flag="--plot", metavar="PATH", type=str, resume="used", shown="not drawn",
+                              help="write the per-step drift plot (PNG)")
+    no_progress: bool = option(False, flag="--no-progress", action="store_true", resume="used",
+                               help="no progress bar")
+
+    def __post_init__(self) -> None:
+        for name in ("cell", "dtype", "precision", "device", "clip_impl"):
+            _choice(type(self), name, getattr(self, name))
+        if self.clip_impl == "reference":  # the former spelling of the same thing
+            object.__setattr__(self, "clip_impl", "charclip")
+        for name in ("layers", "hidden", "batch_size", "seq_len"):
+            _positive_int(_flag(type(self), name), getattr(self, name))
+
+    @property
+    def ladder_clip_impl(self) -> str:
+        """The ladder's spelling: "library", or "reference" (charclip's code, optax's convention on
+        both sides, so that the two backends clip by one formula)."""
+        return "library" if self.clip_impl == "library" else "reference"
+
+
+@dataclass(frozen=True)
+class ExplodeOptions:
+    """`charclip explode`: which experiments run, in which backends, and where the report goes."""
+
+    out: str | None = option(None, flag="--out", metavar="DIR", type=str, resume="used",
+                             shown="runs/explode-<time>", help="folder for report.md, results.json and figures")
+    quick: bool = option(False, flag="--quick", action="store_true", resume="used",
+                         help="fewer steps and thresholds: under a minute")
+    backend: str = option("both", flag="--backend", choices=(*BACKENDS, "both"), resume="used",
+                          help="framework(s) to run in")
+    paper: bool = option(False, flag="--paper", action="store_true", resume="used",
+                         help="rerun Pascanu, Mikolov & Bengio (2013) instead: the cliff, the bifurcation view and "
+                         "the temporal-order task (docs/paper-rerun.md); with --quick, the small setting")
+    no_progress: bool = option(False, flag="--no-progress", action="store_true", resume="used",
+                               help="no progress bar")
+
+    def __post_init__(self) -> None:
+        _choice(type(self), "backend", self.backend)
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return BACKENDS if self.backend == "both" else (self.backend,)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """`charclip bench` (also `python -m benchmarks`): which benchmarks run, where, and where results go."""
+
+    quick: bool = option(False, flag="--quick", action="store_true", resume="used",
+                         help="a small grid (about 40 s on an idle 2-core machine)")
+    device: str = option("cpu", flag="--device", choices=DEVICES, resume="used",
+                         help="where to run (gpu: CUDA for both backends)")
+    out: str | None = option(None, flag="--out", metavar="DIR", type=str, resume="used",
+                             shown="benchmarks/results/<machine>, or <machine>-quick with --quick",
+                             help="results folder")
+    only: tuple[str, ...] | None = option(
+        None, flag="--only", metavar="NAME", action="append", type=str, resume="used", shown="every task",
+        help="run only the tasks whose name contains NAME (repeatable), e.g. --only throughput; results go to "
+        "benchmarks/results/<machine>-partial unless --out")
+    torch_threads: int | None = option(None, flag="--torch-threads", metavar="N", type=int,
+                                       resume="used", shown="torch's own",
+                                       help="torch intra-op threads for the torch/JAX comparisons")
+
+    def __post_init__(self) -> None:
+        _choice(type(self), "device", self.device)
+        if self.only is not None:
+            object.__setattr__(self, "only", tuple(self.only))  # argparse appends to a list
+        if self.torch_threads is not None and (isinstance(self.torch_threads, bool) or self.torch_threads < 1):
+            raise CharclipError(f"--torch-threads must be 1 or more, got {self.torch_threads}")

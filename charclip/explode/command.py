@@ -6,12 +6,13 @@ import time
 
 from charclip import runfolder
 from charclip.backends import module as backend_module
-from charclip.contract import BACKENDS
+from charclip.config import ExplodeOptions
 from charclip.explode.experiments import DEFAULT, QUICK, run_all
 from charclip.explode.report import summary, write_report
 
+
 def add_parser(sub) -> None:
-    from charclip.cli import HelpFormatter  # imported here: cli imports this module to register it
+    from charclip.cli import HelpFormatter, add_options  # imported here: cli imports this module to register it
 
     p = sub.add_parser(
         "explode", help="show exploding gradients and what clipping does about them, in both backends",
@@ -20,35 +21,33 @@ def add_parser(sub) -> None:
         "report.md, results.json and figures to --out and prints a summary (docs/exploding-gradients.md).",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--out", metavar="DIR", help="folder for report.md, results.json and figures (default: runs/explode-<time>)")
-    p.add_argument("--quick", action="store_true", help="fewer steps and thresholds: under a minute")
-    p.add_argument("--backend", choices=("torch", "jax", "both"), default="both", help="framework(s) to run in")
-    p.add_argument("--paper", action="store_true", help="rerun Pascanu, Mikolov & Bengio (2013) instead: the cliff, "
-                   "the bifurcation view and the temporal-order task (docs/paper-rerun.md); with --quick, the small setting")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_options(p, ExplodeOptions)
     p.set_defaults(func=_main)
 
 
 def _main(a) -> int:
-    backends = BACKENDS if a.backend == "both" else (a.backend,)
+    from charclip.cli import fill
+
+    o = fill(ExplodeOptions, a)
+    backends = o.backends
     for b in backends:
         backend_module(b, "explode")  # a missing framework fails here, in one line
     # Checked before the experiments run: a destination that cannot be written fails now, in one line.
-    out = runfolder.writable_folder(a.out or f"runs/explode-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
-    if a.paper:
+    out = runfolder.writable_folder(o.out or f"runs/explode-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
+    if o.paper:
         from charclip.explode.paper import FULL, SMALL, run_paper
         from charclip.explode.paper_report import paper_summary, write_paper_report
 
-        results = run_paper(SMALL if a.quick else FULL, backends, progress=not a.no_progress)
-        results["full"] = not a.quick
+        results = run_paper(SMALL if o.quick else FULL, backends, progress=not o.no_progress)
+        results["full"] = not o.quick
         try:
             write_paper_report(results, out)
         except OSError as e:
             raise runfolder.os_error(e, f"cannot write the report in {out}") from None
         print(paper_summary(results, out))
         return 0
-    results = run_all(QUICK if a.quick else DEFAULT, backends, progress=not a.no_progress)
-    results["quick"] = a.quick
+    results = run_all(QUICK if o.quick else DEFAULT, backends, progress=not o.no_progress)
+    results["quick"] = o.quick
     try:
         write_report(results, out)
     except OSError as e:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 from charclip import runfolder
-from charclip.config import CELLS, DTYPES, PRECISIONS
+from charclip.config import CELLS, ParityOptions, option
 from charclip.errors import CharclipError
 from charclip.parity.ladder import run_parity
+from charclip.parity.port import UNIT_ROUNDOFF
 from charclip.parity.report import format_table, plot_drift
 
 
 def add_parser(sub) -> None:
-    from charclip.cli import (
-        HelpFormatter,  # imported here: cli imports this module to register it
-    )
+    from charclip.cli import HelpFormatter, add_options  # imported here: cli imports this module to register it
 
     p = sub.add_parser(
         "parity", help="prove torch and JAX compute the same thing, quantity by quantity",
@@ -23,33 +24,24 @@ def add_parser(sub) -> None:
         "trajectory and sampled text. Prints a table; exits 1 when something disagrees.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--cell", choices=(*CELLS, "all"), default="lstm", help="recurrent cell compared (all: each in turn)")
-    p.add_argument("--layers", type=int, default=1, help="stacked recurrent layers")
-    p.add_argument("--dtype", choices=DTYPES, default="float64",
-                   help="float64 shows the algorithms agree; float32 shows the rounding they add")
-    p.add_argument("--precision", choices=PRECISIONS, default="full",
-                   help="bf16 / fp16: both backends train in mixed precision (needs --dtype float32); tolerances "
-                   "derived from the unit roundoff")
-    p.add_argument("--steps", type=int, default=50, help="length of the compared training trajectory")
-    p.add_argument("--hidden", type=int, default=32, help="hidden units per layer")
-    p.add_argument("--batch-size", type=int, default=8, help="parallel streams per batch")
-    p.add_argument("--seq-len", type=int, default=32, help="truncated-BPTT length")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where both backends run")
-    p.add_argument("--clip-impl", choices=("library", "reference"), default="reference",
-                   help="clipping compared: charclip's reference implementations (one convention on both sides) "
-                   "or the libraries' (torch adds 1e-6 to the norm, optax does not)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shared initial weights and batches")
-    p.add_argument("--dropout", type=float, default=0.0, metavar="P",
-                   help="train the compared trajectory with dropout P, both backends given the same masks")
-    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
-    p.add_argument("--plot", metavar="PATH", help="write the per-step drift plot (PNG)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_options(p, ParityOptions)
     p.set_defaults(func=_main)
     _add_prove(sub)
 
 
+@dataclass(frozen=True)
+class ProveOptions:
+    """`charclip prove SPEC.py`: what overrides the spec's own `options`."""
+
+    dtype: str | None = option(None, flag="--dtype", choices=tuple(UNIT_ROUNDOFF), type=str, resume="used",
+                               shown="the spec's", help="override the spec's dtype (float64 proves the algorithm, "
+                               "the others add their rounding)")
+    no_trajectory: bool = option(False, flag="--no-trajectory", action="store_true", resume="used",
+                                 help="stop after the first optimizer step")
+
+
 def _add_prove(sub) -> None:
-    from charclip.cli import HelpFormatter
+    from charclip.cli import HelpFormatter, add_options
 
     p = sub.add_parser(
         "prove", help="prove your JAX port of a torch model, naming the first layer where they part",
@@ -60,15 +52,14 @@ def _add_prove(sub) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("spec", metavar="SPEC.py", help="the file defining torch_model, jax_forward, batches, options")
-    p.add_argument("--dtype", choices=("float64", "float32", "bfloat16"),
-                   help="override the spec's dtype (float64 proves the algorithm, the others add their rounding)")
-    p.add_argument("--no-trajectory", action="store_true", help="stop after the first optimizer step")
+    add_options(p, ProveOptions)
     p.set_defaults(func=_prove)
 
 
 def _prove(a) -> int:
     import runpy
 
+    from charclip.cli import fill
     from charclip.parity.port import prove_port
 
     path = Path(a.spec)
@@ -78,10 +69,11 @@ def _prove(a) -> int:
     missing = [n for n in ("torch_model", "jax_forward", "batches") if n not in spec]
     if missing:
         raise CharclipError(f"SPEC.py {a.spec} defines no {missing[0]!r} (it needs torch_model, jax_forward, batches)")
+    o = fill(ProveOptions, a)
     options = dict(spec.get("options") or {})
-    if a.dtype:
-        options["dtype"] = a.dtype
-    if a.no_trajectory:
+    if o.dtype:
+        options["dtype"] = o.dtype
+    if o.no_trajectory:
         options["trajectory"] = False
     report = prove_port(spec["torch_model"], spec["jax_forward"], spec["batches"], **options)
     print(report.table())
@@ -89,23 +81,24 @@ def _prove(a) -> int:
 
 
 def _main(a) -> int:
-    for name in ("layers", "hidden", "batch_size", "seq_len"):
-        if getattr(a, name) < 1:
-            raise CharclipError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(a, name)}")
+    from charclip.cli import fill
+
+    o = fill(ParityOptions, a)
     # Checked before the comparison runs: an output that cannot be written fails now, in one line.
-    json_path = runfolder.writable_file(a.json, "--json") if a.json else None
-    plot_path = runfolder.writable_file(a.plot, "--plot") if a.plot else None
-    cells = CELLS if a.cell == "all" else (a.cell,)
+    json_path = runfolder.writable_file(o.json, "--json") if o.json else None
+    plot_path = runfolder.writable_file(o.plot, "--plot") if o.plot else None
+    cells = CELLS if o.cell == "all" else (o.cell,)
     reports = []
     for cell in cells:
-        rep = run_parity(cell, a.layers, a.dtype, a.steps, device=a.device, hidden_size=a.hidden,
-                         embedding_dim=max(a.hidden // 2, 1), batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed,
-                         clip_impl=a.clip_impl, progress=not a.no_progress, precision=a.precision, dropout=a.dropout)
+        rep = run_parity(cell, o.layers, o.dtype, o.steps, device=o.device, hidden_size=o.hidden,
+                         embedding_dim=max(o.hidden // 2, 1), batch_size=o.batch_size, seq_len=o.seq_len,
+                         seed=o.seed, clip_impl=o.ladder_clip_impl, progress=not o.no_progress,
+                         precision=o.precision, dropout=o.dropout)
         c = rep.config
-        precision = "" if a.precision == "full" else f" ({a.precision} mixed precision)"
-        print(f"\n{cell} {c['layers']}x{c['hidden']} (embedding {c['embedding']}, vocabulary {c['vocab']}), {a.dtype}{precision}, "
-              f"batch {c['batch']}x{c['seq_len']}, {a.device}, clipping: {a.clip_impl}"
-              + (f", dropout {a.dropout:g}" if a.dropout else ""))
+        precision = "" if o.precision == "full" else f" ({o.precision} mixed precision)"
+        print(f"\n{cell} {c['layers']}x{c['hidden']} (embedding {c['embedding']}, vocabulary {c['vocab']}), "
+              f"{o.dtype}{precision}, batch {c['batch']}x{c['seq_len']}, {o.device}, clipping: {o.clip_impl}"
+              + (f", dropout {o.dropout:g}" if o.dropout else ""))
         for note in rep.notes:
             print(note)
         print(format_table(rep.rows))
