@@ -20,6 +20,7 @@ import itertools
 import numpy as np
 
 from benchmarks.harness import interleaved, timed
+from charclip.config import BACKENDS, DEVICES
 
 MAX_NORM = 1e-3  # far below the norm of N(0, 1) gradients: every call scales
 
@@ -224,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", type=float, default=1e8)
     p.add_argument("--tensors", type=int, nargs="+", default=[1, 1000])
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--backends", nargs="+", choices=("torch", "jax"), default=["torch", "jax"])
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    p.add_argument("--device", choices=DEVICES, default="cpu")
     p.add_argument("--in-step", action="store_true", help="the default model's gradient shapes (one training step's clip)")
     p.add_argument("--out", metavar="FILE", help="also write the table to FILE (markdown)")
     a = p.parse_args(argv)

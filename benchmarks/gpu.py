@@ -26,6 +26,7 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.suite import RESULTS
+from charclip.config import DEVICES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +220,7 @@ def markdown(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
+    p.add_argument("--device", choices=DEVICES, default="gpu")
     p.add_argument("--tiny", action="store_true", help="a tiny grid (seconds): checks that the script runs")
     p.add_argument("--out", metavar="DIR", help="results folder (default: benchmarks/results/<gpu-name>)")
     args = p.parse_args(argv)

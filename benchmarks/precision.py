@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import environment, paired_ratio, stats
+from charclip.config import BACKENDS, PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "docs/figures/precision/precision.json"
-PRECISIONS = ("full", "bf16", "fp16")
 
 
 TINY = {"model": dict(hidden_size=16, num_layers=1, embedding_dim=8), "train": dict(batch_size=4, seq_len=8)}
@@ -84,7 +84,7 @@ def measure(steps: int, backends_: list[str], eval_batches: int = 16, progress: 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=150, help="training steps of each trainer")
-    p.add_argument("--backends", nargs="+", choices=("torch", "jax"), default=["torch", "jax"])
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON written (default: the source of docs/usage.md's table)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a tiny model instead of the default one (the suite's smoke test)")

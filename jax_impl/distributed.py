@@ -36,14 +36,14 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from charclip.config import ClipConfig, ModelConfig, TrainConfig
+from charclip.config import LAYOUTS as _LAYOUTS, ClipConfig, ModelConfig, TrainConfig
 from charclip.errors import CharclipError
 from jax_impl import clipping
 from jax_impl import device as D
 from jax_impl import model as M
 from jax_impl import train as T
 
-LAYOUTS = ("data", "model", "fsdp", "2d", "shard_map")
+LAYOUTS = _LAYOUTS["jax"]
 BATCH_AXIS = {"data": "data", "model": None, "fsdp": "data", "2d": "data", "shard_map": "data"}
 PARAM_AXIS = {"data": None, "model": "model", "fsdp": "data", "2d": "model", "shard_map": "data"}
 

@@ -51,13 +51,13 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from charclip import signals
-from charclip.config import ModelConfig, TrainConfig
+from charclip.config import LAYOUTS, ModelConfig, TrainConfig
 from charclip.errors import CharclipError
 from charclip.contract import NonFiniteStep
 from charclip.signals import STOP_SIGNALS
 from torch_impl.train import Trainer
 
-PARALLEL = ("ddp", "fsdp")
+PARALLEL = LAYOUTS["torch"]  # --parallel: replicated (DDP) or sharded (FSDP2) parameters
 HOST = "127.0.0.1"  # loopback only: nothing listens beyond this machine
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank stuck this long in a collective gives up
 GRACE_SECONDS = 15.0  # after one rank fails, the others get this long to stop by themselves
