@@ -119,7 +119,8 @@ def _train(a) -> int:
     if not s["steps_run"]:
         ran = f"no step (the run was at step {s['steps']}; its closing phase was redone)"
     print(f"\ndone: {ran} in {s['seconds']:.0f} s; training loss {_loss(s['train_loss'])}, "
-          f"validation loss {_loss(s['val_loss'])} nats/char; {describe_clipped(s['clipped_steps'], s['logged_steps'])}"
+          f"validation loss {_loss(s['val_loss'])} nats/char{_val_batches(s)}; "
+          f"{describe_clipped(s['clipped_steps'], s['logged_steps'])}"
           + (f"; {s['skipped_steps']} skipped" if s["skipped_steps"] else ""))
     print(f"checkpoint: {s['checkpoint']}\nmetrics:    {s['metrics']}" + (f"\nplot:       {s['plot']}" if "plot" in s else ""))
     if s.get("sample"):
@@ -129,6 +130,12 @@ def _train(a) -> int:
 
 def _loss(x) -> str:
     return "none" if x is None else f"{x:.3f}"
+
+
+def _val_batches(s: dict) -> str:
+    """Which validation loss the closing line shows: --eval-batches batches, not `eval`'s whole split."""
+    n = s.get("val_batches")
+    return f" (first {n} validation batches; `charclip eval` covers the whole split)" if n else ""
 
 
 def _add_sample(sub) -> None:
@@ -160,7 +167,9 @@ def _sample(a) -> int:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="loss of a checkpoint on a text, as JSON",
                        description="Mean cross-entropy (nats/char) of a checkpoint on a text file, or on the validation "
-                       "split of the corpus it was trained on. Prints JSON; a loss that is not finite prints as null.",
+                       "split of the corpus it was trained on, whole (the validation loss training reports covers "
+                       "only its first --eval-batches batches, so the two differ). Prints JSON; a loss that is not "
+                       "finite prints as null.",
                        formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="a run folder, a checkpoint folder, or a run's checkpoints/BEST")
     add_options(p, EvalOptions)
@@ -199,7 +208,8 @@ def _eval(a) -> int:
               file=sys.stderr)
     print(json.dumps({"loss": loss if math.isfinite(loss) else None, "unit": "nats/char",
                       "characters": streams.batches_per_epoch * batch * cfg.seq_len, "checkpoint": str(ck.path),
-                      "step": ck.step, "backend": o.backend, "data": o.data or "validation split"}, allow_nan=False))
+                      "step": ck.step, "backend": o.backend, "data": o.data or "validation split",
+                      "batches": streams.batches_per_epoch}, allow_nan=False))
     return 0
 
 

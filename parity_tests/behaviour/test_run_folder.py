@@ -587,3 +587,56 @@ def test_defaults_and_the_resume_rule_have_one_source(finished, capsys):
                  "--no-progress", "--sample-chars", "0"]) == 0
     notes = [l for l in capsys.readouterr().err.splitlines() if "ignored" in l]
     assert notes == ["charclip: note: --resume keeps the run's configuration; ignored: --cell, --lr"], notes
+
+
+# ---- small console fixes (issue 21, item 7) ------------------------------------------------------
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_a_terminal_of_zero_columns_still_gets_a_progress_bar(text, tmp_path):
+    """stderr on a pseudo-terminal that reports 0 columns: the bar is drawn at the fixed width, not
+    squeezed to one cell (what tqdm does with the width it is told)."""
+    import fcntl
+    import struct
+    import termios
+
+    main_fd, term_fd = os.openpty()
+    fcntl.ioctl(term_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 0, 0, 0))  # rows 24, columns 0
+    argv = [a for a in _train(text, tmp_path / "run", "--steps", "4") if a != "--no-progress"]
+    p = subprocess.Popen([sys.executable, "-m", "charclip", *argv], stdout=subprocess.DEVNULL, stderr=term_fd)
+    os.close(term_fd)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 4096)
+        except OSError:  # the terminal closes when the child exits
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(main_fd)
+    assert p.wait(timeout=120) == 0, shown.decode(errors="replace")
+    last = shown.decode(errors="replace").replace("\r\n", "\r").split("\r")[-2]
+    assert "4/4" in last and last.count("\u2588") >= 10, f"no full-width bar in {last!r}"
+    assert len(last) <= run.BAR_COLUMNS, f"{len(last)} columns, more than the fixed {run.BAR_COLUMNS}: {last!r}"
+
+
+def test_a_loaded_machine_gets_a_thread_hint(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    hint = run.load_hint(load=5.0, cores=2)
+    assert hint is not None and "OMP_NUM_THREADS=1" in hint and "5.0" in hint, hint
+    assert run.load_hint(load=1.5, cores=2) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # already chosen: nothing to suggest
+    assert run.load_hint(load=5.0, cores=2) is None
+
+
+def test_the_two_validation_losses_say_what_they_cover(finished, capsys):
+    """The training summary's validation loss is over --eval-batches batches, eval's over the whole
+    split: the closing line and eval's JSON say which, so the two numbers are not mistaken for one."""
+    summary = json.loads((finished / "summary.json").read_text(encoding="utf-8"))
+    assert summary["val_batches"] == 1  # TINY's --eval-batches
+    assert main(["eval", str(finished)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data"] == "validation split" and report["batches"] >= 1, report
+    assert main(["train", "--resume", str(finished), "--steps", "9", "--no-progress", "--sample-chars", "0"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("done:"))
+    assert "(first 1 validation batches; `charclip eval` covers the whole split)" in line, line
