@@ -190,8 +190,8 @@ def resolve(options: RunOptions, resumed: ckpt_io.Checkpoint | None = None
 def load_hint(load: float | None = None, cores: int | None = None) -> str | None:
     """A one-line hint when the machine is busier than it has cores (1-minute load average), else None.
 
-    torch's default thread count (one per core) competes with the other load: a default run was
-    measured 12x slower on a loaded 2-core machine (4,104 s against 348 s); one thread is the cure.
+    torch's default thread count (one per core) competes with the other load, which made a default
+    run many times slower on a loaded 2-core machine (issue 21); one thread is the cure.
     """
     try:
         load = os.getloadavg()[0] if load is None else load
