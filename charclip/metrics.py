@@ -1,4 +1,4 @@
-"""The metrics file of a run, `metrics.jsonl`: one JSON object per line, written, read and repaired here.
+"""The metrics file of a run, `metrics.jsonl`: one JSON object per line; written, read, repaired.
 
 A training step writes `{"step", "loss", "grad_norm", "clipped", "skipped", "time"}` (plus `lr`
 under a schedule, and `loss_scale` / `overflow` under fp16); a validation writes `{"step",
@@ -24,8 +24,10 @@ def json_line(record: dict) -> str:
     bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
     if bad:
         flagged = record.get("nonfinite") if isinstance(record.get("nonfinite"), list) else []
-        record = {**{k: None if k in bad else v for k, v in record.items()},
-                  "nonfinite": sorted(set(flagged) | set(bad), key=str)}
+        record = {
+            **{k: None if k in bad else v for k, v in record.items()},
+            "nonfinite": sorted(set(flagged) | set(bad), key=str),
+        }
     return json.dumps(record, allow_nan=False) + "\n"
 
 
@@ -35,12 +37,17 @@ def finite(x) -> bool:
 
 
 def _is_step(r) -> bool:
-    return isinstance(r, dict) and isinstance(r.get("step"), int) and not isinstance(r["step"], bool) and (
-        r["step"] >= 0)
+    return (
+        isinstance(r, dict)
+        and isinstance(r.get("step"), int)
+        and not isinstance(r["step"], bool)
+        and (r["step"] >= 0)
+    )
 
 
 def read_records(path: Path) -> list[dict]:
-    """The well-formed records of a metrics file: JSON objects whose step is a non-negative integer."""
+    """The well-formed records of a metrics file: JSON objects whose step is a non-negative
+    integer."""
     if not path.is_file():
         return []
     records = []
@@ -57,7 +64,9 @@ def read_records(path: Path) -> list[dict]:
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Every line of a metrics file, strictly (a damaged line raises): for a run's own readers."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    return [
+        json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line
+    ]
 
 
 def describe_clipped(clipped: int, steps: int) -> str:
@@ -79,21 +88,34 @@ class Metrics:
         self.path = path
         if path.exists() and not path.is_file():
             raise CharclipError(f"{path} is not a file; move it out of the run folder")
-        kept = [r for r in read_records(path) if r["step"] <= resume_step] if resume_step is not None else []
-        # Rewritten whole: a line an older charclip wrote with a bare NaN becomes JSON (null and a flag).
-        runfolder.write_file(path, "".join(json_line(r) for r in kept))  # atomic rename, no link followed
+        kept = (
+            [r for r in read_records(path) if r["step"] <= resume_step]
+            if resume_step is not None
+            else []
+        )
+        # Rewritten whole: a line an older charclip wrote with a bare NaN becomes JSON (null and a
+        # flag).
+        runfolder.write_file(
+            path, "".join(json_line(r) for r in kept)
+        )  # atomic rename, no link followed
         trained = [r for r in kept if "loss" in r]
         self.logged_steps = len(trained)
         self.clipped = sum(r.get("clipped") is True for r in trained)
         self.skipped = sum(r.get("skipped") is True for r in trained)
-        self.overflows = sum(r.get("overflow") is True for r in trained)  # fp16 steps skipped for an overflow
-        self.best_val = min((r["val_loss"] for r in kept if finite(r.get("val_loss"))), default=math.inf)
+        self.overflows = sum(
+            r.get("overflow") is True for r in trained
+        )  # fp16 steps skipped for an overflow
+        self.best_val = min(
+            (r["val_loss"] for r in kept if finite(r.get("val_loss"))), default=math.inf
+        )
         self.last_loss = trained[-1].get("loss") if trained else None  # for a closing-only resume
         self.last_val = next((r["val_loss"] for r in reversed(kept) if "val_loss" in r), None)
         self.time_offset = max((r["time"] for r in trained if finite(r.get("time"))), default=0.0)
         # Line-buffered: a killed run has logged every step it took, so none goes missing on resume.
         # O_NOFOLLOW: the file just renamed into place is appended to, never a link made since.
-        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        flags = (
+            os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        )
         self.file = open(os.open(path, flags), "a", encoding="utf-8", buffering=1)
 
     def write(self, **record) -> None:
