@@ -48,10 +48,12 @@ FULL = Plan(repeats=5, cells=("rnn", "gru"), seqs=(32, 64, 128, 256, 512), hidde
 
 
 def add_parser(sub) -> None:
-    from charclip.cli import HelpFormatter, add_options  # imported here: cli imports this module to register it
+    # imported here: cli imports this module to register it
+    from charclip.cli import HelpFormatter, add_options
 
     p = sub.add_parser("bench", help="benchmark both backends and clipping; write results and plots",
-                       description=__doc__.split("\n\n")[1].replace("\n", " "), formatter_class=HelpFormatter)
+                       description=__doc__.split("\n\n")[1].replace("\n", " "),
+                       formatter_class=HelpFormatter)
     add_options(p, BenchOptions)
     p.set_defaults(func=run)
 
@@ -266,7 +268,8 @@ def run(args) -> int:
         torch.set_num_threads(o.torch_threads)
     plan = QUICK if o.quick else FULL
     machine = harness.machine_name(o.device)
-    out = Path(o.out) if o.out else RESULTS / (machine + ("-partial" if o.only else "-quick" if o.quick else ""))
+    suffix = "-partial" if o.only else "-quick" if o.quick else ""
+    out = Path(o.out) if o.out else RESULTS / (machine + suffix)
     out = runfolder.writable_folder(out, "--out")  # before the tasks run: an unwritable --out fails now, in one line
     tasks = _tasks(plan, o.device, torch.get_num_threads())
     if o.only:
@@ -299,7 +302,8 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from charclip.cli import HelpFormatter, add_options
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1].replace("\n", " "),
+    p = argparse.ArgumentParser(prog="python -m benchmarks",
+                                description=__doc__.split("\n\n")[1].replace("\n", " "),
                                 formatter_class=HelpFormatter)
     add_options(p, BenchOptions)
     args = p.parse_args(argv)

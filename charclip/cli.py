@@ -69,8 +69,8 @@ def add_options(p: argparse.ArgumentParser, *classes) -> None:
             kwargs.update(action=m["action"], **({"const": m["const"]} if m["action"] == "store_const" else {}))
         else:  # a value, or with action "append" several
             metavar = None if m["choices"] else m["metavar"] or m["flag"].lstrip("-").upper().replace("-", "_")
-            kwargs.update(type=m["type"] or type(default_of(f)), choices=m["choices"], metavar=metavar,
-                          **({"action": m["action"]} if m["action"] else {}))
+            kwargs.update(type=m["type"] or type(default_of(f)), choices=m["choices"],
+                          metavar=metavar, **({"action": m["action"]} if m["action"] else {}))
         target.add_argument(m["flag"], **kwargs)
 
 
@@ -133,7 +133,8 @@ def _loss(x) -> str:
 
 
 def _val_batches(s: dict) -> str:
-    """Which validation loss the closing line shows: --eval-batches batches, not `eval`'s whole split."""
+    """Which validation loss the closing line shows: --eval-batches batches, not `eval`'s whole
+    split."""
     n = s.get("val_batches")
     return f" (first {n} validation batches; `charclip eval` covers the whole split)" if n else ""
 
@@ -167,9 +168,9 @@ def _sample(a) -> int:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="loss of a checkpoint on a text, as JSON",
                        description="Mean cross-entropy (nats/char) of a checkpoint on a text file, or on the validation "
-                       "split of the corpus it was trained on, whole (the validation loss training reports covers "
-                       "only its first --eval-batches batches, so the two differ). Prints JSON; a loss that is not "
-                       "finite prints as null.",
+                       "split of the corpus it was trained on, whole (the validation loss training "
+                       "reports covers only its first --eval-batches batches, so the two differ). "
+                       "Prints JSON; a loss that is not finite prints as null.",
                        formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="a run folder, a checkpoint folder, or a run's checkpoints/BEST")
     add_options(p, EvalOptions)

@@ -24,7 +24,8 @@ LIBRARY_CONVENTION = {"torch": "torch", "jax": "optax"}
 CELLS = ("rnn", "lstm", "gru")
 BACKENDS = ("torch", "jax")
 DEVICES = ("cpu", "gpu")
-# How several devices share a run: torch's processes (--parallel), JAX's mesh (--mesh); docs/distributed.md.
+# How several devices share a run: torch's processes (--parallel), JAX's mesh (--mesh);
+# docs/distributed.md.
 LAYOUTS = {"torch": ("ddp", "fsdp"), "jax": ("data", "model", "fsdp", "2d", "shard_map")}
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # rows of W_ih / W_hh per hidden unit (PyTorch layout)
 DTYPES = ("float32", "float64")
@@ -57,10 +58,11 @@ def default_of(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def _clip_impl(default: str, *, help: str, resume: str = "kept", group: str | None = None, shown: str | None = None):
+def _clip_impl(default: str, *, help: str, resume: str = "kept", group: str | None = None,
+               shown: str | None = None):
     """--clip-impl, as train and parity declare it: whose code clips (CLIP_IMPL_CHOICES)."""
-    return option(default, flag="--clip-impl", choices=CLIP_IMPL_CHOICES, resume=resume, group=group, shown=shown,
-                  help=help)
+    return option(default, flag="--clip-impl", choices=CLIP_IMPL_CHOICES, resume=resume,
+                  group=group, shown=shown, help=help)
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,9 @@ class ClipConfig:
     # measured: 0.5 clips the default run's warm-up spikes only (4 of 1500 steps)
     max_norm: float = option(0.5, flag="--clip-norm", metavar="TAU", group="clipping",
                              help="clip the global L2 norm of the gradient to TAU (the default mode)")
-    # 5.0 serves ClipConfig(mode="value") in Python; on the command line --clip-value always takes its V
-    max_value: float = option(5.0, flag="--clip-value", metavar="V", group="clipping", shown="none, V is required",
+    # 5.0 serves ClipConfig(mode="value") in Python; on the command line --clip-value takes its V
+    max_value: float = option(5.0, flag="--clip-value", metavar="V", group="clipping",
+                              shown="none, V is required",
                               help="instead, clamp every gradient component to [-V, V]")
     # Whose code clips, and by which formula (docs/clipping.md), are two questions: two options.
     impl: str = _clip_impl("library", group="clipping", help=(
@@ -270,7 +273,8 @@ def _choice(cls, name: str, value) -> None:
     """A field declared with choices holds one of them (None where None is its default)."""
     f = next(f for f in options(cls) if f.name == name)
     if value not in f.metadata["choices"] and not (value is None and default_of(f) is None):
-        raise CharclipError(f"unknown {f.metadata['flag']} {value!r}; use one of {', '.join(f.metadata['choices'])}")
+        choices = ", ".join(f.metadata["choices"])
+        raise CharclipError(f"unknown {f.metadata['flag']} {value!r}; use one of {choices}")
 
 
 def _positive_int(name: str, value: int) -> None:
@@ -343,13 +347,16 @@ class RunOptions:
     def __post_init__(self) -> None:
         for name in ("backend", "device", "parallel", "mesh"):
             _choice(type(self), name, getattr(self, name))
-        for name in ("data", "out", "resume"):  # '' would read as "not given" and silently start something else
+        # '' would read as "not given" and silently start something else
+        for name in ("data", "out", "resume"):
             if getattr(self, name) == "":
                 what = "file" if name == "data" else "folder"
-                raise CharclipError(f"{_flag(type(self), name)} was given an empty path; name a {what}")
+                flag = _flag(type(self), name)
+                raise CharclipError(f"{flag} was given an empty path; name a {what}")
         if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1:
             raise CharclipError(f"--keep must be 1 or more, got {self.keep}")
-        if isinstance(self.sample_chars, bool) or not isinstance(self.sample_chars, int) or self.sample_chars < 0:
+        chars = self.sample_chars
+        if isinstance(chars, bool) or not isinstance(chars, int) or chars < 0:
             raise CharclipError(f"--sample-chars must be zero or more, got {self.sample_chars}")
         for name in ("nproc", "devices"):
             value = getattr(self, name)
@@ -380,9 +387,11 @@ class SampleOptions:
     def __post_init__(self) -> None:
         for name in ("backend", "device"):
             _choice(type(self), name, getattr(self, name))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:  # NumPy's need >= 0
+        # NumPy's generators take only non-negative seeds
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise CharclipError(f"--seed must be zero or more, got {self.seed}")
-        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+        n = self.num_samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise CharclipError(f"--num-samples must be 1 or more, got {self.num_samples}")
 
 
@@ -404,36 +413,85 @@ class EvalOptions:
 
 # ---- the tools' subcommands: parity, explode, bench --------------------------------------------
 
+
 @dataclass(frozen=True)
 class ParityOptions:
-    """`charclip parity`: the configuration on which torch and JAX are compared, quantity by quantity."""
+    """`charclip parity`: the configuration on which torch and JAX are compared, quantity by
+    quantity."""
 
-    cell: str = option("lstm", flag="--cell", choices=(*CELLS, "all"), resume="used",
-                       help="recurrent cell compared (all: each in turn)")
+    cell: str = option(
+        "lstm",
+        flag="--cell",
+        choices=(*CELLS, "all"),
+        resume="used",
+        help="recurrent cell compared (all: each in turn)",
+    )
     layers: int = option(1, flag="--layers", resume="used", help="stacked recurrent layers")
-    dtype: str = option("float64", flag="--dtype", choices=DTYPES, resume="used",
-                        help="float64 shows the algorithms agree; float32 shows the rounding they add")
-    precision: str = option("full", flag="--precision", choices=PRECISIONS, resume="used",
-                            help="bf16 / fp16: both backends train in mixed precision (needs --dtype float32); "
-                            "tolerances derived from the unit roundoff")
-    steps: int = option(50, flag="--steps", resume="used", help="length of the compared training trajectory")
+    dtype: str = option(
+        "float64",
+        flag="--dtype",
+        choices=DTYPES,
+        resume="used",
+        help="float64 shows the algorithms agree; float32 shows the rounding they add",
+    )
+    precision: str = option(
+        "full",
+        flag="--precision",
+        choices=PRECISIONS,
+        resume="used",
+        help="bf16 / fp16: both backends train in mixed precision (needs --dtype float32); "
+        "tolerances derived from the unit roundoff",
+    )
+    steps: int = option(
+        50, flag="--steps", resume="used", help="length of the compared training trajectory"
+    )
     hidden: int = option(32, flag="--hidden", resume="used", help="hidden units per layer")
-    batch_size: int = option(8, flag="--batch-size", resume="used", help="parallel streams per batch")
+    batch_size: int = option(
+        8, flag="--batch-size", resume="used", help="parallel streams per batch"
+    )
     seq_len: int = option(32, flag="--seq-len", resume="used", help="truncated-BPTT length")
-    device: str = option("cpu", flag="--device", choices=DEVICES, resume="used", help="where both backends run")
+    device: str = option(
+        "cpu", flag="--device", choices=DEVICES, resume="used", help="where both backends run"
+    )
     clip_impl: str = _clip_impl(
-        "charclip", resume="used", help="clipping compared: charclip's own implementations (one convention, "
-        "optax's, on both sides; reference is the former name) or the libraries' (torch adds 1e-6 to the norm, "
-        "optax does not)")
-    seed: int = option(0, flag="--seed", resume="used", help="seed of the shared initial weights and batches")
-    dropout: float = option(0.0, flag="--dropout", metavar="P", resume="used",
-                            help="train the compared trajectory with dropout P, both backends given the same masks")
-    json: str | None = option(None, flag="--json", metavar="PATH", type=str, resume="used", shown="not written",
-                              help="write the report as JSON")
-    plot: str | None = option(None, flag="--plot", metavar="PATH", type=str, resume="used", shown="not drawn",
-                              help="write the per-step drift plot (PNG)")
-    no_progress: bool = option(False, flag="--no-progress", action="store_true", resume="used",
-                               help="no progress bar")
+        "charclip",
+        resume="used",
+        help="clipping compared: charclip's own implementations (one convention, "
+        "optax's, on both sides; reference is the former name) or the libraries' (torch adds 1e-6 "
+        "to the norm, "
+        "optax does not)",
+    )
+    seed: int = option(
+        0, flag="--seed", resume="used", help="seed of the shared initial weights and batches"
+    )
+    dropout: float = option(
+        0.0,
+        flag="--dropout",
+        metavar="P",
+        resume="used",
+        help="train the compared trajectory with dropout P, both backends given the same masks",
+    )
+    json: str | None = option(
+        None,
+        flag="--json",
+        metavar="PATH",
+        type=str,
+        resume="used",
+        shown="not written",
+        help="write the report as JSON",
+    )
+    plot: str | None = option(
+        None,
+        flag="--plot",
+        metavar="PATH",
+        type=str,
+        resume="used",
+        shown="not drawn",
+        help="write the per-step drift plot (PNG)",
+    )
+    no_progress: bool = option(
+        False, flag="--no-progress", action="store_true", resume="used", help="no progress bar"
+    )
 
     def __post_init__(self) -> None:
         for name in ("cell", "dtype", "precision", "device", "clip_impl"):
@@ -454,17 +512,40 @@ class ParityOptions:
 class ExplodeOptions:
     """`charclip explode`: which experiments run, in which backends, and where the report goes."""
 
-    out: str | None = option(None, flag="--out", metavar="DIR", type=str, resume="used",
-                             shown="runs/explode-<time>", help="folder for report.md, results.json and figures")
-    quick: bool = option(False, flag="--quick", action="store_true", resume="used",
-                         help="fewer steps and thresholds: under a minute")
-    backend: str = option("both", flag="--backend", choices=(*BACKENDS, "both"), resume="used",
-                          help="framework(s) to run in")
-    paper: bool = option(False, flag="--paper", action="store_true", resume="used",
-                         help="rerun Pascanu, Mikolov & Bengio (2013) instead: the cliff, the bifurcation view and "
-                         "the temporal-order task (docs/paper-rerun.md); with --quick, the small setting")
-    no_progress: bool = option(False, flag="--no-progress", action="store_true", resume="used",
-                               help="no progress bar")
+    out: str | None = option(
+        None,
+        flag="--out",
+        metavar="DIR",
+        type=str,
+        resume="used",
+        shown="runs/explode-<time>",
+        help="folder for report.md, results.json and figures",
+    )
+    quick: bool = option(
+        False,
+        flag="--quick",
+        action="store_true",
+        resume="used",
+        help="fewer steps and thresholds: under a minute",
+    )
+    backend: str = option(
+        "both",
+        flag="--backend",
+        choices=(*BACKENDS, "both"),
+        resume="used",
+        help="framework(s) to run in",
+    )
+    paper: bool = option(
+        False,
+        flag="--paper",
+        action="store_true",
+        resume="used",
+        help="rerun Pascanu, Mikolov & Bengio (2013) instead: the cliff, the bifurcation view and "
+        "the temporal-order task (docs/paper-rerun.md); with --quick, the small setting",
+    )
+    no_progress: bool = option(
+        False, flag="--no-progress", action="store_true", resume="used", help="no progress bar"
+    )
 
     def __post_init__(self) -> None:
         _choice(type(self), "backend", self.backend)
@@ -476,26 +557,59 @@ class ExplodeOptions:
 
 @dataclass(frozen=True)
 class BenchOptions:
-    """`charclip bench` (also `python -m benchmarks`): which benchmarks run, where, and where results go."""
+    """`charclip bench` (also `python -m benchmarks`): which benchmarks run, where, and where
+    results go."""
 
-    quick: bool = option(False, flag="--quick", action="store_true", resume="used",
-                         help="a small grid (about 40 s on an idle 2-core machine)")
-    device: str = option("cpu", flag="--device", choices=DEVICES, resume="used",
-                         help="where to run (gpu: CUDA for both backends)")
-    out: str | None = option(None, flag="--out", metavar="DIR", type=str, resume="used",
-                             shown="benchmarks/results/<machine>, or <machine>-quick with --quick",
-                             help="results folder")
+    quick: bool = option(
+        False,
+        flag="--quick",
+        action="store_true",
+        resume="used",
+        help="a small grid (about 40 s on an idle 2-core machine)",
+    )
+    device: str = option(
+        "cpu",
+        flag="--device",
+        choices=DEVICES,
+        resume="used",
+        help="where to run (gpu: CUDA for both backends)",
+    )
+    out: str | None = option(
+        None,
+        flag="--out",
+        metavar="DIR",
+        type=str,
+        resume="used",
+        shown="benchmarks/results/<machine>, or <machine>-quick with --quick",
+        help="results folder",
+    )
     only: tuple[str, ...] | None = option(
-        None, flag="--only", metavar="NAME", action="append", type=str, resume="used", shown="every task",
-        help="run only the tasks whose name contains NAME (repeatable), e.g. --only throughput; results go to "
-        "benchmarks/results/<machine>-partial unless --out")
-    torch_threads: int | None = option(None, flag="--torch-threads", metavar="N", type=int,
-                                       resume="used", shown="torch's own",
-                                       help="torch intra-op threads for the torch/JAX comparisons")
+        None,
+        flag="--only",
+        metavar="NAME",
+        action="append",
+        type=str,
+        resume="used",
+        shown="every task",
+        help="run only the tasks whose name contains NAME (repeatable), e.g. --only throughput; "
+        "results go to "
+        "benchmarks/results/<machine>-partial unless --out",
+    )
+    torch_threads: int | None = option(
+        None,
+        flag="--torch-threads",
+        metavar="N",
+        type=int,
+        resume="used",
+        shown="torch's own",
+        help="torch intra-op threads for the torch/JAX comparisons",
+    )
 
     def __post_init__(self) -> None:
         _choice(type(self), "device", self.device)
         if self.only is not None:
             object.__setattr__(self, "only", tuple(self.only))  # argparse appends to a list
-        if self.torch_threads is not None and (isinstance(self.torch_threads, bool) or self.torch_threads < 1):
+        if self.torch_threads is not None and (
+            isinstance(self.torch_threads, bool) or self.torch_threads < 1
+        ):
             raise CharclipError(f"--torch-threads must be 1 or more, got {self.torch_threads}")

@@ -21,7 +21,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from charclip.clipspec import NONFINITE_POLICIES
-from charclip.config import BACKENDS, ClipConfig  # noqa: F401  (BACKENDS: named here too, as before)
+# BACKENDS: declared in charclip.config, named here too for the callers that import it from here
+from charclip.config import BACKENDS, ClipConfig  # noqa: F401
 
 
 @dataclass

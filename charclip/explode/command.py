@@ -12,7 +12,8 @@ from charclip.explode.report import summary, write_report
 
 
 def add_parser(sub) -> None:
-    from charclip.cli import HelpFormatter, add_options  # imported here: cli imports this module to register it
+    # imported here: cli imports this module to register it
+    from charclip.cli import HelpFormatter, add_options
 
     p = sub.add_parser(
         "explode", help="show exploding gradients and what clipping does about them, in both backends",
@@ -33,7 +34,8 @@ def _main(a) -> int:
     for b in backends:
         backend_module(b, "explode")  # a missing framework fails here, in one line
     # Checked before the experiments run: a destination that cannot be written fails now, in one line.
-    out = runfolder.writable_folder(o.out or f"runs/explode-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
+    default = f"runs/explode-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = runfolder.writable_folder(o.out or default, "--out")
     if o.paper:
         from charclip.explode.paper import FULL, SMALL, run_paper
         from charclip.explode.paper_report import paper_summary, write_paper_report

@@ -15,7 +15,8 @@ from charclip.parity.report import format_table, plot_drift
 
 
 def add_parser(sub) -> None:
-    from charclip.cli import HelpFormatter, add_options  # imported here: cli imports this module to register it
+    # imported here: cli imports this module to register it
+    from charclip.cli import HelpFormatter, add_options
 
     p = sub.add_parser(
         "parity", help="prove torch and JAX compute the same thing, quantity by quantity",
@@ -33,9 +34,9 @@ def add_parser(sub) -> None:
 class ProveOptions:
     """`charclip prove SPEC.py`: what overrides the spec's own `options`."""
 
-    dtype: str | None = option(None, flag="--dtype", choices=tuple(UNIT_ROUNDOFF), type=str, resume="used",
-                               shown="the spec's", help="override the spec's dtype (float64 proves the algorithm, "
-                               "the others add their rounding)")
+    dtype: str | None = option(
+        None, flag="--dtype", choices=tuple(UNIT_ROUNDOFF), type=str, resume="used", shown="the spec's",
+        help="override the spec's dtype (float64 proves the algorithm, the others add their rounding)")
     no_trajectory: bool = option(False, flag="--no-trajectory", action="store_true", resume="used",
                                  help="stop after the first optimizer step")
 
@@ -91,13 +92,15 @@ def _main(a) -> int:
     reports = []
     for cell in cells:
         rep = run_parity(cell, o.layers, o.dtype, o.steps, device=o.device, hidden_size=o.hidden,
-                         embedding_dim=max(o.hidden // 2, 1), batch_size=o.batch_size, seq_len=o.seq_len,
+                         embedding_dim=max(o.hidden // 2, 1), batch_size=o.batch_size,
+                         seq_len=o.seq_len,
                          seed=o.seed, clip_impl=o.ladder_clip_impl, progress=not o.no_progress,
                          precision=o.precision, dropout=o.dropout)
         c = rep.config
         precision = "" if o.precision == "full" else f" ({o.precision} mixed precision)"
-        print(f"\n{cell} {c['layers']}x{c['hidden']} (embedding {c['embedding']}, vocabulary {c['vocab']}), "
-              f"{o.dtype}{precision}, batch {c['batch']}x{c['seq_len']}, {o.device}, clipping: {o.clip_impl}"
+        print(f"\n{cell} {c['layers']}x{c['hidden']} (embedding {c['embedding']}, "
+              f"vocabulary {c['vocab']}), {o.dtype}{precision}, batch {c['batch']}x{c['seq_len']}, "
+              f"{o.device}, clipping: {o.clip_impl}"
               + (f", dropout {o.dropout:g}" if o.dropout else ""))
         for note in rep.notes:
             print(note)

@@ -336,7 +336,8 @@ def test_extending_a_finished_run_twice_keeps_where_each_part_ended(finished):
     names = sorted(p.name for p in (finished / "checkpoints").glob("step-*"))
     best = ckpt_io.read_pointer(finished / "checkpoints" / "BEST")
     assert {"step-00000008", "step-00000016", "step-00000024", best} == set(names), names
-    vals = {r["step"]: r["val_loss"] for r in read_metrics(finished / "metrics.jsonl") if "val_loss" in r}
+    rows = read_metrics(finished / "metrics.jsonl")
+    vals = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
     assert vals[int(best[5:])] == min(vals.values()), f"BEST is {best}, validation losses {vals}"
     assert ckpt_io.load(finished / "checkpoints" / "BEST").step == int(best[5:])
 
@@ -576,8 +577,9 @@ def test_defaults_and_the_resume_rule_have_one_source(finished, capsys):
     from charclip.clipspec import NONFINITE_POLICIES
     from charclip.config import RunOptions, TrainConfig, options
 
-    # run.train takes the RunOptions whole: none of its fields is a second parameter with its own default
-    pieces = {f.name for f in dataclasses.fields(RunOptions)} & set(inspect.signature(run.train).parameters)
+    # run.train takes the RunOptions whole: no field is a second parameter with its own default
+    params = set(inspect.signature(run.train).parameters)
+    pieces = {f.name for f in dataclasses.fields(RunOptions)} & params
     assert not pieces, f"run.train repeats RunOptions fields as parameters: {sorted(pieces)}"
     assert next(f for f in options(TrainConfig) if f.name == "nonfinite").metadata["choices"] is NONFINITE_POLICIES
     assert main(["train", "--resume", str(finished), "--steps", "9", "--lr", "0.5", "--cell", "gru", "--data",
@@ -602,7 +604,8 @@ def test_a_terminal_of_zero_columns_still_gets_a_progress_bar(text, tmp_path):
     main_fd, term_fd = os.openpty()
     fcntl.ioctl(term_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 0, 0, 0))  # rows 24, columns 0
     argv = [a for a in _train(text, tmp_path / "run", "--steps", "4") if a != "--no-progress"]
-    p = subprocess.Popen([sys.executable, "-m", "charclip", *argv], stdout=subprocess.DEVNULL, stderr=term_fd)
+    p = subprocess.Popen([sys.executable, "-m", "charclip", *argv], stdout=subprocess.DEVNULL,
+                         stderr=term_fd)
     os.close(term_fd)
     shown = b""
     while True:
@@ -617,7 +620,8 @@ def test_a_terminal_of_zero_columns_still_gets_a_progress_bar(text, tmp_path):
     assert p.wait(timeout=120) == 0, shown.decode(errors="replace")
     last = shown.decode(errors="replace").replace("\r\n", "\r").split("\r")[-2]
     assert "4/4" in last and last.count("\u2588") >= 10, f"no full-width bar in {last!r}"
-    assert len(last) <= run.BAR_COLUMNS, f"{len(last)} columns, more than the fixed {run.BAR_COLUMNS}: {last!r}"
+    width = run.BAR_COLUMNS
+    assert len(last) <= width, f"{len(last)} columns, more than the fixed {width}: {last!r}"
 
 
 def test_a_loaded_machine_gets_a_thread_hint(monkeypatch):
@@ -631,12 +635,13 @@ def test_a_loaded_machine_gets_a_thread_hint(monkeypatch):
 
 def test_the_two_validation_losses_say_what_they_cover(finished, capsys):
     """The training summary's validation loss is over --eval-batches batches, eval's over the whole
-    split: the closing line and eval's JSON say which, so the two numbers are not mistaken for one."""
+    split: the closing line and eval's JSON say which, so the two are not mistaken for one."""
     summary = json.loads((finished / "summary.json").read_text(encoding="utf-8"))
     assert summary["val_batches"] == 1  # TINY's --eval-batches
     assert main(["eval", str(finished)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["data"] == "validation split" and report["batches"] >= 1, report
-    assert main(["train", "--resume", str(finished), "--steps", "9", "--no-progress", "--sample-chars", "0"]) == 0
+    argv = ["train", "--resume", str(finished), "--steps", "9", "--no-progress"]
+    assert main([*argv, "--sample-chars", "0"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("done:"))
     assert "(first 1 validation batches; `charclip eval` covers the whole split)" in line, line

@@ -45,7 +45,8 @@ def test_same_seed_same_batches_and_the_run_records_its_position(tmp_path):
         np.testing.assert_array_equal(a.train.batch(cfg.seed, pos)[0], b.train.batch(cfg.seed, pos)[0])
         pos = a.train.next(pos)
     assert not np.array_equal(a.train.batch(cfg.seed, pos)[0], a.train.batch(cfg.seed + 1, pos)[0])
-    opts = RunOptions(backend="jax", out=str(tmp_path / "r"), data=str(path), no_progress=True, sample_chars=0)
+    opts = RunOptions(backend="jax", out=str(tmp_path / "r"), data=str(path), no_progress=True,
+                      sample_chars=0)
     run.train(tiny_model(1), cfg, opts, log=lambda *_: None)
     assert checkpoint.load(tmp_path / "r").position == pos
 
@@ -54,7 +55,8 @@ def test_same_seed_same_batches_and_the_run_records_its_position(tmp_path):
 def test_training_reduces_the_loss(tmp_path, backend):
     path = small_corpus(tmp_path)
     cfg = tiny_train(steps=60, lr=2e-2, dtype="float32", eval_every=60)
-    opts = RunOptions(backend=backend, out=str(tmp_path / backend), data=str(path), no_progress=True, sample_chars=0)
+    opts = RunOptions(backend=backend, out=str(tmp_path / backend), data=str(path),
+                      no_progress=True, sample_chars=0)
     summary = run.train(tiny_model(1), cfg, opts, log=lambda *_: None)
     rows = [r for r in read_metrics(summary["metrics"]) if "loss" in r]
     first, last = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
