@@ -54,8 +54,8 @@ import numpy as np
 import torch
 from torch import nn
 
-import jax_impl  # noqa: F401  (switches JAX to 64-bit mode, so float64 means float64)
 from charclip.parity import TOLERANCES, prove_port
+jax.config.update("jax_enable_x64", True)  # JAX's 64-bit mode: float64 means float64 below
 
 torch.set_num_threads(1)  # small tensors: one thread is faster beside XLA's pool
 
