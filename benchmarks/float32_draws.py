@@ -59,17 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.float32_draws", description=__doc__.split("\n\n")[0])
     p.add_argument("--draws", type=int, default=300, help="how many models to draw (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    p.add_argument("--only", action="append", metavar="VOCAB,EMBED,RHO,SEED",
+                   help="check this draw instead (repeatable): a row of an earlier run's table")
     args = p.parse_args(argv)
     bound = TOLERANCES["float32"]["grad"].rel
     rng = np.random.default_rng(args.seed)
+    chosen = [(int(v), int(e), float(r), int(s)) for v, e, r, s in (o.split(",") for o in args.only or [])]
     failing = []
-    for _ in range(args.draws):
-        d = draw(rng)
+    for i in range(len(chosen) or args.draws):
+        d = chosen[i] if chosen else draw(rng)
         g = gradients(*d)
         gap = worst(g["torch"], g["jax"])
         if gap[0] > bound:
             failing.append((d, gap, worst(g["float64"], g["torch"]), worst(g["float64"], g["jax"])))
-    print(f"{args.draws} draws (seed {args.seed}): {len(failing)} differ between torch and JAX by more than "
+    what = f"{len(chosen)} chosen draws" if chosen else f"{args.draws} draws (seed {args.seed})"
+    print(f"{what}: {len(failing)} differ between torch and JAX by more than "
           f"the float32 gradient bound {bound:g}\n")
     print("| vocab | embed | rho | seed | torch vs JAX | torch vs float64 | JAX vs float64 |")
     print("|---|---|---|---|---|---|---|")
