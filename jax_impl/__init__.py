@@ -5,6 +5,7 @@ trainers, `train.make_train_step`, `model.init`, `sample.sample`, `probe`, `expl
 on JAX's 64-bit mode when called (`device.enable_x64`): float64 runs need it, and every
 run's clipping measures norms in float64 (`jax_impl.clipping`). Every array here is created
 with an explicit dtype, so float32 runs stay float32. Calling the lower-level functions
-(`model.apply`, `fastrnn`, `clipping`) on float64 arrays needs 64-bit mode first:
-`jax_impl.device.enable_x64()`, or JAX_ENABLE_X64=1 in the environment.
+directly needs 64-bit mode first (`model.apply` and `fastrnn` on float64 arrays, `clipping`
+on any, since it measures in float64): `jax_impl.device.enable_x64()`, or JAX_ENABLE_X64=1
+in the environment.
 """
