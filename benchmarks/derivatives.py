@@ -1,11 +1,12 @@
-"""`python -m benchmarks.derivatives`: how accurate each backend's float32 activation derivatives are.
+"""`python -m benchmarks.derivatives`: how accurate the float32 activation derivatives are.
 
 Over a fine grid of pre-activations a >= 0 (both functions are symmetric about 0, so the
 negative side's errors are those of the positive side, and of 1 - s for the sigmoid), it
 prints the worst relative error against float64 of:
 
 - torch's autograd (tanh' = 1 - y^2 and sigmoid' = y (1 - y), from the rounded output y);
-- JAX's autodiff, which the `lax.scan` reference uses (tanh' = (1 - y)(1 + y), sigmoid' = y (1 - y));
+- JAX's autodiff, which the `lax.scan` reference uses (tanh' = (1 - y)(1 + y),
+  sigmoid' = y (1 - y));
 - the fast layer's (`jax_impl.fastrnn`): tanh' from the pre-activation (`fastrnn.tanh_grad`),
   sigmoid' = s (1 - s) as torch.
 
@@ -65,8 +66,12 @@ def table(points: int) -> list[tuple[str, str, list[float]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.derivatives", description=__doc__.split("\n\n")[0])
-    p.add_argument("--points", type=int, default=200_001, help="grid points over [0, 9] (default 200001)")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.derivatives", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--points", type=int, default=200_001, help="grid points over [0, 9] (default 200001)"
+    )
     args = p.parse_args(argv)
     head = " | ".join(f"|a| in [{lo:g}, {hi:g})" for lo, hi in RANGES)
     print(f"worst relative error of the float32 derivative against float64, {args.points} points\n")

@@ -409,7 +409,8 @@ print(json.dumps({{"import_s": t1 - t0, "build_s": t3 - t2, "first_step_s": t4 -
 
 def first_step_fresh(case: Case, backend: str, device: str, torch_threads_n: int) -> dict:
     """A fresh process: import, build the trainer, first step, second step (seconds)."""
-    setup = f"import torch; torch.set_num_threads({torch_threads_n})" if backend == "torch" else "from jax_impl.device import enable_x64; enable_x64()"
+    setup = (f"import torch; torch.set_num_threads({torch_threads_n})" if backend == "torch"
+             else "from jax_impl.device import enable_x64; enable_x64()")
     return _child(_FIRST_STEP_CHILD.format(setup=setup, case=dataclasses.asdict(case), device=device, backend=backend))
 
 

@@ -73,7 +73,7 @@ class ModelConfig:
 
     @property
     def state_parts(self) -> tuple[str, ...]:
-        """Names of the carried state's parts, each (L, B, H): ("h",), or ("h", "c") for the LSTM."""
+        """The carried state's parts, each (L, B, H): ("h",), or ("h", "c") for the LSTM."""
         return CELL_GATES_AND_STATE[self.cell][1]
 
 

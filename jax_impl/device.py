@@ -29,7 +29,7 @@ def enable_x64() -> None:
 
 
 def use_compilation_cache(folder) -> None:
-    """Keep compiled programs in `folder` (JAX's persistent compilation cache), for every later process.
+    """Keep compiled programs in `folder` (JAX's persistent compilation cache) for later processes.
 
     The cache is keyed on the program, the compile options and the devices, so a process that
     compiles a program compiled before loads the executable instead of building it again: the

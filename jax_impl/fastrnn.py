@@ -62,7 +62,10 @@ def _lstm_forward(w_hh_t, b_hh, carry, xw_t):
 
 
 def _gru_forward(w_hh_t, b_hh, carry, xw_t):
-    """PyTorch's GRU step (gates r, z, n). Saved: sigmoid(r, z), n, W_hn h + b_hn, and n's pre-activation."""
+    """PyTorch's GRU step (gates r, z, n).
+
+    Saved: sigmoid(r, z), n, W_hn h + b_hn, and n's pre-activation (tanh' is taken from it).
+    """
     (h,) = carry
     hid = h.shape[-1]
     hw = h @ w_hh_t + b_hh  # (B, 3H)
@@ -200,7 +203,8 @@ def _layer_bwd(cell, unroll, res, cotangents):
     hs, saved, state, w_hh = res
     dhs, dfinal = cotangents  # the final state's cotangent seeds the carry: it is h_{T-1} (and c_{T-1})
     h_prev = jnp.concatenate([state[0][None], hs[:-1]])  # (T, B, H): h_{t-1} for every t
-    extra = jnp.concatenate([state[1][None], saved[2][:-1]]) if len(state) > 1 else h_prev  # c_{t-1} or h_{t-1}
+    # c_{t-1} when the state has a cell part (the LSTM), else h_{t-1}
+    extra = jnp.concatenate([state[1][None], saved[2][:-1]]) if len(state) > 1 else h_prev
     step = functools.partial(_BACKWARD[cell], w_hh)
     dstate, (dxw, dhw) = jax.lax.scan(step, dfinal, (dhs, hs, saved, extra), reverse=True, unroll=unroll)
     dhw = dxw if dhw is None else dhw

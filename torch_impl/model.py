@@ -26,7 +26,8 @@ class CharRNN(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim)
-        self.rnn = _module_for(cfg.cell)(cfg.embedding_dim, cfg.hidden_size, cfg.num_layers, batch_first=True)
+        self.rnn = _module_for(cfg.cell)(cfg.embedding_dim, cfg.hidden_size, cfg.num_layers,
+                                         batch_first=True)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         # None: compute in the parameters' dtype. bfloat16 / float16: mixed precision (see `forward`).
         self.compute_dtype: torch.dtype | None = None
@@ -77,7 +78,7 @@ class CharRNN(nn.Module):
         if h is None:
             zeros = seq.new_zeros(cfg.num_layers, seq.shape[0], cfg.hidden_size)
             h = tuple(zeros for _ in cfg.state_parts)
-        parts = h if isinstance(h, tuple) else (h,)  # nn.LSTM's state is a tuple, the others' one tensor
+        parts = h if isinstance(h, tuple) else (h,)  # nn.LSTM's state is a tuple, others' a tensor
         finals = []
         for k, mask in enumerate(masks):
             layer = [weights[f"{name}_l{k}"] for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]

@@ -25,10 +25,15 @@ def test_both_backends_carry_the_state_the_cell_table_names(cell):
     cfg = ModelConfig(vocab_size=3, cell=cell, hidden_size=2, num_layers=2, embedding_dim=2)
     params = M.init(cfg, 0, "float32")
     model = TM.build(cfg, {k: np.asarray(v) for k, v in params.items()})
-    _, final = model(torch.zeros((1, 2), dtype=torch.int64))  # tokens (B=1, T=2), zero initial state
+    _, final = model(
+        torch.zeros((1, 2), dtype=torch.int64)
+    )  # tokens (B=1, T=2), zero initial state
     torch_parts = TM.hidden_to_numpy(final)
     jax_parts = M.hidden_to_numpy(M.zero_state(cfg, 1, jnp.float32))
-    assert tuple(torch_parts) == tuple(jax_parts) == cfg.state_parts, (tuple(torch_parts), tuple(jax_parts))
+    assert tuple(torch_parts) == tuple(jax_parts) == cfg.state_parts, (
+        tuple(torch_parts),
+        tuple(jax_parts),
+    )
     assert all(p.shape == (2, 1, 2) for p in (*torch_parts.values(), *jax_parts.values()))
 
 
@@ -36,12 +41,16 @@ def test_an_unknown_cell_is_an_error_in_every_backend():
     with pytest.raises(CharclipError, match="unknown cell 'elman'"):
         ModelConfig(vocab_size=3, cell="elman")
     cfg = ModelConfig(vocab_size=3, cell="gru", hidden_size=2, num_layers=1, embedding_dim=2)
-    object.__setattr__(cfg, "cell", "elman")  # past the check, as a new cell added to one place only would be
+    object.__setattr__(
+        cfg, "cell", "elman"
+    )  # past the check, as a new cell added to one place only would be
     with pytest.raises(ValueError, match="elman"):
         TM.CharRNN(cfg)
     xw, h = jnp.zeros((1, 6), jnp.float32), jnp.zeros((1, 2), jnp.float32)
     w_hh, b_hh = jnp.zeros((6, 2), jnp.float32), jnp.zeros((6,), jnp.float32)
-    with pytest.raises(ValueError, match="elman"):  # the scan reference's step: no fall-through to the GRU
+    with pytest.raises(
+        ValueError, match="elman"
+    ):  # the scan reference's step: no fall-through to the GRU
         M._cell("elman", xw, (h,), w_hh, b_hh)
     with pytest.raises(ValueError, match="elman"):
         fastrnn.layer("elman", xw[None], (h,), w_hh, b_hh, 1)
@@ -63,6 +72,8 @@ params = jax_impl.model.init(cfg, 0, "float64")
 print(before, after_import, jax.config.jax_enable_x64, params["head.weight"].dtype)
 """
     env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False", "True", "float64"], out.stdout

@@ -45,19 +45,54 @@ def test_the_cache_folder_and_its_switches(folders, monkeypatch, tmp_path):
         monkeypatch.setenv("CHARCLIP_COMPILATION_CACHE", off)
         assert folders() is None
     monkeypatch.delenv("CHARCLIP_COMPILATION_CACHE")
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax's"))  # JAX's own setting wins
+    monkeypatch.setenv(
+        "JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax's")
+    )  # JAX's own setting wins
     assert folders() is None
 
 
 def test_a_jax_run_fills_the_cache_under_charclips_cache_folder(tmp_path):
     data = small_corpus(tmp_path, 2_000)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))
+    }
     env.pop("CHARCLIP_COMPILATION_CACHE", None)
     env["CHARCLIP_CACHE"] = str(tmp_path / "cache")
-    argv = ["train", "--backend", "jax", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1",
-            "--batch-size", "2", "--seq-len", "4", "--hidden", "4", "--embed", "2", "--layers", "1",
-            "--eval-batches", "1", "--sample-chars", "0", "--no-progress"]
-    p = subprocess.run([sys.executable, "-m", "charclip", *argv], capture_output=True, text=True, env=env, timeout=600)
+    argv = [
+        "train",
+        "--backend",
+        "jax",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "4",
+        "--hidden",
+        "4",
+        "--embed",
+        "2",
+        "--layers",
+        "1",
+        "--eval-batches",
+        "1",
+        "--sample-chars",
+        "0",
+        "--no-progress",
+    ]
+    p = subprocess.run(
+        [sys.executable, "-m", "charclip", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr
     entries = list((tmp_path / "cache" / "xla").iterdir())
     assert entries, "the run compiled its step but left nothing in the cache folder"
