@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks.harness import interleaved, paired_ratio, stats, timed
-from charclip.config import ClipConfig, ModelConfig, TrainConfig
+from charclip.config import GATES, ClipConfig, ModelConfig, TrainConfig
 
 CORPUS_CHARS = 2_000_000  # enough for 512 x 64 x several batches, quick to encode
 
@@ -120,7 +120,7 @@ def step_flops(case: Case, vocab_size: int) -> dict:
     the model's, the same for both backends: a backend that skips work (JAX's lookup table
     for layer 0) gets credit for the time it saves, not for fewer FLOPs.
     """
-    g = {"rnn": 1, "lstm": 4, "gru": 3}[case.cell] * case.hidden
+    g = GATES[case.cell] * case.hidden
     rows = case.batch * case.seq
     fwd = sum(2 * rows * ((case.embed if k == 0 else case.hidden) + case.hidden) * g for k in range(case.layers))
     fwd += 2 * rows * case.hidden * vocab_size
@@ -225,7 +225,7 @@ def torch_table(case: Case, *, device: str, repeats: int) -> dict:
 
     dev = "cuda" if device == "gpu" else "cpu"
     model, _ = case.configs(tokens()[1])
-    g = {"rnn": 1, "lstm": 4, "gru": 3}[case.cell] * case.hidden
+    g = GATES[case.cell] * case.hidden
     gen = torch.Generator().manual_seed(0)
     emb = torch.randn(model.vocab_size, case.embed, generator=gen).to(dev).requires_grad_()
     w = (torch.randn(g, case.embed, generator=gen) * 0.06).to(dev).requires_grad_()
