@@ -262,7 +262,9 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    import jax_impl  # noqa: F401  (x64 mode, as every charclip run has it)
+    from jax_impl.device import enable_x64
+
+    enable_x64()  # as every charclip run has it
     from benchmarks import harness
 
     if args.device == "gpu" and not torch.cuda.is_available():

@@ -436,7 +436,7 @@ def _check_state(where: Path, state: dict[str, np.ndarray], model: C.ModelConfig
         expect["adam.loss_scale_good_steps"] = ((), np.dtype(np.int64))
     # The carried hidden state too: without it a resume would silently start the streams from zeros.
     h_shape = (model.num_layers, train.batch_size, model.hidden_size)  # (L, B, H)
-    expect.update({f"hidden.{k}": (h_shape, dtype) for k in (("h", "c") if model.cell == "lstm" else ("h",))})
+    expect.update({f"hidden.{k}": (h_shape, dtype) for k in model.state_parts})
     if set(state) != set(expect):
         raise CharclipError(f"{where} holds tensors {sorted(set(state) ^ set(expect))} that do not fit the configuration")
     for name, (shape, dt) in expect.items():

@@ -110,6 +110,21 @@ def _note_ignored_on_resume(a) -> None:
         print(f"charclip: note: --resume keeps the run's configuration; ignored: {', '.join(ignored)}", file=sys.stderr)
 
 
+def _compilation_cache(backend: str) -> None:
+    """JAX's persistent compilation cache for a CLI run, in <charclip's cache folder>/xla, so a
+    second run of a configuration loads its compiled programs instead of compiling them again
+    (docs/fast-layer.md). CHARCLIP_COMPILATION_CACHE=off switches it off, a folder puts it
+    there; JAX's own JAX_COMPILATION_CACHE_DIR, when set, is left to JAX."""
+    import os
+
+    setting = os.environ.get("CHARCLIP_COMPILATION_CACHE", "")
+    if backend != "jax" or setting.lower() == "off" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    from charclip import backends, corpus
+
+    backends.module("jax", "device").use_compilation_cache(setting or corpus._cache_dir() / "xla")
+
+
 def _train(a) -> int:
     import time
 
@@ -137,6 +152,7 @@ def _train(a) -> int:
     world, layout, other = (o.nproc, o.parallel, o.devices) if backend == "torch" else (o.devices, o.mesh, o.nproc)
     if other != 1:
         raise CharclipError("--nproc is for --backend torch and --devices for --backend jax")
+    _compilation_cache(backend)
     launch = backends.launcher(backend, world, layout if world > 1 else None)
     s = launch(run.train, model, None if ck is not None and a.steps is None else cfg, backend=backend, out_dir=out, data_path=o.data,
               resume=ck, device=o.device, progress=not o.no_progress, sample_chars=o.sample_chars, keep=o.keep,
@@ -176,6 +192,7 @@ def _sample(a) -> int:
     if isinstance(o.num_samples, bool) or o.num_samples < 1:
         raise CharclipError(f"--num-samples must be 1 or more, got {o.num_samples}")
     ck = checkpoint.load(a.checkpoint)
+    _compilation_cache(o.backend)
     sample = backend_module(o.backend, "sample").sample
     for i in range(o.num_samples):
         if o.num_samples > 1:
@@ -223,6 +240,7 @@ def _eval(a) -> int:
                             f"sequence length {cfg.seq_len}, plus one): give a longer text with --data")
     batch = max(1, min(cfg.batch_size, (len(tokens) - cfg.seq_len) // (cfg.seq_len + 1)))
     streams = Streams(tokens, batch, cfg.seq_len, what="evaluation text")
+    _compilation_cache(o.backend)
     trainer = backend_module(o.backend, "train").Trainer(ck.model, cfg, ck.params, device=o.device)
     loss = trainer.evaluate(streams.eval_batches(streams.batches_per_epoch))
     if not math.isfinite(loss):  # JSON has no NaN: null, and a word on stderr
