@@ -195,8 +195,7 @@ def _hidden_or_zeros(ckpt: Checkpoint) -> dict[str, np.ndarray]:
     if ckpt.hidden:
         return ckpt.hidden
     shape = (ckpt.model.num_layers, ckpt.train.batch_size, ckpt.model.hidden_size)  # (L, B, H)
-    parts = ("h", "c") if ckpt.model.cell == "lstm" else ("h",)
-    return {k: np.zeros(shape, np.dtype(ckpt.train.dtype)) for k in parts}
+    return {k: np.zeros(shape, np.dtype(ckpt.train.dtype)) for k in ckpt.model.state_parts}
 
 
 class NonFiniteCheckpoint(CharclipError):
