@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    import jax_impl  # noqa: F401  (x64 mode, as every charclip run has it)
+    from jax_impl.device import enable_x64
+
+    enable_x64()  # as every charclip run has it
 
     if args.device == "gpu" and not torch.cuda.is_available():
         print("benchmarks.gpu: error: PyTorch sees no CUDA GPU; use --device cpu --tiny to check the script", file=sys.stderr)

@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=15)
     a = p.parse_args(argv)
-    import jax_impl  # noqa: F401
+    from jax_impl.device import enable_x64
+
+    enable_x64()  # as every charclip run has it
 
     r = run(a.rows, a.gates, a.k, a.batch, a.repeats)
     print(f"rows={a.rows} G={a.gates} K={a.k} batch={a.batch}, float32, median of {a.repeats} interleaved; "

@@ -257,7 +257,9 @@ def run(args) -> int:
     from charclip.cli import fill
     from tqdm import tqdm
 
-    import jax_impl  # noqa: F401  (x64 mode, as every charclip run has it)
+    from jax_impl.device import enable_x64
+
+    enable_x64()  # as every charclip run has it
     from benchmarks import harness
 
     o = fill(BenchOptions, args)

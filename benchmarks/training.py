@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks.harness import interleaved, paired_ratio, stats, timed
-from charclip.config import ClipConfig, ModelConfig, TrainConfig
+from charclip.config import GATES, ClipConfig, ModelConfig, TrainConfig
 
 CORPUS_CHARS = 2_000_000  # enough for 512 x 64 x several batches, quick to encode
 
@@ -120,7 +120,7 @@ def step_flops(case: Case, vocab_size: int) -> dict:
     the model's, the same for both backends: a backend that skips work (JAX's lookup table
     for layer 0) gets credit for the time it saves, not for fewer FLOPs.
     """
-    g = {"rnn": 1, "lstm": 4, "gru": 3}[case.cell] * case.hidden
+    g = GATES[case.cell] * case.hidden
     rows = case.batch * case.seq
     fwd = sum(2 * rows * ((case.embed if k == 0 else case.hidden) + case.hidden) * g for k in range(case.layers))
     fwd += 2 * rows * case.hidden * vocab_size
@@ -225,7 +225,7 @@ def torch_table(case: Case, *, device: str, repeats: int) -> dict:
 
     dev = "cuda" if device == "gpu" else "cpu"
     model, _ = case.configs(tokens()[1])
-    g = {"rnn": 1, "lstm": 4, "gru": 3}[case.cell] * case.hidden
+    g = GATES[case.cell] * case.hidden
     gen = torch.Generator().manual_seed(0)
     emb = torch.randn(model.vocab_size, case.embed, generator=gen).to(dev).requires_grad_()
     w = (torch.randn(g, case.embed, generator=gen) * 0.06).to(dev).requires_grad_()
@@ -409,7 +409,8 @@ print(json.dumps({{"import_s": t1 - t0, "build_s": t3 - t2, "first_step_s": t4 -
 
 def first_step_fresh(case: Case, backend: str, device: str, torch_threads_n: int) -> dict:
     """A fresh process: import, build the trainer, first step, second step (seconds)."""
-    setup = f"import torch; torch.set_num_threads({torch_threads_n})" if backend == "torch" else "import jax_impl"
+    setup = (f"import torch; torch.set_num_threads({torch_threads_n})" if backend == "torch"
+             else "from jax_impl.device import enable_x64; enable_x64()")
     return _child(_FIRST_STEP_CHILD.format(setup=setup, case=dataclasses.asdict(case), device=device, backend=backend))
 
 
@@ -445,7 +446,8 @@ _XLA_THREADS_CHILD = r"""
 import json, sys
 import torch
 torch.set_num_threads({threads})
-import jax_impl
+from jax_impl.device import enable_x64
+enable_x64()
 from benchmarks.training import Case, throughput
 print(json.dumps(throughput(Case(**{case}), device="cpu", repeats={repeats})))
 """

@@ -195,8 +195,7 @@ def _hidden_or_zeros(ckpt: Checkpoint) -> dict[str, np.ndarray]:
     if ckpt.hidden:
         return ckpt.hidden
     shape = (ckpt.model.num_layers, ckpt.train.batch_size, ckpt.model.hidden_size)  # (L, B, H)
-    parts = ("h", "c") if ckpt.model.cell == "lstm" else ("h",)
-    return {k: np.zeros(shape, np.dtype(ckpt.train.dtype)) for k in parts}
+    return {k: np.zeros(shape, np.dtype(ckpt.train.dtype)) for k in ckpt.model.state_parts}
 
 
 class NonFiniteCheckpoint(CharclipError):
@@ -436,7 +435,7 @@ def _check_state(where: Path, state: dict[str, np.ndarray], model: C.ModelConfig
         expect["adam.loss_scale_good_steps"] = ((), np.dtype(np.int64))
     # The carried hidden state too: without it a resume would silently start the streams from zeros.
     h_shape = (model.num_layers, train.batch_size, model.hidden_size)  # (L, B, H)
-    expect.update({f"hidden.{k}": (h_shape, dtype) for k in (("h", "c") if model.cell == "lstm" else ("h",))})
+    expect.update({f"hidden.{k}": (h_shape, dtype) for k in model.state_parts})
     if set(state) != set(expect):
         raise CharclipError(f"{where} holds tensors {sorted(set(state) ^ set(expect))} that do not fit the configuration")
     for name, (shape, dt) in expect.items():

@@ -105,6 +105,21 @@ def _note_ignored_on_resume(a) -> None:
         print(f"charclip: note: --resume keeps the run's configuration; ignored: {', '.join(ignored)}", file=sys.stderr)
 
 
+def _compilation_cache(backend: str) -> None:
+    """JAX's persistent compilation cache for a CLI run, in <charclip's cache folder>/xla, so a
+    second run of a configuration loads its compiled programs instead of compiling them again
+    (docs/fast-layer.md). CHARCLIP_COMPILATION_CACHE=off switches it off, a folder puts it
+    there; JAX's own JAX_COMPILATION_CACHE_DIR, when set, is left to JAX."""
+    import os
+
+    setting = os.environ.get("CHARCLIP_COMPILATION_CACHE", "")
+    if backend != "jax" or setting.lower() == "off" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    from charclip import backends, corpus
+
+    backends.module("jax", "device").use_compilation_cache(setting or corpus._cache_dir() / "xla")
+
+
 def _train(a) -> int:
     from charclip import run
     from charclip.metrics import describe_clipped
@@ -114,7 +129,9 @@ def _train(a) -> int:
     model = fill(ModelConfig, a, vocab_size=1)
     if o.resume is not None:
         _note_ignored_on_resume(a)
-    s = run.launch(model, None if o.resume is not None and a.steps is None else cfg, o)
+    o, ck = run.resolve(o)  # the backend and folder a resumed run continues in; the one load
+    _compilation_cache(o.backend)
+    s = run.launch(model, None if ck is not None and a.steps is None else cfg, o, resumed=ck)
     ran = f"{s['steps_run']} steps" + (f" (steps {s['steps'] - s['steps_run'] + 1}-{s['steps']})" if s["steps_run"] != s["steps"] else "")
     if not s["steps_run"]:
         ran = f"no step (the run was at step {s['steps']}; its closing phase was redone)"
@@ -154,6 +171,7 @@ def _sample(a) -> int:
 
     o = fill(SampleOptions, a)
     ck = checkpoint.load(a.checkpoint)
+    _compilation_cache(o.backend)
     sample = backend_module(o.backend, "sample").sample
     for i in range(o.num_samples):
         if o.num_samples > 1:
@@ -202,6 +220,7 @@ def _eval(a) -> int:
                             f"sequence length {cfg.seq_len}, plus one): give a longer text with --data")
     batch = max(1, min(cfg.batch_size, (len(tokens) - cfg.seq_len) // (cfg.seq_len + 1)))
     streams = Streams(tokens, batch, cfg.seq_len, what="evaluation text")
+    _compilation_cache(o.backend)
     trainer = backend_module(o.backend, "train").Trainer(ck.model, cfg, ck.params, device=o.device)
     loss = trainer.evaluate(streams.eval_batches(streams.batches_per_epoch))
     if not math.isfinite(loss):  # JSON has no NaN: null, and a word on stderr

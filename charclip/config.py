@@ -21,13 +21,16 @@ from charclip.schedules import SCHEDULES
 CLIP_IMPLS = ("library", "charclip")
 CLIP_IMPL_CHOICES = CLIP_IMPLS + ("reference",)  # "reference": the former name, accepted and mapped
 LIBRARY_CONVENTION = {"torch": "torch", "jax": "optax"}
-CELLS = ("rnn", "lstm", "gru")
+# The cells, described once: rows of W_ih / W_hh per hidden unit (PyTorch layout), and the parts
+# of the state carried from step to step (each (L, B, H)). Every backend asks this table.
+CELL_GATES_AND_STATE = {"rnn": (1, ("h",)), "lstm": (4, ("h", "c")), "gru": (3, ("h",))}
+CELLS = tuple(CELL_GATES_AND_STATE)
+GATES = {cell: gates for cell, (gates, _) in CELL_GATES_AND_STATE.items()}
 BACKENDS = ("torch", "jax")
 DEVICES = ("cpu", "gpu")
 # How several devices share a run: torch's processes (--parallel), JAX's mesh (--mesh);
 # docs/distributed.md.
 LAYOUTS = {"torch": ("ddp", "fsdp"), "jax": ("data", "model", "fsdp", "2d", "shard_map")}
-GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # rows of W_ih / W_hh per hidden unit (PyTorch layout)
 DTYPES = ("float32", "float64")
 # Arithmetic of the forward and backward passes. "full": in --dtype; "bf16" / "fp16": a bfloat16 /
 # float16 copy of the float32 master weights each step, gradients and Adam in float32 (docs/precision.md).
@@ -83,7 +86,13 @@ class ModelConfig:
 
     @property
     def gates(self) -> int:
+        """Rows of W_ih / W_hh per hidden unit: 1 (rnn), 4 (lstm), 3 (gru)."""
         return GATES[self.cell]
+
+    @property
+    def state_parts(self) -> tuple[str, ...]:
+        """The carried state's parts, each (L, B, H): ("h",), or ("h", "c") for the LSTM."""
+        return CELL_GATES_AND_STATE[self.cell][1]
 
 
 @dataclass(frozen=True)

@@ -247,14 +247,20 @@ def load_hint(load: float | None = None, cores: int | None = None) -> str | None
 
 
 def launch(
-    model_cfg: ModelConfig, cfg: TrainConfig | None, options: RunOptions, *, log=print
+    model_cfg: ModelConfig,
+    cfg: TrainConfig | None,
+    options: RunOptions,
+    *,
+    resumed: ckpt_io.Checkpoint | None = None,
+    log=print,
 ) -> dict:
     """Train as `charclip train` does: resolve the options, then run `train` on the devices asked
     for.
 
-    `cfg` None on resume keeps the checkpoint's configuration (else its --steps extends it).
+    `cfg` None on resume keeps the checkpoint's configuration (else its --steps extends it);
+    `resumed`: the checkpoint of `options.resume`, if the caller has loaded it already.
     """
-    options, resumed = resolve(options)
+    options, resumed = resolve(options, resumed)
     torch = options.backend == "torch"
     hint = load_hint() if torch else None
     if hint:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from charclip.config import ModelConfig
+from jax_impl import device as D
 from jax_impl import model as M
 from jax_impl.clipping import clip_tree_by_global_norm, global_norm
 
@@ -29,6 +30,7 @@ def grad_through_time(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: 
     L2 norm of dL/dh_{T-k} over all layers and sequences, and `states`
     (T+1, L, B, H).
     """
+    D.enable_x64()  # float64 parameters stay float64
     p = {k: jnp.asarray(v) for k, v in params.items()}
     B, T = x.shape
     eps = jnp.zeros((T + 1, model_cfg.num_layers, B, model_cfg.hidden_size), p["head.weight"].dtype)

@@ -36,36 +36,46 @@ from charclip.config import ModelConfig
 
 
 def _rnn_forward(w_hh_t, b_hh, carry, xw_t):
-    """h' = tanh(xw_t + h W_hh^T + b_hh). Saved for backward: h' (the output itself)."""
+    """h' = tanh(a), a = xw_t + h W_hh^T + b_hh. Saved for backward: a (tanh' is taken from it)."""
     (h,) = carry
-    h = jnp.tanh(xw_t + h @ w_hh_t + b_hh)
-    return (h,), (h, ())
+    a = xw_t + h @ w_hh_t + b_hh
+    h = jnp.tanh(a)
+    return (h,), (h, a)
 
 
 def _lstm_forward(w_hh_t, b_hh, carry, xw_t):
-    """PyTorch's LSTM step (gates i, f, g, o). Saved: the sigmoid of all gates, g, and c'."""
+    """PyTorch's LSTM step (gates i, f, g, o).
+
+    Saved: s, the sigmoid of gates i, f and o with g's pre-activation in g's quarter (tanh' is
+    taken from it), g itself, and c'.
+    """
     h, c = carry
     hid = h.shape[-1]
     a = xw_t + h @ w_hh_t + b_hh  # (B, 4H) pre-activations
-    s = jax.nn.sigmoid(a)  # one sigmoid over all four gates; g's quarter is unused (tanh below)
+    s = jax.nn.sigmoid(a)  # one sigmoid over all four gates; g's quarter is replaced below
     i, f, o = s[:, :hid], s[:, hid:2 * hid], s[:, 3 * hid:]
-    g = jnp.tanh(a[:, 2 * hid:3 * hid])
+    a_g = a[:, 2 * hid:3 * hid]
+    g = jnp.tanh(a_g)
     c = f * c + i * g
     h = o * jnp.tanh(c)
-    return (h, c), (h, (s, g, c))
+    return (h, c), (h, (s.at[:, 2 * hid:3 * hid].set(a_g), g, c))
 
 
 def _gru_forward(w_hh_t, b_hh, carry, xw_t):
-    """PyTorch's GRU step (gates r, z, n). Saved: sigmoid(r, z), n, and W_hn h + b_hn."""
+    """PyTorch's GRU step (gates r, z, n).
+
+    Saved: sigmoid(r, z), n, W_hn h + b_hn, and n's pre-activation (tanh' is taken from it).
+    """
     (h,) = carry
     hid = h.shape[-1]
     hw = h @ w_hh_t + b_hh  # (B, 3H)
     rz = jax.nn.sigmoid(xw_t[:, :2 * hid] + hw[:, :2 * hid])  # one sigmoid over both gates
     r, z = rz[:, :hid], rz[:, hid:]
     hn = hw[:, 2 * hid:]
-    n = jnp.tanh(xw_t[:, 2 * hid:] + r * hn)
+    a_n = xw_t[:, 2 * hid:] + r * hn
+    n = jnp.tanh(a_n)
     h_new = (1 - z) * n + z * h
-    return (h_new,), (h_new, (rz, n, hn))
+    return (h_new,), (h_new, (rz, n, hn, a_n))
 
 
 # ---------------------------------------------------------------- one time step, backward
@@ -77,31 +87,45 @@ def _gru_forward(w_hh_t, b_hh, carry, xw_t):
 # where W_hn h + b_hn is multiplied by r.
 
 
+def tanh_grad(a):
+    """tanh'(a) = sech(a)^2 = 4e / (1 + e)^2 with e = exp(-2|a|), from the pre-activation a.
+
+    The textbook 1 - h^2 (or (1 - h)(1 + h)) from the rounded h = tanh(a) cannot be accurate
+    where tanh saturates: h near 1 carries about -log2(1 - |h|) fewer correct bits of 1 - |h|,
+    and JAX's float32 tanh is itself a few ulp off there (worst relative error of the derivative
+    1.8e-2 over |a| in [3, 6], torch's 2.4e-3; this form: 2.8e-7; docs/fast-layer.md). Here
+    e is in (0, 1] and nothing cancels: a few float32 ulp everywhere, and 0 where e underflows.
+    """
+    e = jnp.exp(-2 * jnp.abs(a))
+    return 4 * e / ((1 + e) * (1 + e))
+
+
 def _rnn_backward(w_hh, carry, xs):
-    (dh,), (dh_above, h, _, _) = carry, xs
-    # tanh' = 1 - h^2, written (1 - h)(1 + h) as JAX's own tanh derivative is
-    da = (dh + dh_above) * ((1 - h) * (1 + h))
+    (dh,), (dh_above, _, a, _) = carry, xs
+    da = (dh + dh_above) * tanh_grad(a)
     return (da @ w_hh,), (da, None)
 
 
 def _lstm_backward(w_hh, carry, xs):
     (dh, dc), (dh_above, _, (s, g, c), c_prev) = carry, xs
     hid = dh.shape[-1]
-    i, f, o = s[:, :hid], s[:, hid:2 * hid], s[:, 3 * hid:]
+    i, f, a_g, o = s[:, :hid], s[:, hid:2 * hid], s[:, 2 * hid:3 * hid], s[:, 3 * hid:]
     dh = dh + dh_above
     tc = jnp.tanh(c)
-    dc = dc + dh * o * ((1 - tc) * (1 + tc))
-    # d(gate) times the activation's derivative: sigmoid' = s (1 - s), tanh' = (1 - g)(1 + g)
-    da = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * ((1 - g) * (1 + g)), dh * tc * o * (1 - o)], axis=-1)
+    dc = dc + dh * o * tanh_grad(c)
+    # d(gate) times the activation's derivative: sigmoid' = s (1 - s) (torch's form, as accurate
+    # as torch's; docs/fast-layer.md), tanh' from the pre-activation
+    da = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * tanh_grad(a_g),
+                          dh * tc * o * (1 - o)], axis=-1)
     return (da @ w_hh, dc * f), (da, None)
 
 
 def _gru_backward(w_hh, carry, xs):
-    (dh,), (dh_above, _, (rz, n, hn), h_prev) = carry, xs
+    (dh,), (dh_above, _, (rz, n, hn, a_n), h_prev) = carry, xs
     hid = dh.shape[-1]
     r, z = rz[:, :hid], rz[:, hid:]
     dh = dh + dh_above
-    dan = dh * (1 - z) * ((1 - n) * (1 + n))  # through h' = (1 - z) n + z h and n = tanh(.)
+    dan = dh * (1 - z) * tanh_grad(a_n)  # through h' = (1 - z) n + z h and n = tanh(a_n)
     drz = jnp.concatenate([dan * hn, dh * (h_prev - n)], axis=-1) * rz * (1 - rz)
     dxw = jnp.concatenate([drz, dan], axis=-1)
     dhw = jnp.concatenate([drz, dan * r], axis=-1)  # n's pre-activation holds r * (W_hn h + b_hn)
@@ -150,6 +174,8 @@ project.defvjp(_project_fwd, _project_bwd)
 
 
 def _scan_forward(cell, xw, state, w_hh, b_hh, unroll):
+    if cell not in _FORWARD:
+        raise ValueError(f"unknown cell {cell!r}; choose one of {', '.join(_FORWARD)}")
     # W_hh^T laid out once, outside the loop; the bias as a (1, G*H) row, broadcast over B explicitly
     step = functools.partial(_FORWARD[cell], w_hh.T, b_hh[None, :])
     final, (hs, saved) = jax.lax.scan(step, state, xw, unroll=unroll)
@@ -177,7 +203,8 @@ def _layer_bwd(cell, unroll, res, cotangents):
     hs, saved, state, w_hh = res
     dhs, dfinal = cotangents  # the final state's cotangent seeds the carry: it is h_{T-1} (and c_{T-1})
     h_prev = jnp.concatenate([state[0][None], hs[:-1]])  # (T, B, H): h_{t-1} for every t
-    extra = jnp.concatenate([state[1][None], saved[2][:-1]]) if cell == "lstm" else h_prev  # c_{t-1} or h_{t-1}
+    # c_{t-1} when the state has a cell part (the LSTM), else h_{t-1}
+    extra = jnp.concatenate([state[1][None], saved[2][:-1]]) if len(state) > 1 else h_prev
     step = functools.partial(_BACKWARD[cell], w_hh)
     dstate, (dxw, dhw) = jax.lax.scan(step, dfinal, (dhs, hs, saved, extra), reverse=True, unroll=unroll)
     dhw = dxw if dhw is None else dhw

@@ -18,20 +18,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from charclip.config import ModelConfig
+from charclip.config import CELLS, ModelConfig
 from charclip.weights import init_params
+from jax_impl import device as D
 from jax_impl import fastrnn
 
 
 def init(cfg: ModelConfig, seed: int, dtype: str = "float32") -> dict[str, jax.Array]:
     """The same initial weights as torch_impl for the same seed (drawn by charclip.weights)."""
+    D.enable_x64()  # float64 weights stay float64
     return {k: jnp.asarray(v) for k, v in init_params(cfg, seed, dtype).items()}
 
 
 def zero_state(cfg: ModelConfig, batch: int, dtype) -> tuple[jax.Array, ...]:
     """The initial hidden state: (h,) or, for an LSTM, (h, c); each (L, B, H)."""
     h = jnp.zeros((cfg.num_layers, batch, cfg.hidden_size), dtype)
-    return (h, h) if cfg.cell == "lstm" else (h,)
+    return tuple(h for _ in cfg.state_parts)
 
 
 def _cell(cell: str, xw_t, state, w_hh, b_hh):
@@ -43,6 +45,8 @@ def _cell(cell: str, xw_t, state, w_hh, b_hh):
         i, f, g, o = jnp.split(xw_t + hw, 4, axis=-1)
         c = jax.nn.sigmoid(f) * state[1] + jax.nn.sigmoid(i) * jnp.tanh(g)
         return (jax.nn.sigmoid(o) * jnp.tanh(c), c)
+    if cell != "gru":
+        raise ValueError(f"unknown cell {cell!r}; choose one of {', '.join(CELLS)}")
     x_r, x_z, x_n = jnp.split(xw_t, 3, axis=-1)
     h_r, h_z, h_n = jnp.split(hw, 3, axis=-1)
     r = jax.nn.sigmoid(x_r + h_r)

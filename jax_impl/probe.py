@@ -23,6 +23,7 @@ def logits(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray,
 
     `compute_dtype` ("bfloat16", "float16"): computed as mixed precision training computes them.
     """
+    D.enable_x64()  # float64 parameters stay float64
     dev = D.resolve(device)
     p = jax.device_put({k: jnp.asarray(v) for k, v in params.items()}, dev)
     dtype = next(iter(p.values())).dtype

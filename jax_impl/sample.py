@@ -16,6 +16,7 @@ from jax_impl import model as M
 def sample(cfg: ModelConfig, params: dict[str, np.ndarray], vocab: Vocab, prime: str, length: int, *,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
            device: str = "cpu", emit=None) -> str:
+    D.enable_x64()  # a float64 checkpoint samples in float64
     dev = D.resolve(device)
     p = jax.device_put({k: jnp.asarray(v) for k, v in params.items()}, dev)
     dtype = next(iter(p.values())).dtype

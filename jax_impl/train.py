@@ -189,6 +189,7 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Gradient
     `layer` picks the recurrent layer (`jax_impl.model.LAYERS`): "fast", the default, is
     `jax_impl.fastrnn`'s hand-written backward pass; "scan" is autodiff of the reference.
     """
+    D.enable_x64()  # the clipping inside measures in float64
     if layer not in M.LAYERS:
         raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(M.LAYERS)}")
     measure = gradient_norm(cfg)
@@ -220,6 +221,7 @@ class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, params: dict[str, np.ndarray], *,
                  adam: dict[str, np.ndarray] | None = None, hidden: dict[str, np.ndarray] | None = None,
                  device: str = "cpu", layer: str = "fast"):
+        D.enable_x64()  # float64 runs, and the clipping's float64 measurements
         self.model_cfg, self.cfg, self.layer = model_cfg, cfg, layer
         self.device = D.resolve(device)
         self.dtype = jnp.dtype(cfg.dtype)

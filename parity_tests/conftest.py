@@ -29,7 +29,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
 
-import jax_impl  # noqa: F401  (switches on x64 before any test builds an array)
+from jax_impl.device import enable_x64
+
+enable_x64()  # float64 tests build float64 arrays before any entry point would switch it on
 
 # Again through jax.config, in case a plugin imported JAX before this file set the variables.
 # JAX_COMPILATION_CACHE_DIR= (empty) in the environment switches the cache off, to compare.

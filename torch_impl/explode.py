@@ -30,7 +30,7 @@ def grad_through_time(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: 
     dtype = next(model.parameters()).dtype
     B, T = x.shape
     h = torch.zeros(model_cfg.num_layers, B, model_cfg.hidden_size, dtype=dtype, requires_grad=True)
-    c = torch.zeros_like(h) if model_cfg.cell == "lstm" else None
+    c = torch.zeros_like(h) if "c" in model_cfg.state_parts else None
     hs = [h]
     for t in range(T):
         _, state = model.rnn(model.embedding(torch.from_numpy(x[:, t : t + 1])), h if c is None else (h, c))

@@ -14,12 +14,20 @@ _RNN = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 _ONE_LAYER = {"rnn": torch.rnn_tanh, "lstm": torch.lstm, "gru": torch.gru}
 
 
+def _module_for(cell: str):
+    """The torch module of `cell`; a cell without one is an error, not a fallback."""
+    if cell not in _RNN:
+        raise ValueError(f"torch_impl has no module for cell {cell!r}; it has {', '.join(_RNN)}")
+    return _RNN[cell]
+
+
 class CharRNN(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim)
-        self.rnn = _RNN[cfg.cell](cfg.embedding_dim, cfg.hidden_size, cfg.num_layers, batch_first=True)
+        self.rnn = _module_for(cfg.cell)(cfg.embedding_dim, cfg.hidden_size, cfg.num_layers,
+                                         batch_first=True)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         # None: compute in the parameters' dtype. bfloat16 / float16: mixed precision (see `forward`).
         self.compute_dtype: torch.dtype | None = None
@@ -69,19 +77,19 @@ class CharRNN(nn.Module):
         cfg = self.cfg
         if h is None:
             zeros = seq.new_zeros(cfg.num_layers, seq.shape[0], cfg.hidden_size)
-            h = (zeros, zeros) if cfg.cell == "lstm" else zeros
-        parts = h if isinstance(h, tuple) else (h,)
+            h = tuple(zeros for _ in cfg.state_parts)
+        parts = h if isinstance(h, tuple) else (h,)  # nn.LSTM's state is a tuple, others' a tensor
         finals = []
         for k, mask in enumerate(masks):
             layer = [weights[f"{name}_l{k}"] for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
             hx = tuple(part[k:k + 1] for part in parts)  # (1, B, H) each
             # (input, hx, weights, bias, num_layers, dropout, train, bidirectional, batch_first), as nn.RNNBase passes them
-            out, *state = _ONE_LAYER[cfg.cell](seq, hx if cfg.cell == "lstm" else hx[0], layer, True, 1, 0.0,
+            out, *state = _ONE_LAYER[cfg.cell](seq, hx if len(hx) > 1 else hx[0], layer, True, 1, 0.0,
                                                self.training, False, True)
             seq = out * mask  # (B, T, H): into the next layer, or the head
             finals.append(state)
         final = tuple(torch.cat(layers, dim=0) for layers in zip(*finals))  # (L, B, H) each
-        return seq, final if cfg.cell == "lstm" else final[0]
+        return seq, final if len(final) > 1 else final[0]
 
 
 def _cast(h, dtype):

@@ -125,8 +125,8 @@ def make_step_setup(model_cfg: ModelConfig, train_cfg: TrainConfig, params, x, y
     dtype = train_cfg.dtype
     shape = (model_cfg.num_layers, x.shape[0], model_cfg.hidden_size)
     hidden = {"h": np.tanh(rng.standard_normal(shape)).astype(dtype)}  # (L, B, H), inside tanh's range
-    if model_cfg.cell == "lstm":
-        hidden["c"] = rng.standard_normal(shape).astype(dtype)
+    for part in model_cfg.state_parts[1:]:  # the LSTM's c, unbounded
+        hidden[part] = rng.standard_normal(shape).astype(dtype)
     probe = replace(train_cfg, beta1=0.0, clip=ClipConfig(mode="none"))
     trainer = _trainer("torch", model_cfg, probe, params, hidden=hidden)
     grad_norm = trainer.step(x, y).grad_norm

@@ -113,6 +113,8 @@ ALLOWED = {
     ("train", "optax_update"): "optax's update under standard dtype promotion (tests run strict)",
     ("train", "with_learning_rate"): "optax keeps the scheduled rate in its state; torch in param_groups",
     ("model", "cast_for"): "mixed precision's cast of the parameter pytree; torch casts inside CharRNN.forward",
+    ("device", "enable_x64"): "JAX's 64-bit mode, switched on by the entry points; torch has float64 always",
+    ("device", "use_compilation_cache"): "JAX's persistent compilation cache for CLI runs; torch compiles nothing",
     **{("train", n): "fp16's loss scale written for the jitted step; torch uses torch.amp.GradScaler" for n in (
         "LossScaleState", "loss_scale_holder", "loss_scale_of", "with_loss_scale", "next_loss_scale", "unscale")},
     # distributed: several processes with a process group (torch) against one process with a mesh (JAX).

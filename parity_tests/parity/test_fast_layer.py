@@ -118,18 +118,33 @@ def test_an_unknown_layer_is_a_clear_error():
         T.make_train_step(cfg, TrainConfig(), T.optimizer(TrainConfig()), layer="cudnn")
 
 
+# Entry-wise bounds on the float32 gradients where gates saturate, relative to float64 (an entry
+# is a sum of products of up to 3 steps' derivatives). rnn: every tanh' is taken from the
+# pre-activation (fastrnn.tanh_grad, a few ulp, 1.2e-7 each), the rounding of a itself (ulp(6)/2)
+# moves tanh' by ~5e-7, and mixed-sign sums of 8 terms can lose a digit more: 2e-5 (4.3e-6
+# measured; float32 autodiff of the reference: 1.2e-2). lstm, gru: sigmoid' = s (1 - s) is
+# torch's form and cancels as torch's does where s nears 1 (3.4e-5 over |a| in [3, 6],
+# `python -m benchmarks.derivatives`), times the same loss in the sums: 1e-3 (2.3e-4 measured).
+SATURATED_REL = {"rnn": 2e-5, "lstm": 1e-3, "gru": 1e-3}
+
+
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-def test_saturated_gates_agree_element_by_element_in_float32(cell):
-    """Where the gates saturate (|tanh| from 0.995 to 0.99999) the derivatives are small differences
-    of numbers near 1; the Hypothesis check above scales errors by each gradient's largest entry and
-    cannot see those small entries. Here every entry must agree with autodiff of the reference cell.
-    Bound: 2e-5 relative, ~100 float32 ulps (eps 1.2e-7), for a 3-step recurrence whose every
-    entry is a product of saturated derivatives."""
+def test_saturated_gates_are_accurate_element_by_element_in_float32(cell):
+    """Where the gates saturate (|tanh| from 0.995 to 0.99999) derivatives written from the rounded
+    activation, 1 - h^2, lose most of their digits; the Hypothesis check above scales errors by each
+    gradient's largest entry and cannot see those small entries. Here every entry of the fast
+    layer's float32 gradients must agree with float64 autodiff of the reference cell (the exact
+    values, to float64 rounding) within SATURATED_REL; for the vanilla RNN, where only tanh acts,
+    float32 autodiff of the same reference must miss that bound, or the check would prove
+    nothing."""
     gates, hidden = {"rnn": 1, "lstm": 4, "gru": 3}[cell] * 4, 4
     rng = np.random.default_rng(0)
-    xw = jnp.asarray(rng.choice([-1, 1], (3, 8, gates)) * rng.uniform(3, 6, (3, 8, gates)), jnp.float32)  # tanh: 0.995-0.99999
-    state = tuple(jnp.asarray(rng.uniform(-1, 1, (8, hidden)), jnp.float32) for _ in range(2 if cell == "lstm" else 1))
-    w_hh, b_hh = jnp.asarray(rng.uniform(-0.1, 0.1, (gates, hidden)), jnp.float32), jnp.zeros((gates,), jnp.float32)
+    # |tanh| from 0.995 to 0.99999
+    xw = rng.choice([-1, 1], (3, 8, gates)) * rng.uniform(3, 6, (3, 8, gates))
+    state = tuple(rng.uniform(-1, 1, (8, hidden)) for _ in range(2 if cell == "lstm" else 1))
+    w_hh, b_hh = rng.uniform(-0.1, 0.1, (gates, hidden)), np.zeros((gates,))
+    args32 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), (xw, state, w_hh, b_hh))
+    args64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), args32)  # the same, widened
 
     def reference(xw, state, w_hh, b_hh):  # autodiff of the scan reference's cell
         def step(s, xw_t):
@@ -143,10 +158,19 @@ def test_saturated_gates_agree_element_by_element_in_float32(cell):
         hs, final = fastrnn.layer(cell, xw, state, w_hh, b_hh, 1)
         return jnp.sum(hs) + jnp.sum(final[-1])
 
-    args = (xw, state, w_hh, b_hh)
-    for a, b in zip(jax.tree_util.tree_leaves(jax.grad(reference, argnums=(0, 1, 2, 3))(*args)),
-                    jax.tree_util.tree_leaves(jax.grad(fast, argnums=(0, 1, 2, 3))(*args))):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=0)
+    def grads(fn, args):
+        return jax.tree_util.tree_leaves(jax.jit(jax.grad(fn, argnums=(0, 1, 2, 3)))(*args))
+
+    def worst(fn, args):
+        return max(np.max(np.abs(np.asarray(g, np.float64) - e) / np.abs(e))
+                   for g, e in zip(grads(fn, args), exact))
+
+    exact = [np.asarray(g) for g in grads(reference, args64)]
+    err = worst(fast, args32)
+    assert err <= SATURATED_REL[cell], f"{cell}: fast layer's worst entry-wise error {err:.2e}"
+    if cell == "rnn":
+        ref_err = worst(reference, args32)
+        assert ref_err > SATURATED_REL[cell], f"float32 autodiff is as good ({ref_err:.2e})"
 
 
 def test_fast_gradients_with_dropout_masks_equal_autodiff_of_the_scan():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from charclip import parity, witness
@@ -27,30 +27,34 @@ THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 MAX_EXAMPLES = settings().max_examples if THOROUGH else min(settings().max_examples, 6)
 
 
+def make_setup(cell, dtype, vocab, hidden, layers, embed, batch, seq, seed, rho, lr):
+    """The StepSetup of one draw (also an explicit example's)."""
+    cfg = ModelConfig(vocab_size=vocab, cell=cell, hidden_size=hidden, num_layers=layers,
+                      embedding_dim=embed)
+    params = init_params(cfg, seed, dtype)
+    if cell == "rnn":  # W_hh is square (H, H) only for the vanilla RNN
+        for k in range(cfg.num_layers):
+            w = f"rnn.weight_hh_l{k}"
+            params[w] = scale_spectral_radius(params[w], rho)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, cfg.vocab_size, (batch, seq))
+    y = rng.integers(0, cfg.vocab_size, (batch, seq))
+    train = TrainConfig(batch_size=batch, seq_len=seq, lr=lr, dtype=dtype)
+    return parity.make_step_setup(cfg, train, params, x, y, seed=seed)
+
+
 @st.composite
 def setups(draw, cells=("rnn", "lstm", "gru"), dtypes=("float64", "float32")):
     cell = draw(st.sampled_from(cells))
     dtype = draw(st.sampled_from(dtypes))
-    cfg = ModelConfig(
-        vocab_size=draw(st.sampled_from([2, 7])),
-        cell=cell,
-        hidden_size=draw(st.sampled_from([1, 6])),
-        num_layers=draw(st.integers(1, 2)),
-        embedding_dim=draw(st.sampled_from([1, 3])),
-    )
-    B, T = draw(st.sampled_from([1, 3])), draw(st.sampled_from([1, 4]))
+    vocab, hidden = draw(st.sampled_from([2, 7])), draw(st.sampled_from([1, 6]))
+    layers, embed = draw(st.integers(1, 2)), draw(st.sampled_from([1, 3]))
+    batch, seq = draw(st.sampled_from([1, 3])), draw(st.sampled_from([1, 4]))
     seed = draw(st.integers(0, 2**32 - 1))
-    params = init_params(cfg, seed, dtype)
     # Spectral radius of W_hh from 0.5 to 3: from vanishing to exploding gradients.
     rho = draw(st.sampled_from([0.5, 1.0, 3.0]))
-    if cell == "rnn":  # W_hh is square (H, H) only for the vanilla RNN
-        for k in range(cfg.num_layers):
-            params[f"rnn.weight_hh_l{k}"] = scale_spectral_radius(params[f"rnn.weight_hh_l{k}"], rho)
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, cfg.vocab_size, (B, T))
-    y = rng.integers(0, cfg.vocab_size, (B, T))
-    train = TrainConfig(batch_size=B, seq_len=T, lr=draw(st.sampled_from([1e-3, 1e-1])), dtype=dtype)
-    return parity.make_step_setup(cfg, train, params, x, y, seed=seed)
+    lr = draw(st.sampled_from([1e-3, 1e-1]))
+    return make_setup(cell, dtype, vocab, hidden, layers, embed, batch, seq, seed, rho, lr)
 
 
 def _check(setup: parity.StepSetup) -> None:
@@ -59,8 +63,17 @@ def _check(setup: parity.StepSetup) -> None:
     assert not bad, f"\n{setup.model}, B x T = {setup.x.shape}, {setup.train.dtype}\n" + parity.format_table(rows)
 
 
+# A draw of the shape the dev profile found failing (vanilla RNN, hidden 1, 2 layers, B = T = 1):
+# it failed the float32 gradient bound by 1.2e-5 (against 1e-5)
+# while JAX took tanh' as (1 - h)(1 + h) from its float32 tanh; the fast layer now takes it from
+# the pre-activation (docs/fast-layer.md, `python -m benchmarks.float32_draws`).
+SATURATED_TANH_DRAW = dict(cell="rnn", dtype="float32", vocab=7, hidden=1, layers=2, embed=3,
+                           batch=1, seq=1, seed=544675305, rho=3.0, lr=1e-3)
+
+
 @settings(max_examples=MAX_EXAMPLES)
 @given(setups())
+@example(make_setup(**SATURATED_TANH_DRAW))
 def test_ladder_holds_on_drawn_models(setup):
     _check(setup)
 
