@@ -117,7 +117,9 @@ def _compilation_cache(backend: str) -> None:
         return
     from charclip import backends, corpus
 
-    backends.module("jax", "device").use_compilation_cache(setting or corpus._cache_dir() / "xla")
+    folder = setting or (corpus.cache_dir() and corpus.cache_dir() / "xla")
+    if folder:  # no usable cache folder: JAX compiles as it would anyway
+        backends.module("jax", "device").use_compilation_cache(folder)
 
 
 def _train(a) -> int:
