@@ -17,8 +17,6 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from charclip.testing import adapters
-from charclip.testing.check import Report, check_clipper
 
 
 @dataclass(frozen=True)
@@ -40,11 +38,15 @@ def _torch(foreach: bool) -> dict:
 def _optax() -> dict:
     import optax
 
+    from charclip.testing import adapters
+
     return dict(fn=optax.clip_by_global_norm, framework="jax", adapter=adapters.optax_transformation)
 
 
 def _keras() -> dict:
     import keras
+
+    from charclip.testing import adapters
 
     if keras.backend.backend() == "torch":
         import torch
@@ -57,7 +59,7 @@ def _tensorflow() -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from charclip.testing.strategies import dtype_name
+    from charclip.testing.strategies import dtype_name, np_dtype
 
     def clip(leaves, tau):
         tensors = [tf.constant(np.asarray(a, np.float32) if dtype_name(a.dtype) == "bfloat16" else a) for a in leaves]
@@ -65,7 +67,8 @@ def _tensorflow() -> dict:
         clipped, norm = tf.clip_by_global_norm(tensors, tau)
         back = [np.asarray(tf.cast(c, tf.float32)).astype(a.dtype) if dtype_name(a.dtype) == "bfloat16"
                 else np.asarray(c) for c, a in zip(clipped, leaves)]
-        return back, norm
+        dtype = np.dtype(np_dtype(dtype_name(norm.dtype)))  # NumPy cannot read a bfloat16 tensor directly
+        return back, np.asarray(tf.cast(norm, tf.float64)).astype(dtype)
 
     return dict(fn=clip, framework="numpy")
 
@@ -124,6 +127,8 @@ def run_target(name: str, max_examples: int, seed: int | None, shrink_budget: in
         __import__(t.needs)
     except ImportError as e:
         return {"target": name, "title": t.title, "skipped": f"{t.needs} is not installed ({e})", "rows": []}
+    from charclip.testing.check import check_clipper
+
     kwargs = t.make()
     report = check_clipper(max_examples=max_examples, seed=seed, shrink_budget=shrink_budget, name=name, **kwargs)
     return {**report.to_dict(), "title": t.title}
@@ -144,10 +149,6 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_enable_x64", True)  # float64 gradients stay float64
     print(json.dumps(run_target(a.target, a.max_examples, a.seed, a.shrink_budget)))
     return 0
-
-
-def from_json(d: dict) -> Report:
-    return Report.from_dict(d)
 
 
 if __name__ == "__main__":
