@@ -28,7 +28,7 @@ _WHERE = {
     "exact_norm": "oracle", "norm_at_most": "oracle", "sum_of_squares": "oracle", "PROMISES": "promises",
     "Output": "promises", "DTYPES": "strategies", "gradient_trees": "strategies", "thresholds": "strategies",
 }
-__all__ = sorted(_WHERE)
+__all__ = list(_WHERE)
 
 
 def __getattr__(name: str):

@@ -17,12 +17,18 @@ with learning rate 1: the parameter moves to exactly -g').
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from charclip.testing.promises import Output
-from charclip.testing.strategies import dtype_name, from_torch, jax_tree, torch_parameters
+from charclip.testing.strategies import (
+    dtype_name,
+    from_torch,
+    jax_tree,
+    torch_parameters,
+)
 
 
 def to_numpy(x: Any) -> np.ndarray:

@@ -8,14 +8,20 @@ one it replays at the end, and puts it in the row with the promise's message.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
 
 import hypothesis
 from hypothesis import HealthCheck, given
 
 from charclip.testing import adapters
-from charclip.testing.promises import NONFINITE, PROMISES, Broken, NotApplicable, Options
+from charclip.testing.promises import (
+    NONFINITE,
+    PROMISES,
+    Broken,
+    NotApplicable,
+    Options,
+)
 from charclip.testing.strategies import DTYPES, FRAMEWORKS, np_dtype
 
 VERDICTS = ("holds", "fails", "n/a")
@@ -74,7 +80,7 @@ class Report:
         return {"target": self.target, "seconds": self.seconds, "rows": [asdict(r) for r in self.rows]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Report":
+    def from_dict(cls, d: dict) -> Report:
         return cls(d["target"], tuple(Row(**r) for r in d["rows"]), d.get("seconds", 0.0))
 
 

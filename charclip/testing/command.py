@@ -40,7 +40,9 @@ DIVERGENCES = (
 
 
 def add_parser(sub) -> None:
-    from charclip.cli import HelpFormatter  # imported here: cli imports this module to register it
+    from charclip.cli import (
+        HelpFormatter,  # imported here: cli imports this module to register it
+    )
     from charclip.testing.targets import TARGETS
 
     p = sub.add_parser(

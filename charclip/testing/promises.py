@@ -31,16 +31,21 @@ subnormal results to zero.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Callable
 
 import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
 
 from charclip.testing.oracle import exact_norm, norm_at_most, round_up
-from charclip.testing.strategies import INFO, Gradient, _gradients, dtype_name, thresholds
+from charclip.testing.strategies import (
+    INFO,
+    Gradient,
+    _gradients,
+    thresholds,
+)
 
 NONFINITE = ("propagate", "skip", "error")
 
@@ -282,7 +287,7 @@ def _overflow_safe(clip: Clipper, case: Case, o: Options) -> None:
 
 def _half_zero(dtype: str) -> st.SearchStrategy[Gradient]:
     """Ordinary gradients, half of them all zeros (0 / 0 is where tau = 0 goes wrong)."""
-    zeroed = lambda g: Gradient(g.dtype, tuple(np.zeros_like(a) for a in g.leaves))  # noqa: E731
+    zeroed = lambda g: Gradient(g.dtype, tuple(np.zeros_like(a) for a in g.leaves))
     return st.tuples(_ordinary(dtype), st.booleans()).map(lambda gz: zeroed(gz[0]) if gz[1] else gz[0])
 
 

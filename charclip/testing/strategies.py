@@ -119,7 +119,7 @@ def _window(dtype: str, entries: int) -> tuple[int, int]:
 _LEAF_KIND = st.tuples(st.integers(0, 3), st.sampled_from((1, 1, 1, MAX_REPEAT)), st.booleans())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _steps(count: int) -> st.SearchStrategy[list[int]]:
     return st.lists(st.integers(-15, 15), min_size=count, max_size=count)
 

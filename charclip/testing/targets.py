@@ -14,9 +14,8 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
-
 
 
 @dataclass(frozen=True)
