@@ -117,8 +117,10 @@ def epsilon_wrong_side(leaves, tau):
     norm = exact_clip(leaves, tau)[1]
     if not norm > tau:
         return [np.array(a) for a in leaves], norm
-    c = min(1.0, tau / (norm - 1e-6))
-    return [_toward_zero(np.asarray(a, np.float64) * c, a.dtype) for a in leaves], norm
+    scaled, s = _scaled(leaves)  # g 2**-s: n may be beyond float64, n 2**-s is not
+    keep = 2.0**s if s < 1024 else math.inf  # min(1, .) in units of the scaled gradient
+    c = min(keep, tau / (exact_norm(scaled) - math.ldexp(1e-6, -s)))
+    return [_toward_zero(a * c, leaf.dtype) for a, leaf in zip(scaled, leaves)], norm
 
 
 CONTROLS = {f.__name__: f for f in (per_tensor, value_clip, missing_sqrt, first_leaf_only, epsilon_wrong_side)}
