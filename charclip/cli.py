@@ -15,7 +15,7 @@ from charclip import __version__, signals
 from charclip.config import ClipConfig, EvalOptions, ModelConfig, RunOptions, SampleOptions, TrainConfig, default_of, options
 from charclip.errors import CharclipError
 
-COMMANDS: tuple[str, ...] = ("charclip.parity", "benchmarks.suite", "charclip.explode")  # modules adding subcommands
+COMMANDS: tuple[str, ...] = ("charclip.parity", "benchmarks.suite", "charclip.explode", "charclip.testing.command")  # modules adding subcommands
 GROUPS = ("data and output", "model", "optimisation", "clipping", "reporting", "several devices (docs/distributed.md)")
 
 class Parser(argparse.ArgumentParser):

@@ -22,7 +22,7 @@ from charclip.weights import init_params
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAMEWORKS = ("torch", "jax", "jaxlib", "optax", "flax")
-TOOLS = ("parity", "explode")  # charclip's subpackages that run the backends (but import none at import time)
+TOOLS = ("parity", "explode", "testing")  # charclip's subpackages that run the backends (but import none at import time)
 
 
 def _core_modules() -> list[str]:

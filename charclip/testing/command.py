@@ -1,0 +1,204 @@
+"""`charclip conform`: the conformance table of the clippers people use.
+
+Each target runs in its own process (`python -m charclip.testing.targets NAME`), `--jobs`
+at a time; the table has one row per target and one column per promise, each cell
+"holds" or the dtypes in which the promise fails, followed by every failing row's minimal
+counterexample. `--write docs/conformance.md` writes that page (the committed one is
+written so, never by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from charclip.errors import CharclipError
+
+SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}
+
+# Rows of docs/divergences.md the kit must find by itself: (row, what, target, promise, dtype).
+DIVERGENCES = (
+    ("1", "finite entries whose squares overflow zero the gradient", "torch-loop", "overflow_safe", "float32"),
+    ("1", "(optax)", "optax", "overflow_safe", "float32"),
+    ("3", "bfloat16 clipped norm above tau", "torch-loop", "norm_at_most_tau", "bfloat16"),
+    ("3", "(optax)", "optax", "norm_at_most_tau", "bfloat16"),
+    ("5", "float16 squares overflow in optax", "optax", "overflow_safe", "float16"),
+    ("6", "tau = 0 with a zero gradient gives NaN in optax", "optax", "tau_zero", "float32"),
+    ("7, 8", "negative or NaN tau accepted", "torch-loop", "bad_tau_refused", "float32"),
+    ("7, 8", "(optax)", "optax", "bad_tau_refused", "float32"),
+    ("12", "optax's clipped norm one ulp above tau", "optax", "norm_at_most_tau", "float32"),
+    ("13", "torch's epsilon changes the factor for small norms", "torch-loop", "scale_invariant", "float32"),
+    ("14", "torch scales a gradient whose norm is exactly tau", "torch-loop", "identity_below", "float32"),
+    ("15", "torch's clipping twice shrinks again", "torch-loop", "idempotent", "float32"),
+    ("J6", "charclip's default keeps optax's one-ulp excess", "charclip-jax", "norm_at_most_tau", "float32"),
+)
+
+
+def add_parser(sub) -> None:
+    from charclip.cli import (
+        HelpFormatter,  # imported here: cli imports this module to register it
+    )
+    from charclip.testing.targets import TARGETS
+
+    p = sub.add_parser(
+        "conform", help="which promises the well-known gradient clippers keep (charclip.testing)",
+        description="Check gradient-clipping functions (torch, optax, Keras, TensorFlow, charclip's own) against the "
+        "conformance kit's promises in every dtype, with Hypothesis, and print the table with each failure's "
+        "minimal counterexample. Targets whose library is not installed are listed as skipped.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--target", action="append", choices=sorted(TARGETS), metavar="NAME",
+                   help=f"a target (repeatable; default: all): {', '.join(TARGETS)}")
+    p.add_argument("--max-examples", type=int, default=10, help="Hypothesis examples per promise and dtype")
+    p.add_argument("--seed", type=int, help="seed of Hypothesis' search (default: derandomized, reproducible)")
+    p.add_argument("--shrink-budget", type=int, default=20, help="calls spent shrinking each failure at most")
+    p.add_argument("--jobs", type=int, default=2, help="targets checked at once (one process each)")
+    p.add_argument("--write", metavar="PATH", help="write the table as a Markdown page (docs/conformance.md)")
+    p.add_argument("--json", metavar="PATH", help="write every report as JSON")
+    p.set_defaults(func=_main)
+
+
+def _run(name: str, a) -> dict:
+    from charclip.testing.targets import TARGETS
+
+    cmd = [sys.executable, "-m", "charclip.testing.targets", name, "--max-examples", str(a.max_examples),
+           "--shrink-budget", str(a.shrink_budget)] + (["--seed", str(a.seed)] if a.seed is not None else [])
+    env = {**os.environ, **dict(TARGETS[name].env)}
+    start = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0 or not out.stdout.strip():
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"target": name, "title": TARGETS[name].title, "skipped": f"the check crashed: {tail}", "rows": []}
+    d = json.loads(out.stdout.strip().splitlines()[-1])
+    d["wall_seconds"] = time.perf_counter() - start
+    return d
+
+
+def _cell(rows: list[dict], promise: str) -> str:
+    mine = [r for r in rows if r["promise"] == promise]
+    if all(r["verdict"] == "n/a" for r in mine):
+        return "n/a"
+    failing = [SHORT[r["dtype"]] for r in mine if r["verdict"] == "fails"]
+    return "holds" if not failing else "fails " + " ".join(failing)
+
+
+def matrix(reports: list[dict]) -> str:
+    from charclip.testing.promises import PROMISES
+
+    lines = ["| target | " + " | ".join(PROMISES) + " |", "|---" * (len(PROMISES) + 1) + "|"]
+    for d in reports:
+        cells = ["skipped"] * len(PROMISES) if d.get("skipped") else [_cell(d["rows"], p) for p in PROMISES]
+        lines.append(f"| {d['target']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _esc(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def failures(reports: list[dict]) -> str:
+    from charclip.testing.targets import upstream
+
+    lines = []
+    for d in reports:
+        lines += ["", f"### {d['target']}: {d['title']}", ""]
+        if d.get("skipped"):
+            lines.append(f"Skipped: {_esc(d['skipped'])}")
+            continue
+        bad = [r for r in d["rows"] if r["verdict"] == "fails"]
+        if not bad:
+            lines.append("Every promise holds in every dtype.")
+            continue
+        lines += ["| promise | dtype | minimal counterexample | what happened | upstream |", "|---|---|---|---|---|"]
+        for r in bad:
+            lines.append(f"| {r['promise']} | {r['dtype']} | `{_esc(r['counterexample'])}` | {_esc(r['message'])} "
+                         f"| {upstream(d['target'], r['promise'])} |")
+    return "\n".join(lines)
+
+
+def rediscovered(reports: list[dict]) -> list[tuple[str, str, str, bool | None]]:
+    """For each divergence of docs/divergences.md: whether the kit's run found it (None: not run)."""
+    by_target = {d["target"]: d for d in reports if not d.get("skipped")}
+    found = []
+    for row, what, target, promise, dtype in DIVERGENCES:
+        d = by_target.get(target)
+        verdict = None if d is None else any(
+            r["promise"] == promise and r["dtype"] == dtype and r["verdict"] == "fails" for r in d["rows"])
+        found.append((row, what, f"{target} / {promise} / {dtype}", verdict))
+    return found
+
+
+def page(reports: list[dict], a, seconds: float) -> str:
+    from importlib import metadata
+
+    from charclip.testing.promises import PROMISES
+
+    def version(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    versions = ", ".join(f"{p} {version(p)}" for p in ("torch", "jax", "optax", "keras", "tensorflow-cpu",
+                                                        "hypothesis"))
+    seed = "derandomized" if a.seed is None else f"seed {a.seed}"
+    lines = [
+        "# Conformance of gradient clippers",
+        "",
+        "Generated by `charclip conform --write docs/conformance.md` (do not edit by hand): every target "
+        "below was checked by `charclip.testing.check_clipper` against each promise in float16, bfloat16, "
+        f"float32 and float64, {a.max_examples} Hypothesis examples per promise and dtype ({seed}), shrinking "
+        f"each failure for up to {a.shrink_budget} calls. {versions}; whole run {seconds:.0f} s.",
+        "",
+        "The promises (`charclip/testing/promises.py` defines each; `norm_at_most_tau` demands the bound "
+        "exactly, measured with the exact oracle):",
+        "",
+        *[f"- `{p.name}`: {p.says}" for p in PROMISES.values()],
+        "",
+        "A cell says `holds`, `n/a` (the function returns no norm) or the dtypes in which the promise fails.",
+        "",
+        matrix(reports),
+        "",
+        "## Divergences of docs/divergences.md, found again by the kit",
+        "",
+        "| row | divergence | target / promise / dtype | found |",
+        "|---|---|---|---|",
+        *[f"| {row} | {what} | {where} | {'yes' if v else 'not run' if v is None else 'NO'} |"
+          for row, what, where, v in rediscovered(reports)],
+        "",
+        "## Minimal counterexamples",
+        failures(reports),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _main(a) -> int:
+    from charclip.testing.targets import TARGETS
+
+    for name in ("max_examples", "jobs"):
+        if getattr(a, name) < 1:
+            raise CharclipError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(a, name)}")
+    if a.shrink_budget < 0:
+        raise CharclipError(f"--shrink-budget must be 0 or more, got {a.shrink_budget}")
+    if a.seed is not None and a.seed < 0:
+        raise CharclipError(f"--seed must be zero or more, got {a.seed}")
+    names = list(dict.fromkeys(a.target or TARGETS))
+    start = time.perf_counter()
+    with ThreadPoolExecutor(a.jobs) as pool:
+        reports = list(pool.map(lambda n: _run(n, a), names))
+    seconds = time.perf_counter() - start
+    print(matrix(reports))
+    print(failures(reports))
+    print(f"\n{len(names)} targets in {seconds:.0f} s")
+    if a.json:
+        Path(a.json).write_text(json.dumps(reports, indent=1), encoding="utf-8")
+    if a.write:
+        Path(a.write).write_text(page(reports, a, seconds), encoding="utf-8")
+        print(f"wrote {a.write}")
+    return 0
