@@ -66,7 +66,8 @@ def test_unknown_spellings_are_refused():
         ClipConfig(impl="mine")
     with pytest.raises(CharclipError, match="unknown --clip-convention 'keras'"):
         ClipConfig(convention="keras")
-    with pytest.raises(SystemExit):  # argparse's one-line usage error
+    # The CLI's parser turns argparse's choice error into charclip's one-line error.
+    with pytest.raises(CharclipError, match="--clip-convention: invalid choice: 'keras'"):
         _clip_from("--clip-convention", "keras")
 
 
