@@ -45,10 +45,18 @@ def copy_bandwidth(n: int, repeats: int) -> dict:
     src = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
     dst = np.empty_like(src)
     ts, td = torch.from_numpy(src), torch.from_numpy(dst)
-    res = interleaved({"numpy copyto": lambda: np.copyto(dst, src), "torch copy_": lambda: td.copy_(ts)}, repeats=repeats)
+    res = interleaved(
+        {"numpy copyto": lambda: np.copyto(dst, src), "torch copy_": lambda: td.copy_(ts)},
+        repeats=repeats,
+    )
     moved = 2 * src.nbytes
     out = {name: {**s, "bytes_per_s": moved / s["median"]} for name, s in res.items()}
-    return {"elements": n, "bytes_moved": moved, "impls": out, "best_bytes_per_s": max(v["bytes_per_s"] for v in out.values())}
+    return {
+        "elements": n,
+        "bytes_moved": moved,
+        "impls": out,
+        "best_bytes_per_s": max(v["bytes_per_s"] for v in out.values()),
+    }
 
 
 def _torch_impls(sizes: list[int], device: str):
@@ -85,8 +93,14 @@ def _torch_impls(sizes: list[int], device: str):
     impls = {}
     a, b = params(), params()
     ta, tb = shrinking(), shrinking()
-    impls["torch clip_grad_norm_ (foreach)"] = lambda: (torch.nn.utils.clip_grad_norm_(a, ta(), foreach=True), sync())
-    impls["torch clip_grad_norm_ (per-tensor loop)"] = lambda: (torch.nn.utils.clip_grad_norm_(b, tb(), foreach=False), sync())
+    impls["torch clip_grad_norm_ (foreach)"] = lambda: (
+        torch.nn.utils.clip_grad_norm_(a, ta(), foreach=True),
+        sync(),
+    )
+    impls["torch clip_grad_norm_ (per-tensor loop)"] = lambda: (
+        torch.nn.utils.clip_grad_norm_(b, tb(), foreach=False),
+        sync(),
+    )
     try:
         from torch_impl import clipping
     except ImportError:
@@ -98,8 +112,13 @@ def _torch_impls(sizes: list[int], device: str):
         tc, td, te = shrinking(), shrinking(), shrinking()
         impls["torch_impl.clipping (ours)"] = lambda: (clipping.clip_grad_norm_(c, tc()), sync())
         impls["torch_impl.clipping (ours, optax convention)"] = lambda: (
-            clipping.clip_grad_norm_(d, td(), convention="optax"), sync())
-        impls["torch_impl.clipping (ours, strict)"] = lambda: (clipping.clip_grad_norm_(e, te(), strict=True), sync())
+            clipping.clip_grad_norm_(d, td(), convention="optax"),
+            sync(),
+        )
+        impls["torch_impl.clipping (ours, strict)"] = lambda: (
+            clipping.clip_grad_norm_(e, te(), strict=True),
+            sync(),
+        )
     _, flat = flat_params()
     tf = shrinking()
     impls["torch flat buffer"] = lambda: (flat_clip(flat, tf()), sync())
@@ -116,7 +135,10 @@ def _jax_impls(sizes: list[int], device: str):
     rng = np.random.default_rng(0)
 
     def tree():
-        return jax.device_put({f"g{i:04d}": rng.standard_normal(n, dtype=np.float32) for i, n in enumerate(sizes)}, dev)
+        return jax.device_put(
+            {f"g{i:04d}": rng.standard_normal(n, dtype=np.float32) for i, n in enumerate(sizes)},
+            dev,
+        )
 
     def driver(fn, state):
         """Feed each call's output to the next: the donated input buffer is reused for the output."""
@@ -136,17 +158,28 @@ def _jax_impls(sizes: list[int], device: str):
         from jax_impl import clipping
 
         # Ours as a user swaps it in: the same stateless transform, called the same way.
-        ours, strict = clipping.clip_by_global_norm(MAX_NORM), clipping.clip_by_global_norm(MAX_NORM, strict=True)
-        impls["jax_impl.clipping.clip_by_global_norm (jit)"] = driver(lambda g: ours.update(g, None)[0], tree())
-        impls["jax_impl.clipping.clip_by_global_norm strict (jit)"] = driver(lambda g: strict.update(g, None)[0], tree())
+        ours, strict = (
+            clipping.clip_by_global_norm(MAX_NORM),
+            clipping.clip_by_global_norm(MAX_NORM, strict=True),
+        )
+        impls["jax_impl.clipping.clip_by_global_norm (jit)"] = driver(
+            lambda g: ours.update(g, None)[0], tree()
+        )
+        impls["jax_impl.clipping.clip_by_global_norm strict (jit)"] = driver(
+            lambda g: strict.update(g, None)[0], tree()
+        )
     except ImportError:
         pass
 
     def flat_clip(flat):
         norm = jnp.sqrt(jnp.sum(jnp.square(flat)))
-        return jnp.where(norm < MAX_NORM, flat, flat / norm * MAX_NORM)  # optax's formula, on one buffer
+        return jnp.where(
+            norm < MAX_NORM, flat, flat / norm * MAX_NORM
+        )  # optax's formula, on one buffer
 
-    impls["jax flat buffer (jit)"] = driver(flat_clip, jax.device_put(rng.standard_normal(sum(sizes), dtype=np.float32), dev))
+    impls["jax flat buffer (jit)"] = driver(
+        flat_clip, jax.device_put(rng.standard_normal(sum(sizes), dtype=np.float32), dev)
+    )
     return impls
 
 
@@ -164,8 +197,15 @@ def clip_times(sizes: list[int], *, device: str, repeats: int, backends=("torch"
     res = interleaved(impls, repeats=repeats, warmup=1)
     n = sum(sizes)
     moved = 3 * 4 * n
-    return {"params": n, "tensors": len(sizes), "bytes_min": moved,
-            "impls": {name: {**s, "first_call_s": first[name], "bytes_per_s": moved / s["median"]} for name, s in res.items()}}
+    return {
+        "params": n,
+        "tensors": len(sizes),
+        "bytes_min": moved,
+        "impls": {
+            name: {**s, "first_call_s": first[name], "bytes_per_s": moved / s["median"]}
+            for name, s in res.items()
+        },
+    }
 
 
 def model_grad_sizes(model_cfg) -> list[int]:
@@ -189,7 +229,9 @@ def memory_bound_s(n_params: int, copy_bytes_per_s: float) -> float:
     return 3 * 4 * n_params / copy_bytes_per_s
 
 
-def side_by_side(layouts: dict[str, list[int]], *, device: str, repeats: int, backends: tuple[str, ...]) -> str:
+def side_by_side(
+    layouts: dict[str, list[int]], *, device: str, repeats: int, backends: tuple[str, ...]
+) -> str:
     """A markdown table: each implementation's median clip time next to the library's, in one
     interleaved run per layout (a label and its tensor sizes), with GB/s and the share of
     the measured copy bandwidth."""
@@ -199,19 +241,26 @@ def side_by_side(layouts: dict[str, list[int]], *, device: str, repeats: int, ba
     params = max(sum(sizes) for sizes in layouts.values())
     bw = copy_bandwidth(params, repeats)
     best = bw["best_bytes_per_s"]
-    lines = [f"Copy bandwidth ({params:.0e} float32, read + write): "
-             + ", ".join(f"{n} {v['bytes_per_s'] / 1e9:.2f} GB/s" for n, v in bw["impls"].items()), "",
-             "| tensors | implementation | median ms (min-max) | vs library | GB/s | % of copy bandwidth |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Copy bandwidth ({params:.0e} float32, read + write): "
+        + ", ".join(f"{n} {v['bytes_per_s'] / 1e9:.2f} GB/s" for n, v in bw["impls"].items()),
+        "",
+        "| tensors | implementation | median ms (min-max) | vs library | GB/s | % of copy bandwidth |",
+        "|---|---|---|---|---|---|",
+    ]
     for k, sizes in layouts.items():
         res = clip_times(sizes, device=device, repeats=repeats, backends=backends)
-        library = {"torch": res["impls"].get("torch clip_grad_norm_ (foreach)"),
-                   "jax": res["impls"].get("optax.clip_by_global_norm (jit)")}
+        library = {
+            "torch": res["impls"].get("torch clip_grad_norm_ (foreach)"),
+            "jax": res["impls"].get("optax.clip_by_global_norm (jit)"),
+        }
         for name, v in res["impls"].items():
             lib = library["torch" if name.startswith("torch") else "jax"]
             ratio = f"{v['median'] / lib['median']:.2f}x" if lib else ""
-            lines.append(f"| {k} | {name} | {v['median'] * 1e3:.3g} ({v['min'] * 1e3:.3g}-{v['max'] * 1e3:.3g}) | {ratio} "
-                         f"| {v['bytes_per_s'] / 1e9:.2f} | {100 * v['bytes_per_s'] / best:.0f}% |")
+            lines.append(
+                f"| {k} | {name} | {v['median'] * 1e3:.3g} ({v['min'] * 1e3:.3g}-{v['max'] * 1e3:.3g}) | {ratio} "
+                f"| {v['bytes_per_s'] / 1e9:.2f} | {100 * v['bytes_per_s'] / best:.0f}% |"
+            )
     load = f"before: {', '.join(f'{x:.2f}' for x in load_before)}; after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
     lines += ["", f"Load average (1, 5, 15 min) {load}; {repeats} interleaved repeats."]
     return "\n".join(lines)
@@ -227,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--device", choices=DEVICES, default="cpu")
-    p.add_argument("--in-step", action="store_true", help="the default model's gradient shapes (one training step's clip)")
+    p.add_argument(
+        "--in-step",
+        action="store_true",
+        help="the default model's gradient shapes (one training step's clip)",
+    )
     p.add_argument("--out", metavar="FILE", help="also write the table to FILE (markdown)")
     a = p.parse_args(argv)
     if a.in_step:
@@ -247,4 +300,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

@@ -24,7 +24,16 @@ from pathlib import Path
 def measure(max_examples: int, jobs: int, targets: list[str], write: Path | None = None) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "charclip", "conform", "--max-examples", str(max_examples), "--jobs", str(jobs)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "charclip",
+        "conform",
+        "--max-examples",
+        str(max_examples),
+        "--jobs",
+        str(jobs),
+    ]
     for t in targets:
         cmd += ["--target", t]
     if write:
@@ -35,13 +44,21 @@ def measure(max_examples: int, jobs: int, targets: list[str], write: Path | None
     if out.returncode != 0:
         raise SystemExit(f"charclip conform failed: {out.stderr.strip().splitlines()[-1:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"command": " ".join(cmd[1:]), "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
-            "jobs": jobs, "cpu_seconds_per_job": round(cpu / jobs, 1), "load_average_1min": os.getloadavg()[0],
-            "cores": os.cpu_count()}
+    return {
+        "command": " ".join(cmd[1:]),
+        "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu, 1),
+        "jobs": jobs,
+        "cpu_seconds_per_job": round(cpu / jobs, 1),
+        "load_average_1min": os.getloadavg()[0],
+        "cores": os.cpu_count(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.conform", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.conform", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--max-examples", type=int, default=10)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--target", action="append", default=[])

@@ -13,6 +13,7 @@ on any version of the code; docs/fast-layer.md quotes a run.
 from __future__ import annotations
 
 import argparse
+
 import numpy as np
 
 
@@ -27,8 +28,8 @@ def draw(rng):
 
 def gradients(vocab: int, embed: int, rho: float, seed: int) -> dict[str, dict[str, np.ndarray]]:
     """One unclipped step's gradients: "torch" and "jax" in float32, "float64" (torch's)."""
-    from charclip.config import ClipConfig, ModelConfig, TrainConfig
     from charclip import backends
+    from charclip.config import ClipConfig, ModelConfig, TrainConfig
     from charclip.weights import init_params, scale_spectral_radius
 
     cfg = ModelConfig(

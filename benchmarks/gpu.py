@@ -39,12 +39,31 @@ class Grid:
     clip_params: tuple[int, ...]
 
 
-FULL = Grid(parity=dict(steps=50), cells=("rnn", "lstm", "gru"), dtypes=("float32", "float64"), case={}, repeats=9,
-            clip_params=(10**8, 10**9))
+FULL = Grid(
+    parity=dict(steps=50),
+    cells=("rnn", "lstm", "gru"),
+    dtypes=("float32", "float64"),
+    case={},
+    repeats=9,
+    clip_params=(10**8, 10**9),
+)
 # Every code path once, at sizes that compile and run in seconds: the suite's smoke test.
-TINY = Grid(parity=dict(steps=2, hidden_size=6, embedding_dim=3, batch_size=2, seq_len=5, sample_chars=20, corpus_chars=5000),
-            cells=("lstm",), dtypes=("float64",), case=dict(hidden=8, layers=2, embed=4, batch=2, seq=4), repeats=2,
-            clip_params=(10**4,))
+TINY = Grid(
+    parity=dict(
+        steps=2,
+        hidden_size=6,
+        embedding_dim=3,
+        batch_size=2,
+        seq_len=5,
+        sample_chars=20,
+        corpus_chars=5000,
+    ),
+    cells=("lstm",),
+    dtypes=("float64",),
+    case=dict(hidden=8, layers=2, embed=4, batch=2, seq=4),
+    repeats=2,
+    clip_params=(10**4,),
+)
 
 
 def sync(device: str):
@@ -62,10 +81,24 @@ def parity_ladder(grid: Grid, device: str) -> list[dict]:
     for dtype in grid.dtypes:
         for cell in grid.cells:
             rep = parity.run_parity(cell, 2, dtype, device=device, progress=False, **grid.parity)
-            worst = max(rep.rows, key=lambda r: r.max_rel / r.tol if r.tol > 0 else float(r.max_rel > 0))
-            out.append({"cell": cell, "dtype": dtype, "layers": rep.config["layers"], "ok": rep.ok, "notes": rep.notes,
-                        "failed": [r.quantity for r in rep.rows if not r.ok],
-                        "worst": {"quantity": worst.quantity, "max_rel": worst.max_rel, "tol": worst.tol}})
+            worst = max(
+                rep.rows, key=lambda r: r.max_rel / r.tol if r.tol > 0 else float(r.max_rel > 0)
+            )
+            out.append(
+                {
+                    "cell": cell,
+                    "dtype": dtype,
+                    "layers": rep.config["layers"],
+                    "ok": rep.ok,
+                    "notes": rep.notes,
+                    "failed": [r.quantity for r in rep.rows if not r.ok],
+                    "worst": {
+                        "quantity": worst.quantity,
+                        "max_rel": worst.max_rel,
+                        "tol": worst.tol,
+                    },
+                }
+            )
     return out
 
 
@@ -81,20 +114,40 @@ def fast_vs_scan(grid: Grid, device: str) -> list[dict]:
 
     dev = device_of(device)
     p = grid.parity
-    hidden, embed, batch, seq = (p.get(k, d) for k, d in (("hidden_size", 32), ("embedding_dim", 16), ("batch_size", 8),
-                                                          ("seq_len", 32)))
+    hidden, embed, batch, seq = (
+        p.get(k, d)
+        for k, d in (("hidden_size", 32), ("embedding_dim", 16), ("batch_size", 8), ("seq_len", 32))
+    )
     out = []
     for cell in grid.cells:
-        cfg = ModelConfig(vocab_size=11, cell=cell, hidden_size=hidden, num_layers=2, embedding_dim=embed)
-        params = jax.device_put({k: jnp.asarray(v) for k, v in init_params(cfg, 0, "float64").items()}, dev)
+        cfg = ModelConfig(
+            vocab_size=11, cell=cell, hidden_size=hidden, num_layers=2, embedding_dim=embed
+        )
+        params = jax.device_put(
+            {k: jnp.asarray(v) for k, v in init_params(cfg, 0, "float64").items()}, dev
+        )
         rng = np.random.default_rng(0)
         x, y = (jax.device_put(rng.integers(0, 11, (batch, seq)), dev) for _ in range(2))
-        state = jax.device_put(tuple(jnp.asarray(rng.normal(size=(2, batch, hidden))) for _ in M.zero_state(cfg, batch, jnp.float64)), dev)
-        grads = {layer: jax.jit(jax.grad(lambda q, layer=layer: M.loss(q, x, y, state, cfg=cfg, layer=layer)[0]))(params)
-                 for layer in ("scan", "fast")}
-        rel = max(float(jnp.max(jnp.abs(grads["fast"][k] - g)) / max(float(jnp.max(jnp.abs(g))), 1.0))
-                  for k, g in grads["scan"].items())
-        out.append({"cell": cell, "max_rel_diff": rel, "ok": rel <= 1e-12})  # the bound of parity_tests/parity/test_fast_layer.py
+        state = jax.device_put(
+            tuple(
+                jnp.asarray(rng.normal(size=(2, batch, hidden)))
+                for _ in M.zero_state(cfg, batch, jnp.float64)
+            ),
+            dev,
+        )
+        grads = {
+            layer: jax.jit(
+                jax.grad(lambda q, layer=layer: M.loss(q, x, y, state, cfg=cfg, layer=layer)[0])
+            )(params)
+            for layer in ("scan", "fast")
+        }
+        rel = max(
+            float(jnp.max(jnp.abs(grads["fast"][k] - g)) / max(float(jnp.max(jnp.abs(g))), 1.0))
+            for k, g in grads["scan"].items()
+        )
+        out.append(
+            {"cell": cell, "max_rel_diff": rel, "ok": rel <= 1e-12}
+        )  # the bound of parity_tests/parity/test_fast_layer.py
     return out
 
 
@@ -120,10 +173,15 @@ def jax_cudnn_lstm(case, device: str, repeats: int) -> dict:
 
         step = jax.jit(jax.grad(loss, argnums=(0, 1)))
         first = harness.timed(lambda: jax.block_until_ready(step(w, x)))[1]
-        res = harness.interleaved({"jax.experimental.rnn.lstm fwd+bwd": lambda: jax.block_until_ready(step(w, x))},
-                                  repeats=repeats, warmup=1)
+        res = harness.interleaved(
+            {"jax.experimental.rnn.lstm fwd+bwd": lambda: jax.block_until_ready(step(w, x))},
+            repeats=repeats,
+            warmup=1,
+        )
         return {"first_call_s": first, **res}
-    except Exception as e:  # experimental API: report what failed instead of failing the whole check
+    except (
+        Exception
+    ) as e:  # experimental API: report what failed instead of failing the whole check
         return {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
 
@@ -131,10 +189,18 @@ def throughput(grid: Grid, device: str) -> dict:
     from benchmarks import training
     from benchmarks.training import Case
 
-    rows = [training.throughput(Case.default(cell=cell, **grid.case), device=device, repeats=grid.repeats) for cell in grid.cells]
+    rows = [
+        training.throughput(
+            Case.default(cell=cell, **grid.case), device=device, repeats=grid.repeats
+        )
+        for cell in grid.cells
+    ]
     lstm = Case.default(cell="lstm", **grid.case)
-    return {"rows": rows, "jax_cudnn_lstm": {"label": lstm.label, **jax_cudnn_lstm(lstm, device, grid.repeats)},
-            "peak": training.sgemm_peak(device, grid.repeats, n=8192 if device == "gpu" else 256)}
+    return {
+        "rows": rows,
+        "jax_cudnn_lstm": {"label": lstm.label, **jax_cudnn_lstm(lstm, device, grid.repeats)},
+        "peak": training.sgemm_peak(device, grid.repeats, n=8192 if device == "gpu" else 256),
+    }
 
 
 def copy_bandwidth(n: int, device: str, repeats: int) -> dict:
@@ -160,9 +226,17 @@ def clipping(grid: Grid, device: str) -> list[dict]:
     for n in grid.clip_params:
         bw = copy_bandwidth(n, device, grid.repeats)
         try:
-            t = clip_cost.clip_times(clip_cost.split_sizes(n, 10), device=device, repeats=grid.repeats)
+            t = clip_cost.clip_times(
+                clip_cost.split_sizes(n, 10), device=device, repeats=grid.repeats
+            )
         except Exception as e:  # e.g. out of device memory at 1e9
-            out.append({"params": n, "copy": bw, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            out.append(
+                {
+                    "params": n,
+                    "copy": bw,
+                    "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                }
+            )
             continue
         for s in t["impls"].values():
             s["share_of_copy_bandwidth"] = s["bytes_per_s"] / bw["bytes_per_s"]
@@ -184,45 +258,84 @@ def _free(device: str) -> None:
 def markdown(r: dict) -> str:
     env = r["environment"]
     ms = lambda s: f"{s['median'] * 1e3:.3g}"  # noqa: E731
-    lines = [f"# charclip GPU check: {r['machine']}", "",
-             f"{env['time']}; torch {env['versions']['torch']}, jax {env['versions']['jax']}; devices {env['jax_devices']}; "
-             f"load {env['loadavg'][0]:.1f}; {r['total_seconds']:.0f} s in all.", "",
-             "## Parity ladder on the device (full float32 precision pinned)", "",
-             "| cell | layers | dtype | ok | worst rung (max rel / tol) | failed |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# charclip GPU check: {r['machine']}",
+        "",
+        f"{env['time']}; torch {env['versions']['torch']}, jax {env['versions']['jax']}; devices {env['jax_devices']}; "
+        f"load {env['loadavg'][0]:.1f}; {r['total_seconds']:.0f} s in all.",
+        "",
+        "## Parity ladder on the device (full float32 precision pinned)",
+        "",
+        "| cell | layers | dtype | ok | worst rung (max rel / tol) | failed |",
+        "|---|---|---|---|---|---|",
+    ]
     for p in r["parity"]:
         w = p["worst"]
-        lines.append(f"| {p['cell']} | {p['layers']} | {p['dtype']} | {'yes' if p['ok'] else '**NO**'} | "
-                     f"{w['quantity']}: {w['max_rel']:.1e} / {w['tol']:.0e} | {', '.join(p['failed']) or '-'} |")
-    lines += ["", "JAX fast layer vs autodiff of the scan, float64 gradients (max |diff| / max(|grad|, 1)): "
-              + ", ".join(f"{f['cell']} {f['max_rel_diff']:.1e}{'' if f['ok'] else ' **over 1e-12**'}" for f in r["fast_vs_scan"]), ""]
+        lines.append(
+            f"| {p['cell']} | {p['layers']} | {p['dtype']} | {'yes' if p['ok'] else '**NO**'} | "
+            f"{w['quantity']}: {w['max_rel']:.1e} / {w['tol']:.0e} | {', '.join(p['failed']) or '-'} |"
+        )
+    lines += [
+        "",
+        "JAX fast layer vs autodiff of the scan, float64 gradients (max |diff| / max(|grad|, 1)): "
+        + ", ".join(
+            f"{f['cell']} {f['max_rel_diff']:.1e}{'' if f['ok'] else ' **over 1e-12**'}"
+            for f in r["fast_vs_scan"]
+        ),
+        "",
+    ]
     t = r["throughput"]
     peak = t["peak"]["peak_flop_per_s"]
-    lines += ["## One training step (ms; torch/JAX: median per-round ratio, > 1: JAX faster)", "",
-              f"sgemm peak ({t['peak']['n']}x{t['peak']['n']}, float32): {peak / 1e9:.0f} GFLOP/s. The step and the peak run at each "
-              "framework's default matmul precision (JAX's float32 default may use TF32 on a GPU; the parity ladder above "
-              "pins full precision).", "",
-              "| configuration | torch | JAX fast | JAX scan | torch/JAX fast | torch/JAX scan | % of peak torch / fast / scan |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## One training step (ms; torch/JAX: median per-round ratio, > 1: JAX faster)",
+        "",
+        f"sgemm peak ({t['peak']['n']}x{t['peak']['n']}, float32): {peak / 1e9:.0f} GFLOP/s. The step and the peak run at each "
+        "framework's default matmul precision (JAX's float32 default may use TF32 on a GPU; the parity ladder above "
+        "pins full precision).",
+        "",
+        "| configuration | torch | JAX fast | JAX scan | torch/JAX fast | torch/JAX scan | % of peak torch / fast / scan |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in t["rows"]:
         pct = " / ".join(f"{row[b]['flop_per_s'] / peak:.0%}" for b in ("torch", "jax", "jax_scan"))
-        lines.append(f"| {row['label']} | {ms(row['torch'])} | {ms(row['jax'])} | {ms(row['jax_scan'])} | "
-                     f"**{row['ratios']['jax']['median']:.2f}** | {row['ratios']['jax_scan']['median']:.2f} | {pct} |")
+        lines.append(
+            f"| {row['label']} | {ms(row['torch'])} | {ms(row['jax'])} | {ms(row['jax_scan'])} | "
+            f"**{row['ratios']['jax']['median']:.2f}** | {row['ratios']['jax_scan']['median']:.2f} | {pct} |"
+        )
     c = t["jax_cudnn_lstm"]
-    lines += ["", f"jax.experimental.rnn (cuDNN LSTM, recurrent layers only, fwd+bwd), {c['label']}: "
-              + (f"skipped: {c['skipped']}" if "skipped" in c else f"{ms(c['jax.experimental.rnn.lstm fwd+bwd'])} ms"), "",
-              "## Clipping by global norm against the device's copy bandwidth", "",
-              "| parameters | copy GB/s | implementation: ms (share of copy bandwidth) |", "|---|---|---|"]
+    lines += [
+        "",
+        f"jax.experimental.rnn (cuDNN LSTM, recurrent layers only, fwd+bwd), {c['label']}: "
+        + (
+            f"skipped: {c['skipped']}"
+            if "skipped" in c
+            else f"{ms(c['jax.experimental.rnn.lstm fwd+bwd'])} ms"
+        ),
+        "",
+        "## Clipping by global norm against the device's copy bandwidth",
+        "",
+        "| parameters | copy GB/s | implementation: ms (share of copy bandwidth) |",
+        "|---|---|---|",
+    ]
     for row in r["clipping"]:
-        impls = row.get("skipped") or ", ".join(f"{n}: {ms(s)} ({s['share_of_copy_bandwidth']:.0%})" for n, s in row["impls"].items())
+        impls = row.get("skipped") or ", ".join(
+            f"{n}: {ms(s)} ({s['share_of_copy_bandwidth']:.0%})" for n, s in row["impls"].items()
+        )
         lines.append(f"| {row['params']:.0e} | {row['copy']['bytes_per_s'] / 1e9:.0f} | {impls} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--device", choices=DEVICES, default="gpu")
-    p.add_argument("--tiny", action="store_true", help="a tiny grid (seconds): checks that the script runs")
-    p.add_argument("--out", metavar="DIR", help="results folder (default: benchmarks/results/<gpu-name>)")
+    p.add_argument(
+        "--tiny", action="store_true", help="a tiny grid (seconds): checks that the script runs"
+    )
+    p.add_argument(
+        "--out", metavar="DIR", help="results folder (default: benchmarks/results/<gpu-name>)"
+    )
     args = p.parse_args(argv)
     import torch
 
@@ -231,18 +344,34 @@ def main(argv: list[str] | None = None) -> int:
     enable_x64()  # as every charclip run has it
 
     if args.device == "gpu" and not torch.cuda.is_available():
-        print("benchmarks.gpu: error: PyTorch sees no CUDA GPU; use --device cpu --tiny to check the script", file=sys.stderr)
+        print(
+            "benchmarks.gpu: error: PyTorch sees no CUDA GPU; use --device cpu --tiny to check the script",
+            file=sys.stderr,
+        )
         return 2
     grid = TINY if args.tiny else FULL
     machine = harness.machine_name(args.device)
     out = Path(args.out) if args.out else RESULTS / (machine + ("-tiny" if args.tiny else ""))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    r = {"machine": machine, "grid": dataclasses.asdict(grid), "environment": harness.environment(args.device)}
-    for name, fn in (("parity", parity_ladder), ("fast_vs_scan", fast_vs_scan), ("throughput", throughput), ("clipping", clipping)):
+    r = {
+        "machine": machine,
+        "grid": dataclasses.asdict(grid),
+        "environment": harness.environment(args.device),
+    }
+    for name, fn in (
+        ("parity", parity_ladder),
+        ("fast_vs_scan", fast_vs_scan),
+        ("throughput", throughput),
+        ("clipping", clipping),
+    ):
         t = time.perf_counter()
         r[name] = fn(grid, args.device)
-        print(f"benchmarks.gpu: {name} done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"benchmarks.gpu: {name} done in {time.perf_counter() - t:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     r["total_seconds"] = time.perf_counter() - t0
     r["loadavg_end"] = list(os.getloadavg())
     md = markdown(r)

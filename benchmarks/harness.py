@@ -19,8 +19,13 @@ from collections.abc import Callable
 
 def stats(samples: list[float]) -> dict:
     """Median, min, max and count of a list of timings (seconds), and the timings themselves."""
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples),
-            "samples": list(samples)}
+    return {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "n": len(samples),
+        "samples": list(samples),
+    }
 
 
 def paired_ratio(a: dict, b: dict) -> dict:
@@ -44,7 +49,9 @@ def verdict(ok: bool, load: float, cores: int) -> str:
     return ("met" if ok else "not met") + f" (load {load:.1f} on {cores} cores)"
 
 
-def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1) -> dict[str, dict]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1
+) -> dict[str, dict]:
     """Time each callable `repeats` times, alternating between them, after `warmup` untimed calls each.
 
     Each callable must return only when its work is done (it synchronises itself). The
@@ -56,7 +63,7 @@ def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: i
             fns[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             t0 = time.perf_counter()
             fns[name]()
@@ -106,7 +113,14 @@ def environment(device: str) -> dict:
     import optax
     import torch
 
-    env_vars = ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_CPP_MIN_LOG_LEVEL", "CI")
+    env_vars = (
+        "XLA_FLAGS",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "TF_CPP_MIN_LOG_LEVEL",
+        "CI",
+    )
     return {
         "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "device": device,
@@ -115,7 +129,12 @@ def environment(device: str) -> dict:
         "loadavg": list(os.getloadavg()),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
-        "versions": {"torch": torch.__version__, "jax": jax.__version__, "optax": optax.__version__, "numpy": np.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+            "numpy": np.__version__,
+        },
         "torch_num_threads": torch.get_num_threads(),
         "torch_num_interop_threads": torch.get_num_interop_threads(),
         "torch_mkldnn": torch.backends.mkldnn.is_available(),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -56,8 +55,12 @@ print(json.dumps({"backend": backend, "rows": rows, "peak_rss_mib": round(peak, 
 
 
 def run_backend(backend: str, steps: int, every: int, hidden: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", _CHILD, backend, str(steps), str(every), str(hidden)],
-                          stdout=subprocess.PIPE, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, backend, str(steps), str(every), str(hidden)],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -67,9 +70,14 @@ def summarise(result: dict) -> dict:
     half = [r for r in rows if r["step"] >= rows[-1]["step"] / 2]
     growth = half[-1]["rss_mib"] - half[0]["rss_mib"]
     per_1k = growth / max(half[-1]["step"] - half[0]["step"], 1) * 1000
-    return {"rss_first_mib": rows[0]["rss_mib"], "rss_last_mib": rows[-1]["rss_mib"], "peak_rss_mib": result["peak_rss_mib"],
-            "second_half_growth_mib": round(growth, 2), "growth_mib_per_1k_steps": round(per_1k, 3),
-            "seconds": rows[-1]["seconds"]}
+    return {
+        "rss_first_mib": rows[0]["rss_mib"],
+        "rss_last_mib": rows[-1]["rss_mib"],
+        "peak_rss_mib": result["peak_rss_mib"],
+        "second_half_growth_mib": round(growth, 2),
+        "growth_mib_per_1k_steps": round(per_1k, 3),
+        "seconds": rows[-1]["seconds"],
+    }
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -80,7 +88,11 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
-        ax.plot([x["step"] for x in r["rows"]], [x["rss_mib"] for x in r["rows"]], label=f"{r['backend']} (peak {r['peak_rss_mib']:.0f} MiB)")
+        ax.plot(
+            [x["step"] for x in r["rows"]],
+            [x["rss_mib"] for x in r["rows"]],
+            label=f"{r['backend']} (peak {r['peak_rss_mib']:.0f} MiB)",
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("resident memory (MiB)")
     ax.set_title("charclip soak: memory against steps")
@@ -102,8 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = [run_backend(b, a.steps, a.every, a.hidden) for b in a.backends]
-    report = {"steps": a.steps, "hidden": a.hidden, "backends": {r["backend"]: summarise(r) for r in results}, "runs": results,
-              "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    report = {
+        "steps": a.steps,
+        "hidden": a.hidden,
+        "backends": {r["backend"]: summarise(r) for r in results},
+        "runs": results,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     (out / "soak.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     plot(results, out / "soak.png")
     print(json.dumps(report["backends"], indent=1))

@@ -39,21 +39,40 @@ class Case:
     clip: bool = True
 
     @classmethod
-    def default(cls, **changes) -> "Case":
+    def default(cls, **changes) -> Case:
         """The `charclip train` defaults, read from the dataclasses at run time."""
         m, t = ModelConfig(vocab_size=1), TrainConfig()
-        base = cls(m.cell, m.hidden_size, m.num_layers, m.embedding_dim, t.batch_size, t.seq_len, t.clip.mode == "norm")
+        base = cls(
+            m.cell,
+            m.hidden_size,
+            m.num_layers,
+            m.embedding_dim,
+            t.batch_size,
+            t.seq_len,
+            t.clip.mode == "norm",
+        )
         return dataclasses.replace(base, **changes)
 
     def configs(self, vocab_size: int) -> tuple[ModelConfig, TrainConfig]:
-        model = ModelConfig(vocab_size=vocab_size, cell=self.cell, hidden_size=self.hidden, num_layers=self.layers,
-                            embedding_dim=self.embed)
-        train = TrainConfig(batch_size=self.batch, seq_len=self.seq, clip=ClipConfig() if self.clip else ClipConfig(mode="none"))
+        model = ModelConfig(
+            vocab_size=vocab_size,
+            cell=self.cell,
+            hidden_size=self.hidden,
+            num_layers=self.layers,
+            embedding_dim=self.embed,
+        )
+        train = TrainConfig(
+            batch_size=self.batch,
+            seq_len=self.seq,
+            clip=ClipConfig() if self.clip else ClipConfig(mode="none"),
+        )
         return model, train
 
     @property
     def label(self) -> str:
-        return f"{self.cell} {self.layers}x{self.hidden} T={self.seq} B={self.batch}" + ("" if self.clip else " no-clip")
+        return f"{self.cell} {self.layers}x{self.hidden} T={self.seq} B={self.batch}" + (
+            "" if self.clip else " no-clip"
+        )
 
 
 @functools.cache
@@ -105,7 +124,9 @@ def trainers(case: Case, device: str, backends=("torch", "jax")):
     out = {}
     for b in backends:
         if b == "jax_scan":
-            out[b] = backend_module("jax", "train").Trainer(model, train, params, device=device, layer="scan")
+            out[b] = backend_module("jax", "train").Trainer(
+                model, train, params, device=device, layer="scan"
+            )
         else:
             out[b] = backend_module(b, "train").Trainer(model, train, params, device=device)
     return out
@@ -122,7 +143,10 @@ def step_flops(case: Case, vocab_size: int) -> dict:
     """
     g = GATES[case.cell] * case.hidden
     rows = case.batch * case.seq
-    fwd = sum(2 * rows * ((case.embed if k == 0 else case.hidden) + case.hidden) * g for k in range(case.layers))
+    fwd = sum(
+        2 * rows * ((case.embed if k == 0 else case.hidden) + case.hidden) * g
+        for k in range(case.layers)
+    )
     fwd += 2 * rows * case.hidden * vocab_size
     return {"forward": fwd, "step": 3 * fwd}
 
@@ -146,10 +170,15 @@ def sgemm_peak(device: str, repeats: int, n: int = 1024) -> dict:
             torch.cuda.synchronize()
         return out
 
-    res = interleaved({"torch.mm": torch_mm, "jnp.dot (jit)": lambda: jdot(ja).block_until_ready()},
-                      repeats=max(repeats, 5) * 4, warmup=2)
+    res = interleaved(
+        {"torch.mm": torch_mm, "jnp.dot (jit)": lambda: jdot(ja).block_until_ready()},
+        repeats=max(repeats, 5) * 4,
+        warmup=2,
+    )
     flop = 2 * n**3
-    impls = {k: {**v, "flop_per_s": flop / v["min"]} for k, v in res.items()}  # best: the ceiling, not the typical
+    impls = {
+        k: {**v, "flop_per_s": flop / v["min"]} for k, v in res.items()
+    }  # best: the ceiling, not the typical
     return {"n": n, "impls": impls, "peak_flop_per_s": max(v["flop_per_s"] for v in impls.values())}
 
 
@@ -160,20 +189,34 @@ def throughput(case: Case, *, device: str, repeats: int, memory: bool = False) -
     load_start = os.getloadavg()[0]
     tr = trainers(case, device, ("torch", "jax", "jax_scan"))
     for name, t in tr.items():
-        first[name] = timed(lambda t=t: t.step(*data[0]))[1]  # JAX: trace + compile + run; torch: warm-up
-    res = interleaved({name: Feeder(t.step, data) for name, t in tr.items()}, repeats=repeats, warmup=1)
+        first[name] = timed(lambda t=t: t.step(*data[0]))[
+            1
+        ]  # JAX: trace + compile + run; torch: warm-up
+    res = interleaved(
+        {name: Feeder(t.step, data) for name, t in tr.items()}, repeats=repeats, warmup=1
+    )
     chars = case.batch * case.seq
     flops = step_flops(case, tokens()[1])["step"]
-    out = {"case": dataclasses.asdict(case), "label": case.label, "first_step_s": first, "step_flop": flops,
-           "loadavg": [load_start, os.getloadavg()[0]]}
+    out = {
+        "case": dataclasses.asdict(case),
+        "label": case.label,
+        "first_step_s": first,
+        "step_flop": flops,
+        "loadavg": [load_start, os.getloadavg()[0]],
+    }
     for name, s in res.items():
         out[name] = {**s, "chars_per_s": chars / s["median"], "flop_per_s": flops / s["median"]}
     # Paired, round by round: torch's time over JAX's (> 1: JAX is faster).
     out["jax_over_torch"] = paired_ratio(res["torch"], res["jax"])["median"]
-    out["ratios"] = {"jax": paired_ratio(res["torch"], res["jax"]), "jax_scan": paired_ratio(res["torch"], res["jax_scan"])}
+    out["ratios"] = {
+        "jax": paired_ratio(res["torch"], res["jax"]),
+        "jax_scan": paired_ratio(res["torch"], res["jax_scan"]),
+    }
     if memory:
-        out["memory"] = {"torch_saved_for_backward_bytes": torch_saved_bytes(tr["torch"], data[0]),
-                         "jax": jax_memory(tr["jax"], data[0])}
+        out["memory"] = {
+            "torch_saved_for_backward_bytes": torch_saved_bytes(tr["torch"], data[0]),
+            "jax": jax_memory(tr["jax"], data[0]),
+        }
     return out
 
 
@@ -185,10 +228,16 @@ class JaxStepper:
 
     def __init__(self, trainer, step_fn):
         self.t, self.fn = trainer, step_fn
-        self.params, self.opt, self.state = trainer.params, trainer.opt_state, trainer._hidden_for(trainer.cfg.batch_size)
+        self.params, self.opt, self.state = (
+            trainer.params,
+            trainer.opt_state,
+            trainer._hidden_for(trainer.cfg.batch_size),
+        )
 
     def __call__(self, x, y):
-        self.params, self.opt, self.state, m = self.fn(self.params, self.opt, self.state, x, y, self.t.cfg.lr)
+        self.params, self.opt, self.state, m = self.fn(
+            self.params, self.opt, self.state, x, y, self.t.cfg.lr
+        )
         return float(m["loss"]), float(m["grad_norm"])
 
 
@@ -199,18 +248,37 @@ def jax_variants(case: Case, *, device: str, repeats: int, unrolls: tuple[int, .
 
     t = trainers(case, device, ("jax",))["jax"]
     data = batches(case, 4)
-    names = {"fast": "fast layer (default)", "fast-no-table": "fast layer, layer 0 projected (no table)",
-             "scan": "lax.scan reference (autodiff)"}
-    steppers = {names[layer]: JaxStepper(t, make_train_step(t.model_cfg, t.cfg, t.tx, layer=layer)) for layer in M.LAYERS}
+    names = {
+        "fast": "fast layer (default)",
+        "fast-no-table": "fast layer, layer 0 projected (no table)",
+        "scan": "lax.scan reference (autodiff)",
+    }
+    steppers = {
+        names[layer]: JaxStepper(t, make_train_step(t.model_cfg, t.cfg, t.tx, layer=layer))
+        for layer in M.LAYERS
+    }
     for u in unrolls:
-        steppers[f"fast layer, unroll={u}"] = JaxStepper(t, make_train_step(t.model_cfg, t.cfg, t.tx, unroll=u))
-        steppers[f"scan, unroll={u}"] = JaxStepper(t, make_train_step(t.model_cfg, t.cfg, t.tx, layer="scan", unroll=u))
+        steppers[f"fast layer, unroll={u}"] = JaxStepper(
+            t, make_train_step(t.model_cfg, t.cfg, t.tx, unroll=u)
+        )
+        steppers[f"scan, unroll={u}"] = JaxStepper(
+            t, make_train_step(t.model_cfg, t.cfg, t.tx, layer="scan", unroll=u)
+        )
     compile_s = {name: timed(lambda s=s: s(*data[0]))[1] for name, s in steppers.items()}
     load_start = os.getloadavg()[0]
-    res = interleaved({name: Feeder(s, data) for name, s in steppers.items()}, repeats=repeats, warmup=1)
+    res = interleaved(
+        {name: Feeder(s, data) for name, s in steppers.items()}, repeats=repeats, warmup=1
+    )
     chars = case.batch * case.seq
-    return {"case": dataclasses.asdict(case), "label": case.label, "loadavg": [load_start, os.getloadavg()[0]],
-            "variants": {n: {**s, "chars_per_s": chars / s["median"], "first_step_s": compile_s[n]} for n, s in res.items()}}
+    return {
+        "case": dataclasses.asdict(case),
+        "label": case.label,
+        "loadavg": [load_start, os.getloadavg()[0]],
+        "variants": {
+            n: {**s, "chars_per_s": chars / s["median"], "first_step_s": compile_s[n]}
+            for n, s in res.items()
+        },
+    }
 
 
 def torch_table(case: Case, *, device: str, repeats: int) -> dict:
@@ -239,11 +307,17 @@ def torch_table(case: Case, *, device: str, repeats: int) -> dict:
             project().backward(d_out)
             if dev == "cuda":
                 torch.cuda.synchronize()
+
         return go
 
-    res = interleaved({"per row: embedding[x] @ W_ih0^T + b": run(lambda: emb[x] @ w.T + b),
-                       "table: (embedding @ W_ih0^T + b)[x]": run(lambda: (emb @ w.T + b)[x])},
-                      repeats=max(repeats, 5) * 2, warmup=2)
+    res = interleaved(
+        {
+            "per row: embedding[x] @ W_ih0^T + b": run(lambda: emb[x] @ w.T + b),
+            "table: (embedding @ W_ih0^T + b)[x]": run(lambda: (emb @ w.T + b)[x]),
+        },
+        repeats=max(repeats, 5) * 2,
+        warmup=2,
+    )
     return {"case": dataclasses.asdict(case), "label": case.label, "variants": res}
 
 
@@ -269,8 +343,13 @@ def torch_threads(case: Case, *, device: str, repeats: int) -> dict:
     finally:
         torch.set_num_threads(saved)
     chars = case.batch * case.seq
-    return {"case": dataclasses.asdict(case), "label": case.label,
-            "variants": {n: {**stats(s), "chars_per_s": chars / stats(s)["median"]} for n, s in samples.items()}}
+    return {
+        "case": dataclasses.asdict(case),
+        "label": case.label,
+        "variants": {
+            n: {**stats(s), "chars_per_s": chars / stats(s)["median"]} for n, s in samples.items()
+        },
+    }
 
 
 def torch_compile(case: Case, *, device: str, repeats: int) -> dict:
@@ -287,9 +366,18 @@ def torch_compile(case: Case, *, device: str, repeats: int) -> dict:
         # Two steps: the first has no hidden state, the second has one, and each compiles its own graph.
         _, c1 = timed(lambda: compiled.step(*data[0]))
         _, c2 = timed(lambda: compiled.step(*data[1]))
-    except Exception as e:  # inductor needs a working C++ compiler; report instead of failing the whole run
-        return {**out, "skipped": f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    res = interleaved({"eager": Feeder(eager.step, data), "torch.compile": Feeder(compiled.step, data)}, repeats=repeats, warmup=2)
+    except (
+        Exception
+    ) as e:  # inductor needs a working C++ compiler; report instead of failing the whole run
+        return {
+            **out,
+            "skipped": f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+        }
+    res = interleaved(
+        {"eager": Feeder(eager.step, data), "torch.compile": Feeder(compiled.step, data)},
+        repeats=repeats,
+        warmup=2,
+    )
     chars = case.batch * case.seq
     out["compile_s"] = c1 + c2
     out["variants"] = {n: {**s, "chars_per_s": chars / s["median"]} for n, s in res.items()}
@@ -311,11 +399,17 @@ def cudnn(case: Case, *, device: str, repeats: int) -> dict:
         def run():
             with torch.backends.cudnn.flags(enabled=flag):
                 return feed()
+
         return run
 
-    res = interleaved({"cuDNN": with_cudnn(True), "no cuDNN": with_cudnn(False)}, repeats=repeats, warmup=2)
+    res = interleaved(
+        {"cuDNN": with_cudnn(True), "no cuDNN": with_cudnn(False)}, repeats=repeats, warmup=2
+    )
     chars = case.batch * case.seq
-    return {**out, "variants": {n: {**s, "chars_per_s": chars / s["median"]} for n, s in res.items()}}
+    return {
+        **out,
+        "variants": {n: {**s, "chars_per_s": chars / s["median"]} for n, s in res.items()},
+    }
 
 
 # ---------------------------------------------------------------- memory and first step
@@ -342,17 +436,28 @@ def torch_saved_bytes(trainer, batch) -> int:
 def jax_memory(trainer, batch) -> dict | None:
     """XLA's compiled memory analysis of a JAX Trainer's step (cached after its first step): bytes."""
     x, y = batch
-    compiled = trainer.train_step.lower(trainer.params, trainer.opt_state, trainer._hidden_for(len(x)), x, y,
-                                        trainer.cfg.lr).compile()
+    compiled = trainer.train_step.lower(
+        trainer.params, trainer.opt_state, trainer._hidden_for(len(x)), x, y, trainer.cfg.lr
+    ).compile()
     try:
         m = compiled.memory_analysis()
     except Exception:  # not every backend / version implements it
         return None
     if m is None:
         return None
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "temp_size_in_bytes",
+        "alias_size_in_bytes",
+    )
     out = {f: int(getattr(m, f, 0)) for f in fields}
-    out["peak_estimate_bytes"] = out["argument_size_in_bytes"] + out["output_size_in_bytes"] + out["temp_size_in_bytes"] - out["alias_size_in_bytes"]
+    out["peak_estimate_bytes"] = (
+        out["argument_size_in_bytes"]
+        + out["output_size_in_bytes"]
+        + out["temp_size_in_bytes"]
+        - out["alias_size_in_bytes"]
+    )
     return out
 
 
@@ -409,9 +514,16 @@ print(json.dumps({{"import_s": t1 - t0, "build_s": t3 - t2, "first_step_s": t4 -
 
 def first_step_fresh(case: Case, backend: str, device: str, torch_threads_n: int) -> dict:
     """A fresh process: import, build the trainer, first step, second step (seconds)."""
-    setup = (f"import torch; torch.set_num_threads({torch_threads_n})" if backend == "torch"
-             else "from jax_impl.device import enable_x64; enable_x64()")
-    return _child(_FIRST_STEP_CHILD.format(setup=setup, case=dataclasses.asdict(case), device=device, backend=backend))
+    setup = (
+        f"import torch; torch.set_num_threads({torch_threads_n})"
+        if backend == "torch"
+        else "from jax_impl.device import enable_x64; enable_x64()"
+    )
+    return _child(
+        _FIRST_STEP_CHILD.format(
+            setup=setup, case=dataclasses.asdict(case), device=device, backend=backend
+        )
+    )
 
 
 def jax_compile_split(case: Case, device: str) -> dict:
@@ -421,7 +533,9 @@ def jax_compile_split(case: Case, device: str) -> dict:
     t = trainers(case, device, ("jax",))["jax"]
     x, y = batches(case, 1)[0]
     step = make_train_step(t.model_cfg, t.cfg, t.tx)
-    lowered, lower_s = timed(lambda: step.lower(t.params, t.opt_state, t._hidden_for(case.batch), x, y, t.cfg.lr))
+    lowered, lower_s = timed(
+        lambda: step.lower(t.params, t.opt_state, t._hidden_for(case.batch), x, y, t.cfg.lr)
+    )
     _, compile_s = timed(lambda: lowered.compile())
     return {"trace_lower_s": lower_s, "compile_s": compile_s}
 
@@ -434,11 +548,20 @@ def _child(code: str, extra_env: dict | None = None, timeout: float = 300) -> di
     env = {**os.environ, **(extra_env or {})}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env, timeout=timeout)
+        p = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            env=env,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return {"skipped": f"timed out after {timeout:.0f} s"}
     if p.returncode != 0:
-        return {"skipped": f"child failed: {p.stderr.strip().splitlines()[-1][:300] if p.stderr.strip() else p.returncode}"}
+        return {
+            "skipped": f"child failed: {p.stderr.strip().splitlines()[-1][:300] if p.stderr.strip() else p.returncode}"
+        }
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -458,6 +581,8 @@ XLA_SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_thr
 def jax_single_thread(case: Case, *, repeats: int, torch_threads_n: int) -> dict:
     """The torch/JAX throughput comparison again, in a fresh process whose XLA runs on one thread."""
     flags = (os.environ.get("XLA_FLAGS", "") + " " + XLA_SINGLE_THREAD).strip()
-    code = _XLA_THREADS_CHILD.format(threads=torch_threads_n, case=dataclasses.asdict(case), repeats=repeats)
+    code = _XLA_THREADS_CHILD.format(
+        threads=torch_threads_n, case=dataclasses.asdict(case), repeats=repeats
+    )
     res = _child(code, {"XLA_FLAGS": flags})
     return {**res, "XLA_FLAGS": flags} if isinstance(res, dict) else res

@@ -28,7 +28,9 @@ def module(backend: str, name: str):
         return importlib.import_module(f"{backend}_impl.{name}")
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] in FRAMEWORKS:
-            raise CharclipError(f"the {backend} backend needs {e.name}, which is not installed") from None
+            raise CharclipError(
+                f"the {backend} backend needs {e.name}, which is not installed"
+            ) from None
         raise
 
 
@@ -38,7 +40,9 @@ def _check_devices(backend: str, devices: int) -> None:
         raise CharclipError(f"{flag} must be 1 or more, got {devices!r}")
 
 
-def trainer_factory(backend: str, devices: int = 1, layout: str | None = None, *, device: str = "cpu"):
+def trainer_factory(
+    backend: str, devices: int = 1, layout: str | None = None, *, device: str = "cpu"
+):
     """A callable `(model_cfg, train_cfg, params, *, adam=None, hidden=None, device="cpu") -> Trainer`.
 
     One device: the backend's `train.Trainer`. Several JAX devices: a `MeshTrainer` over
@@ -50,10 +54,14 @@ def trainer_factory(backend: str, devices: int = 1, layout: str | None = None, *
     if devices == 1:
         return module(backend, "train").Trainer
     if layout not in LAYOUTS[backend]:
-        raise CharclipError(f"unknown layout {layout!r} for {backend}; use one of {', '.join(LAYOUTS[backend])}")
+        raise CharclipError(
+            f"unknown layout {layout!r} for {backend}; use one of {', '.join(LAYOUTS[backend])}"
+        )
     if backend == "jax":
         return module("jax", "distributed").mesh_factory(devices, layout, device)
-    raise CharclipError("several torch processes need `launcher('torch', N, layout)`; a trainer alone cannot spawn them")
+    raise CharclipError(
+        "several torch processes need `launcher('torch', N, layout)`; a trainer alone cannot spawn them"
+    )
 
 
 def launcher(backend: str, devices: int, layout: str | None):
@@ -67,7 +75,9 @@ def launcher(backend: str, devices: int, layout: str | None):
     _check_devices(backend, devices)
     if backend == "torch" and devices > 1:
         if layout not in LAYOUTS["torch"]:
-            raise CharclipError(f"unknown --parallel {layout!r}; use one of {', '.join(LAYOUTS['torch'])}")
+            raise CharclipError(
+                f"unknown --parallel {layout!r}; use one of {', '.join(LAYOUTS['torch'])}"
+            )
         return partial(module("torch", "distributed").launch_training, world=devices, layout=layout)
 
     def launch(train_fn, *args, **kwargs):

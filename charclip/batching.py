@@ -27,7 +27,9 @@ class Position:
 
 
 class Streams:
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, *, what: str = "training text"):
+    def __init__(
+        self, tokens: np.ndarray, batch_size: int, seq_len: int, *, what: str = "training text"
+    ):
         need = batch_size * (seq_len + 1) + seq_len  # one batch after the largest epoch offset
         if len(tokens) < need:
             raise CharclipError(
@@ -38,7 +40,9 @@ class Streams:
         self.tokens = tokens
         self.batch_size = batch_size
         self.seq_len = seq_len
-        self.stream_len = (len(tokens) - seq_len) // batch_size  # leaves room for any offset < seq_len
+        self.stream_len = (
+            len(tokens) - seq_len
+        ) // batch_size  # leaves room for any offset < seq_len
 
     @property
     def batches_per_epoch(self) -> int:
@@ -50,7 +54,9 @@ class Streams:
     def batch(self, seed: int, pos: Position) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and targets of one batch, both int64 of shape (batch_size, seq_len)."""
         start = self.offset(seed, pos.epoch)
-        streams = self.tokens[start : start + self.batch_size * self.stream_len].reshape(self.batch_size, self.stream_len)
+        streams = self.tokens[start : start + self.batch_size * self.stream_len].reshape(
+            self.batch_size, self.stream_len
+        )
         t = pos.batch * self.seq_len
         return streams[:, t : t + self.seq_len], streams[:, t + 1 : t + 1 + self.seq_len]
 
@@ -61,7 +67,9 @@ class Streams:
 
     def eval_batches(self, limit: int):
         """The first `limit` batches of epoch 0 at offset 0, for a comparable validation loss."""
-        streams = self.tokens[: self.batch_size * self.stream_len].reshape(self.batch_size, self.stream_len)
+        streams = self.tokens[: self.batch_size * self.stream_len].reshape(
+            self.batch_size, self.stream_len
+        )
         for i in range(min(limit, self.batches_per_epoch)):
             t = i * self.seq_len
             yield streams[:, t : t + self.seq_len], streams[:, t + 1 : t + 1 + self.seq_len]

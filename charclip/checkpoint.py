@@ -58,9 +58,24 @@ META_FILE = "checkpoint.json"
 KEEP = 2  # newest checkpoints kept per run (besides LATEST's, BEST's and final ones); older ones go after a save
 POINTERS = ("LATEST", "BEST")
 MAX_POINTER_BYTES = 64  # a pointer holds one folder name; a longer file is not one of ours
-_POINTER_NAME = re.compile(r"\.?step-\d{8,}(\.tmp\d+)?")  # a step folder, or save's temporary copy of one
-MAX_INT_DIGITS = 30  # a step, a size or a seed has far fewer; Python refuses to parse over 4300 with a traceback
-_META_KEYS = {"format", "format_version", "backend", "model", "train", "vocab", "step", "position", "corpus", "files"}
+_POINTER_NAME = re.compile(
+    r"\.?step-\d{8,}(\.tmp\d+)?"
+)  # a step folder, or save's temporary copy of one
+MAX_INT_DIGITS = (
+    30  # a step, a size or a seed has far fewer; Python refuses to parse over 4300 with a traceback
+)
+_META_KEYS = {
+    "format",
+    "format_version",
+    "backend",
+    "model",
+    "train",
+    "vocab",
+    "step",
+    "position",
+    "corpus",
+    "files",
+}
 
 
 @dataclass
@@ -99,7 +114,9 @@ def _write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
     # Serialised here and written by create_new: a new file (never through a link), mode per the
     # umask (safetensors' own writer makes it 0600, unreadable to the run's other readers), synced.
-    data = save({k: np.asarray(v, order="C") for k, v in tensors.items()})  # ascontiguousarray would make 0-d arrays 1-d
+    data = save(
+        {k: np.asarray(v, order="C") for k, v in tensors.items()}
+    )  # ascontiguousarray would make 0-d arrays 1-d
     runfolder.create_new(path, data)
 
 
@@ -139,21 +156,29 @@ def read_pointer(path: Path) -> str:
     except OSError as e:
         raise CharclipError(f"cannot read {path}: {e.strerror}") from None
     if len(raw) > MAX_POINTER_BYTES:
-        raise CharclipError(f"{path} is longer than a checkpoint name ({MAX_POINTER_BYTES} bytes at most); the run folder "
-                            "is damaged: pass a step folder instead")
+        raise CharclipError(
+            f"{path} is longer than a checkpoint name ({MAX_POINTER_BYTES} bytes at most); the run folder "
+            "is damaged: pass a step folder instead"
+        )
     name = raw.decode("utf-8", errors="replace").strip()
     if not _POINTER_NAME.fullmatch(name):
-        raise CharclipError(f"{path} names {ascii(name)[:80]}, not a checkpoint folder (step-NNNNNNNN) beside it; "
-                            "the run folder is damaged: pass a step folder instead")
+        raise CharclipError(
+            f"{path} names {ascii(name)[:80]}, not a checkpoint folder (step-NNNNNNNN) beside it; "
+            "the run folder is damaged: pass a step folder instead"
+        )
     return name
 
 
-def save(run_dir: str | os.PathLike, ckpt: Checkpoint, *, keep: int = KEEP, best: bool = False) -> Path:
+def save(
+    run_dir: str | os.PathLike, ckpt: Checkpoint, *, keep: int = KEEP, best: bool = False
+) -> Path:
     """Write `ckpt` atomically under `run_dir/checkpoints/`, point LATEST (and BEST if `best`) at it, and prune."""
     root = Path(run_dir) / "checkpoints"
     if root.is_symlink():
-        raise CharclipError(f"{root} is a symbolic link, which charclip never makes; checkpoints would be written "
-                            "outside the run folder: remove the link")
+        raise CharclipError(
+            f"{root} is a symbolic link, which charclip never makes; checkpoints would be written "
+            "outside the run folder: remove the link"
+        )
     _check_finite(ckpt)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{ckpt.step:08d}"
@@ -165,7 +190,9 @@ def save(run_dir: str | os.PathLike, ckpt: Checkpoint, *, keep: int = KEEP, best
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written folder behind
         raise
-    if final.exists():  # the same step written again: LATEST must name a whole folder at every moment
+    if (
+        final.exists()
+    ):  # the same step written again: LATEST must name a whole folder at every moment
         _point_latest(root, tmp.name)  # the new copy, whole, while the old one goes
         shutil.rmtree(final)
         linked = root / f".{name}.link{os.getpid()}"
@@ -207,13 +234,20 @@ def _check_finite(ckpt: Checkpoint) -> None:
     state, the loss scale) holds NaN or infinity is never written (nor named by LATEST); the caller
     keeps the last whole one. Parameters are not checked: a NaN embedding row of a character that never
     occurs trains harmlessly, and eval and sample report non-finite parameters themselves."""
-    tensors = {**{f"adam.{k}": v for k, v in (ckpt.adam or {}).items()},
-               **{f"hidden.{k}": v for k, v in (ckpt.hidden or {}).items()}}
-    bad = [k for k, v in tensors.items() if np.issubdtype(np.asarray(v).dtype, np.floating)
-           and not np.isfinite(v).all()]
+    tensors = {
+        **{f"adam.{k}": v for k, v in (ckpt.adam or {}).items()},
+        **{f"hidden.{k}": v for k, v in (ckpt.hidden or {}).items()},
+    }
+    bad = [
+        k
+        for k, v in tensors.items()
+        if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()
+    ]
     if bad:
-        raise NonFiniteCheckpoint(f"the training state at step {ckpt.step} is not finite ({', '.join(bad[:3])}"
-                            f"{', ...' if len(bad) > 3 else ''}); no checkpoint was written for it")
+        raise NonFiniteCheckpoint(
+            f"the training state at step {ckpt.step} is not finite ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); no checkpoint was written for it"
+        )
 
 
 def _write_folder(tmp: Path, ckpt: Checkpoint) -> None:
@@ -234,8 +268,12 @@ def _write_folder(tmp: Path, ckpt: Checkpoint) -> None:
         "corpus": ckpt.corpus,
         "files": {MODEL_FILE: _sha256(tmp / MODEL_FILE), STATE_FILE: _sha256(tmp / STATE_FILE)},
     }
-    fd = os.open(tmp / META_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    with open(fd, "w", encoding="utf-8") as f:  # a new file in the new folder; the mode follows the umask
+    fd = os.open(
+        tmp / META_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666
+    )
+    with open(
+        fd, "w", encoding="utf-8"
+    ) as f:  # a new file in the new folder; the mode follows the umask
         json.dump(meta, f, indent=1, ensure_ascii=False)
         f.flush()
         os.fsync(f.fileno())
@@ -252,9 +290,15 @@ def _finished(folder: Path) -> bool:
 
 
 def _prune(root: Path, keep: int) -> None:
-    steps = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.is_symlink() and p.name[5:].isdigit()),
-                   key=lambda p: int(p.name[5:]))
-    protected = {p.name for p in steps[-max(keep, 1):]}
+    steps = sorted(
+        (
+            p
+            for p in root.glob("step-*")
+            if p.is_dir() and not p.is_symlink() and p.name[5:].isdigit()
+        ),
+        key=lambda p: int(p.name[5:]),
+    )
+    protected = {p.name for p in steps[-max(keep, 1) :]}
     for pointer in POINTERS:
         try:
             protected.add(read_pointer(root / pointer))
@@ -264,6 +308,7 @@ def _prune(root: Path, keep: int) -> None:
         if old.name not in protected and not _finished(old):
             shutil.rmtree(old, ignore_errors=True)
 
+
 def resolve(path: str | os.PathLike) -> Path:
     """The checkpoint folder meant by `path`: a checkpoint folder, a run folder, or its checkpoints/."""
     p = Path(path)
@@ -271,7 +316,9 @@ def resolve(path: str | os.PathLike) -> Path:
         raise CharclipError(f"checkpoint not found: {p}")
     if (p / META_FILE).is_file():
         return p
-    if p.name in POINTERS and p.is_file():  # RUN/checkpoints/BEST or .../LATEST: the folder it names
+    if (
+        p.name in POINTERS and p.is_file()
+    ):  # RUN/checkpoints/BEST or .../LATEST: the folder it names
         target = p.parent / read_pointer(p)
         if target.is_symlink() or not (target / META_FILE).is_file():
             raise CharclipError(f"{p} names {target.name}, which is not a complete checkpoint")
@@ -281,9 +328,13 @@ def resolve(path: str | os.PathLike) -> Path:
         if latest.is_file():
             target = root / read_pointer(latest)
             if target.is_symlink() or not (target / META_FILE).is_file():
-                raise CharclipError(f"{latest} names {target.name}, which is not a complete checkpoint")
+                raise CharclipError(
+                    f"{latest} names {target.name}, which is not a complete checkpoint"
+                )
             return target
-    raise CharclipError(f"{p} is neither a checkpoint folder (with {META_FILE}) nor a run folder with checkpoints/LATEST")
+    raise CharclipError(
+        f"{p} is neither a checkpoint folder (with {META_FILE}) nor a run folder with checkpoints/LATEST"
+    )
 
 
 class _Malformed(ValueError):
@@ -300,13 +351,17 @@ def _no_repeated_keys(pairs: list[tuple]) -> dict:
 
 def _bounded_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise _Malformed(f"a number has {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS} are meaningful)")
+        raise _Malformed(
+            f"a number has {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS} are meaningful)"
+        )
     return int(text)
 
 
 def parse_meta(raw: bytes) -> object:
     """checkpoint.json's bytes as JSON, strictly: UTF-8, no repeated key, no integer of absurd length."""
-    return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_repeated_keys, parse_int=_bounded_int)
+    return json.loads(
+        raw.decode("utf-8"), object_pairs_hook=_no_repeated_keys, parse_int=_bounded_int
+    )
 
 
 def _read_meta(folder: Path) -> dict:
@@ -320,7 +375,9 @@ def _read_meta(folder: Path) -> dict:
     except _Malformed as e:
         raise CharclipError(f"{path} is malformed ({e}); the checkpoint is damaged") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurd nesting
-        raise CharclipError(f"{path} is not readable JSON ({type(e).__name__}); the checkpoint is damaged") from None
+        raise CharclipError(
+            f"{path} is not readable JSON ({type(e).__name__}); the checkpoint is damaged"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CharclipError(f"{folder / META_FILE} is not a charclip checkpoint")
     version = meta.get("format_version")
@@ -329,10 +386,14 @@ def _read_meta(folder: Path) -> dict:
             f"{folder} has checkpoint format version {version!r}; this charclip reads up to {FORMAT_VERSION}: upgrade charclip"
         )
     if version < 1:
-        raise CharclipError(f"{path} has format version {version}, which no charclip wrote; the checkpoint is damaged")
+        raise CharclipError(
+            f"{path} has format version {version}, which no charclip wrote; the checkpoint is damaged"
+        )
     missing, extra = _META_KEYS - meta.keys(), meta.keys() - _META_KEYS
     if missing or extra:
-        raise CharclipError(f"{folder / META_FILE} has missing keys {sorted(missing)} / unknown keys {sorted(extra)}")
+        raise CharclipError(
+            f"{folder / META_FILE} has missing keys {sorted(missing)} / unknown keys {sorted(extra)}"
+        )
     return meta
 
 
@@ -347,7 +408,9 @@ def _read_tensors(path: Path, expected_sha: str) -> dict[str, np.ndarray]:
     except OSError as e:  # an I/O or permission error is not a corrupted file: say which
         raise runfolder.os_error(e, f"cannot read {path}") from None
     if actual != expected_sha:
-        raise CharclipError(f"{path} does not match the SHA-256 recorded in {META_FILE}: the file is truncated or corrupted")
+        raise CharclipError(
+            f"{path} does not match the SHA-256 recorded in {META_FILE}: the file is truncated or corrupted"
+        )
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -380,27 +443,45 @@ def _load(folder: Path) -> Checkpoint:
     try:
         model = C.model_from_dict(meta["model"])
         train = C.train_from_dict(meta["train"])
-        if not isinstance(meta["vocab"], list) or not all(isinstance(c, str) and len(c) == 1 for c in meta["vocab"]):
+        if not isinstance(meta["vocab"], list) or not all(
+            isinstance(c, str) and len(c) == 1 for c in meta["vocab"]
+        ):
             raise CharclipError("the vocabulary is not a list of single characters")
-        if any("\ud800" <= c <= "\udfff" for c in meta["vocab"]):  # JSON can spell them; UTF-8 text cannot hold them
-            raise CharclipError("the vocabulary holds a lone surrogate, which no UTF-8 text contains")
+        if any(
+            "\ud800" <= c <= "\udfff" for c in meta["vocab"]
+        ):  # JSON can spell them; UTF-8 text cannot hold them
+            raise CharclipError(
+                "the vocabulary holds a lone surrogate, which no UTF-8 text contains"
+            )
         vocab = Vocab("".join(meta["vocab"]))
         step = _count(meta["step"], "step")
-        position = Position(_count(meta["position"]["epoch"], "epoch"), _count(meta["position"]["batch"], "batch"))
+        position = Position(
+            _count(meta["position"]["epoch"], "epoch"), _count(meta["position"]["batch"], "batch")
+        )
         files = dict(meta["files"])
         corpus = meta["corpus"]
-        if not isinstance(corpus, dict) or not isinstance(corpus.get("path"), (str, type(None))) or not isinstance(meta["backend"], str):
+        if (
+            not isinstance(corpus, dict)
+            or not isinstance(corpus.get("path"), (str, type(None)))
+            or not isinstance(meta["backend"], str)
+        ):
             raise CharclipError("the corpus or backend entry is malformed")
     except CharclipError as e:
         raise CharclipError(f"{folder / META_FILE}: {e}") from None
     except (TypeError, KeyError, ValueError, AttributeError) as e:
-        raise CharclipError(f"{folder / META_FILE} has a malformed field ({type(e).__name__}: {e})") from None
+        raise CharclipError(
+            f"{folder / META_FILE} has a malformed field ({type(e).__name__}: {e})"
+        ) from None
     if len(vocab) != model.vocab_size:
-        raise CharclipError(f"{folder}: the vocabulary has {len(vocab)} characters but the model expects {model.vocab_size}")
+        raise CharclipError(
+            f"{folder}: the vocabulary has {len(vocab)} characters but the model expects {model.vocab_size}"
+        )
     params = _read_tensors(folder / MODEL_FILE, files.get(MODEL_FILE, ""))
     expected = param_shapes(model)
     if set(params) != set(expected):
-        raise CharclipError(f"{folder / MODEL_FILE} holds tensors {sorted(set(params) ^ set(expected))} that do not fit the configuration")
+        raise CharclipError(
+            f"{folder / MODEL_FILE} holds tensors {sorted(set(params) ^ set(expected))} that do not fit the configuration"
+        )
     for name, shape in expected.items():
         if params[name].shape != shape or params[name].dtype != np.dtype(train.dtype):
             raise CharclipError(
@@ -408,11 +489,20 @@ def _load(folder: Path) -> Checkpoint:
             )
     state = _read_tensors(folder / STATE_FILE, files.get(STATE_FILE, ""))
     _check_state(folder / STATE_FILE, state, model, train, expected, step)
-    adam = {k[len("adam."):]: v for k, v in state.items() if k.startswith("adam.")}
-    hidden = {k[len("hidden."):]: v for k, v in state.items() if k.startswith("hidden.")}
+    adam = {k[len("adam.") :]: v for k, v in state.items() if k.startswith("adam.")}
+    hidden = {k[len("hidden.") :]: v for k, v in state.items() if k.startswith("hidden.")}
     return Checkpoint(
-        model=model, train=train, vocab=vocab, params=params, step=step, position=position,
-        backend=meta["backend"], corpus=corpus, adam=adam or None, hidden=hidden or None, path=folder,
+        model=model,
+        train=train,
+        vocab=vocab,
+        params=params,
+        step=step,
+        position=position,
+        backend=meta["backend"],
+        corpus=corpus,
+        adam=adam or None,
+        hidden=hidden or None,
+        path=folder,
     )
 
 
@@ -422,14 +512,25 @@ def _count(value, what: str) -> int:
     return value
 
 
-def _check_state(where: Path, state: dict[str, np.ndarray], model: C.ModelConfig, train: C.TrainConfig,
-                 shapes: dict[str, tuple], step: int) -> None:
+def _check_state(
+    where: Path,
+    state: dict[str, np.ndarray],
+    model: C.ModelConfig,
+    train: C.TrainConfig,
+    shapes: dict[str, tuple],
+    step: int,
+) -> None:
     """Adam's moments and the carried hidden state must fit the model exactly, or the first step fails."""
     dtype = np.dtype(train.dtype)
     expect: dict[str, tuple[tuple, np.dtype]] = {}
     # Adam's state is always saved (a resume without it would silently restart the optimizer).
-    expect["adam.step"] = ((), np.dtype(np.int64))  # (1,) in files written before 0-d arrays were kept 0-d
-    expect.update({f"adam.{m}.{n}": (s, dtype) for m in ("exp_avg", "exp_avg_sq") for n, s in shapes.items()})
+    expect["adam.step"] = (
+        (),
+        np.dtype(np.int64),
+    )  # (1,) in files written before 0-d arrays were kept 0-d
+    expect.update(
+        {f"adam.{m}.{n}": (s, dtype) for m in ("exp_avg", "exp_avg_sq") for n, s in shapes.items()}
+    )
     if C.loss_scaled(train):  # fp16: the dynamic loss scale and its count of clean steps
         expect["adam.loss_scale"] = ((), np.dtype(np.float32))
         expect["adam.loss_scale_good_steps"] = ((), np.dtype(np.int64))
@@ -437,25 +538,47 @@ def _check_state(where: Path, state: dict[str, np.ndarray], model: C.ModelConfig
     h_shape = (model.num_layers, train.batch_size, model.hidden_size)  # (L, B, H)
     expect.update({f"hidden.{k}": (h_shape, dtype) for k in model.state_parts})
     if set(state) != set(expect):
-        raise CharclipError(f"{where} holds tensors {sorted(set(state) ^ set(expect))} that do not fit the configuration")
+        raise CharclipError(
+            f"{where} holds tensors {sorted(set(state) ^ set(expect))} that do not fit the configuration"
+        )
     for name, (shape, dt) in expect.items():
-        if state[name].shape != shape and not (name == "adam.step" and state[name].shape == (1,)) or state[name].dtype != dt:
-            raise CharclipError(f"{where}: {name} is {state[name].dtype}{list(state[name].shape)}, expected {dt}{list(shape)}")
+        if (
+            state[name].shape != shape
+            and not (name == "adam.step" and state[name].shape == (1,))
+            or state[name].dtype != dt
+        ):
+            raise CharclipError(
+                f"{where}: {name} is {state[name].dtype}{list(state[name].shape)}, expected {dt}{list(shape)}"
+            )
     nonfinite = [k for k, v in state.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
-    if nonfinite:  # NaN moments would make the run non-finite; infinite second moments freeze every parameter
-        raise CharclipError(f"{where}: {', '.join(sorted(nonfinite)[:3])} holds NaN or infinite values, which no "
-                            "finite training state has; the checkpoint is damaged")
+    if (
+        nonfinite
+    ):  # NaN moments would make the run non-finite; infinite second moments freeze every parameter
+        raise CharclipError(
+            f"{where}: {', '.join(sorted(nonfinite)[:3])} holds NaN or infinite values, which no "
+            "finite training state has; the checkpoint is damaged"
+        )
     adam_step = int(state["adam.step"].reshape(()))
     if not 0 <= adam_step <= step:
-        raise CharclipError(f"{where}: the optimizer has taken {adam_step} steps, not between 0 and the checkpoint's {step}")
+        raise CharclipError(
+            f"{where}: the optimizer has taken {adam_step} steps, not between 0 and the checkpoint's {step}"
+        )
     moments = [v for k, v in state.items() if k.startswith("adam.exp_avg")]
-    if adam_step == 0 and any(np.any(v != 0) for v in moments):  # both backends would drop them and restart Adam
-        raise CharclipError(f"{where}: the optimizer has taken 0 steps but its moments are not zero")
+    if adam_step == 0 and any(
+        np.any(v != 0) for v in moments
+    ):  # both backends would drop them and restart Adam
+        raise CharclipError(
+            f"{where}: the optimizer has taken 0 steps but its moments are not zero"
+        )
     if any(np.any(v < 0) for k, v in state.items() if k.startswith("adam.exp_avg_sq.")):
-        raise CharclipError(f"{where}: Adam's second moment is negative somewhere, which no training produces")
+        raise CharclipError(
+            f"{where}: Adam's second moment is negative somewhere, which no training produces"
+        )
     if "adam.loss_scale" in state:
         scale, good = float(state["adam.loss_scale"]), int(state["adam.loss_scale_good_steps"])
         # Repeated backoff may reach 0 (GradScaler has no floor), so 0 is a scale a run can write.
         if not (math.isfinite(scale) and scale >= 0) or not 0 <= good < train.loss_scale_interval:
-            raise CharclipError(f"{where}: the loss scale {scale} (after {good} clean steps) is not a finite, "
-                                f"non-negative number with a count below {train.loss_scale_interval}")
+            raise CharclipError(
+                f"{where}: the loss scale {scale} (after {good} clean steps) is not a finite, "
+                f"non-negative number with a count below {train.loss_scale_interval}"
+            )

@@ -12,11 +12,33 @@ import json
 import sys
 
 from charclip import __version__, signals
-from charclip.config import ClipConfig, EvalOptions, ModelConfig, RunOptions, SampleOptions, TrainConfig, default_of, options
+from charclip.config import (
+    ClipConfig,
+    EvalOptions,
+    ModelConfig,
+    RunOptions,
+    SampleOptions,
+    TrainConfig,
+    default_of,
+    options,
+)
 from charclip.errors import CharclipError
 
-COMMANDS: tuple[str, ...] = ("charclip.parity", "benchmarks.suite", "charclip.explode", "charclip.testing.command")  # modules adding subcommands
-GROUPS = ("data and output", "model", "optimisation", "clipping", "reporting", "several devices (docs/distributed.md)")
+COMMANDS: tuple[str, ...] = (
+    "charclip.parity",
+    "benchmarks.suite",
+    "charclip.explode",
+    "charclip.testing.command",
+)  # modules adding subcommands
+GROUPS = (
+    "data and output",
+    "model",
+    "optimisation",
+    "clipping",
+    "reporting",
+    "several devices (docs/distributed.md)",
+)
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a mistyped option is one line, `charclip: error: argument --steps: ...`, not a usage block."""
@@ -29,8 +51,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where it says something (not None, not a flag, not already in the text)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default is argparse.SUPPRESS or (
-                "default" in (action.help or "")):  # `is`: a default of 0 (== False) is worth showing
+        if (
+            action.default is None
+            or action.default is False
+            or action.default is argparse.SUPPRESS
+            or ("default" in (action.help or ""))
+        ):  # `is`: a default of 0 (== False) is worth showing
             return action.help
         return super()._get_help_string(action)
 
@@ -40,8 +66,13 @@ def _help(f) -> str:
     m = f.metadata
     if m["action"] in ("store_true", "store_const"):
         return m["help"]
-    shown = m["shown"] or ("none" if default_of(f) is None else f"{default_of(f):g}" if isinstance(default_of(f), float)
-                           else str(default_of(f)))
+    shown = m["shown"] or (
+        "none"
+        if default_of(f) is None
+        else f"{default_of(f):g}"
+        if isinstance(default_of(f), float)
+        else str(default_of(f))
+    )
     rule = "; --resume keeps the run's" if m["resume"] == "kept" else ""
     return f"{m['help']} (default: {shown}{rule})".replace("%", "%%")
 
@@ -57,32 +88,52 @@ def add_options(p: argparse.ArgumentParser, *classes) -> None:
     exclusive = None
     fields = [(cls, f) for cls in classes for f in options(cls)]
     order = [None, *GROUPS]
-    for cls, f in sorted(fields, key=lambda cf: order.index(cf[1].metadata["group"])):  # stable: fields keep their order
+    for cls, f in sorted(
+        fields, key=lambda cf: order.index(cf[1].metadata["group"])
+    ):  # stable: fields keep their order
         m = f.metadata
-        target = p if m["group"] is None else groups.get(m["group"]) or groups.setdefault(
-            m["group"], p.add_argument_group(m["group"]))
+        target = (
+            p
+            if m["group"] is None
+            else groups.get(m["group"])
+            or groups.setdefault(m["group"], p.add_argument_group(m["group"]))
+        )
         if cls is ClipConfig and f.name in ("mode", "max_norm", "max_value"):
             exclusive = exclusive or target.add_mutually_exclusive_group()
             target = exclusive
         kwargs = dict(dest=f.name, default=None, help=_help(f))
         if m["action"] in ("store_true", "store_const"):
-            kwargs.update(action=m["action"], **({"const": m["const"]} if m["action"] == "store_const" else {}))
+            kwargs.update(
+                action=m["action"],
+                **({"const": m["const"]} if m["action"] == "store_const" else {}),
+            )
         else:  # a value, or with action "append" several
-            metavar = None if m["choices"] else m["metavar"] or m["flag"].lstrip("-").upper().replace("-", "_")
-            kwargs.update(type=m["type"] or type(default_of(f)), choices=m["choices"],
-                          metavar=metavar, **({"action": m["action"]} if m["action"] else {}))
+            metavar = (
+                None
+                if m["choices"]
+                else m["metavar"] or m["flag"].lstrip("-").upper().replace("-", "_")
+            )
+            kwargs.update(
+                type=m["type"] or type(default_of(f)),
+                choices=m["choices"],
+                metavar=metavar,
+                **({"action": m["action"]} if m["action"] else {}),
+            )
         target.add_argument(m["flag"], **kwargs)
 
 
 def fill(cls, a: argparse.Namespace, **fixed):
     """An instance of `cls` from the parsed options: given values, else the fields' defaults."""
-    given = {f.name: getattr(a, f.name) for f in options(cls) if getattr(a, f.name, None) is not None}
+    given = {
+        f.name: getattr(a, f.name) for f in options(cls) if getattr(a, f.name, None) is not None
+    }
     return cls(**{**given, **fixed})
 
 
 def _add_train(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a char-RNN (default: the embedded Shakespeare)",
+        "train",
+        help="train a char-RNN (default: the embedded Shakespeare)",
         description="Train a character-level RNN with gradient clipping. With no options it trains the default "
         "model on the embedded Shakespeare corpus in a few minutes on a laptop CPU, then prints samples. "
         "Ctrl-C, SIGTERM and SIGHUP finish the current step, write a checkpoint and exit 128 + the signal's number.",
@@ -93,16 +144,25 @@ def _add_train(sub) -> None:
 
 
 def _clip_config(a) -> ClipConfig:
-    mode = a.mode or ("value" if a.max_value is not None else "norm")  # a.mode is "none" with --no-clip
+    mode = a.mode or (
+        "value" if a.max_value is not None else "norm"
+    )  # a.mode is "none" with --no-clip
     return fill(ClipConfig, a, mode=mode)
 
 
 def _note_ignored_on_resume(a) -> None:
     """A resumed run keeps its configuration; say which given options that leaves unused."""
-    ignored = [f.metadata["flag"] for cls in (ModelConfig, TrainConfig, ClipConfig) for f in options(cls)
-               if f.metadata["resume"] == "kept" and getattr(a, f.name) is not None]
+    ignored = [
+        f.metadata["flag"]
+        for cls in (ModelConfig, TrainConfig, ClipConfig)
+        for f in options(cls)
+        if f.metadata["resume"] == "kept" and getattr(a, f.name) is not None
+    ]
     if ignored:
-        print(f"charclip: note: --resume keeps the run's configuration; ignored: {', '.join(ignored)}", file=sys.stderr)
+        print(
+            f"charclip: note: --resume keeps the run's configuration; ignored: {', '.join(ignored)}",
+            file=sys.stderr,
+        )
 
 
 def _compilation_cache(backend: str) -> None:
@@ -127,21 +187,32 @@ def _train(a) -> int:
     from charclip.metrics import describe_clipped
 
     o = fill(RunOptions, a)
-    cfg = fill(TrainConfig, a, clip=_clip_config(a))  # checks every given option, also those a resume ignores
+    cfg = fill(
+        TrainConfig, a, clip=_clip_config(a)
+    )  # checks every given option, also those a resume ignores
     model = fill(ModelConfig, a, vocab_size=1)
     if o.resume is not None:
         _note_ignored_on_resume(a)
     o, ck = run.resolve(o)  # the backend and folder a resumed run continues in; the one load
     _compilation_cache(o.backend)
     s = run.launch(model, None if ck is not None and a.steps is None else cfg, o, resumed=ck)
-    ran = f"{s['steps_run']} steps" + (f" (steps {s['steps'] - s['steps_run'] + 1}-{s['steps']})" if s["steps_run"] != s["steps"] else "")
+    ran = f"{s['steps_run']} steps" + (
+        f" (steps {s['steps'] - s['steps_run'] + 1}-{s['steps']})"
+        if s["steps_run"] != s["steps"]
+        else ""
+    )
     if not s["steps_run"]:
         ran = f"no step (the run was at step {s['steps']}; its closing phase was redone)"
-    print(f"\ndone: {ran} in {s['seconds']:.0f} s; training loss {_loss(s['train_loss'])}, "
-          f"validation loss {_loss(s['val_loss'])} nats/char{_val_batches(s)}; "
-          f"{describe_clipped(s['clipped_steps'], s['logged_steps'])}"
-          + (f"; {s['skipped_steps']} skipped" if s["skipped_steps"] else ""))
-    print(f"checkpoint: {s['checkpoint']}\nmetrics:    {s['metrics']}" + (f"\nplot:       {s['plot']}" if "plot" in s else ""))
+    print(
+        f"\ndone: {ran} in {s['seconds']:.0f} s; training loss {_loss(s['train_loss'])}, "
+        f"validation loss {_loss(s['val_loss'])} nats/char{_val_batches(s)}; "
+        f"{describe_clipped(s['clipped_steps'], s['logged_steps'])}"
+        + (f"; {s['skipped_steps']} skipped" if s["skipped_steps"] else "")
+    )
+    print(
+        f"checkpoint: {s['checkpoint']}\nmetrics:    {s['metrics']}"
+        + (f"\nplot:       {s['plot']}" if "plot" in s else "")
+    )
     if s.get("sample"):
         print("\n--- sample (temperature 0.8) ---" + s["sample"].rstrip() + "\n---")
     return 0
@@ -159,10 +230,15 @@ def _val_batches(s: dict) -> str:
 
 
 def _add_sample(sub) -> None:
-    p = sub.add_parser("sample", help="generate text from a checkpoint",
-                       description="Sample text one character at a time from a checkpoint of either backend.",
-                       formatter_class=HelpFormatter)
-    p.add_argument("checkpoint", help="a run folder, a checkpoint folder, or a run's checkpoints/BEST")
+    p = sub.add_parser(
+        "sample",
+        help="generate text from a checkpoint",
+        description="Sample text one character at a time from a checkpoint of either backend.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "checkpoint", help="a run folder, a checkpoint folder, or a run's checkpoints/BEST"
+    )
     add_options(p, SampleOptions)
     p.set_defaults(func=_sample)
 
@@ -179,20 +255,36 @@ def _sample(a) -> int:
         if o.num_samples > 1:
             sys.stdout.write(f"--- sample {i + 1} of {o.num_samples} (seed {o.seed + i}) ---\n")
         # Streamed as drawn: a long sample shows progress, and an interrupted one keeps its text.
-        text = sample(ck.model, ck.params, ck.vocab, o.prime, o.length, temperature=o.temperature, top_k=o.top_k,
-                      top_p=o.top_p, seed=o.seed + i, device=o.device, emit=sys.stdout.write)
+        text = sample(
+            ck.model,
+            ck.params,
+            ck.vocab,
+            o.prime,
+            o.length,
+            temperature=o.temperature,
+            top_k=o.top_k,
+            top_p=o.top_p,
+            seed=o.seed + i,
+            device=o.device,
+            emit=sys.stdout.write,
+        )
         sys.stdout.write("" if text.endswith("\n") else "\n")
     return 0
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="loss of a checkpoint on a text, as JSON",
-                       description="Mean cross-entropy (nats/char) of a checkpoint on a text file, or on the validation "
-                       "split of the corpus it was trained on, whole (the validation loss training "
-                       "reports covers only its first --eval-batches batches, so the two differ). "
-                       "Prints JSON; a loss that is not finite prints as null.",
-                       formatter_class=HelpFormatter)
-    p.add_argument("checkpoint", help="a run folder, a checkpoint folder, or a run's checkpoints/BEST")
+    p = sub.add_parser(
+        "eval",
+        help="loss of a checkpoint on a text, as JSON",
+        description="Mean cross-entropy (nats/char) of a checkpoint on a text file, or on the validation "
+        "split of the corpus it was trained on, whole (the validation loss training "
+        "reports covers only its first --eval-batches batches, so the two differ). "
+        "Prints JSON; a loss that is not finite prints as null.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "checkpoint", help="a run folder, a checkpoint folder, or a run's checkpoints/BEST"
+    )
     add_options(p, EvalOptions)
     p.set_defaults(func=_eval)
 
@@ -201,8 +293,8 @@ def _eval(a) -> int:
     import math
 
     from charclip import checkpoint, corpus
-    from charclip.batching import Streams, split
     from charclip.backends import module as backend_module
+    from charclip.batching import Streams, split
 
     o = fill(EvalOptions, a)
     ck = checkpoint.load(a.checkpoint)
@@ -212,26 +304,48 @@ def _eval(a) -> int:
     else:
         text = corpus.load(ck.corpus.get("path"))
         if corpus.fingerprint(text) != ck.corpus.get("sha256_16"):
-            print("charclip: note: the corpus has changed since this checkpoint was trained; "
-                  "the loss is on its current validation split", file=sys.stderr)
+            print(
+                "charclip: note: the corpus has changed since this checkpoint was trained; "
+                "the loss is on its current validation split",
+                file=sys.stderr,
+            )
         tokens = split(ck.vocab.encode(text, what="the training corpus"), cfg.val_fraction)[1]
     need = 2 * cfg.seq_len + 1  # one stream of one sequence, with room for the targets' shift
     if len(tokens) < need:
-        what = f"the text {o.data}" if o.data is not None else "the validation split of the checkpoint's corpus"
-        raise CharclipError(f"{what} has {len(tokens)} characters; eval needs at least {need} (twice the checkpoint's "
-                            f"sequence length {cfg.seq_len}, plus one): give a longer text with --data")
+        what = (
+            f"the text {o.data}"
+            if o.data is not None
+            else "the validation split of the checkpoint's corpus"
+        )
+        raise CharclipError(
+            f"{what} has {len(tokens)} characters; eval needs at least {need} (twice the checkpoint's "
+            f"sequence length {cfg.seq_len}, plus one): give a longer text with --data"
+        )
     batch = max(1, min(cfg.batch_size, (len(tokens) - cfg.seq_len) // (cfg.seq_len + 1)))
     streams = Streams(tokens, batch, cfg.seq_len, what="evaluation text")
     _compilation_cache(o.backend)
     trainer = backend_module(o.backend, "train").Trainer(ck.model, cfg, ck.params, device=o.device)
     loss = trainer.evaluate(streams.eval_batches(streams.batches_per_epoch))
     if not math.isfinite(loss):  # JSON has no NaN: null, and a word on stderr
-        print(f"charclip: note: the loss is {loss} (the checkpoint's parameters are not all finite); printed as null",
-              file=sys.stderr)
-    print(json.dumps({"loss": loss if math.isfinite(loss) else None, "unit": "nats/char",
-                      "characters": streams.batches_per_epoch * batch * cfg.seq_len, "checkpoint": str(ck.path),
-                      "step": ck.step, "backend": o.backend, "data": o.data or "validation split",
-                      "batches": streams.batches_per_epoch}, allow_nan=False))
+        print(
+            f"charclip: note: the loss is {loss} (the checkpoint's parameters are not all finite); printed as null",
+            file=sys.stderr,
+        )
+    print(
+        json.dumps(
+            {
+                "loss": loss if math.isfinite(loss) else None,
+                "unit": "nats/char",
+                "characters": streams.batches_per_epoch * batch * cfg.seq_len,
+                "checkpoint": str(ck.path),
+                "step": ck.step,
+                "backend": o.backend,
+                "data": o.data or "validation split",
+                "batches": streams.batches_per_epoch,
+            },
+            allow_nan=False,
+        )
+    )
     return 0
 
 
@@ -251,14 +365,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    previous = signals.install()  # SIGTERM and SIGHUP stop like Ctrl-C, from the start (the loop defers them)
+    previous = (
+        signals.install()
+    )  # SIGTERM and SIGHUP stop like Ctrl-C, from the start (the loop defers them)
     try:
         args = parser().parse_args(argv)
         return args.func(args)
     except CharclipError as e:
         print(f"charclip: error: {_printable(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # outside the loop, or a second signal: checkpoints on disk are whole
+    except (
+        KeyboardInterrupt
+    ) as e:  # outside the loop, or a second signal: checkpoints on disk are whole
         print(f"charclip: interrupted ({signal_name(e)})", file=sys.stderr)
         return signals.exit_code(e)
     finally:

@@ -18,7 +18,9 @@ NONFINITE_POLICIES = ("propagate", "skip", "error")
 def check_threshold(name: str, value: float) -> float:
     value = float(value)
     if not value >= 0:  # NaN too; a comparison, not math.isnan, which torch.compile cannot trace
-        raise ValueError(f"{name} must be >= 0 (got {value}); a negative threshold would flip the gradient's sign.")
+        raise ValueError(
+            f"{name} must be >= 0 (got {value}); a negative threshold would flip the gradient's sign."
+        )
     return value
 
 

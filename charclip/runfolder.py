@@ -23,14 +23,24 @@ from pathlib import Path
 from charclip.errors import CharclipError
 
 LOCK_FILE = ".lock"
-OUTPUTS = ("checkpoints", "metrics.jsonl", "training.png", "summary.json")  # what a run writes; --overwrite removes these
+OUTPUTS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "training.png",
+    "summary.json",
+)  # what a run writes; --overwrite removes these
 
 
 def os_error(e: OSError, what: str) -> CharclipError:
     """An OSError as one line: what was being done, where, and why (no traceback)."""
     reason = e.strerror or type(e).__name__
-    hint = {errno.ENOSPC: "; free some space", errno.EDQUOT: "; free some space", errno.EROFS: "; choose a writable --out",
-            errno.EACCES: "; choose a writable --out", errno.EPERM: "; choose a writable --out"}.get(e.errno, "")
+    hint = {
+        errno.ENOSPC: "; free some space",
+        errno.EDQUOT: "; free some space",
+        errno.EROFS: "; choose a writable --out",
+        errno.EACCES: "; choose a writable --out",
+        errno.EPERM: "; choose a writable --out",
+    }.get(e.errno, "")
     name = os.fsdecode(e.filename) if e.filename else ""
     # A path the message names already is not said twice.
     where = f": {name}" if name and name not in what else ""
@@ -92,7 +102,9 @@ def create(out: Path) -> None:
         raise CharclipError(f"--out {out} is a file, not a folder; choose a folder for the run")
     for parent in out.parents:
         if parent.exists() and not parent.is_dir():
-            raise CharclipError(f"--out {out} lies below {parent}, which is a file; choose a folder for the run")
+            raise CharclipError(
+                f"--out {out} lies below {parent}, which is a file; choose a folder for the run"
+            )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -106,15 +118,17 @@ class Lock:
         self.path = Path(run) / LOCK_FILE
         self.fd: int | None = None
 
-    def __enter__(self) -> "Lock":
+    def __enter__(self) -> Lock:
         try:
             import fcntl
         except ImportError:  # not a POSIX system: no advisory locks; run unguarded
             return self
         while True:
             if self.path.is_symlink():  # never charclip's; following it writes the pid elsewhere
-                raise CharclipError(f"{self.path} is a symbolic link, which charclip never makes; "
-                                    "remove it and retry")
+                raise CharclipError(
+                    f"{self.path} is a symbolic link, which charclip never makes; "
+                    "remove it and retry"
+                )
             try:
                 # O_NOFOLLOW: a link made since the check above is refused too, never followed.
                 flags = os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
@@ -131,8 +145,10 @@ class Lock:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise os_error(e, f"cannot lock the run folder {self.path.parent}") from None
                 who = f"pid {holder}" if holder.isdigit() else "another process"
-                raise CharclipError(f"{self.path.parent} is in use by another charclip run ({who}); wait for it to "
-                                    "finish or stop it, or choose another --out") from None
+                raise CharclipError(
+                    f"{self.path.parent} is in use by another charclip run ({who}); wait for it to "
+                    "finish or stop it, or choose another --out"
+                ) from None
             # The holder before us removes the file when it ends (__exit__): the file we locked
             # may be gone from the folder. Only a lock on the folder's own file counts; else retry.
             try:
@@ -169,19 +185,25 @@ def claim(out: Path, *, overwrite: bool) -> None:
         return
     if not overwrite:
         if "checkpoints" not in held and "metrics.jsonl" not in held:
-            raise CharclipError(f"--out {out} already holds {len(held)} entries; train in a new "
-                                "--out folder, or pass --overwrite to write the run beside them")
+            raise CharclipError(
+                f"--out {out} already holds {len(held)} entries; train in a new "
+                "--out folder, or pass --overwrite to write the run beside them"
+            )
         from charclip import checkpoint
 
         try:
             checkpoint.resolve(out)
         except CharclipError:  # killed before its first whole checkpoint: nothing to --resume
-            raise CharclipError(f"--out {out} holds an earlier run that has no whole checkpoint "
-                                "(it was stopped before its first one); pass --overwrite to start it "
-                                "afresh, or use a new --out folder") from None
-        raise CharclipError(f"--out {out} already holds an earlier run; continue it with --resume "
-                            f"{out}, train afresh with a new --out folder, or pass --overwrite to "
-                            "replace it")
+            raise CharclipError(
+                f"--out {out} holds an earlier run that has no whole checkpoint "
+                "(it was stopped before its first one); pass --overwrite to start it "
+                "afresh, or use a new --out folder"
+            ) from None
+        raise CharclipError(
+            f"--out {out} already holds an earlier run; continue it with --resume "
+            f"{out}, train afresh with a new --out folder, or pass --overwrite to "
+            "replace it"
+        )
     for name in OUTPUTS:
         p = out / name
         try:
@@ -199,9 +221,11 @@ def check_links(out: Path) -> None:
     (The files a run replaces, metrics.jsonl, summary.json and training.png, are renamed over
     whatever is there, a link included, so they never write through one.)"""
     if (out / "checkpoints").is_symlink():
-        raise CharclipError(f"{out / 'checkpoints'} is a symbolic link, which charclip never "
-                            "makes; checkpoints would be written outside the run folder: remove "
-                            "the link, or pass --overwrite")
+        raise CharclipError(
+            f"{out / 'checkpoints'} is a symbolic link, which charclip never "
+            "makes; checkpoints would be written outside the run folder: remove "
+            "the link, or pass --overwrite"
+        )
 
 
 def shown(path) -> str:
@@ -217,8 +241,10 @@ def require_utf8(path, option: str) -> None:
     try:
         os.fsdecode(path).encode("utf-8")
     except UnicodeEncodeError:
-        raise CharclipError(f"{option} {shown(path)} has a name that is not UTF-8, which a "
-                            "checkpoint cannot record; rename it") from None
+        raise CharclipError(
+            f"{option} {shown(path)} has a name that is not UTF-8, which a "
+            "checkpoint cannot record; rename it"
+        ) from None
 
 
 def _probe(folder: Path, what: str) -> None:
@@ -240,12 +266,15 @@ def writable_folder(path, option: str) -> Path:
     path = Path(path)
     require_utf8(path, option)
     if path.exists() and not path.is_dir():
-        raise CharclipError(f"{option} {path}: cannot create the output folder, it is a file; "
-                            "choose a folder")
+        raise CharclipError(
+            f"{option} {path}: cannot create the output folder, it is a file; choose a folder"
+        )
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
-            raise CharclipError(f"{option} {path}: cannot create the output folder below {parent}, "
-                                "which is a file; choose a folder")
+            raise CharclipError(
+                f"{option} {path}: cannot create the output folder below {parent}, "
+                "which is a file; choose a folder"
+            )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -262,7 +291,8 @@ def writable_file(path, option: str) -> Path:
         raise CharclipError(f"{option} {path} is a folder; name a file to write")
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
-            raise CharclipError(f"{option} {path} lies below {parent}, which is a file; "
-                                "choose another path")
+            raise CharclipError(
+                f"{option} {path} lies below {parent}, which is a file; choose another path"
+            )
     writable_folder(path.parent, option)
     return path

@@ -9,19 +9,24 @@ PyTorch and in JAX.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from charclip.errors import CharclipError
 from charclip.vocab import Vocab
 
-
 MAX_LENGTH = 10**7  # characters per sample: hours of one-character steps already; more is a typo
 
 
-def check_options(vocab: Vocab, prime: str, length: int, temperature: float, top_k: int | None,
-                  top_p: float | None = None) -> None:
+def check_options(
+    vocab: Vocab,
+    prime: str,
+    length: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None = None,
+) -> None:
     if not prime:
         raise CharclipError("--prime must hold at least one character")
     vocab.encode(prime, what="the prime text")
@@ -30,12 +35,16 @@ def check_options(vocab: Vocab, prime: str, length: int, temperature: float, top
     if not (math.isfinite(temperature) and temperature > 0):
         raise CharclipError(f"--temperature must be a positive finite number, got {temperature!r}")
     if top_k is not None and not (1 <= top_k <= len(vocab)):
-        raise CharclipError(f"--top-k must lie between 1 and the vocabulary size {len(vocab)}, got {top_k}")
+        raise CharclipError(
+            f"--top-k must lie between 1 and the vocabulary size {len(vocab)}, got {top_k}"
+        )
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise CharclipError(f"--top-p must lie in (0, 1], got {top_p!r}")
 
 
-def draw(logits: np.ndarray, u: float, temperature: float, top_k: int | None, top_p: float | None = None) -> int:
+def draw(
+    logits: np.ndarray, u: float, temperature: float, top_k: int | None, top_p: float | None = None
+) -> int:
     """Index of the next character: inverse-CDF of softmax(logits / temperature) at u in [0, 1).
 
     top_k keeps the k likeliest characters; top_p (nucleus sampling, Holtzman et al. 2020)
@@ -43,17 +52,23 @@ def draw(logits: np.ndarray, u: float, temperature: float, top_k: int | None, to
     """
     logits = np.asarray(logits, dtype=np.float64)
     if not np.isfinite(logits).all():
-        raise CharclipError("the model's next-character scores are not finite (NaN or inf): the checkpoint's "
-                            "parameters hold non-finite values, so there is nothing to sample")
+        raise CharclipError(
+            "the model's next-character scores are not finite (NaN or inf): the checkpoint's "
+            "parameters hold non-finite values, so there is nothing to sample"
+        )
     # Every extreme below is handled explicitly (overflow to -inf, underflow to 0), so NumPy's floating-point
     # warnings would only be noise on the console.
     with np.errstate(all="ignore"):
         return _draw(logits, u, temperature, top_k, top_p)
 
 
-def _draw(logits: np.ndarray, u: float, temperature: float, top_k: int | None, top_p: float | None) -> int:
+def _draw(
+    logits: np.ndarray, u: float, temperature: float, top_k: int | None, top_p: float | None
+) -> int:
     z = logits / temperature
-    if not np.isfinite(z).all():  # a tiny temperature overflowed: shift first, the softmax is the same
+    if not np.isfinite(
+        z
+    ).all():  # a tiny temperature overflowed: shift first, the softmax is the same
         z = (logits - logits.max()) / temperature  # the largest becomes 0, the rest -inf at worst
     if top_k is not None and top_k < len(z):
         kth = np.sort(z)[-top_k]
@@ -61,7 +76,9 @@ def _draw(logits: np.ndarray, u: float, temperature: float, top_k: int | None, t
     p = np.exp(z - z.max())
     p = p / p.sum()
     if top_p is not None and top_p < 1:
-        order = np.argsort(-p, kind="stable")  # likeliest first; ties in index order, the same everywhere
+        order = np.argsort(
+            -p, kind="stable"
+        )  # likeliest first; ties in index order, the same everywhere
         keep = np.searchsorted(np.cumsum(p[order]), top_p) + 1  # the smallest prefix reaching top_p
         p[order[keep:]] = 0.0
         p = p / p.sum()

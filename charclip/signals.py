@@ -13,7 +13,11 @@ from __future__ import annotations
 import signal
 import threading
 
-STOP_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
+STOP_SIGNALS = tuple(
+    s
+    for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
+    if s
+)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -43,7 +47,9 @@ def _raise(signum, frame) -> None:
 
 def install() -> dict[int, object]:
     """Every honoured stop signal raises `Interrupted`; returns the handlers replaced, for `restore`."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+    if (
+        threading.current_thread() is not threading.main_thread()
+    ):  # only the main thread may set handlers
         return {}
     return {s: signal.signal(s, _raise) for s in honoured()}
 

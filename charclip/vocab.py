@@ -14,7 +14,7 @@ class Vocab:
     chars: str  # sorted, no repeats; index i is token i
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocab":
+    def from_text(cls, text: str) -> Vocab:
         return cls("".join(sorted(set(text))))
 
     def __post_init__(self) -> None:

@@ -56,7 +56,9 @@ def forward(params: Params, x: np.ndarray, h0: np.ndarray | None = None):
     finals = []
     for k in range(L):
         w_ih, w_hh = p[f"rnn.weight_ih_l{k}"], p[f"rnn.weight_hh_l{k}"]  # (H, E or H), (H, H)
-        b = p[f"rnn.bias_ih_l{k}"] + p[f"rnn.bias_hh_l{k}"]  # (H,): the two biases only ever appear summed
+        b = (
+            p[f"rnn.bias_ih_l{k}"] + p[f"rnn.bias_hh_l{k}"]
+        )  # (H,): the two biases only ever appear summed
         h = h0[k]  # (B, H)
         hs = np.empty((B, T, H))
         for t in range(T):

@@ -30,9 +30,15 @@ def draw_2d(path: Path) -> None:
     tau = v = 1.0
     by_norm, by_value = clip_by_global_norm({"g": g}, tau)[0]["g"], np.clip(g, -v, v)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.4))
-    for ax, clipped, title in ((axes[0], by_norm, "by global norm (tau = 1)"), (axes[1], by_value, "by value (v = 1)")):
-        ax.add_patch(plt.Circle((0, 0), tau, fill=False, ls="--", color="0.5") if ax is axes[0]
-                     else plt.Rectangle((-v, -v), 2 * v, 2 * v, fill=False, ls="--", color="0.5"))
+    for ax, clipped, title in (
+        (axes[0], by_norm, "by global norm (tau = 1)"),
+        (axes[1], by_value, "by value (v = 1)"),
+    ):
+        ax.add_patch(
+            plt.Circle((0, 0), tau, fill=False, ls="--", color="0.5")
+            if ax is axes[0]
+            else plt.Rectangle((-v, -v), 2 * v, 2 * v, fill=False, ls="--", color="0.5")
+        )
         ax.annotate("", g, (0, 0), arrowprops=dict(arrowstyle="->", color="tab:red", lw=2))
         ax.annotate("", clipped, (0, 0), arrowprops=dict(arrowstyle="->", color="tab:blue", lw=2))
         ax.plot([], [], color="tab:red", label=f"g = ({g[0]:.1f}, {g[1]:.1f})")
@@ -71,7 +77,9 @@ def rnn_gradient(params, xs, ys):
     return loss, grads
 
 
-def draw_run(path: Path, steps: int = 300, tau: float = 20.0, lr: float = 0.01, radius: float = 1.5) -> None:
+def draw_run(
+    path: Path, steps: int = 300, tau: float = 20.0, lr: float = 0.01, radius: float = 1.5
+) -> None:
     rng = np.random.default_rng(0)
     hidden, inputs, seq = 16, 4, 40
     w_hh = rng.normal(size=(hidden, hidden))
@@ -93,8 +101,10 @@ def draw_run(path: Path, steps: int = 300, tau: float = 20.0, lr: float = 0.01, 
     ax.set_xlabel("SGD step")
     ax.set_ylabel("gradient norm")
     clipped = np.mean(np.array(before) >= tau)
-    ax.set_title(f"tanh RNN, H = {hidden}, T = {seq}, rho(W_hh) = {radius} at start, SGD lr {lr}: "
-                 f"{clipped:.0%} of steps clipped")
+    ax.set_title(
+        f"tanh RNN, H = {hidden}, T = {seq}, rho(W_hh) = {radius} at start, SGD lr {lr}: "
+        f"{clipped:.0%} of steps clipped"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -23,13 +23,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PARITY_JSON = ROOT / "docs/figures/parity/parity-float64.json"
-DEFAULT_RUN = ROOT / "docs/figures/default-run"  # summary.json and metrics.jsonl of one `charclip train`
+DEFAULT_RUN = (
+    ROOT / "docs/figures/default-run"
+)  # summary.json and metrics.jsonl of one `charclip train`
 PRECISION_JSON = ROOT / "docs/figures/precision/precision.json"  # python -m benchmarks.precision
 SOURCES = {  # name -> (the JSON, the command that writes it); the default run is measured by measure_default_run
     "default-run": (DEFAULT_RUN / "summary.json", None),
-    "parity-table": (PARITY_JSON, ["charclip", "parity", "--cell", "all", "--layers", "2", "--dtype", "float64",
-                                   "--no-progress", "--json", str(PARITY_JSON.relative_to(ROOT)),
-                                   "--plot", "docs/figures/parity/drift-float64.png"]),
+    "parity-table": (
+        PARITY_JSON,
+        [
+            "charclip",
+            "parity",
+            "--cell",
+            "all",
+            "--layers",
+            "2",
+            "--dtype",
+            "float64",
+            "--no-progress",
+            "--json",
+            str(PARITY_JSON.relative_to(ROOT)),
+            "--plot",
+            "docs/figures/parity/drift-float64.png",
+        ],
+    ),
     "precision": (PRECISION_JSON, [sys.executable, "-m", "benchmarks.precision", "--no-progress"]),
 }
 README_CELL = "lstm"  # the configuration the README shows; docs/parity.md shows all three
@@ -85,14 +102,20 @@ def parity_output(reports: list[dict]) -> str:
 
     report = next(r for r in reports if r["config"]["cell"] == README_CELL)
     c = report["config"]
-    head = (f"{c['cell']} {c['layers']}x{c['hidden']} (embedding {c['embedding']}, vocabulary {c['vocab']}), {c['dtype']}, "
-            f"batch {c['batch']}x{c['seq_len']}, {c['device']}, clipping: {c['clip_impl']}")
+    head = (
+        f"{c['cell']} {c['layers']}x{c['hidden']} (embedding {c['embedding']}, vocabulary {c['vocab']}), {c['dtype']}, "
+        f"batch {c['batch']}x{c['seq_len']}, {c['device']}, clipping: {c['clip_impl']}"
+    )
     return "```\n" + head + "\n" + format_table([Row(**r) for r in report["rows"]]) + "\n```"
 
 
 def default_run(summary: dict) -> str:
     """The README's paragraph on the default run, from its summary.json and metrics.jsonl."""
-    records = [json.loads(line) for line in (DEFAULT_RUN / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    records = [
+        json.loads(line)
+        for line in (DEFAULT_RUN / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        if line
+    ]
     steps = [r for r in records if "loss" in r]
     vals = [r for r in records if "val_loss" in r]
     clipped = [r["step"] for r in steps if r["clipped"]]
@@ -101,16 +124,19 @@ def default_run(summary: dict) -> str:
     every = vals[1]["step"] - vals[0]["step"] if len(vals) > 1 else vals[0]["step"]
     where = f", all among the first {max(clipped)}" if clipped else ""
     load = summary["load_average"]
-    text = (f"Measured with `python docs/make_readme_tables.py --measure` on this project's 2-core CPU (load average "
-            f"{load[0]:.1f} when it started, {load[1]:.1f} at the end; {summary['backend']} backend, the default): the run "
-            f"reaches **{summary['val_loss']:.2f} nats/char validation** (training {summary['train_loss']:.2f}) after "
-            f"{summary['steps']} steps, {summary['seconds']:.0f} s of training ({summary['wall_seconds']:.0f} s in all, "
-            f"with start-up, validation, plotting and sampling). Validation loss every {every} steps: "
-            + ", ".join(f"{r['val_loss']:.3f}" for r in vals) + ". "
-            f"Clipping fired on {len(clipped)} of {len(steps)} steps{where} (largest pre-clip norm {norms[-1]:.2f}); "
-            f"ordinary steps' norms lie between {p10:.2f} and {p90:.2f} (10th to 90th percentile). "
-            "torch on 2 threads is not bit-reproducible from run to run, so a rerun differs in the third decimal. "
-            "The closing sample (temperature 0.8) reads like this:")
+    text = (
+        f"Measured with `python docs/make_readme_tables.py --measure` on this project's 2-core CPU (load average "
+        f"{load[0]:.1f} when it started, {load[1]:.1f} at the end; {summary['backend']} backend, the default): the run "
+        f"reaches **{summary['val_loss']:.2f} nats/char validation** (training {summary['train_loss']:.2f}) after "
+        f"{summary['steps']} steps, {summary['seconds']:.0f} s of training ({summary['wall_seconds']:.0f} s in all, "
+        f"with start-up, validation, plotting and sampling). Validation loss every {every} steps: "
+        + ", ".join(f"{r['val_loss']:.3f}" for r in vals)
+        + ". "
+        f"Clipping fired on {len(clipped)} of {len(steps)} steps{where} (largest pre-clip norm {norms[-1]:.2f}); "
+        f"ordinary steps' norms lie between {p10:.2f} and {p90:.2f} (10th to 90th percentile). "
+        "torch on 2 threads is not bit-reproducible from run to run, so a rerun differs in the third decimal. "
+        "The closing sample (temperature 0.8) reads like this:"
+    )
     wrapped, line = [], ""
     for word in text.split(" "):
         if line and len(line) + 1 + len(word) > 90:
@@ -127,29 +153,44 @@ def precision_table(result: dict) -> str:
     c, env = result["config"], result["environment"]
     runs = result["runs"]
     full = {r["backend"]: r for r in runs if r["precision"] == "full"}
-    lines = [f"| backend | precision | validation loss after {c['steps']} steps | vs float32 | ms per step (median) "
-             "| time vs float32 (median of paired ratios) | overflowed steps |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| backend | precision | validation loss after {c['steps']} steps | vs float32 | ms per step (median) "
+        "| time vs float32 (median of paired ratios) | overflowed steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         base = full[r["backend"]]
         delta = "" if r["precision"] == "full" else f"{r['val_loss'] - base['val_loss']:+.4f}"
         ratio = "1" if r["precision"] == "full" else f"{r['time_vs_full']['median']:.2f}x"
-        lines.append(f"| {r['backend']} | {r['precision']} | {r['val_loss']:.4f} | {delta} | "
-                     f"{r['step_seconds']['median'] * 1e3:,.0f} | {ratio} | {r['overflow_steps']} |")
+        lines.append(
+            f"| {r['backend']} | {r['precision']} | {r['val_loss']:.4f} | {delta} | "
+            f"{r['step_seconds']['median'] * 1e3:,.0f} | {ratio} | {r['overflow_steps']} |"
+        )
     worst = max(abs(r["val_loss"] - full[r["backend"]]["val_loss"]) for r in runs)
     lines.append("")
-    lines.append(f"Every bf16 and fp16 run ends within {worst:.4f} nats/char of its backend's float32 validation loss. "
-                 f"Default model ({c['model']}), batch {c['batch']}x{c['seq_len']}, validation on {c['eval_batches']} "
-                 f"batches; {env['cpu']}, {env['cores']} cores, torch {env['versions']['torch']}, jax "
-                 f"{env['versions']['jax']}; load average {result['load_start']:.1f} at the start, "
-                 f"{result['load_end']:.1f} at the end.")
+    lines.append(
+        f"Every bf16 and fp16 run ends within {worst:.4f} nats/char of its backend's float32 validation loss. "
+        f"Default model ({c['model']}), batch {c['batch']}x{c['seq_len']}, validation on {c['eval_batches']} "
+        f"batches; {env['cpu']}, {env['cores']} cores, torch {env['versions']['torch']}, jax "
+        f"{env['versions']['jax']}; load average {result['load_start']:.1f} at the start, "
+        f"{result['load_end']:.1f} at the end."
+    )
     return "\n".join(lines)
 
 
 # block name -> (file it sits in, what writes it)
-TARGETS = {"parity-table": (README, parity_table), "parity-lstm-output": (ROOT / "docs/parity.md", parity_output),
-           "default-run": (README, default_run), "precision": (ROOT / "docs/usage.md", precision_table)}
-SOURCE_OF = {"parity-table": "parity-table", "parity-lstm-output": "parity-table", "default-run": "default-run",
-             "precision": "precision"}
+TARGETS = {
+    "parity-table": (README, parity_table),
+    "parity-lstm-output": (ROOT / "docs/parity.md", parity_output),
+    "default-run": (README, default_run),
+    "precision": (ROOT / "docs/usage.md", precision_table),
+}
+SOURCE_OF = {
+    "parity-table": "parity-table",
+    "parity-lstm-output": "parity-table",
+    "default-run": "default-run",
+    "precision": "precision",
+}
 
 
 def render(name: str, data) -> str:
@@ -157,7 +198,9 @@ def render(name: str, data) -> str:
 
 
 def _block(name: str) -> re.Pattern:
-    return re.compile(rf"(<!-- generated: {name} -->\n)(.*?)(\n<!-- end generated: {name} -->)", re.S)
+    return re.compile(
+        rf"(<!-- generated: {name} -->\n)(.*?)(\n<!-- end generated: {name} -->)", re.S
+    )
 
 
 def rewrite(text: str, target: Path = README) -> str:
@@ -184,7 +227,9 @@ def measure_default_run() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         start_load, t0 = os.getloadavg()[0], time.perf_counter()
-        done = subprocess.run(["charclip", "train", "--out", str(run_dir), "--no-progress"], cwd=ROOT)
+        done = subprocess.run(
+            ["charclip", "train", "--out", str(run_dir), "--no-progress"], cwd=ROOT
+        )
         wall, end_load = time.perf_counter() - t0, os.getloadavg()[0]
         if done.returncode != 0:
             return done.returncode
@@ -193,7 +238,9 @@ def measure_default_run() -> int:
         for key in ("checkpoint", "metrics", "plot"):  # paths into a folder that is gone
             summary.pop(key, None)
         DEFAULT_RUN.mkdir(parents=True, exist_ok=True)
-        (DEFAULT_RUN / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        (DEFAULT_RUN / "summary.json").write_text(
+            json.dumps(summary, indent=1) + "\n", encoding="utf-8"
+        )
         shutil.copy(run_dir / "metrics.jsonl", DEFAULT_RUN / "metrics.jsonl")
         shutil.copy(run_dir / "training.png", ROOT / "docs/figures/default-run.png")
     return 0
@@ -202,10 +249,17 @@ def measure_default_run() -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the JSON gives")
-    g.add_argument("--measure", action="store_true", help="rerun the commands that write the JSON first")
-    p.add_argument("--only", choices=("parity-table", "default-run", "precision"),
-                   help="with --measure: rerun only this one")
+    g.add_argument(
+        "--check", action="store_true", help="exit 1 if README.md is not what the JSON gives"
+    )
+    g.add_argument(
+        "--measure", action="store_true", help="rerun the commands that write the JSON first"
+    )
+    p.add_argument(
+        "--only",
+        choices=("parity-table", "default-run", "precision"),
+        help="with --measure: rerun only this one",
+    )
     a = p.parse_args(argv)
     if a.measure:
         if a.only in (None, "default-run"):
@@ -217,7 +271,10 @@ def main(argv=None) -> int:
                 continue
             print(f"{name}: {' '.join(command)}", flush=True)
             done = subprocess.run(command, cwd=ROOT)
-            if done.returncode not in (0, 1):  # 1: parity found a difference, which the table then shows
+            if done.returncode not in (
+                0,
+                1,
+            ):  # 1: parity found a difference, which the table then shows
                 return done.returncode
     stale = []
     for target in sorted({path for path, _ in TARGETS.values()}):
@@ -228,7 +285,10 @@ def main(argv=None) -> int:
             if not a.check:
                 target.write_text(new, encoding="utf-8")
     if a.check and stale:
-        print(f"stale generated tables in {', '.join(map(str, stale))}: run python docs/make_readme_tables.py", file=sys.stderr)
+        print(
+            f"stale generated tables in {', '.join(map(str, stale))}: run python docs/make_readme_tables.py",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -76,8 +76,11 @@ def _scaled_norm(wide: list[jax.Array], p: float) -> tuple[jax.Array, jax.Array]
     normal number; a non-finite or zero max|g| gives scale 1.
     """
     max_abs = _combine([jnp.max(jnp.abs(u), initial=0) for u in wide], math.inf, wide[0].dtype)
-    return _power_of_two(max_abs, wide[0].dtype, lambda scale: _root(_combine([_leaf_sum(u * scale, p) for u in wide], p,
-                                                                               wide[0].dtype), p))
+    return _power_of_two(
+        max_abs,
+        wide[0].dtype,
+        lambda scale: _root(_combine([_leaf_sum(u * scale, p) for u in wide], p, wide[0].dtype), p),
+    )
 
 
 def _power_of_two(x: jax.Array, dtype, scaled_norm) -> tuple[jax.Array, jax.Array]:
@@ -117,7 +120,9 @@ def measure(wide: list[jax.Array], p: float, exact_squares: bool) -> tuple[jax.A
 
     def second():
         if dtype == jnp.float32:
-            norm64 = _root(_combine([_leaf_sum(u.astype(jnp.float64), p) for u in wide], p, jnp.float64), p)
+            norm64 = _root(
+                _combine([_leaf_sum(u.astype(jnp.float64), p) for u in wide], p, jnp.float64), p
+            )
             return _power_of_two(norm64, dtype, lambda s: (norm64 * s).astype(dtype))
         return _scaled_norm(wide, p)
 
@@ -129,7 +134,9 @@ def measure(wide: list[jax.Array], p: float, exact_squares: bool) -> tuple[jax.A
         scale, scaled = second()
         return jnp.where(trusted, one, scale), jnp.where(trusted, fast, scaled)
 
-    return lax.platform_dependent(cpu=lambda: lax.cond(trusted, lambda: (one, fast), second), default=selected)
+    return lax.platform_dependent(
+        cpu=lambda: lax.cond(trusted, lambda: (one, fast), second), default=selected
+    )
 
 
 def _widest(*dtypes):
@@ -150,7 +157,9 @@ def norm_dtype(leaves: list[jax.Array]):
     return _widest(jnp.float32, *(leaf.dtype for leaf in leaves))
 
 
-@functools.partial(jax.jit, static_argnums=1)  # exact operations only, so compiling them changes no bit
+@functools.partial(
+    jax.jit, static_argnums=1
+)  # exact operations only, so compiling them changes no bit
 def _round_toward_zero(x: jax.Array, dtype) -> jax.Array:
     """Round x into `dtype` so that |result| <= |x|: rounding cannot raise the norm."""
     nearest = x.astype(dtype)
@@ -199,8 +208,9 @@ def _exact_square(tau: jax.Array) -> tuple[jax.Array, jax.Array]:
     return t2, ((hi * hi - t2) + 2 * hi * lo) + lo * lo
 
 
-def _certainly_within(clipped: list[jax.Array], wide: list[jax.Array], tau: jax.Array, p: float,
-                      exact_squares: bool) -> tuple[jax.Array, jax.Array]:
+def _certainly_within(
+    clipped: list[jax.Array], wide: list[jax.Array], tau: jax.Array, p: float, exact_squares: bool
+) -> tuple[jax.Array, jax.Array]:
     """(ok, upper): ok means ||clipped||_p <= tau in exact arithmetic; upper bounds ||clipped||_p.
 
     `wide` is `clipped` in float64. For p = 2 and narrower floats, every square is exact
@@ -219,8 +229,12 @@ def _certainly_within(clipped: list[jax.Array], wide: list[jax.Array], tau: jax.
         t2, e2 = _exact_square(tau)
         return (high < t2) | ((high == t2) & (e2 >= 0)), jnp.sqrt(high) * (1 + 2 * _F64_UNIT)
     scale, scaled = measure(wide, p, exact_squares)
-    flushed = max(_flushed_tiny(c.dtype) for c in clipped) * (1.0 if p == math.inf else n ** (1 / p))
-    upper = (scaled / scale) * (1 + (n + (8 if p in (1, 2, math.inf) else 64)) * _F64_UNIT) + flushed
+    flushed = max(_flushed_tiny(c.dtype) for c in clipped) * (
+        1.0 if p == math.inf else n ** (1 / p)
+    )
+    upper = (scaled / scale) * (
+        1 + (n + (8 if p in (1, 2, math.inf) else 64)) * _F64_UNIT
+    ) + flushed
     return upper <= tau, upper
 
 
@@ -295,10 +309,15 @@ def _strict_leaves(leaves, tau, p, convention):
     is multiplied by tau / upper and rounded so that it cannot grow.
     """
     n = sum(leaf.size for leaf in leaves)
-    scale, scaled = measure([leaf.astype(jnp.float64) for leaf in leaves], p,
-                             exact_squares=all(leaf.dtype == jnp.float32 for leaf in leaves))
+    scale, scaled = measure(
+        [leaf.astype(jnp.float64) for leaf in leaves],
+        p,
+        exact_squares=all(leaf.dtype == jnp.float32 for leaf in leaves),
+    )
     m = _strict_margin(n, p)
-    flushed = max(_flushed_tiny(leaf.dtype) for leaf in leaves) * (1.0 if p == math.inf else n ** (1 / p))
+    flushed = max(_flushed_tiny(leaf.dtype) for leaf in leaves) * (
+        1.0 if p == math.inf else n ** (1 / p)
+    )
     tau = tau.astype(jnp.float64)
     norm = scaled / scale
     upper = norm * (1 + m) + (flushed + (TORCH_EPS if convention == "torch" else 0.0))
@@ -318,7 +337,9 @@ def _strict_leaves(leaves, tau, p, convention):
         else:
             wide = leaf.astype(jnp.float64)
             top = clipping.coefficient(scaled * (1 + m), tau, "optax", scale=scale)
-            clipped = jnp.where(huge, (wide * scale) * (top.tau / top.divisor * shrink), wide * (factor * shrink))
+            clipped = jnp.where(
+                huge, (wide * scale) * (top.tau / top.divisor * shrink), wide * (factor * shrink)
+            )
         out.append(jnp.where(keep, leaf, clipped.astype(leaf.dtype)))
     return out, norm.astype(norm_dtype(leaves))
 
@@ -331,14 +352,18 @@ def clip_leaves(leaves, tau, p, convention, strict, measured=None):
         return _strict_leaves(leaves, tau, p, convention)
     acc = accumulation_dtype(leaves)
     if measured is None:
-        exact = p in (1, 2) and all(jnp.finfo(leaf.dtype).bits < jnp.finfo(acc).bits for leaf in leaves)
+        exact = p in (1, 2) and all(
+            jnp.finfo(leaf.dtype).bits < jnp.finfo(acc).bits for leaf in leaves
+        )
         measured = measure([leaf.astype(acc) for leaf in leaves], p, exact)
     scale, scaled_norm = (jnp.asarray(x).astype(acc) for x in measured)
     norm = scaled_norm / scale
     # optax multiplies by the threshold in the gradient's dtype.
     clipped = _library_clip(leaves, scale, scaled_norm, norm, tau.astype(acc), convention)
-    clipped = [_round_toward_zero(c, leaf.dtype) if is_low_precision(leaf.dtype) else c.astype(leaf.dtype)
-               for c, leaf in zip(clipped, leaves)]
+    clipped = [
+        _round_toward_zero(c, leaf.dtype) if is_low_precision(leaf.dtype) else c.astype(leaf.dtype)
+        for c, leaf in zip(clipped, leaves)
+    ]
     if strict or low:
         clipped = _enforce_bound(clipped, tau, p)
     return clipped, norm.astype(norm_dtype(leaves))

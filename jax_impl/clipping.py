@@ -69,7 +69,9 @@ def _threshold(name: str, value) -> jax.Array | float:
     if isinstance(value, jax.core.Tracer):
         return value
     if np.ndim(value) != 0:
-        raise ValueError(f"{name} must be a scalar (got shape {np.shape(value)}); use jax.vmap to clip with several thresholds.")
+        raise ValueError(
+            f"{name} must be a scalar (got shape {np.shape(value)}); use jax.vmap to clip with several thresholds."
+        )
     check_threshold(name, value)
     return value
 
@@ -90,8 +92,9 @@ class Coefficient(NamedTuple):
         return t * jnp.minimum((1 / self.divisor) * self.tau, 1)
 
 
-def coefficient(norm: jax.Array, tau: jax.Array, convention: str, *,
-                scale: jax.Array | None = None) -> Coefficient:
+def coefficient(
+    norm: jax.Array, tau: jax.Array, convention: str, *, scale: jax.Array | None = None
+) -> Coefficient:
     """The clipping factor c, as docs/clipping.md (step 2) writes it; the only place it is derived.
 
         optax:  c = 1 if n < tau (or n == 0, so tau = 0 keeps a zero gradient), else tau / n
@@ -153,7 +156,9 @@ def clip_tree_with_norm(
     if not leaves:
         return tree
     norm = jnp.asarray(norm)
-    clipped, norm = safe.clip_leaves(leaves, tau, 2, convention, strict, measured=(jnp.ones((), norm.dtype), norm))
+    clipped, norm = safe.clip_leaves(
+        leaves, tau, 2, convention, strict, measured=(jnp.ones((), norm.dtype), norm)
+    )
     return jax.tree.unflatten(treedef, safe.apply_nonfinite(clipped, norm, nonfinite))
 
 
@@ -230,7 +235,12 @@ def clip_by_global_norm(
     def update_fn(updates, state, params=None):
         del params
         clipped, _ = clip_tree_by_global_norm(
-            updates, max_norm, norm_type=p, convention=convention, nonfinite=nonfinite, strict=strict
+            updates,
+            max_norm,
+            norm_type=p,
+            convention=convention,
+            nonfinite=nonfinite,
+            strict=strict,
         )
         return clipped, state
 

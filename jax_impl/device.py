@@ -15,7 +15,9 @@ def resolve(device: str) -> jax.Device:
     try:
         return jax.devices("gpu")[0]
     except RuntimeError:
-        raise CharclipError("--device gpu: JAX sees no GPU on this machine (is jax[cuda] installed?); use --device cpu") from None
+        raise CharclipError(
+            "--device gpu: JAX sees no GPU on this machine (is jax[cuda] installed?); use --device cpu"
+        ) from None
 
 
 def enable_x64() -> None:

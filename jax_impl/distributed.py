@@ -36,7 +36,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from charclip.config import LAYOUTS as _LAYOUTS, ClipConfig, ModelConfig, TrainConfig
+from charclip.config import LAYOUTS as _LAYOUTS
+from charclip.config import ClipConfig, ModelConfig, TrainConfig
 from charclip.errors import CharclipError
 from jax_impl import clipping
 from jax_impl import device as D
@@ -53,9 +54,13 @@ def use_devices(n: int, device: str = "cpu") -> list:
     if n < 1:
         raise CharclipError(f"--devices must be 1 or more, got {n}")
     if device == "cpu":
-        if jax.config.jax_num_cpu_devices < n:  # more than asked for already is fine: the first n are used
+        if (
+            jax.config.jax_num_cpu_devices < n
+        ):  # more than asked for already is fine: the first n are used
             try:
-                jax.config.update("jax_num_cpu_devices", n)  # only possible before the first array is made
+                jax.config.update(
+                    "jax_num_cpu_devices", n
+                )  # only possible before the first array is made
             except RuntimeError:
                 pass  # already started: use what it has
         devices = jax.devices("cpu")
@@ -63,8 +68,10 @@ def use_devices(n: int, device: str = "cpu") -> list:
         D.resolve("gpu")  # one line when JAX sees no GPU
         devices = jax.devices("gpu")
     if len(devices) < n:
-        raise CharclipError(f"--devices {n}: JAX has only {len(devices)} {device} device(s) in this process "
-                            "(virtual CPU devices must be requested before JAX starts)")
+        raise CharclipError(
+            f"--devices {n}: JAX has only {len(devices)} {device} device(s) in this process "
+            "(virtual CPU devices must be requested before JAX starts)"
+        )
     return devices[:n]
 
 
@@ -93,6 +100,7 @@ def _split_dim(spec: P, axis: str) -> int | None:
 
 # ---- the shard_map step: every collective written out --------------------------------
 
+
 def sharded_global_norm(grads: dict, split: dict, axis: str) -> jax.Array:
     """The global L2 norm from inside shard_map, where each device holds slices.
 
@@ -100,8 +108,14 @@ def sharded_global_norm(grads: dict, split: dict, axis: str) -> jax.Array:
     devices (`psum`). A replicated tensor is whole on every device: it is added once,
     outside the psum; inside it would count N times.
     """
-    sliced = sum((jnp.sum(jnp.square(g)) for k, g in grads.items() if split[k] is not None), jnp.zeros((), _dtype(grads)))
-    whole = sum((jnp.sum(jnp.square(g)) for k, g in grads.items() if split[k] is None), jnp.zeros((), _dtype(grads)))
+    sliced = sum(
+        (jnp.sum(jnp.square(g)) for k, g in grads.items() if split[k] is not None),
+        jnp.zeros((), _dtype(grads)),
+    )
+    whole = sum(
+        (jnp.sum(jnp.square(g)) for k, g in grads.items() if split[k] is None),
+        jnp.zeros((), _dtype(grads)),
+    )
     return jnp.sqrt(lax.psum(sliced, axis) + whole)
 
 
@@ -118,8 +132,14 @@ def _clip(grads: dict, norm: jax.Array, clip) -> dict:
     return grads
 
 
-def make_clipped_gradient(model_cfg: ModelConfig, cfg: TrainConfig, specs: dict, axis: str = "data", *,
-                          layer: str = "fast"):
+def make_clipped_gradient(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    specs: dict,
+    axis: str = "data",
+    *,
+    layer: str = "fast",
+):
     """The per-device function (params slices, state, x, y, masks) -> (clipped slices, norm, loss, final state).
 
     `masks` (dropout's, or None) hold this device's streams, like x.
@@ -129,14 +149,22 @@ def make_clipped_gradient(model_cfg: ModelConfig, cfg: TrainConfig, specs: dict,
     def clipped_gradient(params, state, x, y, masks=None):
         n = lax.psum(1, axis)  # devices on the axis
         # 1. Every device gathers the whole parameters (the all-gather of FSDP).
-        full = {k: v if split[k] is None else lax.all_gather(v, axis, axis=split[k], tiled=True) for k, v in params.items()}
+        full = {
+            k: v if split[k] is None else lax.all_gather(v, axis, axis=split[k], tiled=True)
+            for k, v in params.items()
+        }
         # 2. Loss and gradient of this device's streams only (B/N of them).
-        (loss, final), grads = jax.value_and_grad(M.loss, has_aux=True)(full, x, y, state, cfg=model_cfg, layer=layer,
-                                                                       masks=masks)
+        (loss, final), grads = jax.value_and_grad(M.loss, has_aux=True)(
+            full, x, y, state, cfg=model_cfg, layer=layer, masks=masks
+        )
         # 3. The mean over devices = the gradient of the whole batch's mean loss. A split
         #    parameter keeps only its own slice of it (the reduce-scatter of FSDP).
-        grads = {k: lax.pmean(g, axis) if split[k] is None else lax.psum_scatter(g, axis, scatter_dimension=split[k], tiled=True) / n
-                 for k, g in grads.items()}
+        grads = {
+            k: lax.pmean(g, axis)
+            if split[k] is None
+            else lax.psum_scatter(g, axis, scatter_dimension=split[k], tiled=True) / n
+            for k, g in grads.items()
+        }
         # 4. The global norm, each element counted once; 5. clip every slice by it.
         norm = sharded_global_norm(grads, split, axis)
         return _clip(grads, norm, cfg.clip), norm, lax.pmean(loss, axis), final
@@ -144,57 +172,99 @@ def make_clipped_gradient(model_cfg: ModelConfig, cfg: TrainConfig, specs: dict,
     return clipped_gradient
 
 
-def make_shard_map_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                        specs: dict, opt_specs, *, layer: str = "fast"):
+def make_shard_map_step(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    specs: dict,
+    opt_specs,
+    *,
+    layer: str = "fast",
+):
     """`jax_impl.train.make_train_step`'s step, with every device's part written out in shard_map."""
     clipped_gradient = make_clipped_gradient(model_cfg, cfg, specs, layer=layer)
 
     def step(params, opt_state, state, x, y, lr, masks=None):
         grads, norm, loss, final = clipped_gradient(params, state, x, y, masks)
         opt_state = T.with_learning_rate(opt_state, lr)
-        updates, new_opt_state = T.optax_update(tx, grads, opt_state, params)  # Adam is elementwise: slices are enough
+        updates, new_opt_state = T.optax_update(
+            tx, grads, opt_state, params
+        )  # Adam is elementwise: slices are enough
         new_params = optax.apply_updates(params, updates)
         # Norm and loss are the same on every device, so every device keeps or drops alike.
-        new_params, new_opt_state, final = T.adopt(cfg.nonfinite, loss, norm, (new_params, new_opt_state, final),
-                                                   (params, opt_state, state))
+        new_params, new_opt_state, final = T.adopt(
+            cfg.nonfinite,
+            loss,
+            norm,
+            (new_params, new_opt_state, final),
+            (params, opt_state, state),
+        )
         return new_params, new_opt_state, final, {"loss": loss, "grad_norm": norm}
 
     batch, hidden, mask = P("data", None), P(None, "data", None), P("data", None, None)
     # check_vma=False: gradients inside are this device's own; every sum over devices is
     # written above. (With the check on, JAX would already psum the gradient of a
     # replicated input, and the pmean above would then scale it by N.)
-    return jax.shard_map(step, mesh=mesh, in_specs=(specs, opt_specs, hidden, batch, batch, P(), mask),
-                         out_specs=(specs, opt_specs, hidden, P()), check_vma=False)
+    return jax.shard_map(
+        step,
+        mesh=mesh,
+        in_specs=(specs, opt_specs, hidden, batch, batch, P(), mask),
+        out_specs=(specs, opt_specs, hidden, P()),
+        check_vma=False,
+    )
 
 
 # ---- the trainer ----------------------------------------------------------------------
 
+
 class MeshTrainer(T.Trainer):
     """`jax_impl.train.Trainer` over a mesh: same methods; only the placement hooks differ."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, params: dict[str, np.ndarray], *, layout: str, devices,
-                 adam: dict[str, np.ndarray] | None = None, hidden: dict[str, np.ndarray] | None = None,
-                 device: str = "cpu"):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        params: dict[str, np.ndarray],
+        *,
+        layout: str,
+        devices,
+        adam: dict[str, np.ndarray] | None = None,
+        hidden: dict[str, np.ndarray] | None = None,
+        device: str = "cpu",
+    ):
         self.layout = layout
         self.mesh = make_mesh(layout, devices)
         batch_axis, param_axis = BATCH_AXIS[layout], PARAM_AXIS[layout]
         if batch_axis and cfg.batch_size % self.mesh.shape[batch_axis]:
-            raise CharclipError(f"--batch-size {cfg.batch_size} does not split over {self.mesh.shape[batch_axis]} devices "
-                                f"on the mesh's data axis; use a multiple of it")
+            raise CharclipError(
+                f"--batch-size {cfg.batch_size} does not split over {self.mesh.shape[batch_axis]} devices "
+                f"on the mesh's data axis; use a multiple of it"
+            )
         if layout == "shard_map" and cfg.accumulate > 1:
-            raise CharclipError("--mesh shard_map takes one micro-batch per step; use --accumulate 1 or another --mesh")
+            raise CharclipError(
+                "--mesh shard_map takes one micro-batch per step; use --accumulate 1 or another --mesh"
+            )
         if layout == "shard_map" and cfg.precision != "full":
-            raise CharclipError(f"--mesh shard_map writes its step out by hand in full precision; for --precision "
-                                f"{cfg.precision} use another --mesh (data, model, fsdp, 2d)")
+            raise CharclipError(
+                f"--mesh shard_map writes its step out by hand in full precision; for --precision "
+                f"{cfg.precision} use another --mesh (data, model, fsdp, 2d)"
+            )
         if layout == "shard_map" and cfg.clip.mode == "norm" and cfg.clip.impl == "charclip":
-            raise CharclipError("--mesh shard_map writes its clipping out itself (optax's formula); "
-                                "use --clip-impl library, or another --mesh for charclip's implementation")
-        self.spec = partial(param_spec, axis=param_axis, size=self.mesh.shape[param_axis] if param_axis else 1)
+            raise CharclipError(
+                "--mesh shard_map writes its clipping out itself (optax's formula); "
+                "use --clip-impl library, or another --mesh for charclip's implementation"
+            )
+        self.spec = partial(
+            param_spec, axis=param_axis, size=self.mesh.shape[param_axis] if param_axis else 1
+        )
         self.specs = {k: self.spec(np.shape(v)) for k, v in params.items()}
         self.shardings = {k: self._on(s) for k, s in self.specs.items()}
         self.batch_sharding = self._on(P(batch_axis, None))  # (B, T)
         self.state_sharding = self._on(P(None, batch_axis, None))  # (L, B, H)
-        self.mask_sharding = self._on(P(batch_axis, None, None))  # each dropout mask (B, T, H): streams split like x
+        self.mask_sharding = self._on(
+            P(batch_axis, None, None)
+        )  # each dropout mask (B, T, H): streams split like x
         super().__init__(model_cfg, cfg, params, adam=adam, hidden=hidden, device=device)
         self.device = self.mesh.devices.flat[0]
 
@@ -204,14 +274,20 @@ class MeshTrainer(T.Trainer):
     def _optimizer(self):
         # shard_map clips inside its step; the others use jax_impl.train's chain (clip, then Adam).
         cfg = self.cfg
-        return T.optimizer(replace(cfg, clip=ClipConfig(mode="none"))) if self.layout == "shard_map" else T.optimizer(cfg)
+        return (
+            T.optimizer(replace(cfg, clip=ClipConfig(mode="none")))
+            if self.layout == "shard_map"
+            else T.optimizer(cfg)
+        )
 
     def _put_params(self, params):
         return jax.device_put({k: np.asarray(v) for k, v in params.items()}, self.shardings)
 
     def _init_opt_state(self):
         # Adam's moments have their parameter's shape, so the same rule places them; scalars are replicated.
-        self.opt_specs = jax.tree.map(lambda a: self.spec(a.shape), jax.eval_shape(self.tx.init, self.params))
+        self.opt_specs = jax.tree.map(
+            lambda a: self.spec(a.shape), jax.eval_shape(self.tx.init, self.params)
+        )
         self.opt_shardings = jax.tree.map(self._on, self.opt_specs)
         return jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.params)
 
@@ -223,13 +299,23 @@ class MeshTrainer(T.Trainer):
 
     def _compile_step(self):
         if self.layout == "shard_map":
-            step = make_shard_map_step(self.model_cfg, self.cfg, self.tx, self.mesh, self.specs, self.opt_specs,
-                                       layer=self.layer)
+            step = make_shard_map_step(
+                self.model_cfg,
+                self.cfg,
+                self.tx,
+                self.mesh,
+                self.specs,
+                self.opt_specs,
+                layer=self.layer,
+            )
         else:
             step = T.make_train_step(self.model_cfg, self.cfg, self.tx, layer=self.layer)
         b, s, r = self.batch_sharding, self.state_sharding, self._on(P())
-        return jax.jit(step, in_shardings=(self.shardings, self.opt_shardings, s, b, b, r, self.mask_sharding),
-                       out_shardings=(self.shardings, self.opt_shardings, s, r))
+        return jax.jit(
+            step,
+            in_shardings=(self.shardings, self.opt_shardings, s, b, b, r, self.mask_sharding),
+            out_shardings=(self.shardings, self.opt_shardings, s, r),
+        )
 
 
 def mesh_factory(world: int, layout: str, device: str = "cpu"):

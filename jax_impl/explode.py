@@ -21,7 +21,9 @@ from jax_impl import model as M
 from jax_impl.clipping import clip_tree_by_global_norm, global_norm
 
 
-def grad_through_time(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray):
+def grad_through_time(
+    model_cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
+):
     """Norms of dL/dh_{T-k} for k = 0..T, and the hidden states h_0..h_T.
 
     L is the cross-entropy of the last step only (mean over the batch), so the
@@ -51,7 +53,9 @@ def _last_loss(eps, params, x, y, *, cfg: ModelConfig):
 
     state0 = (init[0] + eps[0], *init[1:])
     final, hs = jax.lax.scan(step, state0, (x.T, eps[1:]))
-    logits = final[0][-1] @ params["head.weight"].T + params["head.bias"][None, :]  # the top layer's h_T predicts y_T
+    logits = (
+        final[0][-1] @ params["head.weight"].T + params["head.bias"][None, :]
+    )  # the top layer's h_T predicts y_T
     logp = jax.nn.log_softmax(logits, axis=-1)  # (B, V)
     loss = -jnp.mean(jnp.take_along_axis(logp, y[:, -1:], axis=-1))
     return loss, jnp.concatenate([state0[0][None], hs])
@@ -73,8 +77,9 @@ def _one_unit_loss(w, b, x0, target, steps: int):
 
 @partial(jax.jit, static_argnames="steps")
 def _one_unit_value_and_grad(w, b, x0, target, *, steps: int):
-    loss, (gw, gb) = jax.vmap(jax.value_and_grad(_one_unit_loss, argnums=(0, 1)), in_axes=(0, 0, None, None, None))(
-        w, b, x0, target, steps)
+    loss, (gw, gb) = jax.vmap(
+        jax.value_and_grad(_one_unit_loss, argnums=(0, 1)), in_axes=(0, 0, None, None, None)
+    )(w, b, x0, target, steps)
     return loss, gw, gb
 
 
@@ -82,13 +87,27 @@ def one_unit_loss_grad(w, b, *, x0: float, steps: int, target: float):
     """The one-unit network's error and its gradient at every (w, b): (E, dE/dw, dE/db), float64 arrays shaped
     like np.broadcast(w, b). x_0 = x0, x_t = w sigmoid(x_{t-1}) + b, E = (sigmoid(x_steps) - target)^2."""
     w, b = np.broadcast_arrays(np.asarray(w, np.float64), np.asarray(b, np.float64))
-    out = _one_unit_value_and_grad(jnp.asarray(w.ravel()), jnp.asarray(b.ravel()), jnp.float64(x0),
-                                   jnp.float64(target), steps=steps)
+    out = _one_unit_value_and_grad(
+        jnp.asarray(w.ravel()),
+        jnp.asarray(b.ravel()),
+        jnp.float64(x0),
+        jnp.float64(target),
+        steps=steps,
+    )
     return tuple(np.asarray(a).reshape(w.shape) for a in out)
 
 
-def one_unit_path(w0: float, b0: float, *, lr: float, updates: int, threshold: float | None, x0: float, steps: int,
-                  target: float):
+def one_unit_path(
+    w0: float,
+    b0: float,
+    *,
+    lr: float,
+    updates: int,
+    threshold: float | None,
+    x0: float,
+    steps: int,
+    target: float,
+):
     """Gradient descent on the one-unit network from (w0, b0): `updates` steps of lr * g, with g rescaled to norm
     `threshold` when its norm is above it (the paper's Algorithm 1; `jax_impl.clipping`, strict, so no step is
     longer than lr * threshold) or left alone (threshold None). Returns the points (updates+1, 2) and the norms
@@ -96,7 +115,9 @@ def one_unit_path(w0: float, b0: float, *, lr: float, updates: int, threshold: f
     theta = jnp.array([w0, b0], jnp.float64)
     points, norms = [np.asarray(theta)], []
     for _ in range(updates):
-        _, gw, gb = _one_unit_value_and_grad(theta[:1], theta[1:], jnp.float64(x0), jnp.float64(target), steps=steps)
+        _, gw, gb = _one_unit_value_and_grad(
+            theta[:1], theta[1:], jnp.float64(x0), jnp.float64(target), steps=steps
+        )
         g = jnp.concatenate([gw, gb])
         if threshold is None:
             norm = global_norm(g)
@@ -135,15 +156,28 @@ def _temporal_order_updates(params, xs, ys, lr, threshold, *, activation: str, c
     return jax.lax.scan(update, params, (xs, ys))
 
 
-def temporal_order_updates(params: dict[str, np.ndarray], xs: np.ndarray, ys: np.ndarray, *, lr: float,
-                           threshold: float | None, activation: str):
+def temporal_order_updates(
+    params: dict[str, np.ndarray],
+    xs: np.ndarray,
+    ys: np.ndarray,
+    *,
+    lr: float,
+    threshold: float | None,
+    activation: str,
+):
     """len(xs) plain SGD updates (the paper's MSGD; with the gradient's norm rescaled to `threshold` when above
     it: MSGD-C) on batches xs (K, B, T) of symbols, ys (K, B) classes. Returns the new parameters (NumPy), and
     per update the loss and the gradient norm before rescaling."""
     p = {k: jnp.asarray(v) for k, v in params.items()}
-    p, (loss, norm) = _temporal_order_updates(p, jnp.asarray(xs), jnp.asarray(ys), jnp.float64(lr),
-                                              jnp.float64(threshold or 0.0), activation=activation,
-                                              clip=threshold is not None)
+    p, (loss, norm) = _temporal_order_updates(
+        p,
+        jnp.asarray(xs),
+        jnp.asarray(ys),
+        jnp.float64(lr),
+        jnp.float64(threshold or 0.0),
+        activation=activation,
+        clip=threshold is not None,
+    )
     return {k: np.asarray(v) for k, v in p.items()}, np.asarray(loss), np.asarray(norm)
 
 
@@ -153,7 +187,9 @@ def _temporal_order_errors(params, x, y, *, activation: str):
     return jnp.sum(jnp.argmax(logits, axis=-1) != y)
 
 
-def temporal_order_errors(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, *, activation: str) -> int:
+def temporal_order_errors(
+    params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, *, activation: str
+) -> int:
     """How many of the sequences x (B, T) the network puts in the wrong class (argmax of the last output)."""
     p = {k: jnp.asarray(v) for k, v in params.items()}
     return int(_temporal_order_errors(p, jnp.asarray(x), jnp.asarray(y), activation=activation))

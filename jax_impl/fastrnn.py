@@ -31,7 +31,6 @@ import jax.numpy as jnp
 
 from charclip.config import ModelConfig
 
-
 # ---------------------------------------------------------------- one time step, forward
 
 
@@ -53,12 +52,12 @@ def _lstm_forward(w_hh_t, b_hh, carry, xw_t):
     hid = h.shape[-1]
     a = xw_t + h @ w_hh_t + b_hh  # (B, 4H) pre-activations
     s = jax.nn.sigmoid(a)  # one sigmoid over all four gates; g's quarter is replaced below
-    i, f, o = s[:, :hid], s[:, hid:2 * hid], s[:, 3 * hid:]
-    a_g = a[:, 2 * hid:3 * hid]
+    i, f, o = s[:, :hid], s[:, hid : 2 * hid], s[:, 3 * hid :]
+    a_g = a[:, 2 * hid : 3 * hid]
     g = jnp.tanh(a_g)
     c = f * c + i * g
     h = o * jnp.tanh(c)
-    return (h, c), (h, (s.at[:, 2 * hid:3 * hid].set(a_g), g, c))
+    return (h, c), (h, (s.at[:, 2 * hid : 3 * hid].set(a_g), g, c))
 
 
 def _gru_forward(w_hh_t, b_hh, carry, xw_t):
@@ -69,10 +68,10 @@ def _gru_forward(w_hh_t, b_hh, carry, xw_t):
     (h,) = carry
     hid = h.shape[-1]
     hw = h @ w_hh_t + b_hh  # (B, 3H)
-    rz = jax.nn.sigmoid(xw_t[:, :2 * hid] + hw[:, :2 * hid])  # one sigmoid over both gates
+    rz = jax.nn.sigmoid(xw_t[:, : 2 * hid] + hw[:, : 2 * hid])  # one sigmoid over both gates
     r, z = rz[:, :hid], rz[:, hid:]
-    hn = hw[:, 2 * hid:]
-    a_n = xw_t[:, 2 * hid:] + r * hn
+    hn = hw[:, 2 * hid :]
+    a_n = xw_t[:, 2 * hid :] + r * hn
     n = jnp.tanh(a_n)
     h_new = (1 - z) * n + z * h
     return (h_new,), (h_new, (rz, n, hn, a_n))
@@ -109,14 +108,21 @@ def _rnn_backward(w_hh, carry, xs):
 def _lstm_backward(w_hh, carry, xs):
     (dh, dc), (dh_above, _, (s, g, c), c_prev) = carry, xs
     hid = dh.shape[-1]
-    i, f, a_g, o = s[:, :hid], s[:, hid:2 * hid], s[:, 2 * hid:3 * hid], s[:, 3 * hid:]
+    i, f, a_g, o = s[:, :hid], s[:, hid : 2 * hid], s[:, 2 * hid : 3 * hid], s[:, 3 * hid :]
     dh = dh + dh_above
     tc = jnp.tanh(c)
     dc = dc + dh * o * tanh_grad(c)
     # d(gate) times the activation's derivative: sigmoid' = s (1 - s) (torch's form, as accurate
     # as torch's; docs/fast-layer.md), tanh' from the pre-activation
-    da = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * tanh_grad(a_g),
-                          dh * tc * o * (1 - o)], axis=-1)
+    da = jnp.concatenate(
+        [
+            dc * g * i * (1 - i),
+            dc * c_prev * f * (1 - f),
+            dc * i * tanh_grad(a_g),
+            dh * tc * o * (1 - o),
+        ],
+        axis=-1,
+    )
     return (da @ w_hh, dc * f), (da, None)
 
 
@@ -155,7 +161,9 @@ def _weight_grad(d, x):
 @jax.custom_vjp
 def project(x, w, b):
     """The input projection of every step at once: x (T, B, K) @ w^T (K, G) + b -> (T, B, G)."""
-    return x @ w.T + b.reshape((1,) * (x.ndim - 1) + b.shape)  # the bias broadcast explicitly over the leading axes
+    return x @ w.T + b.reshape(
+        (1,) * (x.ndim - 1) + b.shape
+    )  # the bias broadcast explicitly over the leading axes
 
 
 def _project_fwd(x, w, b):
@@ -201,12 +209,16 @@ def _layer_fwd(cell, xw, state, w_hh, b_hh, unroll):
 
 def _layer_bwd(cell, unroll, res, cotangents):
     hs, saved, state, w_hh = res
-    dhs, dfinal = cotangents  # the final state's cotangent seeds the carry: it is h_{T-1} (and c_{T-1})
+    dhs, dfinal = (
+        cotangents  # the final state's cotangent seeds the carry: it is h_{T-1} (and c_{T-1})
+    )
     h_prev = jnp.concatenate([state[0][None], hs[:-1]])  # (T, B, H): h_{t-1} for every t
     # c_{t-1} when the state has a cell part (the LSTM), else h_{t-1}
     extra = jnp.concatenate([state[1][None], saved[2][:-1]]) if len(state) > 1 else h_prev
     step = functools.partial(_BACKWARD[cell], w_hh)
-    dstate, (dxw, dhw) = jax.lax.scan(step, dfinal, (dhs, hs, saved, extra), reverse=True, unroll=unroll)
+    dstate, (dxw, dhw) = jax.lax.scan(
+        step, dfinal, (dhs, hs, saved, extra), reverse=True, unroll=unroll
+    )
     dhw = dxw if dhw is None else dhw
     return dxw, dstate, _weight_grad(dhw, h_prev), dhw.sum(axis=(0, 1))
 
@@ -230,7 +242,9 @@ def input_table(params, tokens, name: str = "rnn"):
     character would otherwise turn it into NaN through 0 * NaN).
     """
     w_ih = params[f"{name}.weight_ih_l0"]
-    embedding = params["embedding.weight"].astype(w_ih.dtype)  # in the compute dtype under mixed precision
+    embedding = params["embedding.weight"].astype(
+        w_ih.dtype
+    )  # in the compute dtype under mixed precision
     present = jnp.zeros(embedding.shape[0], bool).at[tokens.ravel()].set(True)
     used = jnp.where(present[:, None], embedding, jnp.zeros_like(embedding))
     return used @ w_ih.T + params[f"{name}.bias_ih_l0"][None, :]
@@ -254,12 +268,22 @@ def apply(params, x, state, *, cfg: ModelConfig, table: bool = True, unroll: int
         else:
             if k == 0:
                 seq = params["embedding.weight"][tokens].astype(compute)  # (T, B, E)
-            xw = project(seq, params[f"rnn.weight_ih_l{k}"], params[f"rnn.bias_ih_l{k}"])  # (T, B, G*H)
-        seq, s_k = layer(cfg.cell, xw, tuple(part[k] for part in state), params[f"rnn.weight_hh_l{k}"],
-                         params[f"rnn.bias_hh_l{k}"], unroll)
+            xw = project(
+                seq, params[f"rnn.weight_ih_l{k}"], params[f"rnn.bias_ih_l{k}"]
+            )  # (T, B, G*H)
+        seq, s_k = layer(
+            cfg.cell,
+            xw,
+            tuple(part[k] for part in state),
+            params[f"rnn.weight_hh_l{k}"],
+            params[f"rnn.bias_hh_l{k}"],
+            unroll,
+        )
         if masks is not None:
             seq = seq * jnp.swapaxes(masks[k], 0, 1)  # (T, B, H), time-major like seq
         finals.append(s_k)
     final = tuple(jnp.stack([f[i] for f in finals]) for i in range(len(state)))
-    logits = (seq @ params["head.weight"].T).astype(master) + params["head.bias"][None, None, :]  # (T, B, V)
+    logits = (seq @ params["head.weight"].T).astype(master) + params["head.bias"][
+        None, None, :
+    ]  # (T, B, V)
     return jnp.swapaxes(logits, 0, 1), final

@@ -38,7 +38,9 @@ def zero_state(cfg: ModelConfig, batch: int, dtype) -> tuple[jax.Array, ...]:
 
 def _cell(cell: str, xw_t, state, w_hh, b_hh):
     """One time step. xw_t = x_t W_ih^T + b_ih, precomputed; state = (h,) or (h, c)."""
-    hw = state[0] @ w_hh.T + b_hh[None, :]  # (B, G*H); biases broadcast explicitly (tests forbid rank promotion)
+    hw = (
+        state[0] @ w_hh.T + b_hh[None, :]
+    )  # (B, G*H); biases broadcast explicitly (tests forbid rank promotion)
     if cell == "rnn":
         return (jnp.tanh(xw_t + hw),)
     if cell == "lstm":
@@ -55,9 +57,16 @@ def _cell(cell: str, xw_t, state, w_hh, b_hh):
     return ((1 - z) * n + z * state[0],)
 
 
-_MASTER_PRECISION = ("embedding.weight", "head.bias")  # kept in the master dtype under mixed precision
+_MASTER_PRECISION = (
+    "embedding.weight",
+    "head.bias",
+)  # kept in the master dtype under mixed precision
 
-LAYERS = ("scan", "fast", "fast-no-table")  # the reference; jax_impl.fastrnn with and without its lookup table
+LAYERS = (
+    "scan",
+    "fast",
+    "fast-no-table",
+)  # the reference; jax_impl.fastrnn with and without its lookup table
 
 
 def apply(params, x, state, *, cfg: ModelConfig, layer: str = "scan", unroll: int = 1, masks=None):
@@ -69,18 +78,26 @@ def apply(params, x, state, *, cfg: ModelConfig, layer: str = "scan", unroll: in
     if layer != "scan":
         if layer not in LAYERS:
             raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
-        return fastrnn.apply(params, x, state, cfg=cfg, table=layer == "fast", unroll=unroll, masks=masks)
-    seq = params["embedding.weight"][x].astype(params["rnn.weight_ih_l0"].dtype)  # (B, T, E), in the compute dtype
+        return fastrnn.apply(
+            params, x, state, cfg=cfg, table=layer == "fast", unroll=unroll, masks=masks
+        )
+    seq = params["embedding.weight"][x].astype(
+        params["rnn.weight_ih_l0"].dtype
+    )  # (B, T, E), in the compute dtype
     finals = []
     for k in range(cfg.num_layers):
-        xw = seq @ params[f"rnn.weight_ih_l{k}"].T + params[f"rnn.bias_ih_l{k}"][None, None, :]  # (B, T, G*H), all steps at once
+        xw = (
+            seq @ params[f"rnn.weight_ih_l{k}"].T + params[f"rnn.bias_ih_l{k}"][None, None, :]
+        )  # (B, T, G*H), all steps at once
         w_hh, b_hh = params[f"rnn.weight_hh_l{k}"], params[f"rnn.bias_hh_l{k}"]
 
         def step(s, xw_t, w_hh=w_hh, b_hh=b_hh):
             s = _cell(cfg.cell, xw_t, s, w_hh, b_hh)
             return s, s[0]
 
-        s_k, hs = jax.lax.scan(step, tuple(part[k] for part in state), jnp.swapaxes(xw, 0, 1), unroll=unroll)
+        s_k, hs = jax.lax.scan(
+            step, tuple(part[k] for part in state), jnp.swapaxes(xw, 0, 1), unroll=unroll
+        )
         seq = jnp.swapaxes(hs, 0, 1)  # (B, T, H)
         if masks is not None:
             seq = seq * masks[k]  # dropout: the carried state s_k is not dropped, only what goes on
@@ -94,8 +111,18 @@ def _head(seq, weight, bias):
     return (seq @ weight.T).astype(bias.dtype) + bias[None, None, :]
 
 
-def loss(params, x, y, state, *, cfg: ModelConfig, layer: str = "scan", unroll: int = 1, masks=None,
-         compute_dtype=None):
+def loss(
+    params,
+    x,
+    y,
+    state,
+    *,
+    cfg: ModelConfig,
+    layer: str = "scan",
+    unroll: int = 1,
+    masks=None,
+    compute_dtype=None,
+):
     """Mean cross-entropy over every position (nats per character), and the final state.
 
     `masks`: dropout's, one (B, T, H) per layer (`charclip.dropout`), or None.
@@ -127,7 +154,9 @@ def cast_for(params, state, compute_dtype):
     """
     if compute_dtype is None:
         return params, state
-    params = {k: v if k in _MASTER_PRECISION else v.astype(compute_dtype) for k, v in params.items()}
+    params = {
+        k: v if k in _MASTER_PRECISION else v.astype(compute_dtype) for k, v in params.items()
+    }
     return params, tuple(part.astype(compute_dtype) for part in state)
 
 

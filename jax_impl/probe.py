@@ -17,8 +17,14 @@ from jax_impl import device as D
 from jax_impl import model as M
 
 
-def logits(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray, hidden, device: str = "cpu",
-           compute_dtype: str | None = None) -> np.ndarray:
+def logits(
+    model_cfg: ModelConfig,
+    params: dict[str, np.ndarray],
+    x: np.ndarray,
+    hidden,
+    device: str = "cpu",
+    compute_dtype: str | None = None,
+) -> np.ndarray:
     """The forward pass's logits (B, T, V) of `params` on tokens x (B, T) from `hidden` (or zeros).
 
     `compute_dtype` ("bfloat16", "float16"): computed as mixed precision training computes them.
@@ -27,7 +33,11 @@ def logits(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray,
     dev = D.resolve(device)
     p = jax.device_put({k: jnp.asarray(v) for k, v in params.items()}, dev)
     dtype = next(iter(p.values())).dtype
-    state = M.hidden_from_numpy(hidden) if hidden is not None else M.zero_state(model_cfg, x.shape[0], dtype)
+    state = (
+        M.hidden_from_numpy(hidden)
+        if hidden is not None
+        else M.zero_state(model_cfg, x.shape[0], dtype)
+    )
     p, state = M.cast_for(p, state, None if compute_dtype is None else jnp.dtype(compute_dtype))
     out, _ = M.apply(p, jax.device_put(x, dev), jax.device_put(state, dev), cfg=model_cfg)
     return np.asarray(out.astype(dtype))

@@ -13,9 +13,20 @@ from jax_impl import device as D
 from jax_impl import model as M
 
 
-def sample(cfg: ModelConfig, params: dict[str, np.ndarray], vocab: Vocab, prime: str, length: int, *,
-           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-           device: str = "cpu", emit=None) -> str:
+def sample(
+    cfg: ModelConfig,
+    params: dict[str, np.ndarray],
+    vocab: Vocab,
+    prime: str,
+    length: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    emit=None,
+) -> str:
     D.enable_x64()  # a float64 checkpoint samples in float64
     dev = D.resolve(device)
     p = jax.device_put({k: jnp.asarray(v) for k, v in params.items()}, dev)
@@ -27,5 +38,14 @@ def sample(cfg: ModelConfig, params: dict[str, np.ndarray], vocab: Vocab, prime:
         logits, state = forward(p, jnp.full((1, 1), token, jnp.int32), state)  # (1, 1, V)
         return np.asarray(logits[0, -1]), state
 
-    return sampling.generate(step, vocab, prime, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                             emit=emit)
+    return sampling.generate(
+        step,
+        vocab,
+        prime,
+        length,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        emit=emit,
+    )

@@ -9,12 +9,12 @@ placement hooks at the end.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-from typing import NamedTuple
 
 from charclip.config import ModelConfig, TrainConfig, compute_dtype, loss_scaled
 from charclip.contract import StepResult, update_applies, verdict
@@ -31,8 +31,9 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """
     clip = cfg.clip
     clip.check_for("jax")
-    adam = optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps"), hyperparam_dtype=jnp.dtype(cfg.dtype))(
-        learning_rate=cfg.lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
+    adam = optax.inject_hyperparams(
+        optax.adam, static_args=("b1", "b2", "eps"), hyperparam_dtype=jnp.dtype(cfg.dtype)
+    )(learning_rate=cfg.lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps)
     if clip.mode == "norm" and clip.impl == "library":
         tx = optax.chain(optax.clip_by_global_norm(clip.max_norm), adam)
     elif clip.mode == "norm":
@@ -49,9 +50,12 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 # ---- fp16's dynamic loss scale: torch.amp.GradScaler's rule, written for a jitted step ----
 
+
 class LossScaleState(NamedTuple):
     scale: jax.Array  # float32: the factor the loss is multiplied by before the backward pass
-    good_steps: jax.Array  # int32: steps since the last overflow or growth (GradScaler's growth tracker)
+    good_steps: (
+        jax.Array
+    )  # int32: steps since the last overflow or growth (GradScaler's growth tracker)
 
 
 def loss_scale_holder(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -61,9 +65,12 @@ def loss_scale_holder(cfg: TrainConfig) -> optax.GradientTransformation:
     meshes, the jitted step's arguments) without a new argument. The step reads it with
     `loss_scale_of` and writes it with `with_loss_scale`.
     """
+
     def init(params):
         del params
-        return LossScaleState(jnp.asarray(cfg.loss_scale_init, jnp.float32), jnp.asarray(0, jnp.int32))
+        return LossScaleState(
+            jnp.asarray(cfg.loss_scale_init, jnp.float32), jnp.asarray(0, jnp.int32)
+        )
 
     def update(updates, state, params=None):
         del params
@@ -82,7 +89,9 @@ def loss_scale_of(opt_state) -> LossScaleState | None:
 
 
 def with_loss_scale(opt_state, new: LossScaleState):
-    return jax.tree_util.tree_map(lambda s: new if _is_scale(s) else s, opt_state, is_leaf=_is_scale)
+    return jax.tree_util.tree_map(
+        lambda s: new if _is_scale(s) else s, opt_state, is_leaf=_is_scale
+    )
 
 
 def next_loss_scale(cfg: TrainConfig, s: LossScaleState, found_inf) -> LossScaleState:
@@ -91,7 +100,11 @@ def next_loss_scale(cfg: TrainConfig, s: LossScaleState, found_inf) -> LossScale
     good = s.good_steps + 1
     grown = s.scale * jnp.asarray(cfg.loss_scale_growth, jnp.float32)
     grow = (good == cfg.loss_scale_interval) & jnp.isfinite(grown)
-    scale = jnp.where(found_inf, s.scale * jnp.asarray(cfg.loss_scale_backoff, jnp.float32), jnp.where(grow, grown, s.scale))
+    scale = jnp.where(
+        found_inf,
+        s.scale * jnp.asarray(cfg.loss_scale_backoff, jnp.float32),
+        jnp.where(grow, grown, s.scale),
+    )
     good = jnp.where(found_inf | (good == cfg.loss_scale_interval), jnp.zeros_like(good), good)
     return LossScaleState(scale, good)
 
@@ -134,17 +147,31 @@ def optax_update(tx: optax.GradientTransformation, grads, opt_state, params):
 
 def with_learning_rate(opt_state, lr):
     """`opt_state` with Adam's injected learning rate set to `lr` (same dtype, so no recompile)."""
+
     def put(s):
         if hasattr(s, "hyperparams") and "learning_rate" in s.hyperparams:
             old = s.hyperparams["learning_rate"]
-            return s._replace(hyperparams={**s.hyperparams, "learning_rate": jnp.asarray(lr, old.dtype)})
+            return s._replace(
+                hyperparams={**s.hyperparams, "learning_rate": jnp.asarray(lr, old.dtype)}
+            )
         return s
 
     return jax.tree.map(put, opt_state, is_leaf=lambda s: hasattr(s, "hyperparams"))
 
 
-def loss_and_grads(model_cfg: ModelConfig, cfg: TrainConfig, params, x, y, state, *, layer: str = "fast", unroll: int = 1,
-                   scale=None, masks=None):
+def loss_and_grads(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    params,
+    x,
+    y,
+    state,
+    *,
+    layer: str = "fast",
+    unroll: int = 1,
+    scale=None,
+    masks=None,
+):
     """((mean loss, final state), gradient) of the batch, as `accumulate` equal micro-batches.
 
     With K > 1 micro-batches of B/K streams each, the gradient is the sum of the gradients of
@@ -159,7 +186,17 @@ def loss_and_grads(model_cfg: ModelConfig, cfg: TrainConfig, params, x, y, state
     compute = None if cfg.precision == "full" else jnp.dtype(compute_dtype(cfg))
 
     def objective(p, xk, yk, sk, mk):
-        loss_k, final_k = M.loss(p, xk, yk, sk, cfg=model_cfg, layer=layer, unroll=unroll, masks=mk, compute_dtype=compute)
+        loss_k, final_k = M.loss(
+            p,
+            xk,
+            yk,
+            sk,
+            cfg=model_cfg,
+            layer=layer,
+            unroll=unroll,
+            masks=mk,
+            compute_dtype=compute,
+        )
         part = loss_k / k if k > 1 else loss_k
         return (part if scale is None else part * scale), (part, final_k)
 
@@ -169,8 +206,12 @@ def loss_and_grads(model_cfg: ModelConfig, cfg: TrainConfig, params, x, y, state
         return aux, g
     b = x.shape[0] // k
     xs, ys = x.reshape(k, b, -1), y.reshape(k, b, -1)  # (K, B/K, T)
-    states = tuple(jnp.swapaxes(s.reshape(s.shape[0], k, b, s.shape[2]), 0, 1) for s in state)  # (K, L, B/K, H)
-    ms = None if masks is None else tuple(m.reshape(k, b, *m.shape[1:]) for m in masks)  # (K, B/K, T, H) each
+    states = tuple(
+        jnp.swapaxes(s.reshape(s.shape[0], k, b, s.shape[2]), 0, 1) for s in state
+    )  # (K, L, B/K, H)
+    ms = (
+        None if masks is None else tuple(m.reshape(k, b, *m.shape[1:]) for m in masks)
+    )  # (K, B/K, T, H) each
 
     def micro(acc, batch):
         (_, (loss_k, final_k)), g = grad(params, *batch)
@@ -178,12 +219,20 @@ def loss_and_grads(model_cfg: ModelConfig, cfg: TrainConfig, params, x, y, state
 
     zero = (jnp.zeros((), jnp.dtype(cfg.dtype)), jax.tree.map(jnp.zeros_like, params))
     (loss, grads), finals = jax.lax.scan(micro, zero, (xs, ys, states, ms))
-    final = tuple(jnp.swapaxes(f, 0, 1).reshape(f.shape[1], k * b, f.shape[3]) for f in finals)  # (L, B, H)
+    final = tuple(
+        jnp.swapaxes(f, 0, 1).reshape(f.shape[1], k * b, f.shape[3]) for f in finals
+    )  # (L, B, H)
     return (loss, final), grads
 
 
-def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.GradientTransformation, *,
-                    layer: str = "fast", unroll: int = 1):
+def make_train_step(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    tx: optax.GradientTransformation,
+    *,
+    layer: str = "fast",
+    unroll: int = 1,
+):
     """The pure step (params, opt_state, state, x, y, lr, masks) -> (params, opt_state, state, metrics), jitted.
 
     `layer` picks the recurrent layer (`jax_impl.model.LAYERS`): "fast", the default, is
@@ -195,19 +244,39 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Gradient
     measure = gradient_norm(cfg)
     scaled = loss_scaled(cfg)
 
-    def train_step(params, opt_state, state, x, y, lr, masks=None):  # masks: dropout's, or None (compiled without)
+    def train_step(
+        params, opt_state, state, x, y, lr, masks=None
+    ):  # masks: dropout's, or None (compiled without)
         scaler = loss_scale_of(opt_state) if scaled else None
-        (loss, final), grads = loss_and_grads(model_cfg, cfg, params, x, y, state, layer=layer, unroll=unroll,
-                                              scale=None if scaler is None else scaler.scale, masks=masks)
+        (loss, final), grads = loss_and_grads(
+            model_cfg,
+            cfg,
+            params,
+            x,
+            y,
+            state,
+            layer=layer,
+            unroll=unroll,
+            scale=None if scaler is None else scaler.scale,
+            masks=masks,
+        )
         found_inf = False
         if scaled:  # fp16: unscale BEFORE measuring and clipping
             grads, found_inf = unscale(grads, scaler.scale)
-        norm = measure(grads)  # measured before clipping, as the chosen clipper measures it (XLA computes it once)
+        norm = measure(
+            grads
+        )  # measured before clipping, as the chosen clipper measures it (XLA computes it once)
         opt_state = with_learning_rate(opt_state, lr)
         updates, new_opt_state = optax_update(tx, grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        new_params, new_opt_state, final = adopt(cfg.nonfinite, loss, norm, (new_params, new_opt_state, final),
-                                                 (params, opt_state, state), found_inf)
+        new_params, new_opt_state, final = adopt(
+            cfg.nonfinite,
+            loss,
+            norm,
+            (new_params, new_opt_state, final),
+            (params, opt_state, state),
+            found_inf,
+        )
         metrics = {"loss": loss, "grad_norm": norm}
         if scaled:  # the scale moves whether or not the update applied: back off after an overflow
             new_opt_state = with_loss_scale(new_opt_state, next_loss_scale(cfg, scaler, found_inf))
@@ -218,9 +287,17 @@ def make_train_step(model_cfg: ModelConfig, cfg: TrainConfig, tx: optax.Gradient
 
 
 class Trainer:
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, params: dict[str, np.ndarray], *,
-                 adam: dict[str, np.ndarray] | None = None, hidden: dict[str, np.ndarray] | None = None,
-                 device: str = "cpu", layer: str = "fast"):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        params: dict[str, np.ndarray],
+        *,
+        adam: dict[str, np.ndarray] | None = None,
+        hidden: dict[str, np.ndarray] | None = None,
+        device: str = "cpu",
+        layer: str = "fast",
+    ):
         D.enable_x64()  # float64 runs, and the clipping's float64 measurements
         self.model_cfg, self.cfg, self.layer = model_cfg, cfg, layer
         self.device = D.resolve(device)
@@ -235,7 +312,9 @@ class Trainer:
         self.hidden = None if hidden is None else self._put_hidden(M.hidden_from_numpy(hidden))
         self.train_step = self._compile_step()
         compute = None if cfg.precision == "full" else jnp.dtype(compute_dtype(cfg))
-        self._eval_loss = jax.jit(lambda p, x, y, s: M.loss(p, x, y, s, cfg=model_cfg, layer=layer, compute_dtype=compute))
+        self._eval_loss = jax.jit(
+            lambda p, x, y, s: M.loss(p, x, y, s, cfg=model_cfg, layer=layer, compute_dtype=compute)
+        )
         self._apply = jax.jit(_apply_updates(self.tx))
 
     def reset_hidden(self) -> None:
@@ -246,17 +325,29 @@ class Trainer:
             return self._put_hidden(M.zero_state(self.model_cfg, batch, self.dtype))
         return self.hidden
 
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None,
-             masks: tuple[np.ndarray, ...] | None = None) -> StepResult:
+    def step(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        lr: float | None = None,
+        masks: tuple[np.ndarray, ...] | None = None,
+    ) -> StepResult:
         """One optimizer step on the batch (B, T); `lr` (the schedule's rate) replaces the configured one.
 
         `masks`: dropout's (`charclip.dropout`, one (B, T, H) per layer), or None.
         """
         lr = self.cfg.lr if lr is None else lr
-        params, opt_state, hidden, m = self.train_step(self.params, self.opt_state, self._hidden_for(len(x)), x, y, lr,
-                                                       masks)
-        result = verdict(m["loss"], m["grad_norm"], self.cfg.clip, self.cfg.nonfinite,
-                         loss_scale=m.get("loss_scale"), found_inf=m.get("found_inf"))  # raises: nothing adopted
+        params, opt_state, hidden, m = self.train_step(
+            self.params, self.opt_state, self._hidden_for(len(x)), x, y, lr, masks
+        )
+        result = verdict(
+            m["loss"],
+            m["grad_norm"],
+            self.cfg.clip,
+            self.cfg.nonfinite,
+            loss_scale=m.get("loss_scale"),
+            found_inf=m.get("found_inf"),
+        )  # raises: nothing adopted
         # Under "skip" the jitted step already kept the old values (branch-free), so adopt it either way.
         self.params, self.opt_state, self.hidden = params, opt_state, hidden
         return result
@@ -271,7 +362,11 @@ class Trainer:
         """Mean cross-entropy (nats per character) over `batches`, hidden state carried."""
         total, n, hidden = 0.0, 0, None
         for x, y in batches:
-            hidden = hidden if hidden is not None else self._put_hidden(M.zero_state(self.model_cfg, len(x), self.dtype))
+            hidden = (
+                hidden
+                if hidden is not None
+                else self._put_hidden(M.zero_state(self.model_cfg, len(x), self.dtype))
+            )
             loss, hidden = self._eval_loss(self.params, x, y, hidden)
             total, n = total + float(loss), n + 1
         return total / n
@@ -303,8 +398,13 @@ class Trainer:
         )
         opt_state = _replace_adam(self.opt_state, new)
         if loss_scale_of(opt_state) is not None and "loss_scale" in adam:
-            opt_state = with_loss_scale(opt_state, LossScaleState(jnp.asarray(adam["loss_scale"], jnp.float32),
-                                                                  jnp.asarray(int(adam["loss_scale_good_steps"]), jnp.int32)))
+            opt_state = with_loss_scale(
+                opt_state,
+                LossScaleState(
+                    jnp.asarray(adam["loss_scale"], jnp.float32),
+                    jnp.asarray(int(adam["loss_scale_good_steps"]), jnp.int32),
+                ),
+            )
         self.opt_state = self._put_opt_state(opt_state)
 
     # ---- placement hooks: one device here; a mesh in jax_impl.distributed.MeshTrainer ----

@@ -11,9 +11,8 @@ import shutil
 import tempfile
 
 import hypothesis
-from hypothesis import HealthCheck
-
 import torch
+from hypothesis import HealthCheck
 
 # Most of the suite's time is XLA compiling programs it has compiled before: every Trainer
 # jits fresh closures (new cache entries in memory, the same HLO), and every `charclip`
@@ -36,8 +35,14 @@ enable_x64()  # float64 tests build float64 arrays before any entry point would 
 # Again through jax.config, in case a plugin imported JAX before this file set the variables.
 # JAX_COMPILATION_CACHE_DIR= (empty) in the environment switches the cache off, to compare.
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"] or None)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
+jax.config.update(
+    "jax_persistent_cache_min_entry_size_bytes",
+    int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]),
+)
 
 # As equinox's tests do: a silent upcast (float32 + float64 arrays -> float64, int + float
 # arrays) or an implicit broadcast between ranks is an error in the tests, not a slowdown
@@ -50,7 +55,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # 0.5 s instead of 2 ms). One thread keeps the suite fast.
 torch.set_num_threads(1)
 
-_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_common = dict(
+    deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 # `dev` and `thorough` draw fresh random examples on every run, as a new user's run does.
 # derandomize=False is spelled out: when a CI variable is set, Hypothesis's own default
 # profile is derandomized, and a profile registered without it would inherit that, so the
@@ -70,4 +77,12 @@ def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pyproject.toml): one worker per core, at most 4. Each worker imports torch
     and JAX and compiles its own programs (about 1-2 GiB), so more would cost memory on a
     big machine without shortening the longest test file much."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return max(
+        1,
+        min(
+            4,
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1,
+        ),
+    )

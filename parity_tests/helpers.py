@@ -14,12 +14,23 @@ def small_corpus(tmp_path, chars: int = 30_000):
 
 
 def tiny_model(vocab_size: int, cell: str = "lstm", layers: int = 1) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, cell=cell, hidden_size=24, num_layers=layers, embedding_dim=8)
+    return ModelConfig(
+        vocab_size=vocab_size, cell=cell, hidden_size=24, num_layers=layers, embedding_dim=8
+    )
 
 
 def tiny_train(**overrides) -> TrainConfig:
-    base = dict(steps=20, batch_size=8, seq_len=16, lr=1e-2, eval_every=10, eval_batches=2,
-                checkpoint_every=10, dtype="float64", clip=ClipConfig(max_norm=1.0))
+    base = dict(
+        steps=20,
+        batch_size=8,
+        seq_len=16,
+        lr=1e-2,
+        eval_every=10,
+        eval_batches=2,
+        checkpoint_every=10,
+        dtype="float64",
+        clip=ClipConfig(max_norm=1.0),
+    )
     base.update(overrides)
     return TrainConfig(**base)
 
@@ -27,10 +38,38 @@ def tiny_train(**overrides) -> TrainConfig:
 def train_cli(tmp_path, backend, data, *extra, name=None):
     """A 20-step float64 run of a small 2-layer LSTM through the CLI; returns its run folder."""
     out = tmp_path / (name or backend)
-    argv = ["train", "--backend", backend, "--data", str(data), "--out", str(out), "--steps", "20",
-            "--batch-size", "8", "--seq-len", "16", "--hidden", "24", "--embed", "8", "--layers", "2",
-            "--dtype", "float64", "--clip-norm", "0.5", "--eval-every", "10", "--eval-batches", "2",
-            "--sample-chars", "0", "--no-progress", *extra]
+    argv = [
+        "train",
+        "--backend",
+        backend,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "20",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "16",
+        "--hidden",
+        "24",
+        "--embed",
+        "8",
+        "--layers",
+        "2",
+        "--dtype",
+        "float64",
+        "--clip-norm",
+        "0.5",
+        "--eval-every",
+        "10",
+        "--eval-batches",
+        "2",
+        "--sample-chars",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
     assert cli.main(argv) == 0
     return out
-

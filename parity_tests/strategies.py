@@ -31,7 +31,12 @@ SHAPES = ((), (0,), (1,), (3,), (8,), (2, 4), (4, 4), (2, 3, 2))
 
 # Powers of ten by which an `ordinary` tree may be scaled: squares of entries up to
 # 1e3 * 10**k and down to 1e-3 * 10**k stay normal numbers of the dtype.
-ORDINARY_DECADES = {"float16": (-1, 0), "bfloat16": (-8, 8), "float32": (-8, 8), "float64": (-60, 60)}
+ORDINARY_DECADES = {
+    "float16": (-1, 0),
+    "bfloat16": (-8, 8),
+    "float32": (-8, 8),
+    "float64": (-60, 60),
+}
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -47,7 +52,9 @@ def thresholds(low: float = 1e-3, high: float = 1e3) -> st.SearchStrategy[float]
     return st.floats(math.log10(low), math.log10(high)).map(lambda e: float(10.0**e))
 
 
-def _leaf(rng: np.random.Generator, dtype: str, shape: tuple[int, ...], exponent: int, zeros: float) -> np.ndarray:
+def _leaf(
+    rng: np.random.Generator, dtype: str, shape: tuple[int, ...], exponent: int, zeros: float
+) -> np.ndarray:
     """Entries of magnitude 1e-3 to 1e3, log-uniform, a fraction `zeros` of them exactly
     zero, times 2**exponent. NumPy draws the entries from a seed Hypothesis chose: drawing
     each entry through Hypothesis costs ~40 ms a tree, which the suite cannot afford."""
@@ -99,7 +106,11 @@ def gradient_trees(
 
 def nonzero(tree_strategy: st.SearchStrategy) -> st.SearchStrategy:
     """Trees with at least one non-zero entry."""
-    return tree_strategy.filter(lambda tree: any(np.any(np.asarray(leaf, np.float64) != 0) for leaf in jax.tree.leaves(tree)))
+    return tree_strategy.filter(
+        lambda tree: any(
+            np.any(np.asarray(leaf, np.float64) != 0) for leaf in jax.tree.leaves(tree)
+        )
+    )
 
 
 # The same drawn arrays, as each backend sees them.

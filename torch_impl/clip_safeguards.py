@@ -25,7 +25,9 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from torch_impl import clipping
 
-_CHUNK = 1 << 14  # float64 re-measurement in chunks: error (chunk + n / chunk) ulps, and fast on the CPU
+_CHUNK = (
+    1 << 14
+)  # float64 re-measurement in chunks: error (chunk + n / chunk) ulps, and fast on the CPU
 
 
 def as_list(tensors: clipping.Tensors) -> list[torch.Tensor]:
@@ -72,7 +74,9 @@ def use_foreach(tensors: list[torch.Tensor], device: torch.device, foreach: bool
     if foreach is None:
         return supported and all(type(t) is torch.Tensor for t in tensors)
     if foreach and not supported:
-        raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
+        raise RuntimeError(
+            f"foreach=True was passed, but can't use the foreach API on {device.type} tensors"
+        )
     return bool(foreach)
 
 
@@ -147,11 +151,15 @@ def _wide_norm(g: Grouped, p: float, foreach) -> tuple[torch.Tensor, torch.Tenso
         return torch.zeros_like(one), one
     scale = one
     if g.has_float64:
-        top = _norm_of_norms(_per_tensor_norms(Grouped(chunks), math.inf, foreach, torch.float64), math.inf, g.device)
+        top = _norm_of_norms(
+            _per_tensor_norms(Grouped(chunks), math.inf, foreach, torch.float64), math.inf, g.device
+        )
         _, exponent = torch.frexp(top)  # 0 for a zero, inf or nan maximum: scale 1
         scale = torch.exp2(-exponent.clamp(-1021, 1021).to(torch.float64))
         chunks = [c.double() * scale.to(c.device) for c in chunks]
-    return _norm_of_norms(_per_tensor_norms(Grouped(chunks), p, foreach, torch.float64), p, g.device), scale
+    return _norm_of_norms(
+        _per_tensor_norms(Grouped(chunks), p, foreach, torch.float64), p, g.device
+    ), scale
 
 
 def _result_dtype(g: Grouped) -> torch.dtype:
@@ -180,8 +188,11 @@ def measure(g: Grouped, p: float, foreach: bool | None) -> _Measure:
         return _Measure((scaled / scale).to(fast.dtype), scaled, scale)
     scaled, scale = _wide_norm(g, p, foreach)
     trusted = (fast >= floor) & (fast < math.inf)
-    return _Measure(torch.where(trusted, fast, (scaled / scale).to(fast.dtype)),
-                    torch.where(trusted, fast.double(), scaled), torch.where(trusted, 1.0, scale))
+    return _Measure(
+        torch.where(trusted, fast, (scaled / scale).to(fast.dtype)),
+        torch.where(trusted, fast.double(), scaled),
+        torch.where(trusted, 1.0, scale),
+    )
 
 
 def _finite(m: _Measure) -> torch.Tensor:
@@ -204,7 +215,9 @@ def count_nonzero(tensors: list[torch.Tensor], error_if_nonfinite: bool) -> torc
             "The total norm of order 0.0 for gradients from `parameters` is non-finite (a gradient entry is NaN or infinite)"
         )
     device = tensors[0].device
-    return sum(torch.count_nonzero(t).to(device) for t in tensors).to(_result_dtype(Grouped(tensors)))
+    return sum(torch.count_nonzero(t).to(device) for t in tensors).to(
+        _result_dtype(Grouped(tensors))
+    )
 
 
 def _round_toward_zero(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -297,7 +310,9 @@ def enforce_bound_(g: Grouped, max_norm: float, p: float, foreach, *, exact: boo
     shrink = _shrink(g.numel(), p)
     if not bool(norm > (max_norm * shrink if exact else max_norm)):  # False for NaN: left as is
         return
-    c = clipping.coefficient(norm, max_norm * shrink, "optax")  # tau' / norm: the norm is above tau'
+    c = clipping.coefficient(
+        norm, max_norm * shrink, "optax"
+    )  # tau' / norm: the norm is above tau'
     k = c.tau / c.divisor
     for (device, dtype), ts in g.groups.items():
         info = torch.finfo(dtype)

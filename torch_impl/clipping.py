@@ -48,7 +48,6 @@ Non-finite gradients (`nonfinite=`):
                  is touched.
 """
 
-
 from __future__ import annotations
 
 import types
@@ -91,8 +90,9 @@ class Coefficient(NamedTuple):
         return torch.where(self.keep, 1.0, ratio if scale is None else ratio * scale)
 
 
-def coefficient(norm: torch.Tensor | float, tau: float, convention: str, *,
-                scale: torch.Tensor | None = None) -> Coefficient:
+def coefficient(
+    norm: torch.Tensor | float, tau: float, convention: str, *, scale: torch.Tensor | None = None
+) -> Coefficient:
     """The clipping factor c, as docs/clipping.md (step 2) writes it; the only place it is derived.
 
         torch:  c = min(1, tau / (n + 1e-6))
@@ -108,13 +108,19 @@ def coefficient(norm: torch.Tensor | float, tau: float, convention: str, *,
         return Coefficient((n < tau) | (n == 0), tau, norm)
     if scale is None:
         divisor = n + TORCH_EPS
-        ratio = tau / divisor  # torch's expression; min(1, ratio) is decided on it, never branched on
+        ratio = (
+            tau / divisor
+        )  # torch's expression; min(1, ratio) is decided on it, never branched on
         return Coefficient(ratio >= 1, tau, divisor, ratio)
     return Coefficient(tau >= n + TORCH_EPS, tau, norm + TORCH_EPS * scale)
 
 
-def get_total_norm(tensors: Tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                   foreach: bool | None = None) -> torch.Tensor:
+def get_total_norm(
+    tensors: Tensors,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
     """||g||_p of `tensors` viewed as one vector: the p-norm of the per-tensor p-norms.
 
     torch's `get_total_norm`, with torch's bits wherever torch's norm is right. Where
@@ -137,9 +143,17 @@ def get_total_norm(tensors: Tensors, norm_type: float = 2.0, error_if_nonfinite:
         return m.norm
 
 
-def clip_grad_norm_(parameters: Tensors, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                    foreach: bool | None = None, *, convention: str = "torch", nonfinite: str = "propagate",
-                    strict: bool = False) -> torch.Tensor:
+def clip_grad_norm_(
+    parameters: Tensors,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    convention: str = "torch",
+    nonfinite: str = "propagate",
+    strict: bool = False,
+) -> torch.Tensor:
     """Scale the `.grad` of `parameters` in place so their global p-norm is <= max_norm.
 
     torch's `clip_grad_norm_` (the same arguments, warning, errors and, where torch is
@@ -161,14 +175,19 @@ def clip_grad_norm_(parameters: Tensors, max_norm: float, norm_type: float = 2.0
             is_generator = isinstance(parameters, types.GeneratorType)
             parameters = list(parameters)  # a generator is consumed once, here
             if is_generator and not parameters:
-                warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
+                warnings.warn(
+                    "`parameters` is an empty generator, no gradient clipping will occur.",
+                    stacklevel=2,
+                )
         max_norm = check_threshold("max_norm", max_norm)
         p = check_norm_type(norm_type)
         check_choice("convention", convention, CONVENTIONS)
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         if error_if_nonfinite:
             if nonfinite == "skip":
-                raise ValueError('error_if_nonfinite=True and nonfinite="skip" contradict each other; pass one.')
+                raise ValueError(
+                    'error_if_nonfinite=True and nonfinite="skip" contradict each other; pass one.'
+                )
             nonfinite = "error"
         grads = [q.grad for q in parameters if q.grad is not None]
         if not grads:
@@ -185,8 +204,14 @@ def clip_grad_norm_(parameters: Tensors, max_norm: float, norm_type: float = 2.0
         return m.norm
 
 
-def clip_grads_with_norm_(parameters: Tensors, max_norm: float, total_norm: torch.Tensor,
-                          foreach: bool | None = None, *, convention: str = "torch") -> None:
+def clip_grads_with_norm_(
+    parameters: Tensors,
+    max_norm: float,
+    total_norm: torch.Tensor,
+    foreach: bool | None = None,
+    *,
+    convention: str = "torch",
+) -> None:
     """Scale the `.grad` of `parameters` in place for a norm measured beforehand
     (`get_total_norm`, or a norm summed across processes): torch's `clip_grads_with_norm_`,
     g' = g * min(1, max_norm / (total_norm + 1e-6)) in the torch convention."""

@@ -16,5 +16,7 @@ def resolve(device: str) -> torch.device:
     if device != "gpu":
         raise CharclipError(f"unknown device {device!r}; use cpu or gpu")
     if not torch.cuda.is_available():
-        raise CharclipError("--device gpu: PyTorch sees no CUDA GPU on this machine; use --device cpu")
+        raise CharclipError(
+            "--device gpu: PyTorch sees no CUDA GPU on this machine; use --device cpu"
+        )
     return torch.device("cuda")

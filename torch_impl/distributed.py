@@ -52,8 +52,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from charclip import signals
 from charclip.config import LAYOUTS, ModelConfig, TrainConfig
-from charclip.errors import CharclipError
 from charclip.contract import NonFiniteStep
+from charclip.errors import CharclipError
 from charclip.signals import STOP_SIGNALS
 from torch_impl.train import Trainer
 
@@ -72,14 +72,20 @@ class RankDied(CharclipError):
 def _uneven(cfg: TrainConfig, world: int) -> str:
     """The one-line error for a batch that N ranks (each cutting K micro-batches) cannot share."""
     of = f", each of --accumulate {cfg.accumulate} micro-batches" if cfg.accumulate > 1 else ""
-    return (f"--batch-size {cfg.batch_size} does not split into --nproc {world} equal slices{of}; "
-            f"use a multiple of {world * cfg.accumulate}")
+    return (
+        f"--batch-size {cfg.batch_size} does not split into --nproc {world} equal slices{of}; "
+        f"use a multiple of {world * cfg.accumulate}"
+    )
 
 
 def _sum_gradients(state, bucket):
     """DDP communication hook: all-reduce a bucket of gradients as a sum (DDP's own divides by N)."""
     del state
-    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+    return (
+        dist.all_reduce(bucket.buffer(), async_op=True)
+        .get_future()
+        .then(lambda fut: fut.value()[0])
+    )
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -97,9 +103,17 @@ class DistributedTrainer(Trainer):
     return whole tensors, gathered, so a checkpoint loads anywhere.
     """
 
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, params: dict[str, np.ndarray], *, parallel: str,
-                 adam: dict[str, np.ndarray] | None = None, hidden: dict[str, np.ndarray] | None = None,
-                 device: str = "cpu"):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        params: dict[str, np.ndarray],
+        *,
+        parallel: str,
+        adam: dict[str, np.ndarray] | None = None,
+        hidden: dict[str, np.ndarray] | None = None,
+        device: str = "cpu",
+    ):
         if parallel not in PARALLEL:
             raise CharclipError(f"unknown --parallel {parallel!r}; use ddp or fsdp")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -139,7 +153,11 @@ class DistributedTrainer(Trainer):
     def _slice(self, a):
         """This rank's streams of a global batch (rows of `a`, or the batch axis 1 of a hidden state)."""
         n = (a.shape[0] if isinstance(a, np.ndarray) else a.shape[1]) // self.world
-        return a[self.rank * n:(self.rank + 1) * n] if isinstance(a, np.ndarray) else a[:, self.rank * n:(self.rank + 1) * n]
+        return (
+            a[self.rank * n : (self.rank + 1) * n]
+            if isinstance(a, np.ndarray)
+            else a[:, self.rank * n : (self.rank + 1) * n]
+        )
 
     def _local(self, x):
         return self._slice(x)
@@ -147,7 +165,11 @@ class DistributedTrainer(Trainer):
     def _local_hidden(self, h):
         if h is None:
             return None
-        return tuple(self._slice(t).contiguous() for t in h) if isinstance(h, tuple) else self._slice(h).contiguous()
+        return (
+            tuple(self._slice(t).contiguous() for t in h)
+            if isinstance(h, tuple)
+            else self._slice(h).contiguous()
+        )
 
     def _global_loss(self, loss):
         """Equal slices: the mean of the slice means is the batch mean (the same on every rank)."""
@@ -168,7 +190,9 @@ class DistributedTrainer(Trainer):
         if h is None:
             return None
         whole = []
-        for t in h if isinstance(h, tuple) else (h,):  # (L, B/N, H) on each rank -> (L, B, H), streams in rank order
+        for t in (
+            h if isinstance(h, tuple) else (h,)
+        ):  # (L, B/N, H) on each rank -> (L, B, H), streams in rank order
             pieces = [torch.empty_like(t) for _ in range(self.world)]
             dist.all_gather(pieces, t.contiguous())
             whole.append(torch.cat(pieces, dim=1))
@@ -176,6 +200,7 @@ class DistributedTrainer(Trainer):
 
 
 # ---- rank 0 drives, the other ranks follow -------------------------------------------
+
 
 def _control_group():
     """Commands travel as pickled objects on a CPU group (NCCL moves only GPU tensors)."""
@@ -190,7 +215,9 @@ def _broadcast(message: list, group) -> list:
 class _Leader:
     """Rank 0's trainer inside `charclip.run.train`: every call also runs on the other ranks."""
 
-    def __init__(self, model_cfg, cfg, params, *, parallel, group, adam=None, hidden=None, device="cpu"):
+    def __init__(
+        self, model_cfg, cfg, params, *, parallel, group, adam=None, hidden=None, device="cpu"
+    ):
         self.group = group
         kwargs = dict(parallel=parallel, adam=adam, hidden=hidden, device=device)
         _broadcast(["init", (model_cfg, cfg, params, kwargs)], self.group)
@@ -201,7 +228,9 @@ class _Leader:
         return getattr(self.trainer, name)(*args)
 
     def step(self, x, y, lr=None, masks=None):
-        return self._call("step", x, y, lr, masks)  # the global batch's masks: each rank cuts its rows (_local)
+        return self._call(
+            "step", x, y, lr, masks
+        )  # the global batch's masks: each rank cuts its rows (_local)
 
     def evaluate(self, batches):
         return self._call("evaluate", list(batches))
@@ -252,15 +281,24 @@ def _train_rank(rank: int, world: int, train_fn, model_cfg, cfg, parallel: str, 
         return _follow(group)
     from tqdm.auto import tqdm
 
-    tqdm.set_lock(threading.RLock())  # its default multiprocessing lock would leak a semaphore at os._exit
+    tqdm.set_lock(
+        threading.RLock()
+    )  # its default multiprocessing lock would leak a semaphore at os._exit
     try:
         return train_fn(model_cfg, cfg, make_trainer=leader_factory(parallel, group), **kwargs)
     finally:
         _broadcast(["stop", ()], group)
 
 
-def launch_training(train_fn, model_cfg: ModelConfig | None, cfg: TrainConfig | None, *, world: int, layout: str = "ddp",
-                    **kwargs) -> dict:
+def launch_training(
+    train_fn,
+    model_cfg: ModelConfig | None,
+    cfg: TrainConfig | None,
+    *,
+    world: int,
+    layout: str = "ddp",
+    **kwargs,
+) -> dict:
     """Run the training loop `train_fn` (`charclip.run.train`) on `world` processes, layout "ddp" or "fsdp".
 
     Rank 0 calls `train_fn(model_cfg, cfg, make_trainer=leader_factory(...), **kwargs)`; the
@@ -293,6 +331,7 @@ def _resume_hint(out_dir) -> str:
 
 # ---- starting and watching the processes ----------------------------------------------
 
+
 def _port() -> int:
     """MASTER_PORT if set (it must be free), else a free port the system picks."""
     wanted = os.environ.get("MASTER_PORT")
@@ -300,14 +339,20 @@ def _port() -> int:
         try:
             s.bind((HOST, int(wanted) if wanted else 0))
         except (OSError, ValueError) as e:
-            raise CharclipError(f"cannot use port {wanted} on {HOST} (MASTER_PORT) for the process group: "
-                                f"{getattr(e, 'strerror', None) or e}; choose a free port or unset MASTER_PORT") from None
+            raise CharclipError(
+                f"cannot use port {wanted} on {HOST} (MASTER_PORT) for the process group: "
+                f"{getattr(e, 'strerror', None) or e}; choose a free port or unset MASTER_PORT"
+            ) from None
         return s.getsockname()[1]
 
 
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return (text[0] if isinstance(e, CharclipError) else f"{type(e).__name__}: {text[0] if text else ''}")[:500]
+    return (
+        text[0]
+        if isinstance(e, CharclipError)
+        else f"{type(e).__name__}: {text[0] if text else ''}"
+    )[:500]
 
 
 def _die_with(parent: int) -> None:
@@ -319,7 +364,9 @@ def _die_with(parent: int) -> None:
             pass  # no prctl: the watchdog below still ends us, within WATCHDOG_SECONDS
 
     def watch():
-        while os.getppid() == parent:  # once the parent is gone, the process is handed to another one
+        while (
+            os.getppid() == parent
+        ):  # once the parent is gone, the process is handed to another one
             time.sleep(WATCHDOG_SECONDS)
         os._exit(1)
 
@@ -332,25 +379,42 @@ def _rank_main(rank, world, port, device, fn, args, report, parent, honour_sigin
     """One process: join the group, run fn, send rank 0's result or any rank's error (one line) to `report`."""
     code = 0
     _die_with(parent)
-    if rank == 0:  # stop signals raise Interrupted until run.train defers them; SIGINT only if the user's shell sends it
-        signal.signal(signal.SIGINT, signal.default_int_handler if honour_sigint else signal.SIG_IGN)
+    if (
+        rank == 0
+    ):  # stop signals raise Interrupted until run.train defers them; SIGINT only if the user's shell sends it
+        signal.signal(
+            signal.SIGINT, signal.default_int_handler if honour_sigint else signal.SIG_IGN
+        )
         signals.install()
     try:
         if device == "gpu":
             torch.cuda.set_device(rank)
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))  # the ranks share the cores
-        if "lo" in {name for _, name in socket.if_nameindex()}:  # gloo and NCCL talk over loopback, not the LAN
+        torch.set_num_threads(
+            max(1, len(os.sched_getaffinity(0)) // world)
+        )  # the ranks share the cores
+        if "lo" in {
+            name for _, name in socket.if_nameindex()
+        }:  # gloo and NCCL talk over loopback, not the LAN
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
             os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
         try:
-            dist.init_process_group("nccl" if device == "gpu" else "gloo", init_method=f"tcp://{HOST}:{port}",
-                                    rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+            dist.init_process_group(
+                "nccl" if device == "gpu" else "gloo",
+                init_method=f"tcp://{HOST}:{port}",
+                rank=rank,
+                world_size=world,
+                timeout=COLLECTIVE_TIMEOUT,
+            )
         except Exception as e:
-            raise CharclipError(f"could not start the process group on {HOST}:{port}: {_one_line(e)}") from None
+            raise CharclipError(
+                f"could not start the process group on {HOST}:{port}: {_one_line(e)}"
+            ) from None
         result = fn(rank, world, *args)
         if rank == 0:
             report.send(("result", result))
-    except SystemExit as e:  # a stop signal on rank 0: run.train saved a checkpoint, then exits 128 + signal
+    except (
+        SystemExit
+    ) as e:  # a stop signal on rank 0: run.train saved a checkpoint, then exits 128 + signal
         code = e.code if isinstance(e.code, int) else 1
         report.send(("exit", code))
     except KeyboardInterrupt as e:  # a stop signal before the loop started: nothing written yet
@@ -374,17 +438,33 @@ def launch(fn, world: int, *args, device: str = "cpu"):
     (after GRACE_SECONDS for them to notice) and raises CharclipError naming it.
     """
     if device == "gpu" and torch.cuda.device_count() < world:
-        raise CharclipError(f"--nproc {world} --device gpu needs {world} GPUs; PyTorch sees {torch.cuda.device_count()}")
+        raise CharclipError(
+            f"--nproc {world} --device gpu needs {world} GPUs; PyTorch sees {torch.cuda.device_count()}"
+        )
     port = _port()
     ctx = mp.get_context("spawn")
-    pipes = [ctx.Pipe(duplex=False) for _ in range(world)]  # (read, write): each rank reports on its own
-    honour_sigint = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # a background job keeps ignoring it
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, device, fn, args, pipes[r][1], os.getpid(), honour_sigint),
-                         daemon=True) for r in range(world)]
+    pipes = [
+        ctx.Pipe(duplex=False) for _ in range(world)
+    ]  # (read, write): each rank reports on its own
+    honour_sigint = (
+        signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    )  # a background job keeps ignoring it
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(r, world, port, device, fn, args, pipes[r][1], os.getpid(), honour_sigint),
+            daemon=True,
+        )
+        for r in range(world)
+    ]
 
-    def forward(signum, frame):  # SIGTERM / SIGHUP to the launcher: rank 0 stops the run after this step
+    def forward(
+        signum, frame
+    ):  # SIGTERM / SIGHUP to the launcher: rank 0 stops the run after this step
         if procs[0].pid is None:
-            raise signals.Interrupted(signum)  # no rank yet: the launcher stops, killing any started below
+            raise signals.Interrupted(
+                signum
+            )  # no rank yet: the launcher stops, killing any started below
         if procs[0].is_alive():
             os.kill(procs[0].pid, signum)
 
@@ -451,20 +531,31 @@ def _outcome(world: int, reports, exits):
         if kind == "result":
             return value
     for rank, kind, value in reports:
-        if kind == "exit" and rank == 0 and value - 128 in STOP_SIGNALS:  # rank 0 stopped on a signal, and said so
+        if (
+            kind == "exit" and rank == 0 and value - 128 in STOP_SIGNALS
+        ):  # rank 0 stopped on a signal, and said so
             raise SystemExit(value)
         if kind == "stopped" and rank == 0:
             raise signals.Interrupted(value - 128)
     errors = {rank: value for rank, kind, value in reports if kind == "error"}
     for rank, code in exits:
-        if code < 0:  # killed by a signal: this rank is the cause, the others' errors follow from it
-            raise RankDied(f"rank {rank} of {world} died ({signal.Signals(-code).name}); the run stopped, "
-                           "with nothing written for the unfinished step")
+        if (
+            code < 0
+        ):  # killed by a signal: this rank is the cause, the others' errors follow from it
+            raise RankDied(
+                f"rank {rank} of {world} died ({signal.Signals(-code).name}); the run stopped, "
+                "with nothing written for the unfinished step"
+            )
         if rank in errors:
-            raise CharclipError(errors[rank] if rank == 0 else f"rank {rank} of {world}: {errors[rank]}")
+            raise CharclipError(
+                errors[rank] if rank == 0 else f"rank {rank} of {world}: {errors[rank]}"
+            )
     if errors:
         rank = min(errors)
         raise CharclipError(f"rank {rank} of {world}: {errors[rank]}")
     still = sorted(set(range(world)) - {rank for rank, _ in exits})
-    raise CharclipError(f"the distributed run stopped without a result (ranks {still} did not finish)" if still
-                        else f"the distributed run stopped without a result (exit codes {dict(exits)})")
+    raise CharclipError(
+        f"the distributed run stopped without a result (ranks {still} did not finish)"
+        if still
+        else f"the distributed run stopped without a result (exit codes {dict(exits)})"
+    )

@@ -17,7 +17,9 @@ from torch_impl import model as M
 from torch_impl.clipping import clip_grad_norm_, get_total_norm
 
 
-def grad_through_time(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray):
+def grad_through_time(
+    model_cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
+):
     """Norms of dL/dh_{T-k} for k = 0..T, and the hidden states h_0..h_T.
 
     L is the cross-entropy of the last step only (mean over the batch), so the
@@ -33,11 +35,15 @@ def grad_through_time(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: 
     c = torch.zeros_like(h) if "c" in model_cfg.state_parts else None
     hs = [h]
     for t in range(T):
-        _, state = model.rnn(model.embedding(torch.from_numpy(x[:, t : t + 1])), h if c is None else (h, c))
+        _, state = model.rnn(
+            model.embedding(torch.from_numpy(x[:, t : t + 1])), h if c is None else (h, c)
+        )
         h, c = state if c is not None else (state, None)  # h (L, B, H)
         h.retain_grad()  # a non-leaf tensor keeps its .grad only when asked
         hs.append(h)
-    loss = F.cross_entropy(model.head(h[-1]), torch.from_numpy(y[:, -1]))  # the top layer's h_T predicts y_T
+    loss = F.cross_entropy(
+        model.head(h[-1]), torch.from_numpy(y[:, -1])
+    )  # the top layer's h_T predicts y_T
     loss.backward()
     norms = np.array([torch.linalg.vector_norm(hs[T - k].grad).item() for k in range(T + 1)])
     return norms, np.stack([s.detach().numpy() for s in hs])
@@ -47,7 +53,9 @@ def grad_through_time(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: 
 # The two experiments of `charclip explode --paper` (docs/paper-rerun.md), mirrored in jax_impl.explode.
 
 
-def _one_unit_loss(w: torch.Tensor, b: torch.Tensor, x0: float, target: float, steps: int) -> torch.Tensor:
+def _one_unit_loss(
+    w: torch.Tensor, b: torch.Tensor, x0: float, target: float, steps: int
+) -> torch.Tensor:
     """E = (sigmoid(x_steps) - target)^2 for x_t = w sigmoid(x_{t-1}) + b (the paper's eq. 8, no input)."""
     x = torch.full_like(w, x0)
     for _ in range(steps):
@@ -66,8 +74,17 @@ def one_unit_loss_grad(w, b, *, x0: float, steps: int, target: float):
     return tuple(a.detach().numpy().reshape(w.shape) for a in (loss, tw.grad, tb.grad))
 
 
-def one_unit_path(w0: float, b0: float, *, lr: float, updates: int, threshold: float | None, x0: float, steps: int,
-                  target: float):
+def one_unit_path(
+    w0: float,
+    b0: float,
+    *,
+    lr: float,
+    updates: int,
+    threshold: float | None,
+    x0: float,
+    steps: int,
+    target: float,
+):
     """Gradient descent on the one-unit network from (w0, b0): `updates` steps of lr * g, with g rescaled to norm
     `threshold` when its norm is above it (the paper's Algorithm 1; `torch_impl.clipping`, strict, so no step is
     longer than lr * threshold) or left alone (threshold None). Returns the points (updates+1, 2) and the norms
@@ -88,7 +105,9 @@ def one_unit_path(w0: float, b0: float, *, lr: float, updates: int, threshold: f
     return np.stack(points), np.array(norms)
 
 
-def _temporal_order_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, activation: str):
+def _temporal_order_loss(
+    params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, activation: str
+):
     """Mean cross-entropy of the class at the last step; x (B, T) symbols, y (B,) classes. Also the logits."""
     act = torch.sigmoid if activation == "sigmoid" else torch.tanh
     h = torch.zeros(x.shape[0], params["W_hh"].shape[0], dtype=params["W_hh"].dtype)  # (B, H)
@@ -98,8 +117,15 @@ def _temporal_order_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: to
     return F.cross_entropy(logits, y), logits
 
 
-def temporal_order_updates(params: dict[str, np.ndarray], xs: np.ndarray, ys: np.ndarray, *, lr: float,
-                           threshold: float | None, activation: str):
+def temporal_order_updates(
+    params: dict[str, np.ndarray],
+    xs: np.ndarray,
+    ys: np.ndarray,
+    *,
+    lr: float,
+    threshold: float | None,
+    activation: str,
+):
     """len(xs) plain SGD updates (the paper's MSGD; with the gradient's norm rescaled to `threshold` when above
     it: MSGD-C) on batches xs (K, B, T) of symbols, ys (K, B) classes. Returns the new parameters (NumPy), and
     per update the loss and the gradient norm before rescaling."""
@@ -120,7 +146,9 @@ def temporal_order_updates(params: dict[str, np.ndarray], xs: np.ndarray, ys: np
     return {k: v.detach().numpy() for k, v in p.items()}, np.array(losses), np.array(norms)
 
 
-def temporal_order_errors(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, *, activation: str) -> int:
+def temporal_order_errors(
+    params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, *, activation: str
+) -> int:
     """How many of the sequences x (B, T) the network puts in the wrong class (argmax of the last output)."""
     p = {k: torch.from_numpy(v) for k, v in params.items()}
     with torch.no_grad():

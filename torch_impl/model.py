@@ -26,8 +26,9 @@ class CharRNN(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim)
-        self.rnn = _module_for(cfg.cell)(cfg.embedding_dim, cfg.hidden_size, cfg.num_layers,
-                                         batch_first=True)
+        self.rnn = _module_for(cfg.cell)(
+            cfg.embedding_dim, cfg.hidden_size, cfg.num_layers, batch_first=True
+        )
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         # None: compute in the parameters' dtype. bfloat16 / float16: mixed precision (see `forward`).
         self.compute_dtype: torch.dtype | None = None
@@ -56,13 +57,19 @@ class CharRNN(nn.Module):
                 out, h = self._layers_with_dropout(e, h, masks, dict(self.rnn.named_parameters()))
             return self.head(out), h  # (B, T, V)
         master = self.head.weight.dtype
-        e = F.embedding(x, self.embedding.weight).to(cd)  # rows gathered, then rounded: their gradient sums in float32
+        e = F.embedding(x, self.embedding.weight).to(
+            cd
+        )  # rows gathered, then rounded: their gradient sums in float32
         weights = {name: p.to(cd) for name, p in self.rnn.named_parameters()}
         if masks is None:
             out, h = torch.func.functional_call(self.rnn, weights, (e, _cast(h, cd)))
         else:
-            out, h = self._layers_with_dropout(e, _cast(h, cd), tuple(m.to(cd) for m in masks), weights)
-        logits = F.linear(out, self.head.weight.to(cd)).to(master) + self.head.bias  # the bias added in float32
+            out, h = self._layers_with_dropout(
+                e, _cast(h, cd), tuple(m.to(cd) for m in masks), weights
+            )
+        logits = (
+            F.linear(out, self.head.weight.to(cd)).to(master) + self.head.bias
+        )  # the bias added in float32
         return logits, _cast(h, master)
 
     def _layers_with_dropout(self, seq: torch.Tensor, h, masks, weights: dict[str, torch.Tensor]):
@@ -81,11 +88,14 @@ class CharRNN(nn.Module):
         parts = h if isinstance(h, tuple) else (h,)  # nn.LSTM's state is a tuple, others' a tensor
         finals = []
         for k, mask in enumerate(masks):
-            layer = [weights[f"{name}_l{k}"] for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            hx = tuple(part[k:k + 1] for part in parts)  # (1, B, H) each
+            layer = [
+                weights[f"{name}_l{k}"] for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            ]
+            hx = tuple(part[k : k + 1] for part in parts)  # (1, B, H) each
             # (input, hx, weights, bias, num_layers, dropout, train, bidirectional, batch_first), as nn.RNNBase passes them
-            out, *state = _ONE_LAYER[cfg.cell](seq, hx if len(hx) > 1 else hx[0], layer, True, 1, 0.0,
-                                               self.training, False, True)
+            out, *state = _ONE_LAYER[cfg.cell](
+                seq, hx if len(hx) > 1 else hx[0], layer, True, 1, 0.0, self.training, False, True
+            )
             seq = out * mask  # (B, T, H): into the next layer, or the head
             finals.append(state)
         final = tuple(torch.cat(layers, dim=0) for layers in zip(*finals))  # (L, B, H) each
@@ -98,8 +108,12 @@ def _cast(h, dtype):
     return tuple(t.to(dtype) for t in h) if isinstance(h, tuple) else h.to(dtype)
 
 
-def build(cfg: ModelConfig, params: dict[str, np.ndarray], device: torch.device | str = "cpu",
-          compute_dtype: str | None = None) -> CharRNN:
+def build(
+    cfg: ModelConfig,
+    params: dict[str, np.ndarray],
+    device: torch.device | str = "cpu",
+    compute_dtype: str | None = None,
+) -> CharRNN:
     """A CharRNN holding `params` (PyTorch state_dict names), in their dtype, on `device`.
 
     `compute_dtype` ("bfloat16", "float16"): run forward and backward in it (`CharRNN.forward`).
@@ -142,5 +156,8 @@ def hidden_from_numpy(h: dict[str, np.ndarray] | None, device: torch.device | st
     if h is None:
         return None
     if "c" in h:
-        return (torch.from_numpy(np.array(h["h"])).to(device), torch.from_numpy(np.array(h["c"])).to(device))
+        return (
+            torch.from_numpy(np.array(h["h"])).to(device),
+            torch.from_numpy(np.array(h["c"])).to(device),
+        )
     return torch.from_numpy(np.array(h["h"])).to(device)

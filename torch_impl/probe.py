@@ -16,8 +16,14 @@ from torch_impl import device as D
 from torch_impl import model as M
 
 
-def logits(model_cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray, hidden, device: str = "cpu",
-           compute_dtype: str | None = None) -> np.ndarray:
+def logits(
+    model_cfg: ModelConfig,
+    params: dict[str, np.ndarray],
+    x: np.ndarray,
+    hidden,
+    device: str = "cpu",
+    compute_dtype: str | None = None,
+) -> np.ndarray:
     """The forward pass's logits (B, T, V) of `params` on tokens x (B, T) from `hidden` (or zeros).
 
     `compute_dtype` ("bfloat16", "float16"): computed as mixed precision training computes them.

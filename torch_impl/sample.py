@@ -12,9 +12,20 @@ from torch_impl import device as D
 from torch_impl import model as M
 
 
-def sample(cfg: ModelConfig, params: dict[str, np.ndarray], vocab: Vocab, prime: str, length: int, *,
-           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-           device: str = "cpu", emit=None) -> str:
+def sample(
+    cfg: ModelConfig,
+    params: dict[str, np.ndarray],
+    vocab: Vocab,
+    prime: str,
+    length: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    emit=None,
+) -> str:
     dev = D.resolve(device)
     model = M.build(cfg, params, dev).eval()
 
@@ -23,5 +34,14 @@ def sample(cfg: ModelConfig, params: dict[str, np.ndarray], vocab: Vocab, prime:
         logits, h = model(torch.tensor([[token]], device=dev), h)  # (1, 1, V)
         return logits[0, -1].cpu().numpy(), h
 
-    return sampling.generate(step, vocab, prime, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                             emit=emit)
+    return sampling.generate(
+        step,
+        vocab,
+        prime,
+        length,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        emit=emit,
+    )

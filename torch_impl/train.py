@@ -21,17 +21,30 @@ from torch_impl import model as M
 
 
 class Trainer:
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, params: dict[str, np.ndarray], *,
-                 adam: dict[str, np.ndarray] | None = None, hidden: dict[str, np.ndarray] | None = None,
-                 device: str = "cpu"):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        params: dict[str, np.ndarray],
+        *,
+        adam: dict[str, np.ndarray] | None = None,
+        hidden: dict[str, np.ndarray] | None = None,
+        device: str = "cpu",
+    ):
         cfg.clip.check_for("torch")
         self.model_cfg, self.cfg = model_cfg, cfg
         self.device = D.resolve(device)
         compute = None if cfg.precision == "full" else compute_dtype(cfg)
-        self.module = M.build(model_cfg, params, self.device, compute)  # the CharRNN, parameter names as in a checkpoint
+        self.module = M.build(
+            model_cfg, params, self.device, compute
+        )  # the CharRNN, parameter names as in a checkpoint
         self.model = self._parallel(self.module)  # what the forward pass runs through
-        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        self.scaler = self._scaler(adam)  # fp16's dynamic loss scale: torch's own GradScaler (disabled otherwise)
+        self.optimizer = torch.optim.Adam(
+            self.module.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+        )
+        self.scaler = self._scaler(
+            adam
+        )  # fp16's dynamic loss scale: torch's own GradScaler (disabled otherwise)
         if adam is not None:
             self._load_adam(adam)
         self.hidden = self._local_hidden(M.hidden_from_numpy(hidden, self.device))
@@ -49,12 +62,21 @@ class Trainer:
             return clipping.clip_grad_norm_(params, clip.max_norm, convention=convention)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if clip.mode == "value":
-            value_clip = torch.nn.utils.clip_grad_value_ if clip.impl == "library" else clipping.clip_grad_value_
+            value_clip = (
+                torch.nn.utils.clip_grad_value_
+                if clip.impl == "library"
+                else clipping.clip_grad_value_
+            )
             value_clip(params, clip.max_value)
         return norm
 
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None,
-             masks: tuple[np.ndarray, ...] | None = None) -> StepResult:
+    def step(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        lr: float | None = None,
+        masks: tuple[np.ndarray, ...] | None = None,
+    ) -> StepResult:
         """One optimizer step on the batch (B, T); `lr` (the schedule's rate) replaces the configured one.
 
         With `accumulate` K > 1 the batch is K micro-batches of B/K streams: each backward
@@ -75,20 +97,38 @@ class Trainer:
             finals.append(h)
         loss = torch.stack(losses).mean()  # equal micro-batches: the mean of their means
         self._summed()
-        found_inf = self._found_inf() if scale is not None else None  # GradScaler's test, on the scaled gradient
-        self.scaler.unscale_(self.optimizer)  # fp16: divide by the scale BEFORE clipping (a no-op otherwise)
-        norm = self._whole(self._clip()).item()  # after the last backward and the unscaling, before the step
+        found_inf = (
+            self._found_inf() if scale is not None else None
+        )  # GradScaler's test, on the scaled gradient
+        self.scaler.unscale_(
+            self.optimizer
+        )  # fp16: divide by the scale BEFORE clipping (a no-op otherwise)
+        norm = self._whole(
+            self._clip()
+        ).item()  # after the last backward and the unscaling, before the step
         try:
-            result = verdict(self._global_loss(loss), norm, self.cfg.clip, self.cfg.nonfinite, loss_scale=scale,
-                             found_inf=found_inf)
-        except NonFiniteStep:  # "error": no state changes, the scaler's record of this step included
+            result = verdict(
+                self._global_loss(loss),
+                norm,
+                self.cfg.clip,
+                self.cfg.nonfinite,
+                loss_scale=scale,
+                found_inf=found_inf,
+            )
+        except (
+            NonFiniteStep
+        ):  # "error": no state changes, the scaler's record of this step included
             self.scaler = self._scaler(self.adam_state())
             raise
         if not result.skipped:
             for group in self.optimizer.param_groups:  # None: the configured rate, as in jax_impl
                 group["lr"] = self.cfg.lr if lr is None else lr
-            self.scaler.step(self.optimizer)  # fp16: skips by itself when the gradient holds inf or NaN
-            self.hidden = _detached(_joined(finals))  # truncated BPTT; a skipped batch leaves it as it was
+            self.scaler.step(
+                self.optimizer
+            )  # fp16: skips by itself when the gradient holds inf or NaN
+            self.hidden = _detached(
+                _joined(finals)
+            )  # truncated BPTT; a skipped batch leaves it as it was
         if self.scaler.is_enabled():
             self.scaler.update()  # back off after an overflow; grow after loss_scale_interval clean steps
         return result
@@ -96,7 +136,9 @@ class Trainer:
     def apply_gradients(self, grads: dict[str, np.ndarray], lr: float | None = None) -> None:
         """Clip `grads` (by parameter name) with this trainer's clipping, then take one Adam step."""
         for name, p in self.module.named_parameters():
-            p.grad = self._placed(p, grads[name])  # placed like its parameter (a DTensor under FSDP)
+            p.grad = self._placed(
+                p, grads[name]
+            )  # placed like its parameter (a DTensor under FSDP)
         self._clip()
         for group in self.optimizer.param_groups:  # None: the configured rate, as in jax_impl
             group["lr"] = self.cfg.lr if lr is None else lr
@@ -112,7 +154,10 @@ class Trainer:
         return total / n
 
     def params_numpy(self) -> dict[str, np.ndarray]:
-        return {k: self._whole(v).detach().cpu().numpy().copy() for k, v in self.module.state_dict().items()}
+        return {
+            k: self._whole(v).detach().cpu().numpy().copy()
+            for k, v in self.module.state_dict().items()
+        }
 
     def hidden_state(self) -> dict[str, np.ndarray] | None:
         return M.hidden_to_numpy(self._gather_hidden(self.hidden))
@@ -142,13 +187,24 @@ class Trainer:
     def _scaler(self, adam: dict[str, np.ndarray] | None) -> torch.amp.GradScaler:
         """fp16's GradScaler with the configured rule, at the scale and count stored in `adam` if there."""
         cfg = self.cfg
-        scaler = torch.amp.GradScaler(self.device.type, init_scale=cfg.loss_scale_init, growth_factor=cfg.loss_scale_growth,
-                                      backoff_factor=cfg.loss_scale_backoff, growth_interval=cfg.loss_scale_interval,
-                                      enabled=loss_scaled(cfg))
+        scaler = torch.amp.GradScaler(
+            self.device.type,
+            init_scale=cfg.loss_scale_init,
+            growth_factor=cfg.loss_scale_growth,
+            backoff_factor=cfg.loss_scale_backoff,
+            growth_interval=cfg.loss_scale_interval,
+            enabled=loss_scaled(cfg),
+        )
         if scaler.is_enabled() and adam is not None and "loss_scale" in adam:
-            scaler.load_state_dict({"scale": float(adam["loss_scale"]), "growth_factor": cfg.loss_scale_growth,
-                                    "backoff_factor": cfg.loss_scale_backoff, "growth_interval": cfg.loss_scale_interval,
-                                    "_growth_tracker": int(adam["loss_scale_good_steps"])})
+            scaler.load_state_dict(
+                {
+                    "scale": float(adam["loss_scale"]),
+                    "growth_factor": cfg.loss_scale_growth,
+                    "backoff_factor": cfg.loss_scale_backoff,
+                    "growth_interval": cfg.loss_scale_interval,
+                    "_growth_tracker": int(adam["loss_scale_good_steps"]),
+                }
+            )
         return scaler
 
     def _load_adam(self, adam: dict[str, np.ndarray]) -> None:
@@ -200,7 +256,9 @@ def _micro_batches(x: np.ndarray, y: np.ndarray, hidden, k: int, masks=None):
     """(x, y, hidden, masks) of each of k equal slices of the streams (rows of x and of each mask; axis 1 of
     the hidden state)."""
     if len(x) % k:
-        raise CharclipError(f"{len(x)} streams do not split into --accumulate {k} equal micro-batches")
+        raise CharclipError(
+            f"{len(x)} streams do not split into --accumulate {k} equal micro-batches"
+        )
     b = len(x) // k
     for i in range(k):
         rows = slice(i * b, (i + 1) * b)

@@ -27,11 +27,32 @@ from charclip.explode.experiments import (
     train_run,
     verdict,
 )
-from charclip.explode.figures import plot_bounds, plot_gradient_through_time, plot_sweep, plot_training
+from charclip.explode.figures import (
+    plot_bounds,
+    plot_gradient_through_time,
+    plot_sweep,
+    plot_training,
+)
 from charclip.explode.report import summary, write_report
 
 __all__ = [
-    "DEFAULT", "MODES", "QUICK", "RHOS", "Settings", "add_parser", "gradient_through_time", "growth_per_step",
-    "jacobian_bounds", "plot_bounds", "plot_gradient_through_time", "plot_sweep", "plot_training", "run_all",
-    "summary", "train_config", "train_run", "verdict", "write_report",
+    "DEFAULT",
+    "MODES",
+    "QUICK",
+    "RHOS",
+    "Settings",
+    "add_parser",
+    "gradient_through_time",
+    "growth_per_step",
+    "jacobian_bounds",
+    "plot_bounds",
+    "plot_gradient_through_time",
+    "plot_sweep",
+    "plot_training",
+    "run_all",
+    "summary",
+    "train_config",
+    "train_run",
+    "verdict",
+    "write_report",
 ]

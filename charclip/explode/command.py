@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     from charclip.cli import HelpFormatter, add_options
 
     p = sub.add_parser(
-        "explode", help="show exploding gradients and what clipping does about them, in both backends",
+        "explode",
+        help="show exploding gradients and what clipping does about them, in both backends",
         description="Measure the gradient through time of a vanilla RNN for several spectral radii, train from an "
         "unstable start with no clipping, value clipping and norm clipping, and sweep the norm threshold. Writes "
         "report.md, results.json and figures to --out and prints a summary (docs/exploding-gradients.md).",

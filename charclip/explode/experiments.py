@@ -38,7 +38,9 @@ from charclip.vocab import Vocab
 from charclip.weights import init_params, scale_spectral_radius
 
 RHOS = (0.5, 0.9, 1.0, 1.1, 1.5, 2.0)
-LINEAR_INPUT_SCALE = 1e-20  # embeddings times this, biases zero: h_t stays ~1e-5 even at rho = 2, T = 50
+LINEAR_INPUT_SCALE = (
+    1e-20  # embeddings times this, biases zero: h_t stays ~1e-5 even at rho = 2, T = 50
+)
 SGD_EPS = 1e8  # Adam's epsilon: far above any gradient component, so Adam with beta1 = 0 is SGD (module docstring)
 MODES = ("none", "value", "norm")
 
@@ -88,15 +90,23 @@ def _data(s: Settings) -> _Data:
     train_tok, val_tok = split(vocab.encode(text, what="the embedded corpus"), 0.1)
     counts = np.bincount(train_tok, minlength=len(vocab))
     p = counts[counts > 0] / len(train_tok)
-    return _Data(vocab, Streams(train_tok, s.batch_size, s.seq_len),
-                 Streams(val_tok, s.batch_size, s.seq_len, what="validation text"), float(-(p * np.log(p)).sum()))
+    return _Data(
+        vocab,
+        Streams(train_tok, s.batch_size, s.seq_len),
+        Streams(val_tok, s.batch_size, s.seq_len, what="validation text"),
+        float(-(p * np.log(p)).sum()),
+    )
 
 
 def _model(s: Settings, vocab: Vocab) -> ModelConfig:
-    return ModelConfig(vocab_size=len(vocab), cell="rnn", hidden_size=s.hidden, num_layers=1, embedding_dim=s.embed)
+    return ModelConfig(
+        vocab_size=len(vocab), cell="rnn", hidden_size=s.hidden, num_layers=1, embedding_dim=s.embed
+    )
 
 
-def _params(model_cfg: ModelConfig, rho: float, seed: int, *, linear: bool = False) -> dict[str, np.ndarray]:
+def _params(
+    model_cfg: ModelConfig, rho: float, seed: int, *, linear: bool = False
+) -> dict[str, np.ndarray]:
     """The model's initial float64 weights with W_hh scaled to spectral radius rho."""
     p = init_params(model_cfg, seed, "float64")
     p["rnn.weight_hh_l0"] = scale_spectral_radius(p["rnn.weight_hh_l0"], rho)
@@ -110,7 +120,9 @@ def _params(model_cfg: ModelConfig, rho: float, seed: int, *, linear: bool = Fal
 # ---------------------------------------------------------------- experiment 1
 
 
-def jacobian_bounds(norms: np.ndarray, states: np.ndarray, w_hh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def jacobian_bounds(
+    norms: np.ndarray, states: np.ndarray, w_hh: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Two upper bounds on ||dL/dh_{T-k}||, k = 0..T, for a one-layer tanh RNN.
 
     dh_t/dh_{t-1} = diag(1 - h_t^2) W_hh =: J_t, so dL/dh_{T-k} = J_{T-k+1}^T ... J_T^T dL/dh_T and
@@ -120,11 +132,17 @@ def jacobian_bounds(norms: np.ndarray, states: np.ndarray, w_hh: np.ndarray) -> 
     """
     h = states[1:, 0]  # (T, B, H): h_1..h_T
     d = 1.0 - h**2  # tanh'(z_t) = 1 - h_t^2
-    jac = np.linalg.norm(d[..., :, None] * w_hh[None, None], ord=2, axis=(-2, -1))  # (T, B): ||diag(d) W_hh||_2
+    jac = np.linalg.norm(
+        d[..., :, None] * w_hh[None, None], ord=2, axis=(-2, -1)
+    )  # (T, B): ||diag(d) W_hh||_2
     loose = d.max(axis=-1) * np.linalg.norm(w_hh, ord=2)  # (T, B)
 
-    def backward_product(per_step: np.ndarray) -> np.ndarray:  # k = 0..T: product over the last k steps
-        prods = np.concatenate([np.ones((1, per_step.shape[1])), np.cumprod(per_step[::-1], axis=0)])
+    def backward_product(
+        per_step: np.ndarray,
+    ) -> np.ndarray:  # k = 0..T: product over the last k steps
+        prods = np.concatenate(
+            [np.ones((1, per_step.shape[1])), np.cumprod(per_step[::-1], axis=0)]
+        )
         return norms[0] * prods.max(axis=1)
 
     return backward_product(jac), backward_product(loose)
@@ -146,30 +164,46 @@ def gradient_through_time(s: Settings, data: _Data, backends, bar) -> dict:
             params = _params(model_cfg, rho, s.seed, linear=linear)
             measured = {}
             for b in backends:
-                measured[b] = backend_module(b, "explode").grad_through_time(model_cfg, params, x, y)
+                measured[b] = backend_module(b, "explode").grad_through_time(
+                    model_cfg, params, x, y
+                )
                 bar.update(1)
             norms, states = measured[backends[0]]
             jac, loose = jacobian_bounds(norms, states, params["rnn.weight_hh_l0"])
             k = np.arange(len(norms))
             curves[f"{rho:g}"] = {
-                "rho": rho, "norms": {b: measured[b][0].tolist() for b in backends},
-                "rho_k": (norms[0] * rho**k).tolist(), "jacobian_product": jac.tolist(), "norm_bound": loose.tolist(),
+                "rho": rho,
+                "norms": {b: measured[b][0].tolist() for b in backends},
+                "rho_k": (norms[0] * rho**k).tolist(),
+                "jacobian_product": jac.tolist(),
+                "norm_bound": loose.tolist(),
                 "w_hh_norm2": float(np.linalg.norm(params["rnn.weight_hh_l0"], ord=2)),
-                "growth_per_step": growth_per_step(norms), "max_abs_h": float(np.abs(states).max()),
+                "growth_per_step": growth_per_step(norms),
+                "max_abs_h": float(np.abs(states).max()),
                 "min_tanh_derivative": float((1 - states[1:] ** 2).min()),
             }
         regimes[regime] = curves
     agreement = None
     if len(backends) == 2:
-        agreement = max(_rel_diff(np.array(c["norms"]["torch"]), np.array(c["norms"]["jax"]))
-                        for curves in regimes.values() for c in curves.values())
-    return {"seq_len": s.grad_seq_len, "batch": s.grad_batch, "linear_input_scale": LINEAR_INPUT_SCALE,
-            "regimes": regimes, "max_rel_diff_torch_jax": agreement}
+        agreement = max(
+            _rel_diff(np.array(c["norms"]["torch"]), np.array(c["norms"]["jax"]))
+            for curves in regimes.values()
+            for c in curves.values()
+        )
+    return {
+        "seq_len": s.grad_seq_len,
+        "batch": s.grad_batch,
+        "linear_input_scale": LINEAR_INPUT_SCALE,
+        "regimes": regimes,
+        "max_rel_diff_torch_jax": agreement,
+    }
 
 
 def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     """Largest |a - b| / max(|a|, |b|), entry by entry (the norms span 30 orders of magnitude)."""
-    return float(np.max(np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), np.finfo(float).tiny)))
+    return float(
+        np.max(np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), np.finfo(float).tiny))
+    )
 
 
 # ---------------------------------------------------------------- experiments 2 and 3
@@ -185,15 +219,27 @@ def _clip(s: Settings, mode: str, tau: float | None = None) -> ClipConfig:
 
 def train_config(s: Settings, clip: ClipConfig, seed: int) -> TrainConfig:
     """Adam turned into SGD with learning rate `s.sgd_lr` (module docstring); float64, NaN carried on."""
-    return TrainConfig(steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len, lr=s.sgd_lr * SGD_EPS, beta1=0.0,
-                       eps=SGD_EPS, seed=seed, dtype="float64", nonfinite="propagate", clip=clip)
+    return TrainConfig(
+        steps=s.steps,
+        batch_size=s.batch_size,
+        seq_len=s.seq_len,
+        lr=s.sgd_lr * SGD_EPS,
+        beta1=0.0,
+        eps=SGD_EPS,
+        seed=seed,
+        dtype="float64",
+        nonfinite="propagate",
+        clip=clip,
+    )
 
 
 def train_run(backend: str, s: Settings, data: _Data, clip: ClipConfig, seed: int, bar) -> dict:
     """One run from the unstable start; per-step loss, pre-clip norm and clipping, and the final validation loss."""
     model_cfg = _model(s, data.vocab)
     cfg = train_config(s, clip, seed)
-    trainer = backend_module(backend, "train").Trainer(model_cfg, cfg, _params(model_cfg, s.rho, seed))
+    trainer = backend_module(backend, "train").Trainer(
+        model_cfg, cfg, _params(model_cfg, s.rho, seed)
+    )
     pos, loss, norm, clipped, radius = Position(), [], [], [], []
     for _ in range(s.steps):
         if pos.batch == 0:
@@ -206,10 +252,20 @@ def train_run(backend: str, s: Settings, data: _Data, clip: ClipConfig, seed: in
         radius.append(_spectral_radius(trainer.params_numpy()["rnn.weight_hh_l0"]))
         bar.update(1)
     val = trainer.evaluate(data.val.eval_batches(s.eval_batches))
-    return {"backend": backend, "mode": clip.mode, "tau": clip.max_norm if clip.mode == "norm" else None,
-            "v": clip.max_value if clip.mode == "value" else None, "seed": seed, **verdict(loss, val, data.unigram_entropy),
-            "clipped_fraction": float(np.mean(clipped)), "max_grad_norm": float(np.nanmax(norm)),
-            "loss": loss, "grad_norm": norm, "clipped": clipped, "spectral_radius": radius}
+    return {
+        "backend": backend,
+        "mode": clip.mode,
+        "tau": clip.max_norm if clip.mode == "norm" else None,
+        "v": clip.max_value if clip.mode == "value" else None,
+        "seed": seed,
+        **verdict(loss, val, data.unigram_entropy),
+        "clipped_fraction": float(np.mean(clipped)),
+        "max_grad_norm": float(np.nanmax(norm)),
+        "loss": loss,
+        "grad_norm": norm,
+        "clipped": clipped,
+        "spectral_radius": radius,
+    }
 
 
 def _spectral_radius(w: np.ndarray) -> float:
@@ -223,12 +279,21 @@ def verdict(loss: list[float], val_loss: float, unigram_entropy: float) -> dict:
     that has learned nothing about context cannot beat."""
     arr = np.asarray(loss, dtype=float)
     bad = ~np.isfinite(arr)
-    diverged = bool(bad.any()) or not math.isfinite(val_loss) or bool(np.nanmax(arr) > DIVERGENCE_FACTOR * arr[0])
-    tail = arr[-max(len(arr) // 10, 1):]
-    return {"first_loss": float(arr[0]), "max_loss": float(np.nanmax(arr)) if np.isfinite(arr).any() else None,
-            "final_loss": float(np.mean(tail)), "val_loss": val_loss,
-            "first_nonfinite_step": int(np.argmax(bad)) + 1 if bad.any() else None,
-            "diverged": diverged, "converged": not diverged and val_loss < unigram_entropy}
+    diverged = (
+        bool(bad.any())
+        or not math.isfinite(val_loss)
+        or bool(np.nanmax(arr) > DIVERGENCE_FACTOR * arr[0])
+    )
+    tail = arr[-max(len(arr) // 10, 1) :]
+    return {
+        "first_loss": float(arr[0]),
+        "max_loss": float(np.nanmax(arr)) if np.isfinite(arr).any() else None,
+        "final_loss": float(np.mean(tail)),
+        "val_loss": val_loss,
+        "first_nonfinite_step": int(np.argmax(bad)) + 1 if bad.any() else None,
+        "diverged": diverged,
+        "converged": not diverged and val_loss < unigram_entropy,
+    }
 
 
 # ---------------------------------------------------------------- the command
@@ -239,25 +304,49 @@ def run_all(s: Settings, backends: tuple[str, ...], *, progress: bool = True) ->
 
     data = _data(s)
     sweep_backend = backends[0]
-    total = (len(RHOS) * 2 * len(backends) + len(MODES) * len(backends) * s.steps
-             + len(s.taus) * len(s.sweep_seeds) * s.steps)
+    total = (
+        len(RHOS) * 2 * len(backends)
+        + len(MODES) * len(backends) * s.steps
+        + len(s.taus) * len(s.sweep_seeds) * s.steps
+    )
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         for b in backends:  # one torch thread beside XLA's pool (torch_impl.probe.one_thread)
             stack.enter_context(backend_module(b, "probe").one_thread())
-        bar = stack.enter_context(tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True))
+        bar = stack.enter_context(
+            tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True)
+        )
         bar.set_description("gradient through time")
         gtt = gradient_through_time(s, data, backends, bar)
         bar.set_description("training")
-        runs = [train_run(b, s, data, _clip(s, mode), s.seed, bar) for mode in MODES for b in backends]
+        runs = [
+            train_run(b, s, data, _clip(s, mode), s.seed, bar) for mode in MODES for b in backends
+        ]
         bar.set_description(f"tau sweep ({sweep_backend})")
-        sweep = [train_run(sweep_backend, s, data, _clip(s, "norm", tau), seed, bar)
-                 for tau in s.taus for seed in s.sweep_seeds]
+        sweep = [
+            train_run(sweep_backend, s, data, _clip(s, "norm", tau), seed, bar)
+            for tau in s.taus
+            for seed in s.sweep_seeds
+        ]
     return {
-        "settings": asdict(s), "backends": list(backends), "sgd_eps": SGD_EPS, "divergence_factor": DIVERGENCE_FACTOR,
-        "unigram_entropy": data.unigram_entropy, "vocab_size": len(data.vocab), "gradient_through_time": gtt,
-        "training": runs, "training_agreement": _training_agreement(runs, backends), "sweep_backend": sweep_backend,
-        "sweep": [{k: v for k, v in r.items() if k not in ("loss", "grad_norm", "clipped", "spectral_radius")} for r in sweep],
+        "settings": asdict(s),
+        "backends": list(backends),
+        "sgd_eps": SGD_EPS,
+        "divergence_factor": DIVERGENCE_FACTOR,
+        "unigram_entropy": data.unigram_entropy,
+        "vocab_size": len(data.vocab),
+        "gradient_through_time": gtt,
+        "training": runs,
+        "training_agreement": _training_agreement(runs, backends),
+        "sweep_backend": sweep_backend,
+        "sweep": [
+            {
+                k: v
+                for k, v in r.items()
+                if k not in ("loss", "grad_norm", "clipped", "spectral_radius")
+            }
+            for r in sweep
+        ],
         "seconds": round(time.perf_counter() - t0, 1),
         # Adam's step lr*g/(sqrt(v)+eps) is SGD's (lr/eps)*g to within sqrt(v)/eps <= (largest gradient norm)/eps.
         "sgd_deviation_bound": max(r["max_grad_norm"] for r in runs + sweep) / SGD_EPS,
@@ -270,7 +359,13 @@ def _training_agreement(runs: list[dict], backends) -> dict | None:
         return None
     out = {}
     for mode in MODES:
-        a, b = (np.asarray(next(r["loss"] for r in runs if r["mode"] == mode and r["backend"] == k)) for k in backends)
+        a, b = (
+            np.asarray(next(r["loss"] for r in runs if r["mode"] == mode and r["backend"] == k))
+            for k in backends
+        )
         close = np.abs(a - b) <= 1e-9 * np.maximum(np.abs(a), np.abs(b))
-        out[mode] = {"steps_equal": int(np.argmin(close)) if not close.all() else len(a), "steps": len(a)}
+        out[mode] = {
+            "steps_equal": int(np.argmin(close)) if not close.all() else len(a),
+            "steps": len(a),
+        }
     return out

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from charclip.run import DIVERGENCE_FACTOR  # a loss over this many times the first counts as diverged
+from charclip.run import (
+    DIVERGENCE_FACTOR,
+)  # a loss over this many times the first counts as diverged
 
 # ---------------------------------------------------------------- the temporal-order task
 
@@ -32,7 +34,9 @@ N_SYMBOLS = 6  # A, B and the four distractors c, d, e, f (section 4.1.1; the au
 N_CLASSES = 4  # AA, AB, BA, BB
 
 
-def temporal_order_batch(rng: np.random.Generator, batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+def temporal_order_batch(
+    rng: np.random.Generator, batch: int, length: int
+) -> tuple[np.ndarray, np.ndarray]:
     """`batch` sequences of the temporal-order task: symbols x (batch, length) int64 and classes y (batch,).
 
     Section 4.1.1: a stream of symbols, one of {A, B} near the beginning and one near the middle;
@@ -42,7 +46,9 @@ def temporal_order_batch(rng: np.random.Generator, batch: int, length: int) -> t
     2..5; class = first + 2 * second.
     """
     if length < 10:
-        raise ValueError(f"the temporal-order task needs a length of 10 or more (positions at L/10), got {length}")
+        raise ValueError(
+            f"the temporal-order task needs a length of 10 or more (positions at L/10), got {length}"
+        )
     span = length // 10
     p0 = rng.integers(span, 2 * span, size=batch)
     p1 = rng.integers(5 * span, 6 * span, size=batch)
@@ -68,11 +74,16 @@ def temporal_order_init(kind: str, hidden: int, rng: np.random.Generator) -> dic
     if kind not in INITS:
         raise ValueError(f"unknown initialisation {kind!r}; use one of {', '.join(INITS)}")
     std = 0.1 if kind == "basic_tanh" else 0.01
-    p = {"W_uh": rng.normal(0.0, std, (N_SYMBOLS, hidden)), "W_hh": rng.normal(0.0, std, (hidden, hidden)),
-         "W_hy": rng.normal(0.0, std, (hidden, N_CLASSES))}
+    p = {
+        "W_uh": rng.normal(0.0, std, (N_SYMBOLS, hidden)),
+        "W_hh": rng.normal(0.0, std, (hidden, hidden)),
+        "W_hy": rng.normal(0.0, std, (hidden, N_CLASSES)),
+    }
     if kind == "smart_tanh":
         w = p["W_hh"]
-        for i in range(hidden):  # keep 15 entries of each row (the authors' code: W_hh[i][perm[15:]] = 0)
+        for i in range(
+            hidden
+        ):  # keep 15 entries of each row (the authors' code: W_hh[i][perm[15:]] = 0)
             w[i, rng.permutation(hidden)[15:]] = 0.0
         p["W_hh"] = w * (0.95 / np.max(np.abs(np.linalg.eigvals(w))))
     p["b_hh"] = np.zeros(hidden)
@@ -118,12 +129,22 @@ class PaperSettings:
     check_every: int = 500
     test_size: int = 10000
     success_error: float = 0.01
-    agreement_updates: int = 20  # updates each backend runs from the same start, for the torch/JAX comparison
+    agreement_updates: int = (
+        20  # updates each backend runs from the same start, for the torch/JAX comparison
+    )
 
 
 FULL = PaperSettings()
-SMALL = PaperSettings(grid=61, path_updates=30, lengths=(10,), lrs=(0.3,), seeds=(0, 1), max_updates=1000,
-                      test_size=2000, agreement_updates=5)
+SMALL = PaperSettings(
+    grid=61,
+    path_updates=30,
+    lengths=(10,),
+    lrs=(0.3,),
+    seeds=(0, 1),
+    max_updates=1000,
+    test_size=2000,
+    agreement_updates=5,
+)
 
 
 # ---------------------------------------------------------------- 1. the cliff
@@ -152,11 +173,20 @@ def cliff(s: PaperSettings, backends: tuple[str, ...], bar=None) -> dict:
         entry = {"start": (w0, b0), "backends": {}}
         for name in backends:
             m = backend_module(name, "explode")
-            plain, plain_norms = m.one_unit_path(w0, b0, lr=s.path_lr, updates=s.path_updates, threshold=None, **kw)
+            plain, plain_norms = m.one_unit_path(
+                w0, b0, lr=s.path_lr, updates=s.path_updates, threshold=None, **kw
+            )
             tau = average_norm_threshold(plain_norms)
-            clipped, clipped_norms = m.one_unit_path(w0, b0, lr=s.path_lr, updates=s.path_updates, threshold=tau, **kw)
-            entry["backends"][name] = {"threshold": tau, "plain": plain, "plain_norms": plain_norms,
-                                       "clipped": clipped, "clipped_norms": clipped_norms}
+            clipped, clipped_norms = m.one_unit_path(
+                w0, b0, lr=s.path_lr, updates=s.path_updates, threshold=tau, **kw
+            )
+            entry["backends"][name] = {
+                "threshold": tau,
+                "plain": plain,
+                "plain_norms": plain_norms,
+                "clipped": clipped,
+                "clipped_norms": clipped_norms,
+            }
             _tick(bar)
         paths.append(entry)
     first = backends[0]
@@ -165,8 +195,11 @@ def cliff(s: PaperSettings, backends: tuple[str, ...], bar=None) -> dict:
         a, b = backends
         agreement = {
             "surface_rel": max(_rel(x, y) for x, y in zip(surfaces[a], surfaces[b])),
-            "paths_abs": max(float(np.max(np.abs(p["backends"][a][k] - p["backends"][b][k])))
-                             for p in paths for k in ("plain", "clipped")),
+            "paths_abs": max(
+                float(np.max(np.abs(p["backends"][a][k] - p["backends"][b][k])))
+                for p in paths
+                for k in ("plain", "clipped")
+            ),
         }
     for p in paths:
         r = p["backends"][first]
@@ -174,19 +207,32 @@ def cliff(s: PaperSettings, backends: tuple[str, ...], bar=None) -> dict:
             e = surfaces_at(first, r[k], kw)
             r[f"{k}_error"] = e
             r[f"{k}_longest_step"] = float(np.max(np.linalg.norm(np.diff(r[k], axis=0), axis=1)))
-    return {"w": ws, "b": bs, "error": surfaces[first][0], "grad_norm": np.hypot(*surfaces[first][1:]),
-            "paths": paths, "agreement": agreement, "backend": first, **kw, "lr": s.path_lr}
+    return {
+        "w": ws,
+        "b": bs,
+        "error": surfaces[first][0],
+        "grad_norm": np.hypot(*surfaces[first][1:]),
+        "paths": paths,
+        "agreement": agreement,
+        "backend": first,
+        **kw,
+        "lr": s.path_lr,
+    }
 
 
 def surfaces_at(backend: str, points: np.ndarray, kw: dict) -> np.ndarray:
     from charclip.backends import module as backend_module
 
-    return backend_module(backend, "explode").one_unit_loss_grad(points[:, 0], points[:, 1], **kw)[0]
+    return backend_module(backend, "explode").one_unit_loss_grad(points[:, 0], points[:, 1], **kw)[
+        0
+    ]
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     """Largest |a - b| / max(|a|, |b|, tiny) entry by entry."""
-    return float(np.max(np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), np.finfo(float).tiny)))
+    return float(
+        np.max(np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), np.finfo(float).tiny))
+    )
 
 
 # ---------------------------------------------------------------- 2. the bifurcation view
@@ -243,8 +289,15 @@ def bifurcation(s: PaperSettings) -> dict:
             (stable if ok else unstable).append((float(b), x))
     fw, fb = fold_curve()
     ws = np.linspace(1.0 / (_sigmoid(s.x0) * (1 - _sigmoid(s.x0))), s.w_range[1], 100)
-    return {"w_fig3": 5.0, "stable": stable, "unstable": unstable, "fold_w": fw, "fold_b": fb,
-            "boundary_w": ws, "boundary_b": basin_boundary(s.x0, ws)}
+    return {
+        "w_fig3": 5.0,
+        "stable": stable,
+        "unstable": unstable,
+        "fold_w": fw,
+        "fold_b": fb,
+        "boundary_w": ws,
+        "boundary_b": basin_boundary(s.x0, ws),
+    }
 
 
 # ---------------------------------------------------------------- 3. the temporal-order task
@@ -261,8 +314,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def temporal_order_run(backend: str, s: PaperSettings, length: int, lr: float, clip: bool, seed: int,
-                       bar=None) -> dict:
+def temporal_order_run(
+    backend: str, s: PaperSettings, length: int, lr: float, clip: bool, seed: int, bar=None
+) -> dict:
     """One run: init and data from np.random.default_rng(seed); up to s.max_updates updates of MSGD
     (clip False) or MSGD-C (threshold s.threshold), checked every s.check_every updates on s.test_size
     fresh sequences; solved when under s.success_error of them are wrong (section 4.1.1)."""
@@ -278,13 +332,23 @@ def temporal_order_run(backend: str, s: PaperSettings, length: int, lr: float, c
     done = 0
     while done < s.max_updates:
         xs, ys = zip(*(temporal_order_batch(rng, s.batch, length) for _ in range(s.check_every)))
-        params, loss, norm = m.temporal_order_updates(params, np.stack(xs), np.stack(ys), lr=lr,
-                                                      threshold=s.threshold if clip else None, activation=act)
+        params, loss, norm = m.temporal_order_updates(
+            params,
+            np.stack(xs),
+            np.stack(ys),
+            lr=lr,
+            threshold=s.threshold if clip else None,
+            activation=act,
+        )
         done += s.check_every
         losses.extend(loss.tolist())
         norms.extend(norm.tolist())
         finite = all(np.isfinite(v).all() for v in params.values())
-        wrong = m.temporal_order_errors(params, test_x, test_y, activation=act) if finite else s.test_size
+        wrong = (
+            m.temporal_order_errors(params, test_x, test_y, activation=act)
+            if finite
+            else s.test_size
+        )
         checks.append((done, wrong / s.test_size))
         _tick(bar, s.check_every)
         if wrong < s.success_error * s.test_size:
@@ -294,23 +358,44 @@ def temporal_order_run(backend: str, s: PaperSettings, length: int, lr: float, c
             break
     arr = np.asarray(losses)
     diverged = bool(not np.isfinite(arr).all() or np.nanmax(arr) > DIVERGENCE_FACTOR * arr[0])
-    return {"backend": backend, "length": length, "lr": lr, "clip": clip, "seed": seed, "solved": solved_at is not None,
-            "solved_at": solved_at, "final_error": checks[-1][1], "diverged": diverged,
-            "max_loss": float(np.nanmax(arr)) if np.isfinite(arr).any() else math.nan,
-            "max_norm": float(np.nanmax(norms)) if np.isfinite(norms).any() else math.nan,
-            "mean_norm": float(np.nanmean(norms)), "loss": losses, "checks": checks}
+    return {
+        "backend": backend,
+        "length": length,
+        "lr": lr,
+        "clip": clip,
+        "seed": seed,
+        "solved": solved_at is not None,
+        "solved_at": solved_at,
+        "final_error": checks[-1][1],
+        "diverged": diverged,
+        "max_loss": float(np.nanmax(arr)) if np.isfinite(arr).any() else math.nan,
+        "max_norm": float(np.nanmax(norms)) if np.isfinite(norms).any() else math.nan,
+        "mean_norm": float(np.nanmean(norms)),
+        "loss": losses,
+        "checks": checks,
+    }
 
 
-def temporal_order_agreement(s: PaperSettings, length: int, lr: float, clip: bool, seed: int = 0) -> float:
+def temporal_order_agreement(
+    s: PaperSettings, length: int, lr: float, clip: bool, seed: int = 0
+) -> float:
     """Largest |difference| of parameters and losses after s.agreement_updates updates in torch and JAX."""
     from charclip.backends import module as backend_module
 
     rng = np.random.default_rng(seed)
     params = temporal_order_init(s.init, s.hidden, rng)
     xs, ys = zip(*(temporal_order_batch(rng, s.batch, length) for _ in range(s.agreement_updates)))
-    out = [backend_module(b, "explode").temporal_order_updates(
-        params, np.stack(xs), np.stack(ys), lr=lr, threshold=s.threshold if clip else None,
-        activation=activation_of(s.init)) for b in ("torch", "jax")]
+    out = [
+        backend_module(b, "explode").temporal_order_updates(
+            params,
+            np.stack(xs),
+            np.stack(ys),
+            lr=lr,
+            threshold=s.threshold if clip else None,
+            activation=activation_of(s.init),
+        )
+        for b in ("torch", "jax")
+    ]
     diff = max(float(np.max(np.abs(out[0][0][k] - out[1][0][k]))) for k in params)
     return max(diff, float(np.max(np.abs(out[0][1] - out[1][1]))))
 
@@ -319,22 +404,40 @@ def temporal_order(s: PaperSettings, backends: tuple[str, ...], bar=None) -> dic
     """Every (length, lr, method, seed) in the first backend (JAX when both are given: the grid is run in one,
     for time); torch and JAX compared update by update on one seed of each cell when both are given."""
     grid_backend = "jax" if "jax" in backends else backends[0]
-    runs = [temporal_order_run(grid_backend, s, L, lr, clip, seed, bar)
-            for L in s.lengths for lr in s.lrs for clip in (False, True) for seed in s.seeds]
+    runs = [
+        temporal_order_run(grid_backend, s, L, lr, clip, seed, bar)
+        for L in s.lengths
+        for lr in s.lrs
+        for clip in (False, True)
+        for seed in s.seeds
+    ]
     table = []
     for L in s.lengths:
         for lr in s.lrs:
             for clip in (False, True):
                 rs = [r for r in runs if (r["length"], r["lr"], r["clip"]) == (L, lr, clip)]
                 k = sum(r["solved"] for r in rs)
-                table.append({"length": L, "lr": lr, "clip": clip, "solved": k, "runs": len(rs),
-                              "rate": k / len(rs), "ci95": wilson_interval(k, len(rs)),
-                              "diverged": sum(r["diverged"] for r in rs),
-                              "median_updates": _median([r["solved_at"] for r in rs if r["solved"]])})
+                table.append(
+                    {
+                        "length": L,
+                        "lr": lr,
+                        "clip": clip,
+                        "solved": k,
+                        "runs": len(rs),
+                        "rate": k / len(rs),
+                        "ci95": wilson_interval(k, len(rs)),
+                        "diverged": sum(r["diverged"] for r in rs),
+                        "median_updates": _median([r["solved_at"] for r in rs if r["solved"]]),
+                    }
+                )
     agreement = None
     if len(backends) == 2:
-        agreement = max(temporal_order_agreement(s, L, lr, clip) for L in s.lengths for lr in s.lrs
-                        for clip in (False, True))
+        agreement = max(
+            temporal_order_agreement(s, L, lr, clip)
+            for L in s.lengths
+            for lr in s.lrs
+            for clip in (False, True)
+        )
         _tick(bar)
     return {"backend": grid_backend, "runs": runs, "table": table, "agreement": agreement}
 
@@ -362,16 +465,27 @@ def run_paper(s: PaperSettings, backends: tuple[str, ...], *, progress: bool = T
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    with tqdm(total=total_ticks(s, backends), disable=not progress, desc="paper", unit="step") as bar:
+    with tqdm(
+        total=total_ticks(s, backends), disable=not progress, desc="paper", unit="step"
+    ) as bar:
         c = cliff(s, backends, bar)
         t = temporal_order(s, backends, bar)
         bar.update(bar.total - bar.n)
-    return {"settings": s, "backends": backends, "cliff": c, "bifurcation": bifurcation(s), "temporal_order": t,
-            "seconds": time.perf_counter() - t0, "machine": f"{platform.machine()}, {_cpus()} CPUs, "
-            f"{platform.python_implementation()} {platform.python_version()}"}
+    return {
+        "settings": s,
+        "backends": backends,
+        "cliff": c,
+        "bifurcation": bifurcation(s),
+        "temporal_order": t,
+        "seconds": time.perf_counter() - t0,
+        "machine": f"{platform.machine()}, {_cpus()} CPUs, "
+        f"{platform.python_implementation()} {platform.python_version()}",
+    }
 
 
 def _cpus() -> int:
     import os
 
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )

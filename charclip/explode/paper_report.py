@@ -37,18 +37,45 @@ def plot_cliff(results: dict, path: Path) -> Path:
         r = p["backends"][c["backend"]]
         for key, style in (("plain", "-"), ("clipped", "--")):
             pts, err = r[key], r[f"{key}_error"]
-            label = (f"start {p['start']}: " + ("plain GD" if key == "plain" else f"rescaled, tau = {r['threshold']:.3g}"))
+            label = f"start {p['start']}: " + (
+                "plain GD" if key == "plain" else f"rescaled, tau = {r['threshold']:.3g}"
+            )
             ax.plot(pts[:, 0], pts[:, 1], err, style, color=f"C{i + 1}", lw=2, marker=".", ms=3)
-            ax2.plot(pts[:, 0], pts[:, 1], style, color=f"C{i + 1}", lw=1.8, marker=".", ms=3, label=label)
-    ax2.plot(bif["fold_w"], bif["fold_b"], color="w", lw=1.2, label="fold bifurcations (two attractors inside)")
-    ax2.plot(bif["boundary_w"], bif["boundary_b"], "--", color="m", lw=2.5, dashes=(2, 2), label="x_0 on the basin boundary")
+            ax2.plot(
+                pts[:, 0],
+                pts[:, 1],
+                style,
+                color=f"C{i + 1}",
+                lw=1.8,
+                marker=".",
+                ms=3,
+                label=label,
+            )
+    ax2.plot(
+        bif["fold_w"],
+        bif["fold_b"],
+        color="w",
+        lw=1.2,
+        label="fold bifurcations (two attractors inside)",
+    )
+    ax2.plot(
+        bif["boundary_w"],
+        bif["boundary_b"],
+        "--",
+        color="m",
+        lw=2.5,
+        dashes=(2, 2),
+        label="x_0 on the basin boundary",
+    )
     ax2.set_xlim(c["w"][0], c["w"][-1])
     ax2.set_ylim(c["b"][0], c["b"][-1])
     ax.set_xlabel("w")
     ax.set_ylabel("b")
     ax.set_zlabel("E_50")
     ax.view_init(elev=35, azim=-120)
-    ax.set_title(f"x_t = w sigmoid(x_(t-1)) + b, x_0 = {c['x0']:g}, E = (sigmoid(x_{c['steps']}) - {c['target']:g})^2")
+    ax.set_title(
+        f"x_t = w sigmoid(x_(t-1)) + b, x_0 = {c['x0']:g}, E = (sigmoid(x_{c['steps']}) - {c['target']:g})^2"
+    )
     ax2.set_xlabel("w")
     ax2.set_ylabel("b")
     ax2.set_title(f"from above; gradient descent with lr = {c['lr']:g}")
@@ -65,13 +92,18 @@ def plot_bifurcation(results: dict, path: Path) -> Path:
     plt = _plt()
     bif = results["bifurcation"]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for pts, style, label in ((bif["stable"], "k.", "attractor"), (bif["unstable"], "r.", "unstable (basin boundary)")):
+    for pts, style, label in (
+        (bif["stable"], "k.", "attractor"),
+        (bif["unstable"], "r.", "unstable (basin boundary)"),
+    ):
         a = np.asarray(pts)
         if len(a):
             ax.plot(a[:, 0], a[:, 1], style, ms=2, label=label)
     ax.set_xlabel("b")
     ax.set_ylabel("fixed point x*")
-    ax.set_title(f"fixed points of x -> {bif['w_fig3']:g} sigmoid(x) + b (the paper's Fig. 3 model)")
+    ax.set_title(
+        f"fixed points of x -> {bif['w_fig3']:g} sigmoid(x) + b (the paper's Fig. 3 model)"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -94,7 +126,15 @@ def plot_temporal_order(results: dict, path: Path) -> Path:
             rate = np.array([r["rate"] for r in rows])
             lo = rate - np.array([r["ci95"][0] for r in rows])
             hi = np.array([r["ci95"][1] for r in rows]) - rate
-            ax.errorbar(L, rate, yerr=[lo, hi], fmt="o-", color=color, capsize=3, label=f"{name} (this rerun)")
+            ax.errorbar(
+                L,
+                rate,
+                yerr=[lo, hi],
+                fmt="o-",
+                color=color,
+                capsize=3,
+                label=f"{name} (this rerun)",
+            )
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("sequence length")
         ax.set_ylabel(f"success rate ({len(s['seeds'])} seeds, 95% Wilson)")
@@ -103,8 +143,14 @@ def plot_temporal_order(results: dict, path: Path) -> Path:
         ax.legend(fontsize=8)
     note = axes[0, -1]
     note.axis("off")
-    note.text(0, 1, "The paper (Fig. 7, section 4.1.1):\n\n" + "\n\n".join(_wrap(x, 52) for x in PAPER_STATEMENTS),
-              va="top", fontsize=8)
+    note.text(
+        0,
+        1,
+        "The paper (Fig. 7, section 4.1.1):\n\n"
+        + "\n\n".join(_wrap(x, 52) for x in PAPER_STATEMENTS),
+        va="top",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -136,51 +182,78 @@ def write_paper_report(results: dict, out: Path) -> Path:
     s = results["settings"]
     results = {**results, "settings": asdict(s)}
     c, t = results["cliff"], results["temporal_order"]
-    (out / "results.json").write_text(json.dumps(_safe(results), separators=(",", ":")), encoding="utf-8")
-    figs = [plot_cliff(results, out / "cliff.png").name, plot_bifurcation(results, out / "bifurcation.png").name,
-            plot_temporal_order(results, out / "temporal-order.png").name]
+    (out / "results.json").write_text(
+        json.dumps(_safe(results), separators=(",", ":")), encoding="utf-8"
+    )
+    figs = [
+        plot_cliff(results, out / "cliff.png").name,
+        plot_bifurcation(results, out / "bifurcation.png").name,
+        plot_temporal_order(results, out / "temporal-order.png").name,
+    ]
     st = results["settings"]
     lines = [
-        "# Pascanu, Mikolov and Bengio (2013), rerun", "",
+        "# Pascanu, Mikolov and Bengio (2013), rerun",
+        "",
         f"`charclip explode --paper{'' if results.get('full', True) else ' --quick'}`, backends: "
         f"{', '.join(results['backends'])}; {results['seconds']:.0f} s on {results['machine']}. "
-        "Explained in docs/paper-rerun.md.", "",
-        "## 1. The cliff (section 2.3, Fig. 6) and the bifurcation view (section 2.2, Fig. 3)", "",
+        "Explained in docs/paper-rerun.md.",
+        "",
+        "## 1. The cliff (section 2.3, Fig. 6) and the bifurcation view (section 2.2, Fig. 3)",
+        "",
         f"x_t = w sigmoid(x_(t-1)) + b, x_0 = {c['x0']:g}, E = (sigmoid(x_{c['steps']}) - {c['target']:g})^2, "
         f"a {st['grid']} x {st['grid']} grid over w in {tuple(st['w_range'])}, b in {tuple(st['b_range'])}; "
         f"gradient descent with lr = {c['lr']:g} for {st['path_updates']} updates from each start, unclipped and "
-        "rescaled to the threshold tau = the mean gradient norm of the unclipped run (section 3.2's heuristic).", "",
-        f"![cliff]({figs[0]})", "", f"![bifurcation]({figs[1]})", "",
+        "rescaled to the threshold tau = the mean gradient norm of the unclipped run (section 3.2's heuristic).",
+        "",
+        f"![cliff]({figs[0]})",
+        "",
+        f"![bifurcation]({figs[1]})",
+        "",
         "| start (w, b) | tau | longest step, plain | longest step, rescaled (lr x tau) | final E, plain | "
-        "final E, rescaled |", "|---|---|---|---|---|---|",
+        "final E, rescaled |",
+        "|---|---|---|---|---|---|",
     ]
     for p in c["paths"]:
         r = p["backends"][c["backend"]]
-        lines.append(f"| {tuple(p['start'])} | {r['threshold']:.3g} | {r['plain_longest_step']:.3g} | "
-                     f"{r['clipped_longest_step']:.3g} ({c['lr'] * r['threshold']:.3g}) | {r['plain_error'][-1]:.3g} | "
-                     f"{r['clipped_error'][-1]:.3g} |")
+        lines.append(
+            f"| {tuple(p['start'])} | {r['threshold']:.3g} | {r['plain_longest_step']:.3g} | "
+            f"{r['clipped_longest_step']:.3g} ({c['lr'] * r['threshold']:.3g}) | {r['plain_error'][-1]:.3g} | "
+            f"{r['clipped_error'][-1]:.3g} |"
+        )
     if c["agreement"]:
-        lines += ["", f"torch and JAX: surface and gradients agree to {c['agreement']['surface_rel']:.1e} (relative); "
-                      f"the paths to {c['agreement']['paths_abs']:.1e} (absolute; a step at the wall multiplies "
-                      "rounding differences by the wall's gradient)."]
+        lines += [
+            "",
+            f"torch and JAX: surface and gradients agree to {c['agreement']['surface_rel']:.1e} (relative); "
+            f"the paths to {c['agreement']['paths_abs']:.1e} (absolute; a step at the wall multiplies "
+            "rounding differences by the wall's gradient).",
+        ]
     lines += [
-        "", "## 2. The temporal-order task (section 4.1.1, Fig. 7)", "",
+        "",
+        "## 2. The temporal-order task (section 4.1.1, Fig. 7)",
+        "",
         f"'{st['init']}' initialisation, {st['hidden']} hidden units, minibatch {st['batch']}, threshold "
         f"{st['threshold']:g} for MSGD-C; success: under {st['success_error']:.0%} wrong on {st['test_size']} fresh "
         f"sequences, checked every {st['check_every']} updates, at most {st['max_updates']} updates; seeds "
         f"{', '.join(map(str, st['seeds']))}; run in {t['backend']}. Diverged: a loss not finite or over 3x the "
-        "first.", "",
-        f"![temporal order]({figs[2]})", "",
+        "first.",
+        "",
+        f"![temporal order]({figs[2]})",
+        "",
         "| length | lr | method | solved | rate [95% CI] | diverged | median updates to solve |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in t["table"]:
         med = "-" if r["median_updates"] is None else f"{r['median_updates']:.0f}"
-        lines.append(f"| {r['length']} | {r['lr']:g} | {'MSGD-C' if r['clip'] else 'MSGD'} | {r['solved']}/{r['runs']} | "
-                     f"{r['rate']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {r['diverged']}/{r['runs']} | {med} |")
+        lines.append(
+            f"| {r['length']} | {r['lr']:g} | {'MSGD-C' if r['clip'] else 'MSGD'} | {r['solved']}/{r['runs']} | "
+            f"{r['rate']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {r['diverged']}/{r['runs']} | {med} |"
+        )
     if t["agreement"] is not None:
-        lines += ["", f"torch and JAX, the same {st['agreement_updates']} updates from the same start in every cell: "
-                      f"parameters and losses agree to {t['agreement']:.1e}."]
+        lines += [
+            "",
+            f"torch and JAX, the same {st['agreement_updates']} updates from the same start in every cell: "
+            f"parameters and losses agree to {t['agreement']:.1e}.",
+        ]
     lines += ["", "The paper's text on this figure:", ""] + [f"- {x}" for x in PAPER_STATEMENTS]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -189,9 +262,14 @@ def write_paper_report(results: dict, out: Path) -> Path:
 
 def paper_summary(results: dict, out: Path) -> str:
     t = results["temporal_order"]
-    lines = [f"{'MSGD-C' if r['clip'] else 'MSGD':6s} length {r['length']:3d} lr {r['lr']:<5g}: solved {r['solved']}/"
-             f"{r['runs']}, diverged {r['diverged']}/{r['runs']}" for r in t["table"]]
+    lines = [
+        f"{'MSGD-C' if r['clip'] else 'MSGD':6s} length {r['length']:3d} lr {r['lr']:<5g}: solved {r['solved']}/"
+        f"{r['runs']}, diverged {r['diverged']}/{r['runs']}"
+        for r in t["table"]
+    ]
     if results["cliff"]["agreement"]:
-        lines.append(f"cliff: torch and JAX surfaces agree to {results['cliff']['agreement']['surface_rel']:.1e}")
+        lines.append(
+            f"cliff: torch and JAX surfaces agree to {results['cliff']['agreement']['surface_rel']:.1e}"
+        )
     lines.append(f"report: {out / 'report.md'} ({results['seconds']:.0f} s)")
     return "\n".join(lines)

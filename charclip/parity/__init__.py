@@ -30,10 +30,45 @@ from charclip.parity.ladder import (
 from charclip.parity.port import Divergence, Optimizer, PortReport, assert_port_equal, prove_port
 from charclip.parity.report import Report, format_table, plot_drift
 from charclip.parity.tap import tap
-from charclip.parity.tolerances import TOLERANCES, Row, Tolerance, compare, compare_group, errors, library_gap, widen
+from charclip.parity.tolerances import (
+    TOLERANCES,
+    Row,
+    Tolerance,
+    compare,
+    compare_group,
+    errors,
+    library_gap,
+    widen,
+)
 
 __all__ = [
-    "BACKENDS", "TOLERANCES", "Report", "Row", "StepSetup", "Tolerance", "Trajectory", "add_parser", "clipping_threshold",
-    "compare", "compare_group", "compare_step", "errors", "format_table", "library_gap", "make_step_setup",
-    "Divergence", "Optimizer", "PortReport", "assert_port_equal", "plot_drift", "prove_port", "tap", "run_parity", "sample_row", "step_quantities", "trajectory", "trajectory_rows", "widen",
+    "BACKENDS",
+    "TOLERANCES",
+    "Report",
+    "Row",
+    "StepSetup",
+    "Tolerance",
+    "Trajectory",
+    "add_parser",
+    "clipping_threshold",
+    "compare",
+    "compare_group",
+    "compare_step",
+    "errors",
+    "format_table",
+    "library_gap",
+    "make_step_setup",
+    "Divergence",
+    "Optimizer",
+    "PortReport",
+    "assert_port_equal",
+    "plot_drift",
+    "prove_port",
+    "tap",
+    "run_parity",
+    "sample_row",
+    "step_quantities",
+    "trajectory",
+    "trajectory_rows",
+    "widen",
 ]

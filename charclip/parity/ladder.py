@@ -29,22 +29,33 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from charclip import backends
-from charclip.config import CELLS, DTYPES, ClipConfig, ModelConfig, TrainConfig
+from charclip.config import CELLS, DTYPES, ClipConfig, ModelConfig, TrainConfig, compute_dtype
 from charclip.contract import BACKENDS
 from charclip.dropout import masks as dropout_masks  # (run_parity has a `dropout` argument)
 from charclip.errors import CharclipError
 from charclip.parity.report import Report
-from charclip.config import compute_dtype
-from charclip.parity.tolerances import Row, compare, compare_group, errors, library_gap, tolerances_for, widen
+from charclip.parity.tolerances import (
+    Row,
+    compare,
+    compare_group,
+    errors,
+    library_gap,
+    tolerances_for,
+    widen,
+)
 
 
 def _trainer(backend: str, model_cfg, train_cfg, params, *, hidden=None, adam=None, device="cpu"):
-    return backends.trainer_factory(backend)(model_cfg, train_cfg, params, adam=adam, hidden=hidden, device=device)
+    return backends.trainer_factory(backend)(
+        model_cfg, train_cfg, params, adam=adam, hidden=hidden, device=device
+    )
 
 
 def _moment(trainer) -> dict[str, np.ndarray]:
     """Adam's first moment by parameter name (with beta1 = 0: the last gradient Adam received)."""
-    return {k[len("exp_avg."):]: v for k, v in trainer.adam_state().items() if k.startswith("exp_avg.")}
+    return {
+        k[len("exp_avg.") :]: v for k, v in trainer.adam_state().items() if k.startswith("exp_avg.")
+    }
 
 
 @dataclass
@@ -65,7 +76,9 @@ class StepSetup:
 
 def step_quantities(backend: str, s: StepSetup, device: str = "cpu") -> dict:
     """Forward, loss, gradient, norm, clipped gradients and one Adam update of `backend`."""
-    probe = replace(s.train, beta1=0.0)  # Adam's first moment then holds exactly the step's gradient
+    probe = replace(
+        s.train, beta1=0.0
+    )  # Adam's first moment then holds exactly the step's gradient
 
     def trainer(cfg, adam=None):
         return _trainer(backend, s.model, cfg, s.params, hidden=s.hidden, adam=adam, device=device)
@@ -75,14 +88,21 @@ def step_quantities(backend: str, s: StepSetup, device: str = "cpu") -> dict:
     grads = _moment(plain)
     norm_clip = ClipConfig(mode="norm", max_norm=s.max_norm, impl=s.clip_impl)
     norm_clipped = trainer(replace(probe, clip=norm_clip))
-    value_clipped = trainer(replace(probe, clip=ClipConfig(mode="value", max_value=s.max_value, impl=s.clip_impl)))
+    value_clipped = trainer(
+        replace(probe, clip=ClipConfig(mode="value", max_value=s.max_value, impl=s.clip_impl))
+    )
     adam = trainer(replace(s.train, clip=norm_clip), s.adam)
-    for t in (norm_clipped, value_clipped, adam):  # each clips the same gradient its own way, then steps
+    for t in (
+        norm_clipped,
+        value_clipped,
+        adam,
+    ):  # each clips the same gradient its own way, then steps
         t.apply_gradients(grads)
     after = adam.params_numpy()
     return {
-        "logits": backends.module(backend, "probe").logits(s.model, s.params, s.x, s.hidden, device,
-                                                           **_compute(s.train)),
+        "logits": backends.module(backend, "probe").logits(
+            s.model, s.params, s.x, s.hidden, device, **_compute(s.train)
+        ),
         "final": plain.hidden_state(),
         "loss": r.loss,
         "grad": grads,
@@ -103,19 +123,52 @@ def compare_step(s: StepSetup, device: str = "cpu") -> list[Row]:
     gap = library_gap(s.clip_impl, s.max_norm)
     t, j = (step_quantities(b, s, device) for b in BACKENDS)
     rows = [compare("logits", t["logits"], j["logits"], tol["forward"])]
-    rows += [compare(f"final {part}", t["final"][part], j["final"][part], tol["forward"]) for part in t["final"]]
+    rows += [
+        compare(f"final {part}", t["final"][part], j["final"][part], tol["forward"])
+        for part in t["final"]
+    ]
     rows.append(compare("loss", t["loss"], j["loss"], tol["loss"]))
-    rows += [compare(f"grad {name}", t["grad"][name], j["grad"][name], tol["grad"]) for name in t["grad"]]
+    rows += [
+        compare(f"grad {name}", t["grad"][name], j["grad"][name], tol["grad"]) for name in t["grad"]
+    ]
     rows.append(compare("global grad norm", t["grad_norm"], j["grad_norm"], tol["norm"]))
-    rows.append(compare_group(f"norm-clipped grads (tau={s.max_norm:.4g})", t["norm_clipped"], j["norm_clipped"],
-                              widen(tol["clipped"], gap)))
-    rows.append(compare_group(f"value-clipped grads (v={s.max_value:.4g})", t["value_clipped"], j["value_clipped"], tol["clipped"]))
-    rows.append(compare_group("Adam update after clipping", t["adam_update"], j["adam_update"], widen(tol["adam"], gap)))
+    rows.append(
+        compare_group(
+            f"norm-clipped grads (tau={s.max_norm:.4g})",
+            t["norm_clipped"],
+            j["norm_clipped"],
+            widen(tol["clipped"], gap),
+        )
+    )
+    rows.append(
+        compare_group(
+            f"value-clipped grads (v={s.max_value:.4g})",
+            t["value_clipped"],
+            j["value_clipped"],
+            tol["clipped"],
+        )
+    )
+    rows.append(
+        compare_group(
+            "Adam update after clipping",
+            t["adam_update"],
+            j["adam_update"],
+            widen(tol["adam"], gap),
+        )
+    )
     return rows
 
 
-def make_step_setup(model_cfg: ModelConfig, train_cfg: TrainConfig, params, x, y, *, seed: int = 0,
-                    clip_impl: str = "library") -> StepSetup:
+def make_step_setup(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    params,
+    x,
+    y,
+    *,
+    seed: int = 0,
+    clip_impl: str = "library",
+) -> StepSetup:
     """A step setup with a random initial state, a warm Adam state and thresholds that make clipping act.
 
     The thresholds come from the witness-free float64 torch gradient: half its
@@ -124,7 +177,9 @@ def make_step_setup(model_cfg: ModelConfig, train_cfg: TrainConfig, params, x, y
     rng = np.random.default_rng([seed, 1])
     dtype = train_cfg.dtype
     shape = (model_cfg.num_layers, x.shape[0], model_cfg.hidden_size)
-    hidden = {"h": np.tanh(rng.standard_normal(shape)).astype(dtype)}  # (L, B, H), inside tanh's range
+    hidden = {
+        "h": np.tanh(rng.standard_normal(shape)).astype(dtype)
+    }  # (L, B, H), inside tanh's range
     for part in model_cfg.state_parts[1:]:  # the LSTM's c, unbounded
         hidden[part] = rng.standard_normal(shape).astype(dtype)
     probe = replace(train_cfg, beta1=0.0, clip=ClipConfig(mode="none"))
@@ -138,8 +193,18 @@ def make_step_setup(model_cfg: ModelConfig, train_cfg: TrainConfig, params, x, y
         scale = np.abs(g).max() + 1e-3
         adam[f"exp_avg.{name}"] = (scale * rng.standard_normal(g.shape)).astype(dtype)
         adam[f"exp_avg_sq.{name}"] = (scale * rng.standard_normal(g.shape)).astype(dtype) ** 2
-    return StepSetup(model_cfg, train_cfg, params, x, y, hidden, adam,
-                     max_norm=0.5 * grad_norm, max_value=0.5 * largest, clip_impl=clip_impl)
+    return StepSetup(
+        model_cfg,
+        train_cfg,
+        params,
+        x,
+        y,
+        hidden,
+        adam,
+        max_norm=0.5 * grad_norm,
+        max_value=0.5 * largest,
+        clip_impl=clip_impl,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -152,7 +217,9 @@ class Trajectory:
     loss: dict[str, list[float]] = field(default_factory=dict)
     grad_norm: dict[str, list[float]] = field(default_factory=dict)
     clipped: dict[str, list[bool]] = field(default_factory=dict)
-    param_drift_abs: list[float] = field(default_factory=list)  # per step: worst max|p_torch - p_jax|
+    param_drift_abs: list[float] = field(
+        default_factory=list
+    )  # per step: worst max|p_torch - p_jax|
     param_drift_rel: list[float] = field(default_factory=list)  # per step: worst max|diff| / max|p|
     loss_drift_rel: list[float] = field(default_factory=list)
 
@@ -161,8 +228,15 @@ class Trajectory:
         return len(self.param_drift_rel)
 
 
-def trajectory(model_cfg: ModelConfig, train_cfg: TrainConfig, params, batches, *, device: str = "cpu",
-               progress: bool = False) -> tuple[Trajectory, dict[str, dict]]:
+def trajectory(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    params,
+    batches,
+    *,
+    device: str = "cpu",
+    progress: bool = False,
+) -> tuple[Trajectory, dict[str, dict]]:
     """Train both backends side by side on `batches` [(x, y, new_epoch)], comparing after every step.
 
     Step i of both is handed the dropout masks `charclip.run` would draw for update i (none when
@@ -174,8 +248,9 @@ def trajectory(model_cfg: ModelConfig, train_cfg: TrainConfig, params, batches, 
     tr = Trajectory(max_norm=train_cfg.clip.max_norm)
     for b in BACKENDS:
         tr.loss[b], tr.grad_norm[b], tr.clipped[b] = [], [], []
-    for i, (x, y, new_epoch) in enumerate(tqdm(batches, desc=f"trajectory {model_cfg.cell}", disable=not progress,
-                                               leave=False)):
+    for i, (x, y, new_epoch) in enumerate(
+        tqdm(batches, desc=f"trajectory {model_cfg.cell}", disable=not progress, leave=False)
+    ):
         masks = dropout_masks(model_cfg, train_cfg, i, *x.shape)
         for b, trainer in trainers.items():
             if new_epoch:
@@ -197,7 +272,9 @@ def trajectory_rows(tr: Trajectory, train_cfg: TrainConfig, cell: str = "lstm") 
     # With the libraries' clipping each clipped step differs by up to 1e-6/tau (torch's epsilon);
     # training feeds that back, so allow it once per step: a generous allowance, not a proof.
     gap = tr.steps * library_gap(train_cfg.clip.impl, train_cfg.clip.max_norm)
-    tol = widen(tolerances_for(train_cfg.dtype, train_cfg.precision, cell)["trajectory"], gap, " x steps")
+    tol = widen(
+        tolerances_for(train_cfg.dtype, train_cfg.precision, cell)["trajectory"], gap, " x steps"
+    )
     worst = int(np.argmax(tr.param_drift_rel))
     # Dropout multiplies by the same NumPy masks on both sides (exact 0s, and 1/(1-p) rounded once,
     # identically): it adds no rounding of its own, so the bound is the trajectory's.
@@ -207,8 +284,14 @@ def trajectory_rows(tr: Trajectory, train_cfg: TrainConfig, cell: str = "lstm") 
     both = 0 < n_clipped < tr.steps
     mismatched = sum(a != b for a, b in zip(tr.clipped["torch"], tr.clipped["jax"]))
     if train_cfg.precision == "full":
-        params = Row(f"params over {tr.steps} steps{dropped} (worst: step {worst + 1})", tr.param_drift_abs[worst],
-                     tr.param_drift_rel[worst], tol.rel, tol.reason, bool(tr.param_drift_rel[worst] <= tol.rel))
+        params = Row(
+            f"params over {tr.steps} steps{dropped} (worst: step {worst + 1})",
+            tr.param_drift_abs[worst],
+            tr.param_drift_rel[worst],
+            tol.rel,
+            tol.reason,
+            bool(tr.param_drift_rel[worst] <= tol.rel),
+        )
     else:
         # A gradient component near zero can change sign under rounding, and Adam's first steps
         # are about lr * sign(g) per weight: mixed precision weights may part by up to twice
@@ -218,17 +301,32 @@ def trajectory_rows(tr: Trajectory, train_cfg: TrainConfig, cell: str = "lstm") 
         largest = c.lr * max(1.0, (1 - c.beta1) / math.sqrt(1 - c.beta2))
         ratio = [d / (2 * largest * (k + 1)) for k, d in enumerate(tr.param_drift_abs)]
         w = int(np.argmax(ratio))
-        params = Row(f"params over {tr.steps} steps{dropped} (worst: step {w + 1}; share of 2 x Adam's largest step x steps)",
-                     tr.param_drift_abs[w], ratio[w], 1.0,
-                     "Adam's step is at most lr * max(1, (1 - b1) / sqrt(1 - b2)): two runs part by twice that a step",
-                     bool(ratio[w] <= 1.0))
+        params = Row(
+            f"params over {tr.steps} steps{dropped} (worst: step {w + 1}; share of 2 x Adam's largest step x steps)",
+            tr.param_drift_abs[w],
+            ratio[w],
+            1.0,
+            "Adam's step is at most lr * max(1, (1 - b1) / sqrt(1 - b2)): two runs part by twice that a step",
+            bool(ratio[w] <= 1.0),
+        )
     return [
         params,
-        Row("loss over the trajectory (worst step)", math.nan, max(tr.loss_drift_rel), tol.rel, tol.reason,
-            bool(max(tr.loss_drift_rel) <= tol.rel)),
-        Row(f"clipped steps: {n_clipped} of {tr.steps} (tau={tr.max_norm:.4g})", float(mismatched),
-            float(mismatched) / tr.steps, 0.0, "same steps clipped in both; some clipped and some not",
-            bool(same_flags and both)),
+        Row(
+            "loss over the trajectory (worst step)",
+            math.nan,
+            max(tr.loss_drift_rel),
+            tol.rel,
+            tol.reason,
+            bool(max(tr.loss_drift_rel) <= tol.rel),
+        ),
+        Row(
+            f"clipped steps: {n_clipped} of {tr.steps} (tau={tr.max_norm:.4g})",
+            float(mismatched),
+            float(mismatched) / tr.steps,
+            0.0,
+            "same steps clipped in both; some clipped and some not",
+            bool(same_flags and both),
+        ),
     ]
 
 
@@ -236,24 +334,58 @@ def trajectory_rows(tr: Trajectory, train_cfg: TrainConfig, cell: str = "lstm") 
 # Sampling
 
 
-def sample_row(model_cfg: ModelConfig, params, vocab, *, prime: str, length: int, seed: int, device: str = "cpu") -> Row:
+def sample_row(
+    model_cfg: ModelConfig,
+    params,
+    vocab,
+    *,
+    prime: str,
+    length: int,
+    seed: int,
+    device: str = "cpu",
+) -> Row:
     """Both backends sample from the same parameters, prime and seed; the texts must be identical."""
-    texts = [backends.module(b, "sample").sample(model_cfg, params, vocab, prime, length, temperature=0.8,
-                                                seed=seed, device=device) for b in BACKENDS]
+    texts = [
+        backends.module(b, "sample").sample(
+            model_cfg, params, vocab, prime, length, temperature=0.8, seed=seed, device=device
+        )
+        for b in BACKENDS
+    ]
     differ = sum(a != b for a, b in zip(*texts)) + abs(len(texts[0]) - len(texts[1]))
-    return Row(f"sampled text ({length} chars, seed {seed})", float(differ), differ / length, 0.0,
-               "one shared NumPy draw per character: any difference is a bug", differ == 0)
+    return Row(
+        f"sampled text ({length} chars, seed {seed})",
+        float(differ),
+        differ / length,
+        0.0,
+        "one shared NumPy draw per character: any difference is a bug",
+        differ == 0,
+    )
 
 
 # ---------------------------------------------------------------------------
 # The whole report for one configuration
 
 
-def run_parity(cell: str = "lstm", layers: int = 1, dtype: str = "float64", steps: int = 50, *, device: str = "cpu",
-               hidden_size: int = 32, embedding_dim: int = 16, batch_size: int = 8, seq_len: int = 32,
-               lr: float = 1e-2, seed: int = 0, clip_impl: str = "reference", sample_chars: int = 200,
-               corpus_chars: int = 50_000, progress: bool = True, precision: str = "full",
-               dropout: float = 0.0) -> Report:
+def run_parity(
+    cell: str = "lstm",
+    layers: int = 1,
+    dtype: str = "float64",
+    steps: int = 50,
+    *,
+    device: str = "cpu",
+    hidden_size: int = 32,
+    embedding_dim: int = 16,
+    batch_size: int = 8,
+    seq_len: int = 32,
+    lr: float = 1e-2,
+    seed: int = 0,
+    clip_impl: str = "reference",
+    sample_chars: int = 200,
+    corpus_chars: int = 50_000,
+    progress: bool = True,
+    precision: str = "full",
+    dropout: float = 0.0,
+) -> Report:
     """Compare torch_impl and jax_impl on one configuration (the ladder 1 to 7; the trajectory with `dropout`)."""
     from charclip import corpus
     from charclip.batching import Position, Streams
@@ -265,13 +397,28 @@ def run_parity(cell: str = "lstm", layers: int = 1, dtype: str = "float64", step
     if dtype not in DTYPES:
         raise CharclipError(f"unknown --dtype {dtype!r}; use float32 or float64")
     if steps < 2:
-        raise CharclipError(f"--steps must be at least 2 (some steps clipped, some not), got {steps}")
+        raise CharclipError(
+            f"--steps must be at least 2 (some steps clipped, some not), got {steps}"
+        )
     text = corpus.load(None)[:corpus_chars]
     vocab = Vocab.from_text(text)
-    model_cfg = ModelConfig(vocab_size=len(vocab), cell=cell, hidden_size=hidden_size, num_layers=layers,
-                            embedding_dim=embedding_dim)
-    train_cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype,
-                            precision=precision, dropout=dropout)  # raises for a low precision with float64 master weights
+    model_cfg = ModelConfig(
+        vocab_size=len(vocab),
+        cell=cell,
+        hidden_size=hidden_size,
+        num_layers=layers,
+        embedding_dim=embedding_dim,
+    )
+    train_cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        seed=seed,
+        dtype=dtype,
+        precision=precision,
+        dropout=dropout,
+    )  # raises for a low precision with float64 master weights
     params = init_params(model_cfg, seed, dtype)
     streams = Streams(vocab.encode(text), batch_size, seq_len)
     batches, pos = [], Position()
@@ -286,18 +433,45 @@ def run_parity(cell: str = "lstm", layers: int = 1, dtype: str = "float64", step
         notes = [n for n in (stack.enter_context(p.full_precision(device)) for p in probes) if n]
         for p in probes:
             stack.enter_context(p.one_thread())
-        setup = make_step_setup(model_cfg, train_cfg, params, *batches[0][:2], seed=seed, clip_impl=clip_impl)
+        setup = make_step_setup(
+            model_cfg, train_cfg, params, *batches[0][:2], seed=seed, clip_impl=clip_impl
+        )
         rows = compare_step(setup, device)
         tau = clipping_threshold(model_cfg, train_cfg, params, batches)
         train_cfg = replace(train_cfg, clip=ClipConfig(mode="norm", max_norm=tau, impl=clip_impl))
-        tr, finals = trajectory(model_cfg, train_cfg, params, batches, device=device, progress=progress)
+        tr, finals = trajectory(
+            model_cfg, train_cfg, params, batches, device=device, progress=progress
+        )
         rows += trajectory_rows(tr, train_cfg, cell)
         if sample_chars:
-            rows.append(sample_row(model_cfg, finals["torch"], vocab, prime="\n", length=sample_chars, seed=seed, device=device))
-    config = {"cell": cell, "layers": layers, "dtype": dtype, "steps": steps, "device": device, "hidden": hidden_size,
-              "embedding": embedding_dim, "batch": batch_size, "seq_len": seq_len, "lr": lr, "seed": seed,
-              "clip_impl": clip_impl, "vocab": len(vocab), "precision": precision,
-              **({"dropout": dropout} if dropout else {})}
+            rows.append(
+                sample_row(
+                    model_cfg,
+                    finals["torch"],
+                    vocab,
+                    prime="\n",
+                    length=sample_chars,
+                    seed=seed,
+                    device=device,
+                )
+            )
+    config = {
+        "cell": cell,
+        "layers": layers,
+        "dtype": dtype,
+        "steps": steps,
+        "device": device,
+        "hidden": hidden_size,
+        "embedding": embedding_dim,
+        "batch": batch_size,
+        "seq_len": seq_len,
+        "lr": lr,
+        "seed": seed,
+        "clip_impl": clip_impl,
+        "vocab": len(vocab),
+        "precision": precision,
+        **({"dropout": dropout} if dropout else {}),
+    }
     return Report(config, rows, tr, notes)
 
 
@@ -312,5 +486,7 @@ def clipping_threshold(model_cfg: ModelConfig, train_cfg: TrainConfig, params, b
     for i, (x, y, new_epoch) in enumerate(batches):
         if new_epoch:
             trainer.reset_hidden()
-        norms.append(trainer.step(x, y, masks=dropout_masks(model_cfg, train_cfg, i, *x.shape)).grad_norm)
+        norms.append(
+            trainer.step(x, y, masks=dropout_masks(model_cfg, train_cfg, i, *x.shape)).grad_norm
+        )
     return float(np.median(norms))

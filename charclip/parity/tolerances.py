@@ -27,26 +27,59 @@ class Tolerance:
 # over all cells, depths and the Hypothesis-drawn shapes (docs/parity.md).
 TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "float64": {
-        "forward": Tolerance(1e-10, "float64 (1.1e-16) rounding over a forward pass of matmuls (T steps x L layers for the RNN): ~1e-14 expected"),
+        "forward": Tolerance(
+            1e-10,
+            "float64 (1.1e-16) rounding over a forward pass of matmuls (T steps x L layers for the RNN): ~1e-14 expected",
+        ),
         "loss": Tolerance(1e-10, "float64: a mean of B*T log-softmaxes, ~1e-15 expected"),
-        "grad": Tolerance(1e-10, "float64: backpropagation (BPTT through T steps for the RNN), ~1e-14 expected"),
+        "grad": Tolerance(
+            1e-10, "float64: backpropagation (BPTT through T steps for the RNN), ~1e-14 expected"
+        ),
         "norm": Tolerance(1e-10, "float64: one sum of squares over all gradients, ~1e-15 expected"),
-        "clipped": Tolerance(1e-10, "float64: gradient times one scalar; same convention on both sides"),
-        "adam": Tolerance(1e-10, "float64: elementwise Adam formula, ~1e-14 after cancellation in p_new - p"),
-        "sgd_step": Tolerance(1e-10, "float64: parameters after p - lr * g, one multiply-add on a gradient ~1e-15 off"),
-        "sgd_trajectory": Tolerance(1e-10, "float64: rounding fed back through K plain SGD steps, which do not amplify it"),
-        "trajectory": Tolerance(1e-10, "float64: rounding fed back through 50+ Adam steps; 1e-15 to 6e-13 measured"),
+        "clipped": Tolerance(
+            1e-10, "float64: gradient times one scalar; same convention on both sides"
+        ),
+        "adam": Tolerance(
+            1e-10, "float64: elementwise Adam formula, ~1e-14 after cancellation in p_new - p"
+        ),
+        "sgd_step": Tolerance(
+            1e-10, "float64: parameters after p - lr * g, one multiply-add on a gradient ~1e-15 off"
+        ),
+        "sgd_trajectory": Tolerance(
+            1e-10, "float64: rounding fed back through K plain SGD steps, which do not amplify it"
+        ),
+        "trajectory": Tolerance(
+            1e-10, "float64: rounding fed back through 50+ Adam steps; 1e-15 to 6e-13 measured"
+        ),
     },
     "float32": {
-        "forward": Tolerance(1e-5, "float32 (6e-8) rounding over T recurrent steps of H-term dot products; ~1e-7 measured"),
-        "loss": Tolerance(1e-5, "float32: log-softmax of float32 logits averaged over B*T; ~1e-7 measured"),
+        "forward": Tolerance(
+            1e-5,
+            "float32 (6e-8) rounding over T recurrent steps of H-term dot products; ~1e-7 measured",
+        ),
+        "loss": Tolerance(
+            1e-5, "float32: log-softmax of float32 logits averaged over B*T; ~1e-7 measured"
+        ),
         "grad": Tolerance(1e-5, "float32: BPTT sums T*B outer products per weight; ~1e-6 measured"),
-        "norm": Tolerance(1e-6, "float32: one sum of squares of gradients each ~1e-7 off; ~1e-7 measured"),
+        "norm": Tolerance(
+            1e-6, "float32: one sum of squares of gradients each ~1e-7 off; ~1e-7 measured"
+        ),
         "clipped": Tolerance(1e-5, "float32: the gradient's error and one scalar multiply more"),
-        "adam": Tolerance(1e-4, "float32: p_new - p cancels ~2 digits of a weight moving by lr; ~3e-6 measured"),
-        "sgd_step": Tolerance(1e-5, "float32: parameters after p - lr * g, relative to max|p|: one rounding plus lr x grad error"),
-        "sgd_trajectory": Tolerance(1e-5, "float32: K plain SGD steps add rounding linearly; ~6e-7 measured over 8 steps of an MLP"),
-        "trajectory": Tolerance(1e-3, "float32: Adam's step g/(|g|+eps) turns rounding of g near eps into ~lr*1e-2; ~2e-4 measured"),
+        "adam": Tolerance(
+            1e-4, "float32: p_new - p cancels ~2 digits of a weight moving by lr; ~3e-6 measured"
+        ),
+        "sgd_step": Tolerance(
+            1e-5,
+            "float32: parameters after p - lr * g, relative to max|p|: one rounding plus lr x grad error",
+        ),
+        "sgd_trajectory": Tolerance(
+            1e-5,
+            "float32: K plain SGD steps add rounding linearly; ~6e-7 measured over 8 steps of an MLP",
+        ),
+        "trajectory": Tolerance(
+            1e-3,
+            "float32: Adam's step g/(|g|+eps) turns rounding of g near eps into ~lr*1e-2; ~2e-4 measured",
+        ),
     },
 }
 
@@ -59,8 +92,15 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
 # of those standard deviations. n is counted from jax_impl.fastrnn's step code, forward and
 # backward of one time step: earlier steps' errors shrink through the recurrence (its
 # Jacobian's norm is below 1 at these weights), so they add little to the count.
-UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}  # half an ulp of 1: bfloat16 keeps 8 significant bits, float16 11
-CELL_ROUNDINGS = {"rnn": 10, "lstm": 19, "gru": 22}  # roundings along one step's forward (4, 9, 11) and backward pass
+UNIT_ROUNDOFF = {
+    "bf16": 2.0**-8,
+    "fp16": 2.0**-11,
+}  # half an ulp of 1: bfloat16 keeps 8 significant bits, float16 11
+CELL_ROUNDINGS = {
+    "rnn": 10,
+    "lstm": 19,
+    "gru": 22,
+}  # roundings along one step's forward (4, 9, 11) and backward pass
 SIGMAS = 6.0
 
 
@@ -69,7 +109,9 @@ def low_precision_bound(precision: str, cell: str) -> float:
     return SIGMAS * UNIT_ROUNDOFF[precision] * math.sqrt(2 * CELL_ROUNDINGS[cell] / 3)
 
 
-def tolerances_for(dtype: str, precision: str = "full", cell: str = "lstm", positions: int = 1) -> dict[str, Tolerance]:
+def tolerances_for(
+    dtype: str, precision: str = "full", cell: str = "lstm", positions: int = 1
+) -> dict[str, Tolerance]:
     """The ladder's table for a run: by dtype in full precision; derived from the unit roundoff otherwise.
 
     `positions` (B * T): the loss averages that many positions' independent roundings, so its
@@ -83,12 +125,17 @@ def tolerances_for(dtype: str, precision: str = "full", cell: str = "lstm", posi
     f32 = TOLERANCES["float32"]
     return {
         "forward": Tolerance(b, why),
-        "loss": Tolerance(b / math.sqrt(positions), why + f"; / sqrt({positions}): a mean over independent positions"),
-        "grad": Tolerance(b, why), "norm": Tolerance(b, why + "; the norm itself in float32"),
+        "loss": Tolerance(
+            b / math.sqrt(positions),
+            why + f"; / sqrt({positions}): a mean over independent positions",
+        ),
+        "grad": Tolerance(b, why),
+        "norm": Tolerance(b, why + "; the norm itself in float32"),
         "clipped": Tolerance(b + f32["clipped"].rel, why + "; + float32 clipping"),
         # Adam's step g / (sqrt(v) + eps) is insensitive to g's scale: a relative error of g passes through.
         "adam": Tolerance(b + f32["adam"].rel, why + "; Adam passes g's relative error through"),
-        "sgd_step": Tolerance(b, why), "sgd_trajectory": Tolerance(b, why),
+        "sgd_step": Tolerance(b, why),
+        "sgd_trajectory": Tolerance(b, why),
         # Over a trajectory each step's gradient error moves the weights by up to lr * b; the
         # loss and weights drift by the sum, bounded here per step (the ladder multiplies by steps).
         "trajectory": Tolerance(b, why + "; per step of the trajectory"),
@@ -127,7 +174,14 @@ def compare(quantity: str, a, b, tol: Tolerance) -> Row:
 def compare_group(quantity: str, a: dict, b: dict, tol: Tolerance) -> Row:
     """One row for a dict of arrays: the worst parameter's errors (each relative to its own scale)."""
     if a.keys() != b.keys():
-        return Row(quantity, math.inf, math.inf, tol.rel, f"names differ: {sorted(a.keys() ^ b.keys())}", False)
+        return Row(
+            quantity,
+            math.inf,
+            math.inf,
+            tol.rel,
+            f"names differ: {sorted(a.keys() ^ b.keys())}",
+            False,
+        )
     errs = [errors(a[k], b[k]) for k in a]
     max_abs, max_rel = max(e[0] for e in errs), max(e[1] for e in errs)
     return Row(quantity, max_abs, max_rel, tol.rel, tol.reason, bool(max_rel <= tol.rel))

@@ -23,10 +23,21 @@ import importlib
 # Loaded on first use (PEP 562), so that `charclip conform`'s parser, registered by the CLI,
 # costs no Hypothesis import: name -> the module defining it.
 _WHERE = {
-    "functional": "adapters", "inplace_torch": "adapters", "keras_option": "adapters",
-    "optax_transformation": "adapters", "Report": "check", "Row": "check", "check_clipper": "check",
-    "exact_norm": "oracle", "norm_at_most": "oracle", "sum_of_squares": "oracle", "PROMISES": "promises",
-    "Output": "promises", "DTYPES": "strategies", "gradient_trees": "strategies", "thresholds": "strategies",
+    "functional": "adapters",
+    "inplace_torch": "adapters",
+    "keras_option": "adapters",
+    "optax_transformation": "adapters",
+    "Report": "check",
+    "Row": "check",
+    "check_clipper": "check",
+    "exact_norm": "oracle",
+    "norm_at_most": "oracle",
+    "sum_of_squares": "oracle",
+    "PROMISES": "promises",
+    "Output": "promises",
+    "DTYPES": "strategies",
+    "gradient_trees": "strategies",
+    "thresholds": "strategies",
 }
 __all__ = list(_WHERE)
 

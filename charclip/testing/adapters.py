@@ -43,14 +43,20 @@ def _norm(norm: Any) -> tuple[float | None, str | None]:
     if norm is None:
         return None, None
     dtype = getattr(norm, "dtype", None)
-    return float(np.asarray(to_numpy(norm), np.float64)), dtype_name(dtype) if dtype is not None else "float64"
+    return float(np.asarray(to_numpy(norm), np.float64)), dtype_name(
+        dtype
+    ) if dtype is not None else "float64"
 
 
 def output(result: Any) -> Output:
     """An `Output` from what a functional clipper returned: the clipped list or (clipped, norm)."""
     if isinstance(result, Output):
         return result
-    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], (list, tuple, dict)):
+    if (
+        isinstance(result, tuple)
+        and len(result) == 2
+        and isinstance(result[0], (list, tuple, dict))
+    ):
         clipped, norm = result
     else:
         clipped, norm = result, None
@@ -61,7 +67,9 @@ def output(result: Any) -> Output:
     return Output([to_numpy(c) for c in clipped], *_norm(norm))
 
 
-def functional(fn: Callable, framework: str = "numpy") -> Callable[[list[np.ndarray], float], Output]:
+def functional(
+    fn: Callable, framework: str = "numpy"
+) -> Callable[[list[np.ndarray], float], Output]:
     """fn(leaves, tau) -> clipped list or (clipped, norm), on NumPy or JAX arrays."""
 
     def clipper(leaves, tau):
@@ -110,7 +118,10 @@ def keras_option(option: str = "global_clipnorm") -> Callable[[Callable], Callab
             import keras
 
             opt = optimizer_class(learning_rate=1.0, **{option: tau})
-            variables = [keras.Variable(np.zeros(a.shape, a.dtype), dtype=dtype_name(a.dtype)) for a in leaves]
+            variables = [
+                keras.Variable(np.zeros(a.shape, a.dtype), dtype=dtype_name(a.dtype))
+                for a in leaves
+            ]
             grads = [keras.ops.convert_to_tensor(a, dtype=dtype_name(a.dtype)) for a in leaves]
             opt.apply(grads, variables)
             return Output([-to_numpy(keras.ops.convert_to_numpy(v.value)) for v in variables])

@@ -62,22 +62,38 @@ class Report:
         skip = set(promises)
         unknown = {s.split(":")[0] for s in skip} - set(PROMISES)
         if unknown:
-            raise ValueError(f"unknown promises {sorted(unknown)}; the promises are {', '.join(PROMISES)}")
-        return all(r.ok for r in self.rows if r.promise not in skip and f"{r.promise}:{r.dtype}" not in skip)
+            raise ValueError(
+                f"unknown promises {sorted(unknown)}; the promises are {', '.join(PROMISES)}"
+            )
+        return all(
+            r.ok
+            for r in self.rows
+            if r.promise not in skip and f"{r.promise}:{r.dtype}" not in skip
+        )
 
     def failing(self) -> list[Row]:
         return [r for r in self.rows if r.verdict == "fails"]
 
     def table(self) -> str:
         """A Markdown table: one row per promise and dtype, the counterexample where it fails."""
-        lines = [f"{self.target}", "", "| promise | dtype | verdict | minimal counterexample | what happened |",
-                 "|---|---|---|---|---|"]
+        lines = [
+            f"{self.target}",
+            "",
+            "| promise | dtype | verdict | minimal counterexample | what happened |",
+            "|---|---|---|---|---|",
+        ]
         for r in self.rows:
-            lines.append(f"| {r.promise} | {r.dtype} | {r.verdict} | {_cell(r.counterexample)} | {_cell(r.message)} |")
+            lines.append(
+                f"| {r.promise} | {r.dtype} | {r.verdict} | {_cell(r.counterexample)} | {_cell(r.message)} |"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"target": self.target, "seconds": self.seconds, "rows": [asdict(r) for r in self.rows]}
+        return {
+            "target": self.target,
+            "seconds": self.seconds,
+            "rows": [asdict(r) for r in self.rows],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Report:
@@ -110,8 +126,15 @@ class _ShrinkBudgetSpent(BaseException):
     """Stops Hypothesis' shrinker (a BaseException passes through its engine)."""
 
 
-def run_promise(clipper, promise: str, dtype: str, options: Options, max_examples: int, seed: int | None,
-                shrink_budget: int = 200) -> Row:
+def run_promise(
+    clipper,
+    promise: str,
+    dtype: str,
+    options: Options,
+    max_examples: int,
+    seed: int | None,
+    shrink_budget: int = 200,
+) -> Row:
     """One promise in one dtype, as a Hypothesis property; the minimal failing input if any.
 
     Shrinking stops after `shrink_budget` more calls once a failure is found (most of a
@@ -121,9 +144,15 @@ def run_promise(clipper, promise: str, dtype: str, options: Options, max_example
     last: dict = {}
     ran = [0]
 
-    @hypothesis.settings(max_examples=max_examples, deadline=None, database=None, derandomize=seed is None,
-                         report_multiple_bugs=False, print_blob=False,
-                         suppress_health_check=list(HealthCheck))
+    @hypothesis.settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        derandomize=seed is None,
+        report_multiple_bugs=False,
+        print_blob=False,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=p.inputs(dtype))
     def prop(case):
         ran[0] += 1
@@ -145,7 +174,13 @@ def run_promise(clipper, promise: str, dtype: str, options: Options, max_example
     except _ShrinkBudgetSpent:
         return Row(promise, dtype, "fails", last["case"], last["message"], ran[0])
     except hypothesis.errors.Unsatisfiable:
-        return Row(promise, dtype, "n/a", message="no input satisfied the promise's assumptions", examples=ran[0])
+        return Row(
+            promise,
+            dtype,
+            "n/a",
+            message="no input satisfied the promise's assumptions",
+            examples=ran[0],
+        )
     except Exception as e:  # noqa: BLE001  (the promise failed; the row says how)
         if "case" not in last:
             return Row(promise, dtype, "fails", "", _first_line(e), ran[0])
@@ -155,10 +190,20 @@ def run_promise(clipper, promise: str, dtype: str, options: Options, max_example
     return Row(promise, dtype, "holds", examples=ran[0])
 
 
-def check_clipper(fn: Callable, framework: str = "numpy", *, dtypes: Iterable[str] = DTYPES,
-                  promises: Iterable[str] | None = None, ulps: float = 0, nonfinite: str = "propagate",
-                  adapter: Callable | None = None, max_examples: int = 50, seed: int | None = None,
-                  shrink_budget: int = 200, name: str | None = None) -> Report:
+def check_clipper(
+    fn: Callable,
+    framework: str = "numpy",
+    *,
+    dtypes: Iterable[str] = DTYPES,
+    promises: Iterable[str] | None = None,
+    ulps: float = 0,
+    nonfinite: str = "propagate",
+    adapter: Callable | None = None,
+    max_examples: int = 50,
+    seed: int | None = None,
+    shrink_budget: int = 200,
+    name: str | None = None,
+) -> Report:
     """Check a gradient-clipping function against every promise, in every dtype.
 
     Args:
@@ -195,5 +240,9 @@ def check_clipper(fn: Callable, framework: str = "numpy", *, dtypes: Iterable[st
     clipper = clipper_for(fn, framework, adapter)
     options = Options(ulps=ulps, nonfinite=nonfinite)
     start = time.perf_counter()
-    rows = tuple(run_promise(clipper, p, d, options, max_examples, seed, shrink_budget) for p in names for d in dtypes)
+    rows = tuple(
+        run_promise(clipper, p, d, options, max_examples, seed, shrink_budget)
+        for p in names
+        for d in dtypes
+    )
     return Report(name or getattr(fn, "__qualname__", repr(fn)), rows, time.perf_counter() - start)

@@ -23,7 +23,13 @@ SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64
 
 # Rows of docs/divergences.md the kit must find by itself: (row, what, target, promise, dtype).
 DIVERGENCES = (
-    ("1", "finite entries whose squares overflow zero the gradient", "torch-loop", "overflow_safe", "float32"),
+    (
+        "1",
+        "finite entries whose squares overflow zero the gradient",
+        "torch-loop",
+        "overflow_safe",
+        "float32",
+    ),
     ("1", "(optax)", "optax", "overflow_safe", "float32"),
     ("3", "bfloat16 clipped norm above tau", "torch-loop", "norm_at_most_tau", "bfloat16"),
     ("3", "(optax)", "optax", "norm_at_most_tau", "bfloat16"),
@@ -32,10 +38,28 @@ DIVERGENCES = (
     ("7, 8", "negative or NaN tau accepted", "torch-loop", "bad_tau_refused", "float32"),
     ("7, 8", "(optax)", "optax", "bad_tau_refused", "float32"),
     ("12", "optax's clipped norm one ulp above tau", "optax", "norm_at_most_tau", "float32"),
-    ("13", "torch's epsilon changes the factor for small norms", "torch-loop", "scale_invariant", "float32"),
-    ("14", "torch scales a gradient whose norm is exactly tau", "torch-loop", "identity_below", "float32"),
+    (
+        "13",
+        "torch's epsilon changes the factor for small norms",
+        "torch-loop",
+        "scale_invariant",
+        "float32",
+    ),
+    (
+        "14",
+        "torch scales a gradient whose norm is exactly tau",
+        "torch-loop",
+        "identity_below",
+        "float32",
+    ),
     ("15", "torch's clipping twice shrinks again", "torch-loop", "idempotent", "float32"),
-    ("J6", "charclip's default keeps optax's one-ulp excess", "charclip-jax", "norm_at_most_tau", "float32"),
+    (
+        "J6",
+        "charclip's default keeps optax's one-ulp excess",
+        "charclip-jax",
+        "norm_at_most_tau",
+        "float32",
+    ),
 )
 
 
@@ -46,19 +70,33 @@ def add_parser(sub) -> None:
     from charclip.testing.targets import TARGETS
 
     p = sub.add_parser(
-        "conform", help="which promises the well-known gradient clippers keep (charclip.testing)",
+        "conform",
+        help="which promises the well-known gradient clippers keep (charclip.testing)",
         description="Check gradient-clipping functions (torch, optax, Keras, TensorFlow, charclip's own) against the "
         "conformance kit's promises in every dtype, with Hypothesis, and print the table with each failure's "
         "minimal counterexample. Targets whose library is not installed are listed as skipped.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--target", action="append", choices=sorted(TARGETS), metavar="NAME",
-                   help=f"a target (repeatable; default: all): {', '.join(TARGETS)}")
-    p.add_argument("--max-examples", type=int, default=10, help="Hypothesis examples per promise and dtype")
-    p.add_argument("--seed", type=int, help="seed of Hypothesis' search (default: derandomized, reproducible)")
-    p.add_argument("--shrink-budget", type=int, default=20, help="calls spent shrinking each failure at most")
+    p.add_argument(
+        "--target",
+        action="append",
+        choices=sorted(TARGETS),
+        metavar="NAME",
+        help=f"a target (repeatable; default: all): {', '.join(TARGETS)}",
+    )
+    p.add_argument(
+        "--max-examples", type=int, default=10, help="Hypothesis examples per promise and dtype"
+    )
+    p.add_argument(
+        "--seed", type=int, help="seed of Hypothesis' search (default: derandomized, reproducible)"
+    )
+    p.add_argument(
+        "--shrink-budget", type=int, default=20, help="calls spent shrinking each failure at most"
+    )
     p.add_argument("--jobs", type=int, default=2, help="targets checked at once (one process each)")
-    p.add_argument("--write", metavar="PATH", help="write the table as a Markdown page (docs/conformance.md)")
+    p.add_argument(
+        "--write", metavar="PATH", help="write the table as a Markdown page (docs/conformance.md)"
+    )
     p.add_argument("--json", metavar="PATH", help="write every report as JSON")
     p.set_defaults(func=_main)
 
@@ -66,14 +104,27 @@ def add_parser(sub) -> None:
 def _run(name: str, a) -> dict:
     from charclip.testing.targets import TARGETS
 
-    cmd = [sys.executable, "-m", "charclip.testing.targets", name, "--max-examples", str(a.max_examples),
-           "--shrink-budget", str(a.shrink_budget)] + (["--seed", str(a.seed)] if a.seed is not None else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "charclip.testing.targets",
+        name,
+        "--max-examples",
+        str(a.max_examples),
+        "--shrink-budget",
+        str(a.shrink_budget),
+    ] + (["--seed", str(a.seed)] if a.seed is not None else [])
     env = {**os.environ, **dict(TARGETS[name].env)}
     start = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0 or not out.stdout.strip():
         tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"target": name, "title": TARGETS[name].title, "skipped": f"the check crashed: {tail}", "rows": []}
+        return {
+            "target": name,
+            "title": TARGETS[name].title,
+            "skipped": f"the check crashed: {tail}",
+            "rows": [],
+        }
     d = json.loads(out.stdout.strip().splitlines()[-1])
     d["wall_seconds"] = time.perf_counter() - start
     return d
@@ -92,7 +143,11 @@ def matrix(reports: list[dict]) -> str:
 
     lines = ["| target | " + " | ".join(PROMISES) + " |", "|---" * (len(PROMISES) + 1) + "|"]
     for d in reports:
-        cells = ["skipped"] * len(PROMISES) if d.get("skipped") else [_cell(d["rows"], p) for p in PROMISES]
+        cells = (
+            ["skipped"] * len(PROMISES)
+            if d.get("skipped")
+            else [_cell(d["rows"], p) for p in PROMISES]
+        )
         lines.append(f"| {d['target']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -114,10 +169,15 @@ def failures(reports: list[dict]) -> str:
         if not bad:
             lines.append("Every promise holds in every dtype.")
             continue
-        lines += ["| promise | dtype | minimal counterexample | what happened | upstream |", "|---|---|---|---|---|"]
+        lines += [
+            "| promise | dtype | minimal counterexample | what happened | upstream |",
+            "|---|---|---|---|---|",
+        ]
         for r in bad:
-            lines.append(f"| {r['promise']} | {r['dtype']} | `{_esc(r['counterexample'])}` | {_esc(r['message'])} "
-                         f"| {upstream(d['target'], r['promise'])} |")
+            lines.append(
+                f"| {r['promise']} | {r['dtype']} | `{_esc(r['counterexample'])}` | {_esc(r['message'])} "
+                f"| {upstream(d['target'], r['promise'])} |"
+            )
     return "\n".join(lines)
 
 
@@ -127,8 +187,14 @@ def rediscovered(reports: list[dict]) -> list[tuple[str, str, str, bool | None]]
     found = []
     for row, what, target, promise, dtype in DIVERGENCES:
         d = by_target.get(target)
-        verdict = None if d is None else any(
-            r["promise"] == promise and r["dtype"] == dtype and r["verdict"] == "fails" for r in d["rows"])
+        verdict = (
+            None
+            if d is None
+            else any(
+                r["promise"] == promise and r["dtype"] == dtype and r["verdict"] == "fails"
+                for r in d["rows"]
+            )
+        )
         found.append((row, what, f"{target} / {promise} / {dtype}", verdict))
     return found
 
@@ -144,8 +210,10 @@ def page(reports: list[dict], a, seconds: float) -> str:
         except metadata.PackageNotFoundError:
             return "not installed"
 
-    versions = ", ".join(f"{p} {version(p)}" for p in ("torch", "jax", "optax", "keras", "tensorflow-cpu",
-                                                        "hypothesis"))
+    versions = ", ".join(
+        f"{p} {version(p)}"
+        for p in ("torch", "jax", "optax", "keras", "tensorflow-cpu", "hypothesis")
+    )
     seed = "derandomized" if a.seed is None else f"seed {a.seed}"
     lines = [
         "# Conformance of gradient clippers",
@@ -168,8 +236,10 @@ def page(reports: list[dict], a, seconds: float) -> str:
         "",
         "| row | divergence | target / promise / dtype | found |",
         "|---|---|---|---|",
-        *[f"| {row} | {what} | {where} | {'yes' if v else 'not run' if v is None else 'NO'} |"
-          for row, what, where, v in rediscovered(reports)],
+        *[
+            f"| {row} | {what} | {where} | {'yes' if v else 'not run' if v is None else 'NO'} |"
+            for row, what, where, v in rediscovered(reports)
+        ],
         "",
         "## Minimal counterexamples",
         failures(reports),
@@ -183,7 +253,9 @@ def _main(a) -> int:
 
     for name in ("max_examples", "jobs"):
         if getattr(a, name) < 1:
-            raise CharclipError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(a, name)}")
+            raise CharclipError(
+                f"--{name.replace('_', '-')} must be 1 or more, got {getattr(a, name)}"
+            )
     if a.shrink_budget < 0:
         raise CharclipError(f"--shrink-budget must be 0 or more, got {a.shrink_budget}")
     if a.seed is not None and a.seed < 0:

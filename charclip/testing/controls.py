@@ -123,4 +123,7 @@ def epsilon_wrong_side(leaves, tau):
     return [_toward_zero(a * c, leaf.dtype) for a, leaf in zip(scaled, leaves)], norm
 
 
-CONTROLS = {f.__name__: f for f in (per_tensor, value_clip, missing_sqrt, first_leaf_only, epsilon_wrong_side)}
+CONTROLS = {
+    f.__name__: f
+    for f in (per_tensor, value_clip, missing_sqrt, first_leaf_only, epsilon_wrong_side)
+}

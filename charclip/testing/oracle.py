@@ -29,7 +29,9 @@ def sum_of_squares(arrays) -> Fraction:
         values = np.asarray(a, np.float64).ravel()
         if not np.all(np.isfinite(values)):
             raise ValueError("the exact oracle takes finite entries only")
-        unique, counts = np.unique(np.abs(values[values != 0]), return_counts=True)  # tiled leaves repeat values
+        unique, counts = np.unique(
+            np.abs(values[values != 0]), return_counts=True
+        )  # tiled leaves repeat values
         for v, c in zip(unique.tolist(), counts.tolist()):
             m, e = _integer_parts(v)
             terms.append((c * m * m, 2 * e))

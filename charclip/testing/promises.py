@@ -116,7 +116,9 @@ def _finite(out: Output) -> np.ndarray:
     return flat
 
 
-def _assert_direction(g: np.ndarray, gc: np.ndarray, dtype: str, rtol: float, want_nonzero: bool) -> None:
+def _assert_direction(
+    g: np.ndarray, gc: np.ndarray, dtype: str, rtol: float, want_nonzero: bool
+) -> None:
     """gc = c g with 0 <= c <= 1 + rtol, each entry within rtol (relative) of c g_i, or
     within the smallest normal number absolutely (flushed subnormals)."""
     info = INFO[dtype]
@@ -136,21 +138,27 @@ def _assert_direction(g: np.ndarray, gc: np.ndarray, dtype: str, rtol: float, wa
     off = np.abs(gc - c * g) - (rtol * c * np.abs(g) + info.smallest_normal)
     if np.any(off > 0):
         i = int(np.argmax(off))
-        raise Broken(f"not one factor: entry {float(g[i])!r} -> {float(gc[i])!r} (ratio {float(gc[i] / g[i])!r}), "
-                     f"while entry {float(g[big])!r} -> {float(gc[big])!r} has ratio {c!r}")
+        raise Broken(
+            f"not one factor: entry {float(g[i])!r} -> {float(gc[i])!r} (ratio {float(gc[i] / g[i])!r}), "
+            f"while entry {float(g[big])!r} -> {float(gc[big])!r} has ratio {c!r}"
+        )
     if want_nonzero and c == 0:
         raise Broken("g' is all zeros: the direction is lost")
 
 
-def _assert_close(a: list[np.ndarray], b: list[np.ndarray], dtype: str, rtol: float, what: str) -> None:
+def _assert_close(
+    a: list[np.ndarray], b: list[np.ndarray], dtype: str, rtol: float, what: str
+) -> None:
     x, y = _flat(a), _flat(b)
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         raise Broken(f"{what}: non-finite entries ({x.tolist()[:4]} against {y.tolist()[:4]})")
     off = np.abs(x - y) - (rtol * np.abs(y) + INFO[dtype].smallest_normal)
     if np.any(off > 0):
         i = int(np.argmax(off))
-        raise Broken(f"{what}: entry {i} is {float(x[i])!r}, expected {float(y[i])!r} (relative difference "
-                     f"{abs(x[i] - y[i]) / abs(y[i]) if y[i] else math.inf:.3g}, allowed {rtol:.3g})")
+        raise Broken(
+            f"{what}: entry {i} is {float(x[i])!r}, expected {float(y[i])!r} (relative difference "
+            f"{abs(x[i] - y[i]) / abs(y[i]) if y[i] else math.inf:.3g}, allowed {rtol:.3g})"
+        )
 
 
 def _two_roundings(dtype: str, o: Options) -> float:
@@ -168,7 +176,11 @@ def _ordinary(dtype: str, **kw) -> st.SearchStrategy[Gradient]:
 
 
 def _cases(dtype: str, tau=None, magnitudes: str = "ordinary", **kw) -> st.SearchStrategy[Case]:
-    return st.builds(Case, _gradients((dtype,), magnitudes=magnitudes, **kw), thresholds() if tau is None else tau)
+    return st.builds(
+        Case,
+        _gradients((dtype,), magnitudes=magnitudes, **kw),
+        thresholds() if tau is None else tau,
+    )
 
 
 # ---- the promises ------------------------------------------------------------------------------
@@ -181,8 +193,10 @@ def _norm_at_most_tau(clip: Clipper, case: Case, o: Options) -> None:
     bound = Fraction(case.tau) * (1 + Fraction(o.ulps) * Fraction(INFO[g.dtype].eps))
     if not norm_at_most(out.clipped, bound):
         after = exact_norm(out.clipped)
-        raise Broken(f"||g'|| = {after!r} > tau = {case.tau!r} (excess {after / case.tau - 1:.3g}"
-                     + (f", allowed {o.ulps:g} eps)" if o.ulps else ", exact bound)"))
+        raise Broken(
+            f"||g'|| = {after!r} > tau = {case.tau!r} (excess {after / case.tau - 1:.3g}"
+            + (f", allowed {o.ulps:g} eps)" if o.ulps else ", exact bound)")
+        )
 
 
 def _positive_taus() -> st.SearchStrategy[float]:
@@ -192,7 +206,9 @@ def _positive_taus() -> st.SearchStrategy[float]:
 def _direction_kept(clip: Clipper, case: Case, o: Options) -> None:
     g = case.gradient
     out = _call(clip, g, case.tau)
-    _assert_direction(_flat(g.leaves), _finite(out), g.dtype, _two_roundings(g.dtype, o), want_nonzero=False)
+    _assert_direction(
+        _flat(g.leaves), _finite(out), g.dtype, _two_roundings(g.dtype, o), want_nonzero=False
+    )
 
 
 @st.composite
@@ -213,14 +229,18 @@ def _identity_below(clip: Clipper, case: Case, o: Options) -> None:
     x, y = _flat(out.clipped), _flat(g.leaves)
     if not np.array_equal(x, y):
         i = int(np.argmax(x != y))
-        raise Broken(f"||g|| = {exact_norm(g.leaves)!r} <= tau, yet entry {i} changed: {float(y[i])!r} -> {float(x[i])!r}")
+        raise Broken(
+            f"||g|| = {exact_norm(g.leaves)!r} <= tau, yet entry {i} changed: {float(y[i])!r} -> {float(x[i])!r}"
+        )
 
 
 def _idempotent(clip: Clipper, case: Case, o: Options) -> None:
     g = case.gradient
     once = _call(clip, g, case.tau)
     twice = _call(clip, Gradient(g.dtype, tuple(once.clipped)), case.tau)
-    _assert_close(twice.clipped, once.clipped, g.dtype, _two_roundings(g.dtype, o), "clip(clip(g)) != clip(g)")
+    _assert_close(
+        twice.clipped, once.clipped, g.dtype, _two_roundings(g.dtype, o), "clip(clip(g)) != clip(g)"
+    )
 
 
 @st.composite
@@ -236,7 +256,9 @@ def _scale_cases(draw, dtype: str) -> Case:
 def _scale_invariant(clip: Clipper, case: Case, o: Options) -> None:
     g = case.gradient
     k = int(case.extra["scale"][3:])
-    scaled = Gradient(g.dtype, tuple(np.ldexp(np.asarray(a, np.float64), k).astype(a.dtype) for a in g.leaves))
+    scaled = Gradient(
+        g.dtype, tuple(np.ldexp(np.asarray(a, np.float64), k).astype(a.dtype) for a in g.leaves)
+    )
     base = _call(clip, g, case.tau).clipped
     other = _call(clip, scaled, case.tau).clipped
     _assert_close(other, base, g.dtype, _two_roundings(g.dtype, o), f"clip(2**{k} g) != clip(g)")
@@ -254,8 +276,13 @@ def _order_invariant(clip: Clipper, case: Case, o: Options) -> None:
     order = case.extra["order"]
     base = _call(clip, g, case.tau).clipped
     other = _call(clip, Gradient(g.dtype, tuple(g.leaves[i] for i in order)), case.tau).clipped
-    _assert_close(other, [base[i] for i in order], g.dtype, _sum_rounding(g.dtype, g.size, o),
-                  f"leaves in order {order} clip differently")
+    _assert_close(
+        other,
+        [base[i] for i in order],
+        g.dtype,
+        _sum_rounding(g.dtype, g.size, o),
+        f"leaves in order {order} clip differently",
+    )
 
 
 def _returns_true_norm(clip: Clipper, case: Case, o: Options) -> None:
@@ -267,12 +294,18 @@ def _returns_true_norm(clip: Clipper, case: Case, o: Options) -> None:
     info = INFO.get(out.norm_dtype or "float64", INFO["float64"])
     if expected > info.max:
         if out.norm != math.inf:
-            raise Broken(f"norm {out.norm!r}; the true norm {expected!r} exceeds {out.norm_dtype}: expected inf")
+            raise Broken(
+                f"norm {out.norm!r}; the true norm {expected!r} exceeds {out.norm_dtype}: expected inf"
+            )
         return
-    allowed = _sum_rounding(out.norm_dtype or "float64", g.size, o) * expected + info.smallest_subnormal
+    allowed = (
+        _sum_rounding(out.norm_dtype or "float64", g.size, o) * expected + info.smallest_subnormal
+    )
     if not abs(out.norm - expected) <= allowed:
-        raise Broken(f"returned norm {out.norm!r} ({out.norm_dtype}), true norm {expected!r} "
-                     f"(relative error {abs(out.norm - expected) / expected if expected else math.inf:.3g})")
+        raise Broken(
+            f"returned norm {out.norm!r} ({out.norm_dtype}), true norm {expected!r} "
+            f"(relative error {abs(out.norm - expected) / expected if expected else math.inf:.3g})"
+        )
 
 
 def _overflow_safe(clip: Clipper, case: Case, o: Options) -> None:
@@ -288,7 +321,9 @@ def _overflow_safe(clip: Clipper, case: Case, o: Options) -> None:
 def _half_zero(dtype: str) -> st.SearchStrategy[Gradient]:
     """Ordinary gradients, half of them all zeros (0 / 0 is where tau = 0 goes wrong)."""
     zeroed = lambda g: Gradient(g.dtype, tuple(np.zeros_like(a) for a in g.leaves))
-    return st.tuples(_ordinary(dtype), st.booleans()).map(lambda gz: zeroed(gz[0]) if gz[1] else gz[0])
+    return st.tuples(_ordinary(dtype), st.booleans()).map(
+        lambda gz: zeroed(gz[0]) if gz[1] else gz[0]
+    )
 
 
 def _tau_zero(clip: Clipper, case: Case, o: Options) -> None:
@@ -317,7 +352,9 @@ def _nonfinite_reported(clip: Clipper, case: Case, o: Options) -> None:
     except Exception as e:  # noqa: BLE001
         if o.nonfinite == "error":
             return
-        raise Broken(f"raised {type(e).__name__}: {e}; the promised policy is {o.nonfinite!r}") from None
+        raise Broken(
+            f"raised {type(e).__name__}: {e}; the promised policy is {o.nonfinite!r}"
+        ) from None
     flat = _flat(out.clipped)
     if o.nonfinite == "error":
         raise Broken("returned instead of raising (policy 'error')")
@@ -325,10 +362,14 @@ def _nonfinite_reported(clip: Clipper, case: Case, o: Options) -> None:
         if not np.all(flat == 0):
             raise Broken(f"policy 'skip': g' should be zeros, has {flat[flat != 0][:4].tolist()}")
         return
-    reported = not math.isfinite(out.norm) if out.norm is not None else not np.all(np.isfinite(flat))
+    reported = (
+        not math.isfinite(out.norm) if out.norm is not None else not np.all(np.isfinite(flat))
+    )
     if not reported:
         where = "the returned norm" if out.norm is not None else "g'"
-        raise Broken(f"policy 'propagate': {where} is finite ({out.norm if out.norm is not None else flat[:4].tolist()})")
+        raise Broken(
+            f"policy 'propagate': {where} is finite ({out.norm if out.norm is not None else flat[:4].tolist()})"
+        )
 
 
 class NotApplicable(Exception):
@@ -341,22 +382,51 @@ def describe(a: np.ndarray) -> str:
     return describe_leaf(a)
 
 
-PROMISES: dict[str, Promise] = {p.name: p for p in (
-    Promise("norm_at_most_tau", "||g'|| <= tau, exactly (or within `ulps` eps)",
-            lambda d: st.builds(Case, _ordinary(d), _positive_taus()), _norm_at_most_tau),
-    Promise("direction_kept", "g' = c g, 0 <= c <= 1", lambda d: _cases(d), _direction_kept),
-    Promise("identity_below", "||g|| <= tau leaves g unchanged", _below_cases, _identity_below),
-    Promise("idempotent", "clip(clip(g)) == clip(g)", lambda d: _cases(d), _idempotent),
-    Promise("scale_invariant", "clip(2**k g) == clip(g) above tau", _scale_cases, _scale_invariant),
-    Promise("order_invariant", "leaf order does not matter", _order_cases, _order_invariant),
-    Promise("returns_true_norm", "the returned norm is the true norm",
-            lambda d: _cases(d, magnitudes="extreme"), _returns_true_norm),
-    Promise("overflow_safe", "squares that overflow still clip", lambda d: _cases(d, magnitudes="overflow"),
-            _overflow_safe),
-    Promise("tau_zero", "tau = 0 gives zeros, not NaN", lambda d: st.builds(Case, _half_zero(d), st.just(0.0)),
-            _tau_zero),
-    Promise("bad_tau_refused", "negative or NaN tau raises", lambda d: _cases(d, tau=thresholds("invalid")),
-            _bad_tau_refused),
-    Promise("nonfinite_reported", "NaN/inf reported as the policy says",
-            lambda d: _cases(d, nonfinite=True), _nonfinite_reported),
-)}
+PROMISES: dict[str, Promise] = {
+    p.name: p
+    for p in (
+        Promise(
+            "norm_at_most_tau",
+            "||g'|| <= tau, exactly (or within `ulps` eps)",
+            lambda d: st.builds(Case, _ordinary(d), _positive_taus()),
+            _norm_at_most_tau,
+        ),
+        Promise("direction_kept", "g' = c g, 0 <= c <= 1", lambda d: _cases(d), _direction_kept),
+        Promise("identity_below", "||g|| <= tau leaves g unchanged", _below_cases, _identity_below),
+        Promise("idempotent", "clip(clip(g)) == clip(g)", lambda d: _cases(d), _idempotent),
+        Promise(
+            "scale_invariant", "clip(2**k g) == clip(g) above tau", _scale_cases, _scale_invariant
+        ),
+        Promise("order_invariant", "leaf order does not matter", _order_cases, _order_invariant),
+        Promise(
+            "returns_true_norm",
+            "the returned norm is the true norm",
+            lambda d: _cases(d, magnitudes="extreme"),
+            _returns_true_norm,
+        ),
+        Promise(
+            "overflow_safe",
+            "squares that overflow still clip",
+            lambda d: _cases(d, magnitudes="overflow"),
+            _overflow_safe,
+        ),
+        Promise(
+            "tau_zero",
+            "tau = 0 gives zeros, not NaN",
+            lambda d: st.builds(Case, _half_zero(d), st.just(0.0)),
+            _tau_zero,
+        ),
+        Promise(
+            "bad_tau_refused",
+            "negative or NaN tau raises",
+            lambda d: _cases(d, tau=thresholds("invalid")),
+            _bad_tau_refused,
+        ),
+        Promise(
+            "nonfinite_reported",
+            "NaN/inf reported as the policy says",
+            lambda d: _cases(d, nonfinite=True),
+            _nonfinite_reported,
+        ),
+    )
+}

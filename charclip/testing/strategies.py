@@ -77,7 +77,9 @@ INFO = {
     "float16": Info(2.0**-10, 11, 2.0**-14, 2.0**-24, 65504.0, -14, 16),
     "bfloat16": Info(2.0**-7, 8, 2.0**-126, 2.0**-133, float.fromhex("0x1.fep127"), -126, 128),
     "float32": Info(2.0**-23, 24, 2.0**-126, 2.0**-149, float.fromhex("0x1.fffffep127"), -126, 128),
-    "float64": Info(2.0**-52, 53, 2.0**-1022, 5e-324, float.fromhex("0x1.fffffffffffffp1023"), -1022, 1024),
+    "float64": Info(
+        2.0**-52, 53, 2.0**-1022, 5e-324, float.fromhex("0x1.fffffffffffffp1023"), -1022, 1024
+    ),
 }
 
 
@@ -133,8 +135,16 @@ def _tile(draw, count: int, low: int, high: int) -> list[float]:
 
 
 @st.composite
-def _gradients(draw, dtypes=DTYPES, *, magnitudes: str = "ordinary", nonfinite: bool = False, min_leaves: int = 1,
-               max_leaves: int = 4, zeros: bool = True) -> Gradient:
+def _gradients(
+    draw,
+    dtypes=DTYPES,
+    *,
+    magnitudes: str = "ordinary",
+    nonfinite: bool = False,
+    min_leaves: int = 1,
+    max_leaves: int = 4,
+    zeros: bool = True,
+) -> Gradient:
     if magnitudes not in MAGNITUDES:
         raise ValueError(f"magnitudes must be one of {', '.join(MAGNITUDES)} (got {magnitudes!r})")
     dtype = draw(st.sampled_from(tuple(dtypes)))
@@ -142,7 +152,10 @@ def _gradients(draw, dtypes=DTYPES, *, magnitudes: str = "ordinary", nonfinite: 
     n = draw(st.integers(min_leaves, max_leaves))
     # A leaf: 0 (scalar), or a tile of 0 to 4 entries repeated `repeat` times.
     kinds = draw(st.lists(_LEAF_KIND, min_size=n, max_size=n))
-    shapes = [(1, 1, True) if scalar and count == 1 else (count, repeat, False) for count, repeat, scalar in kinds]
+    shapes = [
+        (1, 1, True) if scalar and count == 1 else (count, repeat, False)
+        for count, repeat, scalar in kinds
+    ]
     entries = sum(c * r for c, r, _ in shapes)
     low, high = _window(dtype, entries)
     huge = draw(st.integers(0, n - 1)) if magnitudes == "overflow" else -1
@@ -156,11 +169,19 @@ def _gradients(draw, dtypes=DTYPES, *, magnitudes: str = "ordinary", nonfinite: 
             tile = _tile(draw, count, info.minexp - info.bits + 1, info.maxexp - 1)
         else:  # half the leaves near 1, so products and quotients of norms near 1 come up
             near = draw(st.booleans())
-            tile = _tile(draw, count, max(low, -8), min(high, 8)) if near else _tile(draw, count, low, high)
-        if zeros and tile and i != huge and draw(st.integers(0, 7)) == 0:  # now and then a leaf of zeros
+            tile = (
+                _tile(draw, count, max(low, -8), min(high, 8))
+                if near
+                else _tile(draw, count, low, high)
+            )
+        if (
+            zeros and tile and i != huge and draw(st.integers(0, 7)) == 0
+        ):  # now and then a leaf of zeros
             tile = [0.0] * count
         values = np.asarray(tile * repeat, np.float64)
-        values = np.clip(values, -info.max, info.max)  # (1 + 15/16) 2**(maxexp-1) would round to inf
+        values = np.clip(
+            values, -info.max, info.max
+        )  # (1 + 15/16) 2**(maxexp-1) would round to inf
         leaf = values.astype(np_dtype(dtype))
         leaves.append(leaf.reshape(()) if scalar else leaf)
     if nonfinite:
@@ -176,8 +197,15 @@ def _gradients(draw, dtypes=DTYPES, *, magnitudes: str = "ordinary", nonfinite: 
     return Gradient(dtype, tuple(leaves))
 
 
-def gradient_trees(framework: str = "numpy", dtypes: tuple[str, ...] = DTYPES, *, magnitudes: str = "ordinary",
-                   nonfinite: bool = False, min_leaves: int = 1, max_leaves: int = 4) -> st.SearchStrategy:
+def gradient_trees(
+    framework: str = "numpy",
+    dtypes: tuple[str, ...] = DTYPES,
+    *,
+    magnitudes: str = "ordinary",
+    nonfinite: bool = False,
+    min_leaves: int = 1,
+    max_leaves: int = 4,
+) -> st.SearchStrategy:
     """Gradients for `@given`: 1 to `max_leaves` leaves of one dtype drawn from `dtypes`.
 
     Returns, by `framework`:
@@ -192,8 +220,13 @@ def gradient_trees(framework: str = "numpy", dtypes: tuple[str, ...] = DTYPES, *
         raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)} (got {framework!r})")
     for d in dtypes:
         np_dtype(d)
-    base = _gradients(tuple(dtypes), magnitudes=magnitudes, nonfinite=nonfinite, min_leaves=min_leaves,
-                      max_leaves=max_leaves)
+    base = _gradients(
+        tuple(dtypes),
+        magnitudes=magnitudes,
+        nonfinite=nonfinite,
+        min_leaves=min_leaves,
+        max_leaves=max_leaves,
+    )
     if framework == "numpy":
         return base.map(lambda g: list(g.leaves))
     if framework == "torch":
@@ -220,7 +253,9 @@ def thresholds(kind: str = "ordinary") -> st.SearchStrategy[float]:
 def to_torch(a: np.ndarray):
     import torch
 
-    if dtype_name(a.dtype) == "bfloat16":  # NumPy has no bfloat16 torch understands: through float32, exactly
+    if (
+        dtype_name(a.dtype) == "bfloat16"
+    ):  # NumPy has no bfloat16 torch understands: through float32, exactly
         return torch.from_numpy(np.asarray(a, np.float32)).to(torch.bfloat16)
     return torch.from_numpy(np.array(a))
 

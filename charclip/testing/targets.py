@@ -31,7 +31,10 @@ def _torch(foreach: bool) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    return dict(fn=lambda params, tau: torch.nn.utils.clip_grad_norm_(params, tau, foreach=foreach), framework="torch")
+    return dict(
+        fn=lambda params, tau: torch.nn.utils.clip_grad_norm_(params, tau, foreach=foreach),
+        framework="torch",
+    )
 
 
 def _optax() -> dict:
@@ -39,7 +42,9 @@ def _optax() -> dict:
 
     from charclip.testing import adapters
 
-    return dict(fn=optax.clip_by_global_norm, framework="jax", adapter=adapters.optax_transformation)
+    return dict(
+        fn=optax.clip_by_global_norm, framework="jax", adapter=adapters.optax_transformation
+    )
 
 
 def _keras() -> dict:
@@ -51,7 +56,9 @@ def _keras() -> dict:
         import torch
 
         torch.set_num_threads(1)
-    return dict(fn=keras.optimizers.SGD, framework="numpy", adapter=adapters.keras_option("global_clipnorm"))
+    return dict(
+        fn=keras.optimizers.SGD, framework="numpy", adapter=adapters.keras_option("global_clipnorm")
+    )
 
 
 def _tensorflow() -> dict:
@@ -61,12 +68,24 @@ def _tensorflow() -> dict:
     from charclip.testing.strategies import dtype_name, np_dtype
 
     def clip(leaves, tau):
-        tensors = [tf.constant(np.asarray(a, np.float32) if dtype_name(a.dtype) == "bfloat16" else a) for a in leaves]
-        tensors = [tf.cast(t, tf.bfloat16) if dtype_name(a.dtype) == "bfloat16" else t for t, a in zip(tensors, leaves)]
+        tensors = [
+            tf.constant(np.asarray(a, np.float32) if dtype_name(a.dtype) == "bfloat16" else a)
+            for a in leaves
+        ]
+        tensors = [
+            tf.cast(t, tf.bfloat16) if dtype_name(a.dtype) == "bfloat16" else t
+            for t, a in zip(tensors, leaves)
+        ]
         clipped, norm = tf.clip_by_global_norm(tensors, tau)
-        back = [np.asarray(tf.cast(c, tf.float32)).astype(a.dtype) if dtype_name(a.dtype) == "bfloat16"
-                else np.asarray(c) for c, a in zip(clipped, leaves)]
-        dtype = np.dtype(np_dtype(dtype_name(norm.dtype)))  # NumPy cannot read a bfloat16 tensor directly
+        back = [
+            np.asarray(tf.cast(c, tf.float32)).astype(a.dtype)
+            if dtype_name(a.dtype) == "bfloat16"
+            else np.asarray(c)
+            for c, a in zip(clipped, leaves)
+        ]
+        dtype = np.dtype(
+            np_dtype(dtype_name(norm.dtype))
+        )  # NumPy cannot read a bfloat16 tensor directly
         return back, np.asarray(tf.cast(norm, tf.float64)).astype(dtype)
 
     return dict(fn=clip, framework="numpy")
@@ -84,32 +103,84 @@ def _charclip_torch(**options) -> dict:
 def _charclip_jax(**options) -> dict:
     from jax_impl import clipping
 
-    return dict(fn=lambda leaves, tau: clipping.clip_tree_by_global_norm(leaves, tau, **options), framework="jax")
+    return dict(
+        fn=lambda leaves, tau: clipping.clip_tree_by_global_norm(leaves, tau, **options),
+        framework="jax",
+    )
 
 
-TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("torch-foreach", "`torch.nn.utils.clip_grad_norm_(..., foreach=True)`", lambda: _torch(True), needs="torch"),
-    Target("torch-loop", "`torch.nn.utils.clip_grad_norm_(..., foreach=False)`", lambda: _torch(False),
-           needs="torch"),
-    Target("optax", "`optax.clip_by_global_norm`", _optax, needs="optax"),
-    Target("keras-jax", "Keras 3 `SGD(global_clipnorm=tau)`, JAX backend", _keras, (("KERAS_BACKEND", "jax"),),
-           needs="keras"),
-    Target("keras-torch", "Keras 3 `SGD(global_clipnorm=tau)`, torch backend", _keras,
-           (("KERAS_BACKEND", "torch"),), needs="keras"),
-    Target("tensorflow", "`tf.clip_by_global_norm`", _tensorflow, needs="tensorflow"),
-    Target("charclip-torch", "`torch_impl.clipping.clip_grad_norm_`", _charclip_torch, needs="torch"),
-    Target("charclip-torch-strict", "`torch_impl.clipping.clip_grad_norm_(..., strict=True)`",
-           lambda: _charclip_torch(strict=True), needs="torch"),
-    Target("charclip-jax", "`jax_impl.clipping.clip_tree_by_global_norm`", _charclip_jax, needs="jax"),
-    Target("charclip-jax-strict", "`jax_impl.clipping.clip_tree_by_global_norm(..., strict=True)`",
-           lambda: _charclip_jax(strict=True), needs="jax"),
-)}
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target(
+            "torch-foreach",
+            "`torch.nn.utils.clip_grad_norm_(..., foreach=True)`",
+            lambda: _torch(True),
+            needs="torch",
+        ),
+        Target(
+            "torch-loop",
+            "`torch.nn.utils.clip_grad_norm_(..., foreach=False)`",
+            lambda: _torch(False),
+            needs="torch",
+        ),
+        Target("optax", "`optax.clip_by_global_norm`", _optax, needs="optax"),
+        Target(
+            "keras-jax",
+            "Keras 3 `SGD(global_clipnorm=tau)`, JAX backend",
+            _keras,
+            (("KERAS_BACKEND", "jax"),),
+            needs="keras",
+        ),
+        Target(
+            "keras-torch",
+            "Keras 3 `SGD(global_clipnorm=tau)`, torch backend",
+            _keras,
+            (("KERAS_BACKEND", "torch"),),
+            needs="keras",
+        ),
+        Target("tensorflow", "`tf.clip_by_global_norm`", _tensorflow, needs="tensorflow"),
+        Target(
+            "charclip-torch",
+            "`torch_impl.clipping.clip_grad_norm_`",
+            _charclip_torch,
+            needs="torch",
+        ),
+        Target(
+            "charclip-torch-strict",
+            "`torch_impl.clipping.clip_grad_norm_(..., strict=True)`",
+            lambda: _charclip_torch(strict=True),
+            needs="torch",
+        ),
+        Target(
+            "charclip-jax",
+            "`jax_impl.clipping.clip_tree_by_global_norm`",
+            _charclip_jax,
+            needs="jax",
+        ),
+        Target(
+            "charclip-jax-strict",
+            "`jax_impl.clipping.clip_tree_by_global_norm(..., strict=True)`",
+            lambda: _charclip_jax(strict=True),
+            needs="jax",
+        ),
+    )
+}
 
 # Upstream reports of what a failing row shows (from their trackers; REFERENCE.md).
 UPSTREAM = {
-    ("torch", "overflow_safe"): "[pytorch#193006](https://github.com/pytorch/pytorch/issues/193006)",
-    ("torch", "returns_true_norm"): "[pytorch#193006](https://github.com/pytorch/pytorch/issues/193006)",
-    ("torch", "bad_tau_refused"): "[pytorch#31367](https://github.com/pytorch/pytorch/issues/31367)",
+    (
+        "torch",
+        "overflow_safe",
+    ): "[pytorch#193006](https://github.com/pytorch/pytorch/issues/193006)",
+    (
+        "torch",
+        "returns_true_norm",
+    ): "[pytorch#193006](https://github.com/pytorch/pytorch/issues/193006)",
+    (
+        "torch",
+        "bad_tau_refused",
+    ): "[pytorch#31367](https://github.com/pytorch/pytorch/issues/31367)",
     ("optax", "tau_zero"): "[optax#1752](https://github.com/google-deepmind/optax/pull/1752)",
 }
 
@@ -125,11 +196,18 @@ def run_target(name: str, max_examples: int, seed: int | None, shrink_budget: in
     try:
         __import__(t.needs)
     except ImportError as e:
-        return {"target": name, "title": t.title, "skipped": f"{t.needs} is not installed ({e})", "rows": []}
+        return {
+            "target": name,
+            "title": t.title,
+            "skipped": f"{t.needs} is not installed ({e})",
+            "rows": [],
+        }
     from charclip.testing.check import check_clipper
 
     kwargs = t.make()
-    report = check_clipper(max_examples=max_examples, seed=seed, shrink_budget=shrink_budget, name=name, **kwargs)
+    report = check_clipper(
+        max_examples=max_examples, seed=seed, shrink_budget=shrink_budget, name=name, **kwargs
+    )
     return {**report.to_dict(), "title": t.title}
 
 

@@ -11,7 +11,11 @@ def test_clip_micro_benchmark_schema():
     r = clip_cost.clip_times(clip_cost.split_sizes(1000, 3), device="cpu", repeats=2)
     r = json.loads(json.dumps(r))  # must survive the trip through results.json
     assert (r["params"], r["tensors"], r["bytes_min"]) == (1000, 3, 3 * 4 * 1000)
-    assert {"torch clip_grad_norm_ (foreach)", "optax.clip_by_global_norm (jit)", "torch flat buffer"} <= set(r["impls"])
+    assert {
+        "torch clip_grad_norm_ (foreach)",
+        "optax.clip_by_global_norm (jit)",
+        "torch flat buffer",
+    } <= set(r["impls"])
     for name, s in r["impls"].items():
         assert s["n"] == 2, name
         assert 0 < s["min"] <= s["median"] <= s["max"], (name, s)
@@ -21,11 +25,15 @@ def test_clip_micro_benchmark_schema():
 def test_split_sizes_and_default_case():
     assert clip_cost.split_sizes(10, 3) == [4, 3, 3]
     m, t = ModelConfig(vocab_size=1), TrainConfig()
-    assert Case.default() == Case(m.cell, m.hidden_size, m.num_layers, m.embedding_dim, t.batch_size, t.seq_len, True)
+    assert Case.default() == Case(
+        m.cell, m.hidden_size, m.num_layers, m.embedding_dim, t.batch_size, t.seq_len, True
+    )
 
 
 def test_exponent_fit_recovers_a_power_law():
-    assert abs(report.fit_exponent([32, 64, 128], [3.0, 12.0, 48.0]) - 2.0) < 1e-9  # exact powers of two: only rounding
+    assert (
+        abs(report.fit_exponent([32, 64, 128], [3.0, 12.0, 48.0]) - 2.0) < 1e-9
+    )  # exact powers of two: only rounding
 
 
 def test_step_flops_of_the_default_configuration():
@@ -42,7 +50,12 @@ def test_paired_ratio_and_the_verdict_under_load():
     from benchmarks.harness import paired_ratio, verdict
 
     a, b = {"samples": [2.0, 4.0, 6.0]}, {"samples": [1.0, 1.0, 3.0]}
-    assert paired_ratio(a, b) == {"median": 2.0, "q1": 2.0, "q3": 3.0, "n": 3}  # round by round: 2, 4, 2
+    assert paired_ratio(a, b) == {
+        "median": 2.0,
+        "q1": 2.0,
+        "q3": 3.0,
+        "n": 3,
+    }  # round by round: 2, 4, 2
     assert verdict(True, 1.5, 2).startswith("met")
     assert verdict(False, 2.9, 2).startswith("not met")
     assert verdict(True, 3.5, 2) == "too loaded to judge (load 3.5 on 2 cores)"
@@ -70,8 +83,15 @@ def test_precision_benchmark_writes_six_comparable_runs(tmp_path):
     assert precision.main(["--steps", "12", "--tiny", "--out", str(out), "--no-progress"]) == 0
     r = json.loads(out.read_text())
     assert [(x["backend"], x["precision"]) for x in r["runs"]] == [
-        (b, p) for b in ("torch", "jax") for p in ("full", "bf16", "fp16")]
+        (b, p) for b in ("torch", "jax") for p in ("full", "bf16", "fp16")
+    ]
     for x in r["runs"]:
-        assert 0 < x["val_loss"] < 10 and x["step_seconds"]["n"] == 11 and x["step_seconds"]["median"] > 0, x
+        assert (
+            0 < x["val_loss"] < 10
+            and x["step_seconds"]["n"] == 11
+            and x["step_seconds"]["median"] > 0
+        ), x
     assert all(x["time_vs_full"]["median"] == 1.0 for x in r["runs"] if x["precision"] == "full")
-    assert precision.main(["--steps", "12", "--tiny", "--no-progress"]) == 2  # never onto the README's source
+    assert (
+        precision.main(["--steps", "12", "--tiny", "--no-progress"]) == 2
+    )  # never onto the README's source

@@ -63,7 +63,12 @@ def test_embedded_corpus_is_plain_deterministic_and_cached(tmp_path, monkeypatch
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "not found"), (b"", "is empty"), (b"abc\xff\xfe", "not UTF-8"), (b"ab\x00cd", "binary")],
+    [
+        (None, "not found"),
+        (b"", "is empty"),
+        (b"abc\xff\xfe", "not UTF-8"),
+        (b"ab\x00cd", "binary"),
+    ],
 )
 def test_bad_corpus_files_are_refused_with_one_line(tmp_path, content, message):
     path = tmp_path / "corpus.txt"

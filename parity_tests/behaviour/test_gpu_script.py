@@ -9,7 +9,9 @@ from benchmarks import gpu
 def test_the_gpu_check_runs_on_the_cpu_and_writes_its_results(tmp_path):
     assert gpu.main(["--device", "cpu", "--tiny", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "results.json").read_text())
-    assert [(p["cell"], p["dtype"], p["ok"]) for p in r["parity"]] == [("lstm", "float64", True)], r["parity"]
+    assert [(p["cell"], p["dtype"], p["ok"]) for p in r["parity"]] == [("lstm", "float64", True)], (
+        r["parity"]
+    )
     assert [f["ok"] for f in r["fast_vs_scan"]] == [True], r["fast_vs_scan"]
     (row,) = r["throughput"]["rows"]
     for b in ("torch", "jax", "jax_scan"):

@@ -26,8 +26,27 @@ from charclip import corpus
 from charclip.cli import main
 from charclip.errors import CharclipError
 
-TINY = ["--batch-size", "4", "--seq-len", "8", "--hidden", "16", "--embed", "8", "--layers", "1",
-        "--checkpoint-every", "5", "--eval-every", "5", "--eval-batches", "1", "--sample-chars", "0", "--no-progress"]
+TINY = [
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "8",
+    "--hidden",
+    "16",
+    "--embed",
+    "8",
+    "--layers",
+    "1",
+    "--checkpoint-every",
+    "5",
+    "--eval-every",
+    "5",
+    "--eval-batches",
+    "1",
+    "--sample-chars",
+    "0",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +55,9 @@ def good(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("good")
     data = root / "corpus.txt"
     data.write_text(corpus.shakespeare()[:2000], encoding="utf-8")
-    assert main(["train", "--data", str(data), "--out", str(root / "run"), "--steps", "5", *TINY]) == 0
+    assert (
+        main(["train", "--data", str(data), "--out", str(root / "run"), "--steps", "5", *TINY]) == 0
+    )
     return ckpt_io.resolve(root / "run")
 
 
@@ -49,7 +70,9 @@ def _copy(good: Path, tmp_path: Path) -> Path:
 def _rehash(folder: Path) -> None:
     """Make checkpoint.json's SHA-256 agree with edited tensor files, so the edit itself is what gets checked."""
     meta = json.loads((folder / ckpt_io.META_FILE).read_text(encoding="utf-8"))
-    meta["files"] = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in meta["files"]}
+    meta["files"] = {
+        f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in meta["files"]
+    }
     (folder / ckpt_io.META_FILE).write_text(json.dumps(meta), encoding="utf-8")
 
 
@@ -87,32 +110,55 @@ def _set(path: list, value):
         for k in path[:-1]:
             d = d[k]
         d[path[-1]] = value
+
     return edit
 
 
 BROKEN = {
     "empty model file": lambda f: (f / ckpt_io.MODEL_FILE).write_bytes(b""),
-    "truncated model file": lambda f: (f / ckpt_io.MODEL_FILE).write_bytes((f / ckpt_io.MODEL_FILE).read_bytes()[:-7]),
+    "truncated model file": lambda f: (f / ckpt_io.MODEL_FILE).write_bytes(
+        (f / ckpt_io.MODEL_FILE).read_bytes()[:-7]
+    ),
     "flipped byte in state file": lambda f: (f / ckpt_io.STATE_FILE).write_bytes(
-        (lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:])((f / ckpt_io.STATE_FILE).read_bytes())),
+        (lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:])((f / ckpt_io.STATE_FILE).read_bytes())
+    ),
     "missing state file": lambda f: (f / ckpt_io.STATE_FILE).unlink(),
     "empty json": lambda f: (f / ckpt_io.META_FILE).write_text(""),
-    "truncated json": lambda f: (f / ckpt_io.META_FILE).write_text((f / ckpt_io.META_FILE).read_text()[:50]),
+    "truncated json": lambda f: (f / ckpt_io.META_FILE).write_text(
+        (f / ckpt_io.META_FILE).read_text()[:50]
+    ),
     "json is a list": lambda f: (f / ckpt_io.META_FILE).write_text("[1, 2]"),
-    "deeply nested json": lambda f: (f / ckpt_io.META_FILE).write_text("[" * 100_000 + "]" * 100_000),
+    "deeply nested json": lambda f: (f / ckpt_io.META_FILE).write_text(
+        "[" * 100_000 + "]" * 100_000
+    ),
     "header lies about sizes": _lying_header,
-    "header claims 2**62 bytes": lambda f: ((f / ckpt_io.MODEL_FILE).write_bytes(
-        struct.pack("<Q", 2**62) + (f / ckpt_io.MODEL_FILE).read_bytes()[8:]), _rehash(f)),
+    "header claims 2**62 bytes": lambda f: (
+        (f / ckpt_io.MODEL_FILE).write_bytes(
+            struct.pack("<Q", 2**62) + (f / ckpt_io.MODEL_FILE).read_bytes()[8:]
+        ),
+        _rehash(f),
+    ),
     "missing json key": lambda f: _edit_meta(f, lambda m: m.pop("position")),
     "extra json key": lambda f: _edit_meta(f, _set(["surprise"], 1)),
-    "newer format version": lambda f: _edit_meta(f, _set(["format_version"], ckpt_io.FORMAT_VERSION + 1)),
+    "newer format version": lambda f: _edit_meta(
+        f, _set(["format_version"], ckpt_io.FORMAT_VERSION + 1)
+    ),
     "not a charclip checkpoint": lambda f: _edit_meta(f, _set(["format"], "something-else")),
     "vocabulary shorter than the tensors": lambda f: _edit_meta(f, lambda m: m["vocab"].pop()),
     "vocabulary and model both one shorter": lambda f: _edit_meta(
-        f, lambda m: (m["vocab"].pop(), m["model"].__setitem__("vocab_size", m["model"]["vocab_size"] - 1))),
+        f,
+        lambda m: (
+            m["vocab"].pop(),
+            m["model"].__setitem__("vocab_size", m["model"]["vocab_size"] - 1),
+        ),
+    ),
     "vocabulary not sorted": lambda f: _edit_meta(f, lambda m: m["vocab"].reverse()),
-    "vocabulary entry of two characters": lambda f: _edit_meta(f, lambda m: m["vocab"].__setitem__(0, "ab")),
-    "hidden size disagrees with tensors": lambda f: _edit_meta(f, _set(["model", "hidden_size"], 17)),
+    "vocabulary entry of two characters": lambda f: _edit_meta(
+        f, lambda m: m["vocab"].__setitem__(0, "ab")
+    ),
+    "hidden size disagrees with tensors": lambda f: _edit_meta(
+        f, _set(["model", "hidden_size"], 17)
+    ),
     "unknown cell": lambda f: _edit_meta(f, _set(["model", "cell"], "transformer")),
     "negative step": lambda f: _edit_meta(f, _set(["step"], -1)),
     "step is text": lambda f: _edit_meta(f, _set(["step"], "five")),
@@ -121,18 +167,33 @@ BROKEN = {
     "NaN learning rate": lambda f: _edit_meta(f, _set(["train", "lr"], float("nan"))),
     "clip settings missing": lambda f: _edit_meta(f, lambda m: m["train"].pop("clip")),
     "parameter of the wrong shape": lambda f: _edit_tensors(
-        f, ckpt_io.MODEL_FILE, lambda t: t.__setitem__("head.bias", np.zeros(3, np.float32))),
+        f, ckpt_io.MODEL_FILE, lambda t: t.__setitem__("head.bias", np.zeros(3, np.float32))
+    ),
     "parameter of the wrong dtype": lambda f: _edit_tensors(
-        f, ckpt_io.MODEL_FILE, lambda t: t.__setitem__("head.bias", t["head.bias"].astype(np.float64))),
-    "parameter missing": lambda f: _edit_tensors(f, ckpt_io.MODEL_FILE, lambda t: t.pop("head.bias")),
+        f,
+        ckpt_io.MODEL_FILE,
+        lambda t: t.__setitem__("head.bias", t["head.bias"].astype(np.float64)),
+    ),
+    "parameter missing": lambda f: _edit_tensors(
+        f, ckpt_io.MODEL_FILE, lambda t: t.pop("head.bias")
+    ),
     "Adam moment of the wrong shape": lambda f: _edit_tensors(
-        f, ckpt_io.STATE_FILE, lambda t: t.__setitem__("adam.exp_avg.head.bias", np.zeros(3, np.float32))),
+        f,
+        ckpt_io.STATE_FILE,
+        lambda t: t.__setitem__("adam.exp_avg.head.bias", np.zeros(3, np.float32)),
+    ),
     "Adam step is a vector": lambda f: _edit_tensors(
-        f, ckpt_io.STATE_FILE, lambda t: t.__setitem__("adam.step", np.zeros(3, np.int64))),
-    "Adam moment missing": lambda f: _edit_tensors(f, ckpt_io.STATE_FILE, lambda t: t.pop("adam.exp_avg_sq.head.weight")),
+        f, ckpt_io.STATE_FILE, lambda t: t.__setitem__("adam.step", np.zeros(3, np.int64))
+    ),
+    "Adam moment missing": lambda f: _edit_tensors(
+        f, ckpt_io.STATE_FILE, lambda t: t.pop("adam.exp_avg_sq.head.weight")
+    ),
     "hidden state of the wrong batch": lambda f: _edit_tensors(
-        f, ckpt_io.STATE_FILE, lambda t: t.__setitem__("hidden.h", np.zeros((1, 3, 16), np.float32))),
-    "LSTM cell state missing": lambda f: _edit_tensors(f, ckpt_io.STATE_FILE, lambda t: t.pop("hidden.c")),
+        f, ckpt_io.STATE_FILE, lambda t: t.__setitem__("hidden.h", np.zeros((1, 3, 16), np.float32))
+    ),
+    "LSTM cell state missing": lambda f: _edit_tensors(
+        f, ckpt_io.STATE_FILE, lambda t: t.pop("hidden.c")
+    ),
     # Fields that used to pass `load` unchecked (issue 14, class 11).
     "beta1 of 2": lambda f: _edit_meta(f, _set(["train", "beta1"], 2.0)),
     "NaN beta2": lambda f: _edit_meta(f, _set(["train", "beta2"], float("nan"))),
@@ -141,15 +202,25 @@ BROKEN = {
     "eps is text": lambda f: _edit_meta(f, _set(["train", "eps"], "1e-8")),
     "negative seed": lambda f: _edit_meta(f, _set(["train", "seed"], -1)),
     "fractional seed": lambda f: _edit_meta(f, _set(["train", "seed"], 1.5)),
-    "vocabulary holds a lone surrogate": lambda f: _edit_meta(f, lambda m: m["vocab"].__setitem__(-1, "\ud800")),
+    "vocabulary holds a lone surrogate": lambda f: _edit_meta(
+        f, lambda m: m["vocab"].__setitem__(-1, "\ud800")
+    ),
     "no Adam tensors": lambda f: _edit_tensors(
-        f, ckpt_io.STATE_FILE, lambda t: [t.pop(k) for k in [k for k in t if k.startswith("adam.")]]),
+        f, ckpt_io.STATE_FILE, lambda t: [t.pop(k) for k in [k for k in t if k.startswith("adam.")]]
+    ),
     "Adam step 0 with non-zero moments": lambda f: _edit_tensors(
-        f, ckpt_io.STATE_FILE, lambda t: t.__setitem__("adam.step", np.array(0, np.int64))),
+        f, ckpt_io.STATE_FILE, lambda t: t.__setitem__("adam.step", np.array(0, np.int64))
+    ),
     "negative Adam second moment": lambda f: _edit_tensors(
-        f, ckpt_io.STATE_FILE, lambda t: t.__setitem__("adam.exp_avg_sq.head.bias", -np.ones_like(t["adam.exp_avg_sq.head.bias"]))),
+        f,
+        ckpt_io.STATE_FILE,
+        lambda t: t.__setitem__(
+            "adam.exp_avg_sq.head.bias", -np.ones_like(t["adam.exp_avg_sq.head.bias"])
+        ),
+    ),
     "unknown tensor in state file": lambda f: _edit_tensors(
-        f, ckpt_io.STATE_FILE, lambda t: t.__setitem__("mystery", np.zeros(1, np.float32))),
+        f, ckpt_io.STATE_FILE, lambda t: t.__setitem__("mystery", np.zeros(1, np.float32))
+    ),
 }
 
 
@@ -157,7 +228,9 @@ def _one_error_line(capsys, rc: int) -> str:
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert rc == 2, f"exit status {rc}, expected 2; stderr: {err}"
-    assert len(lines) == 1 and lines[0].startswith("charclip: error: "), f"stderr is not one error line: {err!r}"
+    assert len(lines) == 1 and lines[0].startswith("charclip: error: "), (
+        f"stderr is not one error line: {err!r}"
+    )
     assert "Traceback" not in out + err
     return lines[0]
 
@@ -171,8 +244,23 @@ def test_broken_checkpoint_is_refused_in_one_line(good, tmp_path, capsys, case):
     capsys.readouterr()
     _one_error_line(capsys, main(["sample", str(folder), "--length", "5"]))
     out = tmp_path / "resumed"
-    _one_error_line(capsys, main(["train", "--resume", str(folder), "--out", str(out), "--steps", "8", "--no-progress",
-                                  "--sample-chars", "0"]))
+    _one_error_line(
+        capsys,
+        main(
+            [
+                "train",
+                "--resume",
+                str(folder),
+                "--out",
+                str(out),
+                "--steps",
+                "8",
+                "--no-progress",
+                "--sample-chars",
+                "0",
+            ]
+        ),
+    )
     assert not (out / "checkpoints").exists(), "a refused checkpoint still started a run"
 
 
@@ -198,8 +286,23 @@ def test_bad_corpus_is_refused_in_one_line(tmp_path, capsys, case):
     path = tmp_path / "corpus.txt"
     path.write_bytes(data)
     # Half the text for validation, so the short corpus fails on the training side, where a batch is cut.
-    line = _one_error_line(capsys, main(["train", "--data", str(path), "--out", str(tmp_path / "run"), "--steps", "3",
-                                         "--val-fraction", "0.5", *TINY]))
+    line = _one_error_line(
+        capsys,
+        main(
+            [
+                "train",
+                "--data",
+                str(path),
+                "--out",
+                str(tmp_path / "run"),
+                "--steps",
+                "3",
+                "--val-fraction",
+                "0.5",
+                *TINY,
+            ]
+        ),
+    )
     assert says in line, line
     assert not (tmp_path / "run").exists(), "a refused corpus still created the run folder"
 
@@ -241,16 +344,27 @@ def test_out_of_range_train_option_is_refused(tmp_path, capsys, case):
     extra, says = BAD_OPTIONS[case]
     data = tmp_path / "corpus.txt"
     data.write_text(corpus.shakespeare()[:2000], encoding="utf-8")
-    line = _one_error_line(capsys, main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY, *extra]))
+    line = _one_error_line(
+        capsys, main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY, *extra])
+    )
     assert says in line, line
 
 
-@pytest.mark.parametrize("extra,says", [
-    (["--temperature", "0"], "--temperature"), (["--temperature", "nan"], "--temperature"),
-    (["--temperature", "-1"], "--temperature"), (["--top-k", "0"], "--top-k"), (["--top-k", "1000"], "--top-k"),
-    (["--length", "-1"], "--length"), (["--prime", ""], "--prime"), (["--prime", "\u2603"], "outside the model's vocabulary"),
-    (["--seed", "-3"], "--seed"),
-], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+@pytest.mark.parametrize(
+    "extra,says",
+    [
+        (["--temperature", "0"], "--temperature"),
+        (["--temperature", "nan"], "--temperature"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-k", "0"], "--top-k"),
+        (["--top-k", "1000"], "--top-k"),
+        (["--length", "-1"], "--length"),
+        (["--prime", ""], "--prime"),
+        (["--prime", "\u2603"], "outside the model's vocabulary"),
+        (["--seed", "-3"], "--seed"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v),
+)
 def test_out_of_range_sample_option_is_refused(good, capsys, extra, says):
     line = _one_error_line(capsys, main(["sample", str(good), "--length", "5", *extra]))
     assert says in line, line
@@ -261,9 +375,13 @@ def test_no_traceback_reaches_stderr_of_the_real_command(good, tmp_path):
     folder = _copy(good, tmp_path)
     BROKEN["header lies about sizes"](folder)
     for argv in (["sample", str(folder)], ["sample", str(good), "--temperature", "0"]):
-        done = subprocess.run([sys.executable, "-m", "charclip", *argv], capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "charclip", *argv], capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 2, done.stderr
-        assert done.stderr.count("\n") == 1 and done.stderr.startswith("charclip: error: "), done.stderr
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("charclip: error: "), (
+            done.stderr
+        )
         assert done.stdout == "", done.stdout
 
 
@@ -297,9 +415,17 @@ def test_fuzz_any_bytes_in_a_checkpoint_file(good, tmp_path_factory, which, data
 
 
 @_fuzz
-@given(which=st.sampled_from(_FILES), where=st.floats(0, 1), action=st.sampled_from(["flip", "cut", "insert", "zero"]),
-       byte=st.integers(0, 255), length=st.integers(1, 64), rehash=st.booleans())
-def test_fuzz_mutations_of_a_valid_checkpoint(good, tmp_path_factory, which, where, action, byte, length, rehash):
+@given(
+    which=st.sampled_from(_FILES),
+    where=st.floats(0, 1),
+    action=st.sampled_from(["flip", "cut", "insert", "zero"]),
+    byte=st.integers(0, 255),
+    length=st.integers(1, 64),
+    rehash=st.booleans(),
+)
+def test_fuzz_mutations_of_a_valid_checkpoint(
+    good, tmp_path_factory, which, where, action, byte, length, rehash
+):
     folder = _copy(good, tmp_path_factory.mktemp("fuzz"))
     raw = bytearray((folder / which).read_bytes())
     i = min(int(where * len(raw)), len(raw) - 1)
@@ -318,10 +444,28 @@ def test_fuzz_mutations_of_a_valid_checkpoint(good, tmp_path_factory, which, whe
 
 
 @_fuzz
-@given(meta=st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
-                         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                         max_leaves=12),
-       key=st.sampled_from(["model", "train", "vocab", "step", "position", "corpus", "files", "backend", "format_version"]))
+@given(
+    meta=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        ),
+        max_leaves=12,
+    ),
+    key=st.sampled_from(
+        [
+            "model",
+            "train",
+            "vocab",
+            "step",
+            "position",
+            "corpus",
+            "files",
+            "backend",
+            "format_version",
+        ]
+    ),
+)
 def test_fuzz_json_values_in_a_valid_checkpoint(good, tmp_path_factory, meta, key):
     """Any JSON value in place of one field of checkpoint.json."""
     folder = _copy(good, tmp_path_factory.mktemp("fuzz"))

@@ -39,23 +39,39 @@ def test_notebook_holds_the_cells_of_its_source(name):
     committed = _cells(_ipynb(name))
     for i, (a, b) in enumerate(zip(source, committed)):
         if a != b:
-            diff = "\n".join(difflib.unified_diff(b[1].splitlines(), a[1].splitlines(), f"{name}.ipynb", f"{name}.py", lineterm=""))
-            pytest.fail(f"cell {i} differs ({b[0]} in .ipynb, {a[0]} in .py); rebuild with python notebooks/build.py:\n{diff}")
-    assert len(source) == len(committed), f"{name}: {len(source)} cells in .py, {len(committed)} in .ipynb"
+            diff = "\n".join(
+                difflib.unified_diff(
+                    b[1].splitlines(), a[1].splitlines(), f"{name}.ipynb", f"{name}.py", lineterm=""
+                )
+            )
+            pytest.fail(
+                f"cell {i} differs ({b[0]} in .ipynb, {a[0]} in .py); rebuild with python notebooks/build.py:\n{diff}"
+            )
+    assert len(source) == len(committed), (
+        f"{name}: {len(source)} cells in .py, {len(committed)} in .ipynb"
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_is_committed_with_the_outputs_of_one_clean_run(name):
     code = [c for c in _ipynb(name).cells if c.cell_type == "code"]
     counts = [c.execution_count for c in code]
-    assert counts == list(range(1, len(code) + 1)), f"{name}: execution counts {counts}, not one run from the top"
+    assert counts == list(range(1, len(code) + 1)), (
+        f"{name}: execution counts {counts}, not one run from the top"
+    )
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
-    assert not errors, f"{name}: committed with errors: {[e.ename + ': ' + e.evalue for e in errors]}"
-    assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs), f"{name}: no figure in the outputs"
+    assert not errors, (
+        f"{name}: committed with errors: {[e.ename + ': ' + e.evalue for e in errors]}"
+    )
+    assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs), (
+        f"{name}: no figure in the outputs"
+    )
 
 
 def _install_cell(name: str) -> str:
-    return next(c for c in jupytext.read(NOTEBOOKS / f"{name}.py").cells if c.cell_type == "code").source
+    return next(
+        c for c in jupytext.read(NOTEBOOKS / f"{name}.py").cells if c.cell_type == "code"
+    ).source
 
 
 def test_every_notebook_starts_with_the_same_install_cell():
@@ -75,7 +91,11 @@ class _Shell:
 
 def _run_install_cell_without_charclip(monkeypatch, cwd: Path) -> list:
     found = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "charclip" else found(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "charclip" else found(name, *a),
+    )
     monkeypatch.chdir(cwd)
     shell = _Shell()
     exec(_install_cell(NAMES[0]), {"get_ipython": lambda: shell})
@@ -84,12 +104,16 @@ def _run_install_cell_without_charclip(monkeypatch, cwd: Path) -> list:
 
 def test_install_cell_installs_the_clone_it_sits_in(monkeypatch):
     monkeypatch.delenv("CHARCLIP_SOURCE", raising=False)
-    assert _run_install_cell_without_charclip(monkeypatch, NOTEBOOKS) == [("pip", f"install --quiet {NOTEBOOKS.parent}")]
+    assert _run_install_cell_without_charclip(monkeypatch, NOTEBOOKS) == [
+        ("pip", f"install --quiet {NOTEBOOKS.parent}")
+    ]
 
 
 def test_install_cell_installs_charclip_source_elsewhere(monkeypatch, tmp_path):
     monkeypatch.setenv("CHARCLIP_SOURCE", "git+https://example.invalid/charclip")
-    assert _run_install_cell_without_charclip(monkeypatch, tmp_path) == [("pip", "install --quiet git+https://example.invalid/charclip")]
+    assert _run_install_cell_without_charclip(monkeypatch, tmp_path) == [
+        ("pip", "install --quiet git+https://example.invalid/charclip")
+    ]
 
 
 def test_install_cell_says_what_to_do_when_it_cannot_find_charclip(monkeypatch, tmp_path):
@@ -110,7 +134,13 @@ def test_notebook_runs_in_a_jupyter_kernel(name, kernel_specs, monkeypatch):
     # (conftest.py): on a busy 2-core machine a second intra-op thread makes small ops slow.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nb = _ipynb(name)
-    build.execute(nb, kernel_specs)  # raises nbclient's CellExecutionError, with the traceback, on any error
+    build.execute(
+        nb, kernel_specs
+    )  # raises nbclient's CellExecutionError, with the traceback, on any error
     first = next(c for c in nb.cells if c.cell_type == "code")
-    assert "find_spec(\"charclip\") is None" in first.source, f"{name}: the first code cell is not the install guard"
-    assert first.outputs == [], f"{name}: the install cell did something with charclip importable: {first.outputs}"
+    assert 'find_spec("charclip") is None' in first.source, (
+        f"{name}: the first code cell is not the install guard"
+    )
+    assert first.outputs == [], (
+        f"{name}: the install cell did something with charclip importable: {first.outputs}"
+    )

@@ -16,11 +16,17 @@ def test_clipping_solves_the_tiny_task_where_plain_sgd_diverges():
     plain = temporal_order_run("jax", TINY, 10, 0.3, False, 0)
     clipped = temporal_order_run("jax", TINY, 10, 0.3, True, 0)
     assert plain["diverged"] and not plain["solved"], (
-        f"plain SGD: max loss {plain['max_loss']:.3g} (first {plain['loss'][0]:.3g}), errors {plain['checks']}")
-    assert plain["final_error"] > 0.5, f"plain SGD should stay near chance (0.75 wrong): {plain['checks']}"
+        f"plain SGD: max loss {plain['max_loss']:.3g} (first {plain['loss'][0]:.3g}), errors {plain['checks']}"
+    )
+    assert plain["final_error"] > 0.5, (
+        f"plain SGD should stay near chance (0.75 wrong): {plain['checks']}"
+    )
     assert clipped["solved"] and not clipped["diverged"], (
-        f"clipped: max loss {clipped['max_loss']:.3g}, max norm {clipped['max_norm']:.3g}, errors {clipped['checks']}")
-    assert clipped["max_norm"] > TINY.threshold, "the clipped run never clipped: the test shows nothing"
+        f"clipped: max loss {clipped['max_loss']:.3g}, max norm {clipped['max_norm']:.3g}, errors {clipped['checks']}"
+    )
+    assert clipped["max_norm"] > TINY.threshold, (
+        "the clipped run never clipped: the test shows nothing"
+    )
 
 
 def test_the_report_writes_its_figures_and_a_table_row_per_cell(tmp_path):
@@ -41,6 +47,8 @@ def test_the_report_writes_its_figures_and_a_table_row_per_cell(tmp_path):
         method = "MSGD-C" if row["clip"] else "MSGD"
         line = f"| {row['length']} | {row['lr']:g} | {method} | {row['solved']}/{row['runs']} |"
         assert line in report, f"no row {line!r} in report.md"
-    for p in saved["cliff"]["paths"]:  # the rescaled path's longest step is at most lr * tau (plus rounding)
+    for p in saved["cliff"][
+        "paths"
+    ]:  # the rescaled path's longest step is at most lr * tau (plus rounding)
         r = p["backends"]["jax"]
         assert r["clipped_longest_step"] <= micro.path_lr * r["threshold"] * (1 + 1e-12)

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tables():
-    spec = importlib.util.spec_from_file_location("make_readme_tables", ROOT / "docs/make_readme_tables.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_readme_tables", ROOT / "docs/make_readme_tables.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -33,7 +35,9 @@ def test_the_readme_tables_are_generated_from_the_committed_json():
     tables = _tables()
     for target in {path for path, _ in tables.TARGETS.values()}:
         text = target.read_text(encoding="utf-8")
-        assert tables.rewrite(text, target) == text, f"{target.name} is stale: run python docs/make_readme_tables.py"
+        assert tables.rewrite(text, target) == text, (
+            f"{target.name} is stale: run python docs/make_readme_tables.py"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +45,26 @@ def committed_and_fresh():
     from charclip.parity import run_parity
 
     tables = _tables()
-    committed = next(r for r in json.loads(tables.PARITY_JSON.read_text(encoding="utf-8"))
-                     if r["config"]["cell"] == tables.README_CELL)
+    committed = next(
+        r
+        for r in json.loads(tables.PARITY_JSON.read_text(encoding="utf-8"))
+        if r["config"]["cell"] == tables.README_CELL
+    )
     c = committed["config"]
-    fresh = run_parity(c["cell"], c["layers"], c["dtype"], c["steps"], hidden_size=c["hidden"],
-                       embedding_dim=c["embedding"], batch_size=c["batch"], seq_len=c["seq_len"], lr=c["lr"],
-                       seed=c["seed"], clip_impl=c["clip_impl"], progress=False)
+    fresh = run_parity(
+        c["cell"],
+        c["layers"],
+        c["dtype"],
+        c["steps"],
+        hidden_size=c["hidden"],
+        embedding_dim=c["embedding"],
+        batch_size=c["batch"],
+        seq_len=c["seq_len"],
+        lr=c["lr"],
+        seed=c["seed"],
+        clip_impl=c["clip_impl"],
+        progress=False,
+    )
     return tables, committed, json.loads(json.dumps(fresh.to_dict(), default=float))
 
 
@@ -80,22 +98,28 @@ def _compare(committed: dict, fresh: dict) -> list[str]:
                 problems.append(f"{q}: an exact row differs (fresh {n['max_rel']})")
         elif o["max_rel"] <= ROUNDING_LEVEL:
             if n["max_rel"] > ROUNDING_LEVEL:
-                problems.append(f"{q}: committed {o['max_rel']:.2e} is rounding level, "
-                                f"fresh {n['max_rel']:.2e} is above {ROUNDING_LEVEL:.1e}")
+                problems.append(
+                    f"{q}: committed {o['max_rel']:.2e} is rounding level, "
+                    f"fresh {n['max_rel']:.2e} is above {ROUNDING_LEVEL:.1e}"
+                )
         else:
             ratio = n["max_rel"] / o["max_rel"]
             if not 1 / AMPLIFIED_FACTOR <= ratio <= AMPLIFIED_FACTOR:
-                problems.append(f"{q}: fresh {n['max_rel']:.2e} vs committed {o['max_rel']:.2e} "
-                                f"(x{ratio:.2g}, allowed {AMPLIFIED_FACTOR:g}x either way)")
+                problems.append(
+                    f"{q}: fresh {n['max_rel']:.2e} vs committed {o['max_rel']:.2e} "
+                    f"(x{ratio:.2g}, allowed {AMPLIFIED_FACTOR:g}x either way)"
+                )
     return problems
 
 
 def test_a_fresh_parity_run_means_what_the_committed_numbers_mean(committed_and_fresh):
     _, committed, fresh = committed_and_fresh
     problems = _compare(committed, fresh)
-    assert not problems, ("a fresh `charclip parity` run disagrees with the committed JSON "
-                          "(rerun python docs/make_readme_tables.py --measure if the code changed):\n"
-                          + "\n".join(problems))
+    assert not problems, (
+        "a fresh `charclip parity` run disagrees with the committed JSON "
+        "(rerun python docs/make_readme_tables.py --measure if the code changed):\n"
+        + "\n".join(problems)
+    )
 
 
 def test_the_comparison_catches_what_it_should(committed_and_fresh):

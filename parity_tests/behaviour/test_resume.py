@@ -32,9 +32,29 @@ from charclip.weights import init_params
 STEPS, EVERY = 60, 5
 # 4,000 characters: 27 batches per epoch, so the runs cross an epoch boundary (hidden state reset).
 # With dropout: its masks are keyed by the step, so a resumed run must draw the uninterrupted run's.
-TINY = ["--batch-size", "8", "--seq-len", "16", "--hidden", "16", "--embed", "8", "--layers", "1",
-        "--checkpoint-every", str(EVERY), "--eval-every", "10", "--eval-batches", "2", "--sample-chars", "0",
-        "--no-progress", "--dropout", "0.2"]
+TINY = [
+    "--batch-size",
+    "8",
+    "--seq-len",
+    "16",
+    "--hidden",
+    "16",
+    "--embed",
+    "8",
+    "--layers",
+    "1",
+    "--checkpoint-every",
+    str(EVERY),
+    "--eval-every",
+    "10",
+    "--eval-batches",
+    "2",
+    "--sample-chars",
+    "0",
+    "--no-progress",
+    "--dropout",
+    "0.2",
+]
 
 # Runs `charclip.cli.main(argv)` after arming one stop point. The child writes `marker` and waits
 # in signal.pause() for the test's signal; mode "update" sends itself SIGINT instead.
@@ -98,13 +118,26 @@ def _env() -> dict:
 
 
 def _cli(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "charclip", *argv], capture_output=True, text=True, env=_env(), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "charclip", *argv],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
 
 
-def _stop(argv: list[str], mode: str, at: int, marker: Path, sig: int) -> subprocess.CompletedProcess:
+def _stop(
+    argv: list[str], mode: str, at: int, marker: Path, sig: int
+) -> subprocess.CompletedProcess:
     """Run the CLI until the hook's stop point, then send `sig` from here."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOOK, mode, str(at), str(marker), *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOOK, mode, str(at), str(marker), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     deadline = time.monotonic() + 300
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -119,8 +152,13 @@ def _stop(argv: list[str], mode: str, at: int, marker: Path, sig: int) -> subpro
 
 def _kill_when_logged(argv: list[str], metrics: Path, at: int) -> subprocess.CompletedProcess:
     """Plain `python -m charclip train`, killed with SIGKILL once its log shows step `at`."""
-    proc = subprocess.Popen([sys.executable, "-m", "charclip", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charclip", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         if metrics.exists() and any(r.get("step", 0) >= at for r in _records(metrics)):
@@ -152,13 +190,22 @@ def _assert_same_checkpoint(got: Path, want: Path, story: str) -> None:
         a, b = load_file(str(got / name)), load_file(str(want / name))
         assert sorted(a) == sorted(b), f"{name}: tensors {sorted(set(a) ^ set(b))} differ ({story})"
         for key in b:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}:{key} differs from the uninterrupted run ({story})")
+            np.testing.assert_array_equal(
+                a[key], b[key], err_msg=f"{name}:{key} differs from the uninterrupted run ({story})"
+            )
     got_meta = json.loads((got / ckpt_io.META_FILE).read_text(encoding="utf-8"))
     want_meta = json.loads((want / ckpt_io.META_FILE).read_text(encoding="utf-8"))
     assert got_meta == want_meta, f"checkpoint.json differs ({story}): " + str(
-        {k: (got_meta.get(k), want_meta.get(k)) for k in want_meta if got_meta.get(k) != want_meta.get(k)})
+        {
+            k: (got_meta.get(k), want_meta.get(k))
+            for k in want_meta
+            if got_meta.get(k) != want_meta.get(k)
+        }
+    )
     for name in (ckpt_io.MODEL_FILE, ckpt_io.STATE_FILE, ckpt_io.META_FILE):
-        assert (got / name).read_bytes() == (want / name).read_bytes(), f"{name} is not byte-identical ({story})"
+        assert (got / name).read_bytes() == (want / name).read_bytes(), (
+            f"{name} is not byte-identical ({story})"
+        )
 
 
 def _without_time(records: list[dict]) -> list[dict]:
@@ -176,28 +223,52 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, backend):
     assert done.returncode == 0, done.stderr
     rng = random.Random(f"kill-{backend}")  # random kill points, the same on every run of the test
     story: list[str] = []
-    resume = ["train", "--backend", backend, "--resume", str(run), "--steps", str(STEPS), "--no-progress", "--sample-chars", "0"]
+    resume = [
+        "train",
+        "--backend",
+        backend,
+        "--resume",
+        str(run),
+        "--steps",
+        str(STEPS),
+        "--no-progress",
+        "--sample-chars",
+        "0",
+    ]
 
     # 1. A plain `charclip train` meant to run a million steps, killed from outside at a random step.
-    at = rng.randint(EVERY + 1, 2 * EVERY + 2)  # past the first checkpoint, so there is one to resume from
-    killed = _kill_when_logged([*common, "--steps", "1000000", "--out", str(run)], run / "metrics.jsonl", at)
-    assert killed.returncode == -signal.SIGKILL, f"the run was not killed: rc {killed.returncode}\n{killed.stderr}"
+    at = rng.randint(
+        EVERY + 1, 2 * EVERY + 2
+    )  # past the first checkpoint, so there is one to resume from
+    killed = _kill_when_logged(
+        [*common, "--steps", "1000000", "--out", str(run)], run / "metrics.jsonl", at
+    )
+    assert killed.returncode == -signal.SIGKILL, (
+        f"the run was not killed: rc {killed.returncode}\n{killed.stderr}"
+    )
     logged = max(r["step"] for r in _records(run / "metrics.jsonl") if "loss" in r)
     s = _latest_step(run)
-    may_be = {logged // EVERY * EVERY} | ({logged - EVERY} if logged % EVERY == 0 else set())  # killed in that save
+    may_be = {logged // EVERY * EVERY} | (
+        {logged - EVERY} if logged % EVERY == 0 else set()
+    )  # killed in that save
     assert s in may_be, f"killed after step {logged}, LATEST is step {s}, expected one of {may_be}"
     story.append(f"SIGKILL after step {logged} -> resume from {s}")
 
     # 2.-4. Kills at exact points, each from the checkpoint the previous one left.
     # A kill inside checkpoint s+2E leaves s+E; one before LATEST moves to s+3E leaves s+2E (and a
     # complete, orphaned s+3E folder that later runs write again); one mid-interval leaves s+2E.
-    plan = (("save", s + 2 * EVERY, s + EVERY), ("latest", s + 3 * EVERY, s + 2 * EVERY),
-            ("step", s + 2 * EVERY + rng.randint(1, EVERY - 1), s + 2 * EVERY))
+    plan = (
+        ("save", s + 2 * EVERY, s + EVERY),
+        ("latest", s + 3 * EVERY, s + 2 * EVERY),
+        ("step", s + 2 * EVERY + rng.randint(1, EVERY - 1), s + 2 * EVERY),
+    )
     for mode, at, expect in plan:
         got = _stop(resume, mode, at, tmp_path / "marker", signal.SIGKILL)
         assert got.returncode == -signal.SIGKILL, f"{mode} {at}: rc {got.returncode}\n{got.stderr}"
         s = _latest_step(run)
-        assert s == expect, f"SIGKILL at {mode} {at}: LATEST is step {s}, expected {expect} ({story})"
+        assert s == expect, (
+            f"SIGKILL at {mode} {at}: LATEST is step {s}, expected {expect} ({story})"
+        )
         story.append(f"SIGKILL at {mode} {at} -> resume from {s}")
 
     # 5. Ctrl-C just after an update: the run stops at the end of that step, checkpointed and consistent.
@@ -206,19 +277,29 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, backend):
     assert got.returncode == 130, f"Ctrl-C: rc {got.returncode}\n{got.stdout}\n{got.stderr}"
     assert f"interrupted at step {s + n}; checkpoint written to" in got.stdout, got.stdout
     assert "Traceback" not in got.stderr, got.stderr
-    assert _latest_step(run) == s + n, f"Ctrl-C after step {s + n}: LATEST is step {_latest_step(run)}"
+    assert _latest_step(run) == s + n, (
+        f"Ctrl-C after step {s + n}: LATEST is step {_latest_step(run)}"
+    )
     story.append(f"SIGINT after the update of step {s + n}")
 
     done = _cli(resume)
     assert done.returncode == 0, done.stderr
     story = "; ".join(story)
     _assert_same_checkpoint(ckpt_io.resolve(run), ckpt_io.resolve(ref), story)
-    got_log, want_log = _without_time(read_metrics(run / "metrics.jsonl")), _without_time(read_metrics(ref / "metrics.jsonl"))
+    got_log, want_log = (
+        _without_time(read_metrics(run / "metrics.jsonl")),
+        _without_time(read_metrics(ref / "metrics.jsonl")),
+    )
     steps = [r["step"] for r in got_log if "loss" in r]
-    assert steps == list(range(1, STEPS + 1)), f"logged training steps are not 1..{STEPS} once each: {steps} ({story})"
+    assert steps == list(range(1, STEPS + 1)), (
+        f"logged training steps are not 1..{STEPS} once each: {steps} ({story})"
+    )
     first_diff = next((i for i, (a, b) in enumerate(zip(got_log, want_log)) if a != b), None)
     assert got_log == want_log, f"metrics differ ({story}); first at record {first_diff}: " + (
-        f"{got_log[first_diff]} vs {want_log[first_diff]}" if first_diff is not None else f"{len(got_log)} vs {len(want_log)} records")
+        f"{got_log[first_diff]} vs {want_log[first_diff]}"
+        if first_diff is not None
+        else f"{len(got_log)} vs {len(want_log)} records"
+    )
 
 
 def test_ctrl_c_writes_a_checkpoint_and_says_where(tmp_path):
@@ -226,11 +307,30 @@ def test_ctrl_c_writes_a_checkpoint_and_says_where(tmp_path):
     holds exactly the steps the log shows."""
     data = _corpus(tmp_path)
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "charclip", "train", "--data", str(data), *TINY, "--steps", "1000000",
-                             "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "charclip",
+            "train",
+            "--data",
+            str(data),
+            *TINY,
+            "--steps",
+            "1000000",
+            "--out",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and any(r.get("step", 0) >= 7 for r in _records(run / "metrics.jsonl")):
+        if (run / "metrics.jsonl").exists() and any(
+            r.get("step", 0) >= 7 for r in _records(run / "metrics.jsonl")
+        ):
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
@@ -243,7 +343,9 @@ def test_ctrl_c_writes_a_checkpoint_and_says_where(tmp_path):
     path = Path(lines[0].split("checkpoint written to ")[1].split(";")[0])
     ck = ckpt_io.load(path)
     logged = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
-    assert ck.step == step == logged[-1], f"message says {step}, checkpoint holds {ck.step}, log ends at {logged[-1]}"
+    assert ck.step == step == logged[-1], (
+        f"message says {step}, checkpoint holds {ck.step}, log ends at {logged[-1]}"
+    )
     assert logged == list(range(1, step + 1)), f"logged steps: {logged}"
     assert f"--resume {run}" in lines[0], lines[0]
 
@@ -258,10 +360,26 @@ def _checkpoint(step: int, seed: int) -> ckpt_io.Checkpoint:
     train = TrainConfig(batch_size=2, seq_len=4, steps=100)
     params = init_params(model, seed, "float32")
     adam = {"step": np.array(step, np.int64)}
-    adam.update({f"{m}.{k}": np.full_like(v, seed) for m in ("exp_avg", "exp_avg_sq") for k, v in params.items()})
+    adam.update(
+        {
+            f"{m}.{k}": np.full_like(v, seed)
+            for m in ("exp_avg", "exp_avg_sq")
+            for k, v in params.items()
+        }
+    )
     hidden = {part: np.full((1, 2, 8), seed, np.float32) for part in ("h", "c")}
-    return ckpt_io.Checkpoint(model=model, train=train, vocab=vocab, params=params, step=step,
-                              position=Position(0, step), backend="torch", corpus={"path": None}, adam=adam, hidden=hidden)
+    return ckpt_io.Checkpoint(
+        model=model,
+        train=train,
+        vocab=vocab,
+        params=params,
+        step=step,
+        position=Position(0, step),
+        backend="torch",
+        corpus={"path": None},
+        adam=adam,
+        hidden=hidden,
+    )
 
 
 @pytest.mark.parametrize("same_step", [False, True], ids=["next-step", "same-step-again"])
@@ -272,7 +390,12 @@ def test_a_crash_anywhere_in_save_leaves_a_whole_checkpoint(tmp_path, monkeypatc
     import shutil
 
     old, new = _checkpoint(3, seed=1), _checkpoint(3 if same_step else 6, seed=2)
-    real = {"write": ckpt_io._write_tensors, "replace": os.replace, "rmtree": shutil.rmtree, "dump": json.dump}
+    real = {
+        "write": ckpt_io._write_tensors,
+        "replace": os.replace,
+        "rmtree": shutil.rmtree,
+        "dump": json.dump,
+    }
     outcomes = []
     for n in range(200):
         run = tmp_path / f"run{n}"
@@ -286,6 +409,7 @@ def test_a_crash_anywhere_in_save_leaves_a_whole_checkpoint(tmp_path, monkeypatc
                     half_done(*args, **kwargs)
                     raise _Crash(op)
                 return real[op](*args, **kwargs)
+
             return hooked
 
         def half_write(path, tensors):
@@ -311,10 +435,19 @@ def test_a_crash_anywhere_in_save_leaves_a_whole_checkpoint(tmp_path, monkeypatc
             crashed = str(e)
         monkeypatch.undo()
         got = ckpt_io.load(run)
-        which = [c for c in (old, new) if got.step == c.step and all(np.array_equal(got.params[k], c.params[k]) for k in c.params)]
-        assert which, f"crash {n} ({crashed}): loaded step {got.step} equals neither the old nor the new checkpoint"
+        which = [
+            c
+            for c in (old, new)
+            if got.step == c.step
+            and all(np.array_equal(got.params[k], c.params[k]) for k in c.params)
+        ]
+        assert which, (
+            f"crash {n} ({crashed}): loaded step {got.step} equals neither the old nor the new checkpoint"
+        )
         for k, v in which[-1].adam.items():
-            np.testing.assert_array_equal(got.adam[k], v, err_msg=f"crash {n} ({crashed}): adam {k} mixed up")
+            np.testing.assert_array_equal(
+                got.adam[k], v, err_msg=f"crash {n} ({crashed}): adam {k} mixed up"
+            )
         outcomes.append((crashed, "new" if which[-1] is new else "old"))
         if crashed is None:
             break
@@ -346,8 +479,27 @@ def test_leftovers_of_a_killed_writer_are_removed_by_the_next_save(tmp_path):
 # CHARCLIP_FAULTS=all to take every point (the count is printed with -s).
 
 FAULT_STEPS = 12
-FAULT_ARGS = ["--batch-size", "4", "--seq-len", "8", "--hidden", "8", "--embed", "4", "--layers", "1",
-              "--checkpoint-every", "4", "--eval-every", "4", "--eval-batches", "1", "--sample-chars", "0", "--no-progress"]
+FAULT_ARGS = [
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "8",
+    "--hidden",
+    "8",
+    "--embed",
+    "4",
+    "--layers",
+    "1",
+    "--checkpoint-every",
+    "4",
+    "--eval-every",
+    "4",
+    "--eval-batches",
+    "1",
+    "--sample-chars",
+    "0",
+    "--no-progress",
+]
 
 
 class _Dying(BaseException):
@@ -363,9 +515,16 @@ class _Faults:
         from charclip import run as run_mod
 
         self.calls, self.at, self.how, self.where = 0, at, how, None
-        real = {"replace": os.replace, "fsync": os.fsync, "link": os.link, "mkdir": os.mkdir,
-                "rmtree": shutil.rmtree, "tensors": ckpt_io._write_tensors, "dump": json.dump,
-                "line": run_mod.Metrics.write}
+        real = {
+            "replace": os.replace,
+            "fsync": os.fsync,
+            "link": os.link,
+            "mkdir": os.mkdir,
+            "rmtree": shutil.rmtree,
+            "tensors": ckpt_io._write_tensors,
+            "dump": json.dump,
+            "line": run_mod.Metrics.write,
+        }
 
         def half(name, *args, **kwargs):  # what a kill in the middle of the call leaves behind
             if name == "tensors":
@@ -384,15 +543,24 @@ class _Faults:
                     if self.how == "kill":
                         half(name, *args, **kwargs)
                         raise _Dying(name)
-                    if not (name == "rmtree" and kwargs.get("ignore_errors")):  # that call cannot fail
+                    if not (
+                        name == "rmtree" and kwargs.get("ignore_errors")
+                    ):  # that call cannot fail
                         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 return real[name](*args, **kwargs)
+
             return call
 
-        for name, (owner, attr) in {"replace": (os, "replace"), "fsync": (os, "fsync"), "link": (os, "link"),
-                                    "mkdir": (os, "mkdir"), "rmtree": (shutil, "rmtree"),
-                                    "tensors": (ckpt_io, "_write_tensors"), "dump": (json, "dump"),
-                                    "line": (run_mod.Metrics, "write")}.items():
+        for name, (owner, attr) in {
+            "replace": (os, "replace"),
+            "fsync": (os, "fsync"),
+            "link": (os, "link"),
+            "mkdir": (os, "mkdir"),
+            "rmtree": (shutil, "rmtree"),
+            "tensors": (ckpt_io, "_write_tensors"),
+            "dump": (json, "dump"),
+            "line": (run_mod.Metrics, "write"),
+        }.items():
             monkeypatch.setattr(owner, attr, wrap(name))
 
 
@@ -411,20 +579,38 @@ def fault_reference(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     counter = _Faults(mp)
     try:
-        assert main(["train", "--data", str(data), "--out", str(root / "ref"), "--steps", str(FAULT_STEPS), *FAULT_ARGS]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(root / "ref"),
+                    "--steps",
+                    str(FAULT_STEPS),
+                    *FAULT_ARGS,
+                ]
+            )
+            == 0
+        )
     finally:
         mp.undo()
     return data, root / "ref", counter.calls
 
 
 @pytest.mark.parametrize("how", ["kill", "enospc"])
-def test_fault_injection_at_the_writers_file_system_calls(fault_reference, tmp_path, monkeypatch, capsys, how):
+def test_fault_injection_at_the_writers_file_system_calls(
+    fault_reference, tmp_path, monkeypatch, capsys, how
+):
     from charclip.cli import main
 
     data, ref, n = fault_reference
     points = _fault_points(n)
     with capsys.disabled():
-        print(f"\nfault injection ({how}): {len(points)} of {n} file-system calls of a {FAULT_STEPS}-step run")
+        print(
+            f"\nfault injection ({how}): {len(points)} of {n} file-system calls of a {FAULT_STEPS}-step run"
+        )
     fresh = ["train", "--data", str(data), "--steps", str(FAULT_STEPS), *FAULT_ARGS]
     for k in points:
         out = tmp_path / f"{how}-{k}"
@@ -436,15 +622,27 @@ def test_fault_injection_at_the_writers_file_system_calls(fault_reference, tmp_p
         monkeypatch.undo()
         story = f"{how} at call {k} ({faults.where})"
         err = capsys.readouterr().err
-        if how == "enospc" and rc != 0:  # 0 where the failure was harmless (mkdir of a folder that exists)
-            assert rc == 2 and err.strip().splitlines()[-1].startswith("charclip: error: "), f"{story}: rc {rc}, {err}"
+        if (
+            how == "enospc" and rc != 0
+        ):  # 0 where the failure was harmless (mkdir of a folder that exists)
+            assert rc == 2 and err.strip().splitlines()[-1].startswith("charclip: error: "), (
+                f"{story}: rc {rc}, {err}"
+            )
             assert "Traceback" not in err, f"{story}: {err}"
         try:
             ck = ckpt_io.load(out)
-        except Exception:  # no checkpoint yet: the run starts again, replacing the folder on request
+        except (
+            Exception
+        ):  # no checkpoint yet: the run starts again, replacing the folder on request
             ck = None
-            assert not (out / "checkpoints" / "LATEST").exists(), f"{story}: LATEST exists but does not load"
-        lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if (out / "metrics.jsonl").exists() else []
+            assert not (out / "checkpoints" / "LATEST").exists(), (
+                f"{story}: LATEST exists but does not load"
+            )
+        lines = (
+            (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+            if (out / "metrics.jsonl").exists()
+            else []
+        )
         records = []
         for i, line in enumerate(lines):
             try:
@@ -454,11 +652,24 @@ def test_fault_injection_at_the_writers_file_system_calls(fault_reference, tmp_p
         logged = [r["step"] for r in records if "loss" in r]
         assert logged == list(range(1, len(logged) + 1)), f"{story}: logged steps {logged}"
         if ck is not None:
-            assert len(logged) >= ck.step, f"{story}: the log ends at step {len(logged)}, before the checkpoint {ck.step}"
-            again = ["train", "--resume", str(out), "--steps", str(FAULT_STEPS), "--no-progress", "--sample-chars", "0"]
+            assert len(logged) >= ck.step, (
+                f"{story}: the log ends at step {len(logged)}, before the checkpoint {ck.step}"
+            )
+            again = [
+                "train",
+                "--resume",
+                str(out),
+                "--steps",
+                str(FAULT_STEPS),
+                "--no-progress",
+                "--sample-chars",
+                "0",
+            ]
         else:
             again = [*fresh, "--out", str(out), "--overwrite"]
-        if ck is None or ck.step < FAULT_STEPS:  # else the final checkpoint was whole before the failing call
+        if (
+            ck is None or ck.step < FAULT_STEPS
+        ):  # else the final checkpoint was whole before the failing call
             assert main(again) == 0, f"{story}: the rerun failed: {capsys.readouterr().err}"
         capsys.readouterr()
         _assert_same_checkpoint(ckpt_io.resolve(out), ckpt_io.resolve(ref), story)

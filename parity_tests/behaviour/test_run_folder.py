@@ -29,8 +29,27 @@ from charclip.cli import main
 from charclip.errors import CharclipError
 from charclip.metrics import Metrics, describe_clipped, read_metrics
 
-TINY = ["--batch-size", "4", "--seq-len", "8", "--hidden", "8", "--embed", "4", "--layers", "1",
-        "--checkpoint-every", "4", "--eval-every", "4", "--eval-batches", "1", "--sample-chars", "0", "--no-progress"]
+TINY = [
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "8",
+    "--hidden",
+    "8",
+    "--embed",
+    "4",
+    "--layers",
+    "1",
+    "--checkpoint-every",
+    "4",
+    "--eval-every",
+    "4",
+    "--eval-batches",
+    "1",
+    "--sample-chars",
+    "0",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +67,20 @@ def _one_error_line(capsys, rc: int) -> str:
     out, err = capsys.readouterr()
     lines = [l for l in err.strip().splitlines() if not l.startswith("charclip: note:")]
     assert rc == 2, f"exit status {rc}, expected 2; stderr: {err}"
-    assert len(lines) == 1 and lines[0].startswith("charclip: error: "), f"stderr is not one error line: {err!r}"
+    assert len(lines) == 1 and lines[0].startswith("charclip: error: "), (
+        f"stderr is not one error line: {err!r}"
+    )
     assert "Traceback" not in out + err
     return lines[0]
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
     """Every file below `folder` (the lock file aside), with its bytes: what "untouched" means."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != runfolder.LOCK_FILE}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != runfolder.LOCK_FILE
+    }
 
 
 def _steps(metrics: Path) -> list[int]:
@@ -74,6 +98,7 @@ def finished(text, tmp_path, capsys) -> Path:
 
 # ---- 2. a rerun into an existing run folder ------------------------------------------------
 
+
 def test_rerun_into_a_finished_run_is_refused_and_touches_nothing(text, finished, capsys):
     before = _snapshot(finished)
     line = _one_error_line(capsys, main(_train(text, finished, "--steps", "3")))
@@ -86,7 +111,10 @@ def test_a_non_empty_folder_that_is_no_run_is_refused_too(text, tmp_path, capsys
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     _one_error_line(capsys, main(_train(text, out, "--steps", "2")))
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+    assert (
+        sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+        and (out / "notes.txt").read_text() == "keep me"
+    )
 
 
 def test_overwrite_replaces_the_earlier_run_on_request(text, finished, capsys):
@@ -97,11 +125,25 @@ def test_overwrite_replaces_the_earlier_run_on_request(text, finished, capsys):
 
 # ---- 3. two writers ---------------------------------------------------------------------------
 
+
 def test_a_second_writer_is_refused_with_the_holders_pid(text, finished, capsys):
     before = _snapshot(finished)
-    with runfolder.Lock(finished):  # another process's run, as far as the lock can tell (flock is per open file)
-        for argv in (_train(text, finished, "--steps", "3", "--overwrite"),
-                     ["train", "--resume", str(finished), "--steps", "12", "--no-progress", "--sample-chars", "0"]):
+    with runfolder.Lock(
+        finished
+    ):  # another process's run, as far as the lock can tell (flock is per open file)
+        for argv in (
+            _train(text, finished, "--steps", "3", "--overwrite"),
+            [
+                "train",
+                "--resume",
+                str(finished),
+                "--steps",
+                "12",
+                "--no-progress",
+                "--sample-chars",
+                "0",
+            ],
+        ):
             line = _one_error_line(capsys, main(argv))
             assert f"pid {os.getpid()}" in line and "in use" in line, line
     assert _snapshot(finished) == before, "a refused second writer changed the run folder"
@@ -115,16 +157,44 @@ def test_the_lock_is_held_for_the_whole_run_including_a_resume(text, finished, m
     def hooked(self, **record):
         write(self, **record)
         if record.get("step") == 10 and "loss" in record and not refused:
-            refused.append(main(["train", "--resume", str(finished), "--steps", "20", "--no-progress", "--sample-chars", "0"]))
+            refused.append(
+                main(
+                    [
+                        "train",
+                        "--resume",
+                        str(finished),
+                        "--steps",
+                        "20",
+                        "--no-progress",
+                        "--sample-chars",
+                        "0",
+                    ]
+                )
+            )
 
     monkeypatch.setattr(Metrics, "write", hooked)
-    assert main(["train", "--resume", str(finished), "--steps", "12", "--no-progress", "--sample-chars", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(finished),
+                "--steps",
+                "12",
+                "--no-progress",
+                "--sample-chars",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert refused == [2], f"the nested resume returned {refused}"
     assert "in use by another charclip run" in capsys.readouterr().err
     assert _steps(finished / "metrics.jsonl") == list(range(1, 13))
 
 
 # ---- 4. the metrics history -----------------------------------------------------------------
+
 
 class _Crash(BaseException):
     """Stands for the process dying here (BaseException: nothing on the way catches it)."""
@@ -141,7 +211,18 @@ def test_a_kill_during_the_metrics_rewrite_leaves_the_whole_old_history(finished
 
     monkeypatch.setattr(os, "replace", hooked)
     with pytest.raises(_Crash):
-        main(["train", "--resume", str(finished), "--steps", "12", "--no-progress", "--sample-chars", "0"])
+        main(
+            [
+                "train",
+                "--resume",
+                str(finished),
+                "--steps",
+                "12",
+                "--no-progress",
+                "--sample-chars",
+                "0",
+            ]
+        )
     monkeypatch.undo()
     assert (finished / "metrics.jsonl").read_bytes() == before
 
@@ -158,7 +239,16 @@ def test_resuming_an_older_step_folder_then_dying_loses_no_step(finished, monkey
 
     monkeypatch.setattr(Metrics, "write", dying)
     with pytest.raises(_Crash):
-        main(["train", "--resume", str(finished / "checkpoints" / "step-00000004"), "--no-progress", "--sample-chars", "0"])
+        main(
+            [
+                "train",
+                "--resume",
+                str(finished / "checkpoints" / "step-00000004"),
+                "--no-progress",
+                "--sample-chars",
+                "0",
+            ]
+        )
     monkeypatch.undo()
     assert ckpt_io.load(finished).step == 4, "LATEST still names the abandoned step 8"
     assert main(["train", "--resume", str(finished), "--no-progress", "--sample-chars", "0"]) == 0
@@ -167,27 +257,73 @@ def test_resuming_an_older_step_folder_then_dying_loses_no_step(finished, monkey
 
 def test_time_continues_on_resume(finished):
     kept = [r["time"] for r in read_metrics(finished / "metrics.jsonl") if "loss" in r]
-    assert main(["train", "--resume", str(finished), "--steps", "11", "--no-progress", "--sample-chars", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(finished),
+                "--steps",
+                "11",
+                "--no-progress",
+                "--sample-chars",
+                "0",
+            ]
+        )
+        == 0
+    )
     times = [r["time"] for r in read_metrics(finished / "metrics.jsonl") if "loss" in r]
-    assert times[:8] == kept and all(b >= a for a, b in zip(times, times[1:])), f"time column restarted: {times}"
+    assert times[:8] == kept and all(b >= a for a, b in zip(times, times[1:])), (
+        f"time column restarted: {times}"
+    )
 
 
-@pytest.mark.parametrize("damage", ['{"step": "x"}', '{"step": null}', '{"step": true, "loss": 1}', "[1, 2]", "{", "dir"])
+@pytest.mark.parametrize(
+    "damage", ['{"step": "x"}', '{"step": null}', '{"step": true, "loss": 1}', "[1, 2]", "{", "dir"]
+)
 def test_a_damaged_metrics_file_does_not_crash_resume(finished, capsys, damage):
     metrics = finished / "metrics.jsonl"
     if damage == "dir":
         metrics.unlink()
         metrics.mkdir()
-        line = _one_error_line(capsys, main(["train", "--resume", str(finished), "--steps", "10", "--no-progress",
-                                             "--sample-chars", "0"]))
+        line = _one_error_line(
+            capsys,
+            main(
+                [
+                    "train",
+                    "--resume",
+                    str(finished),
+                    "--steps",
+                    "10",
+                    "--no-progress",
+                    "--sample-chars",
+                    "0",
+                ]
+            ),
+        )
         assert "is not a file" in line, line
         return
     metrics.write_text(metrics.read_text() + damage + "\n")
-    assert main(["train", "--resume", str(finished), "--steps", "10", "--no-progress", "--sample-chars", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(finished),
+                "--steps",
+                "10",
+                "--no-progress",
+                "--sample-chars",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert _steps(metrics) == list(range(1, 11))
 
 
 # ---- 5. signals -------------------------------------------------------------------------------
+
 
 def _signal_at(monkeypatch, step: int, signum: int) -> None:
     """Deliver `signum` to this process right after step `step` is logged (inside the loop)."""
@@ -205,7 +341,9 @@ def _signal_at(monkeypatch, step: int, signum: int) -> None:
 def test_sigterm_and_sighup_stop_like_ctrl_c(text, tmp_path, monkeypatch, capsys, signum):
     out = tmp_path / "run"
     _signal_at(monkeypatch, 6, signum)
-    previous = signal.signal(signum, signal.SIG_DFL)  # as a terminal leaves it (nohup would ignore SIGHUP, and a run keeps that)
+    previous = signal.signal(
+        signum, signal.SIG_DFL
+    )  # as a terminal leaves it (nohup would ignore SIGHUP, and a run keeps that)
     try:
         with pytest.raises(SystemExit) as stop:
             main(_train(text, out, "--steps", "100"))
@@ -213,7 +351,10 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(text, tmp_path, monkeypatch, capsys
         signal.signal(signum, previous)
     assert stop.value.code == 128 + signum
     said = capsys.readouterr().out
-    assert f"interrupted at step 6; checkpoint written to {out / 'checkpoints' / 'step-00000006'}" in said, said
+    assert (
+        f"interrupted at step 6; checkpoint written to {out / 'checkpoints' / 'step-00000006'}"
+        in said
+    ), said
     assert ckpt_io.load(out).step == 6 and _steps(out / "metrics.jsonl") == list(range(1, 7))
 
 
@@ -246,8 +387,13 @@ def test_ctrl_c_during_start_up_is_one_line(text, tmp_path, monkeypatch, capsys)
 
 def test_sigterm_to_the_real_command_checkpoints_and_exits_143(text, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "charclip", *_train(text, out, "--steps", "1000000")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charclip", *_train(text, out, "--steps", "1000000")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     _wait_for_step(proc, out / "metrics.jsonl", 5)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
@@ -262,7 +408,9 @@ def _wait_for_step(proc, metrics: Path, step: int) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if any(json.loads(l).get("step", 0) >= step for l in metrics.read_text().splitlines()[:-1]):
+            if any(
+                json.loads(l).get("step", 0) >= step for l in metrics.read_text().splitlines()[:-1]
+            ):
                 return
         except (OSError, ValueError):
             pass
@@ -271,6 +419,7 @@ def _wait_for_step(proc, metrics: Path, step: int) -> None:
 
 
 # ---- 1. orphaned ranks --------------------------------------------------------------------------
+
 
 def _children(pid: int) -> list[int]:
     kids = []
@@ -287,7 +436,10 @@ def _children(pid: int) -> list[int]:
 
 def _alive(pid: int) -> bool:
     try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in (
+            "Z",
+            "X",
+        )
     except OSError:
         return False
 
@@ -299,9 +451,16 @@ def test_ranks_die_with_their_launcher(text, tmp_path, signum):
     SIGTERM makes rank 0 stop all after the step, with a checkpoint, and exit 143."""
     out = tmp_path / "run"
     argv = _train(text, out, "--steps", "1000000", "--nproc", "2")
-    logs = [open(tmp_path / name, "w+") for name in ("stdout", "stderr")]  # files: an orphan holding a pipe would hang us
-    proc = subprocess.Popen([sys.executable, "-m", "charclip", *argv], stdout=logs[0], stderr=logs[1], text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    logs = [
+        open(tmp_path / name, "w+") for name in ("stdout", "stderr")
+    ]  # files: an orphan holding a pipe would hang us
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charclip", *argv],
+        stdout=logs[0],
+        stderr=logs[1],
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     _wait_for_step(proc, out / "metrics.jsonl", 6)  # past the checkpoint of step 4
     kids = _children(proc.pid)
     assert len(kids) >= 2, f"expected the two ranks below the launcher, found {kids}"
@@ -329,10 +488,26 @@ def test_ranks_die_with_their_launcher(text, tmp_path, signum):
 
 # ---- 6. retention -------------------------------------------------------------------------------
 
+
 def test_extending_a_finished_run_twice_keeps_where_each_part_ended(finished):
     for steps in ("16", "24"):
-        assert main(["train", "--resume", str(finished), "--steps", steps, "--keep", "1", "--no-progress",
-                     "--sample-chars", "0"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--resume",
+                    str(finished),
+                    "--steps",
+                    steps,
+                    "--keep",
+                    "1",
+                    "--no-progress",
+                    "--sample-chars",
+                    "0",
+                ]
+            )
+            == 0
+        )
     names = sorted(p.name for p in (finished / "checkpoints").glob("step-*"))
     best = ckpt_io.read_pointer(finished / "checkpoints" / "BEST")
     assert {"step-00000008", "step-00000016", "step-00000024", best} == set(names), names
@@ -351,6 +526,7 @@ def test_keep_chooses_how_many_others_stay(text, tmp_path):
 
 
 # ---- 7. what is read as a corpus -------------------------------------------------------------------
+
 
 def _returns_within(fn, seconds: float):
     box = {}
@@ -386,7 +562,10 @@ def test_a_checkpoint_pointing_its_corpus_at_a_fifo_is_refused(finished, tmp_pat
         meta = json.loads((folder / ckpt_io.META_FILE).read_text())
         meta["corpus"]["path"] = str(fifo)
         (folder / ckpt_io.META_FILE).write_text(json.dumps(meta))
-    for argv in (["eval", str(finished)], ["train", "--resume", str(finished), "--steps", "12", "--no-progress"]):
+    for argv in (
+        ["eval", str(finished)],
+        ["train", "--resume", str(finished), "--steps", "12", "--no-progress"],
+    ):
         rc = _returns_within(lambda: main(argv), 60)
         assert "not a regular file" in _one_error_line(capsys, rc)
 
@@ -401,9 +580,19 @@ def test_a_corpus_over_the_size_bound_is_refused_naming_it(tmp_path, monkeypatch
 
 # ---- 8. memory -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [["--hidden", "1000000"], ["--embed", "1000000000"], ["--layers", "1000000", "--hidden", "256"]],
-                         ids=lambda e: " ".join(e))
-def test_a_model_too_large_for_the_machine_is_refused_before_allocating(text, tmp_path, capsys, extra):
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--hidden", "1000000"],
+        ["--embed", "1000000000"],
+        ["--layers", "1000000", "--hidden", "256"],
+    ],
+    ids=lambda e: " ".join(e),
+)
+def test_a_model_too_large_for_the_machine_is_refused_before_allocating(
+    text, tmp_path, capsys, extra
+):
     t0 = time.monotonic()
     line = _one_error_line(capsys, main(_train(text, tmp_path / "run", "--steps", "2", *extra)))
     assert "GiB of memory" in line and "this machine has" in line, line
@@ -413,7 +602,10 @@ def test_a_model_too_large_for_the_machine_is_refused_before_allocating(text, tm
 
 # ---- 9. LATEST -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("content", ["../../elsewhere", "/etc", "step-00000008\x00", "big", "step-00000008/../../x"])
+
+@pytest.mark.parametrize(
+    "content", ["../../elsewhere", "/etc", "step-00000008\x00", "big", "step-00000008/../../x"]
+)
 def test_latest_is_confined_bounded_and_escaped(finished, tmp_path, capsys, content):
     latest = finished / "checkpoints" / "LATEST"
     if content == "big":
@@ -426,6 +618,7 @@ def test_latest_is_confined_bounded_and_escaped(finished, tmp_path, capsys, cont
 
 
 # ---- 10. --out that cannot be written -----------------------------------------------------------------
+
 
 def test_out_naming_a_file_or_a_path_below_one_is_refused(text, tmp_path, capsys):
     f = tmp_path / "file"
@@ -445,7 +638,9 @@ def test_a_read_only_out_is_one_line(text, tmp_path, monkeypatch, capsys):
     assert "Read-only file system" in line, line
 
 
-def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(text, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(
+    text, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     write = ckpt_io._write_tensors
     calls = []
@@ -460,21 +655,27 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(text, tmp
     line = _one_error_line(capsys, main(_train(text, out, "--steps", "12")))
     assert "No space left on device" in line and "step-00000004" in line, line
     assert ckpt_io.load(out).step == 4
-    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")], "a half-written folder stayed"
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")], (
+        "a half-written folder stayed"
+    )
 
 
 # ---- 13. eval, sample and empty paths ------------------------------------------------------------
 
+
 def _nan_params(finished: Path) -> Path:
-    from safetensors.numpy import load_file, save_file
     import hashlib
+
+    from safetensors.numpy import load_file, save_file
 
     folder = ckpt_io.resolve(finished)
     tensors = load_file(str(folder / ckpt_io.MODEL_FILE))
     tensors["head.bias"] = np.full_like(tensors["head.bias"], np.nan)
     save_file(tensors, str(folder / ckpt_io.MODEL_FILE))
     meta = json.loads((folder / ckpt_io.META_FILE).read_text())
-    meta["files"][ckpt_io.MODEL_FILE] = hashlib.sha256((folder / ckpt_io.MODEL_FILE).read_bytes()).hexdigest()
+    meta["files"][ckpt_io.MODEL_FILE] = hashlib.sha256(
+        (folder / ckpt_io.MODEL_FILE).read_bytes()
+    ).hexdigest()
     (folder / ckpt_io.META_FILE).write_text(json.dumps(meta))
     return folder
 
@@ -499,8 +700,16 @@ def test_a_tiny_temperature_samples_greedily_without_warnings(finished, capsys):
     assert len(capsys.readouterr().out) >= 20
 
 
-@pytest.mark.parametrize("argv", [["train", "--resume", ""], ["train", "--out", ""], ["train", "--data", ""],
-                                  ["eval", "RUN", "--data", ""]], ids=lambda a: " ".join(a))
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--resume", ""],
+        ["train", "--out", ""],
+        ["train", "--data", ""],
+        ["eval", "RUN", "--data", ""],
+    ],
+    ids=lambda a: " ".join(a),
+)
 def test_empty_paths_are_refused(finished, capsys, argv):
     argv = [str(finished) if a == "RUN" else a for a in argv]
     assert "empty path" in _one_error_line(capsys, main(argv))
@@ -515,7 +724,10 @@ def test_eval_on_a_too_short_text_names_evals_own_option(finished, tmp_path, cap
 
 # ---- 14. the closing line and the plot after a resume ---------------------------------------------------
 
-def test_closing_line_and_plot_legend_count_the_same_clipped_steps(text, finished, tmp_path, monkeypatch, capsys):
+
+def test_closing_line_and_plot_legend_count_the_same_clipped_steps(
+    text, finished, tmp_path, monkeypatch, capsys
+):
     """A run that clipped early, resumed: the closing line and the plot count the whole run's clipped steps."""
     import matplotlib.axes
 
@@ -523,7 +735,9 @@ def test_closing_line_and_plot_legend_count_the_same_clipped_steps(text, finishe
     # step, so that step (at least) clips; the resumed steps 9-12 may clip none.
     norms = [r["grad_norm"] for r in read_metrics(finished / "metrics.jsonl") if "loss" in r]
     out = tmp_path / "clipped"
-    assert main(_train(text, out, "--steps", "8", "--clip-norm", repr(max(norms) * (1 - 1e-6)))) == 0
+    assert (
+        main(_train(text, out, "--steps", "8", "--clip-norm", repr(max(norms) * (1 - 1e-6)))) == 0
+    )
     labels = []
     plot = matplotlib.axes.Axes.plot
 
@@ -533,7 +747,12 @@ def test_closing_line_and_plot_legend_count_the_same_clipped_steps(text, finishe
 
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", record)
     capsys.readouterr()
-    assert main(["train", "--resume", str(out), "--steps", "12", "--no-progress", "--sample-chars", "0"]) == 0
+    assert (
+        main(
+            ["train", "--resume", str(out), "--steps", "12", "--no-progress", "--sample-chars", "0"]
+        )
+        == 0
+    )
     said = capsys.readouterr().out
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     clipped = sum(r["clipped"] for r in rows[:8])
@@ -544,6 +763,7 @@ def test_closing_line_and_plot_legend_count_the_same_clipped_steps(text, finishe
 
 
 # ---- options come from the configuration dataclasses (issue 11, finding 4) -----------------------------
+
 
 def _subparsers():
     import argparse
@@ -565,9 +785,15 @@ def test_every_option_is_explained_with_its_default(command):
         text = p._get_formatter()._expand_help(action) if action.help else ""
         assert text, f"{command} {action.option_strings[0]} has no help"
         flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreConstAction))
-        exempt = flag or (command == "parity" and action.default is None)  # parity's --json/--plot: off unless given
-        assert exempt or "(default: " in text, f"{command} {action.option_strings[0]}: no default in {text!r}"
-        assert "(default: )" not in text and "\n" not in text, f"{command} {action.option_strings[0]}: {text!r}"
+        exempt = flag or (
+            command == "parity" and action.default is None
+        )  # parity's --json/--plot: off unless given
+        assert exempt or "(default: " in text, (
+            f"{command} {action.option_strings[0]}: no default in {text!r}"
+        )
+        assert "(default: )" not in text and "\n" not in text, (
+            f"{command} {action.option_strings[0]}: {text!r}"
+        )
 
 
 def test_defaults_and_the_resume_rule_have_one_source(finished, capsys):
@@ -581,17 +807,61 @@ def test_defaults_and_the_resume_rule_have_one_source(finished, capsys):
     params = set(inspect.signature(run.train).parameters)
     pieces = {f.name for f in dataclasses.fields(RunOptions)} & params
     assert not pieces, f"run.train repeats RunOptions fields as parameters: {sorted(pieces)}"
-    assert next(f for f in options(TrainConfig) if f.name == "nonfinite").metadata["choices"] is NONFINITE_POLICIES
-    assert main(["train", "--resume", str(finished), "--steps", "9", "--lr", "0.5", "--cell", "gru", "--data",
-                 str(finished / ".." / "nowhere.txt"), "--no-progress", "--sample-chars", "0"]) == 2  # --data is used
+    assert (
+        next(f for f in options(TrainConfig) if f.name == "nonfinite").metadata["choices"]
+        is NONFINITE_POLICIES
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(finished),
+                "--steps",
+                "9",
+                "--lr",
+                "0.5",
+                "--cell",
+                "gru",
+                "--data",
+                str(finished / ".." / "nowhere.txt"),
+                "--no-progress",
+                "--sample-chars",
+                "0",
+            ]
+        )
+        == 2
+    )  # --data is used
     capsys.readouterr()
-    assert main(["train", "--resume", str(finished), "--steps", "9", "--lr", "0.5", "--cell", "gru", "--keep", "3",
-                 "--no-progress", "--sample-chars", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(finished),
+                "--steps",
+                "9",
+                "--lr",
+                "0.5",
+                "--cell",
+                "gru",
+                "--keep",
+                "3",
+                "--no-progress",
+                "--sample-chars",
+                "0",
+            ]
+        )
+        == 0
+    )
     notes = [l for l in capsys.readouterr().err.splitlines() if "ignored" in l]
-    assert notes == ["charclip: note: --resume keeps the run's configuration; ignored: --cell, --lr"], notes
+    assert notes == [
+        "charclip: note: --resume keeps the run's configuration; ignored: --cell, --lr"
+    ], notes
 
 
 # ---- small console fixes (issue 21, item 7) ------------------------------------------------------
+
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_a_terminal_of_zero_columns_still_gets_a_progress_bar(text, tmp_path):
@@ -604,8 +874,9 @@ def test_a_terminal_of_zero_columns_still_gets_a_progress_bar(text, tmp_path):
     main_fd, term_fd = os.openpty()
     fcntl.ioctl(term_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 0, 0, 0))  # rows 24, columns 0
     argv = [a for a in _train(text, tmp_path / "run", "--steps", "4") if a != "--no-progress"]
-    p = subprocess.Popen([sys.executable, "-m", "charclip", *argv], stdout=subprocess.DEVNULL,
-                         stderr=term_fd)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "charclip", *argv], stdout=subprocess.DEVNULL, stderr=term_fd
+    )
     os.close(term_fd)
     shown = b""
     while True:

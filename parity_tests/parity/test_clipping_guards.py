@@ -47,7 +47,9 @@ def _assert_clipped_onto_tau(before, after, tau, dtype, what, low=None):
         assert low <= norm, f"{what}: ||g'|| = {norm!r}, below {low!r} (tau = {tau!r})"
     bound = tau if low is not None else tau * (1 + 2 * eps)  # strict promises tau exactly
     assert norm_at_most([a], bound), f"{what}: ||g'|| = {norm!r} above {bound!r}"
-    np.testing.assert_allclose(a / norm, b / exact_norm([b]), rtol=2 * eps, err_msg=f"{what}: direction changed")
+    np.testing.assert_allclose(
+        a / norm, b / exact_norm([b]), rtol=2 * eps, err_msg=f"{what}: direction changed"
+    )
 
 
 @pytest.mark.parametrize("kwargs", [dict(convention="pytorch"), dict(nonfinite="ignore")])
@@ -74,7 +76,9 @@ def test_torch_convention_on_a_huge_float32_norm_keeps_a_nonzero_gradient_torch(
     g = np.array([2.0**exponent], np.float32)
     params = _params(g)
     tclip.clip_grad_norm_(params, tau, convention="torch")
-    _assert_clipped_onto_tau([g], [from_torch(params[0].grad)], tau, "float32", f"[2**{exponent}], tau={tau}")
+    _assert_clipped_onto_tau(
+        [g], [from_torch(params[0].grad)], tau, "float32", f"[2**{exponent}], tau={tau}"
+    )
 
 
 def test_torch_convention_on_float32_two_to_the_127_jax():
@@ -87,7 +91,9 @@ def test_tiny_tau_on_a_huge_gradient_clips_to_tau_torch():
     g = np.array([5e37, 1e37], np.float32)
     params = _params(g)
     tclip.clip_grad_norm_(params, 1e-5)
-    _assert_clipped_onto_tau([g], [from_torch(params[0].grad)], 1e-5, "float32", "[5e37, 1e37], tau=1e-5")
+    _assert_clipped_onto_tau(
+        [g], [from_torch(params[0].grad)], 1e-5, "float32", "[5e37, 1e37], tau=1e-5"
+    )
 
 
 @pytest.mark.parametrize("value, tau", [(2.0**1021, 0.5), (2.0**1021, 0.25), (1.5e308, 1.0)])
@@ -98,9 +104,13 @@ def test_strict_float64_near_overflow_keeps_a_nonzero_gradient(value, tau):
     # strict scales by tau over a proven upper bound of the norm (a margin of ~1e-12 measured here),
     # so the clipped norm is not tau to rounding; what the guard protects is a gradient kept at
     # the clipping scale instead of zeroed or subnormal: at least tau / 2, at most tau exactly.
-    _assert_clipped_onto_tau([g], [from_torch(params[0].grad)], tau, "float64", f"torch strict [{value}]", tau / 2)
+    _assert_clipped_onto_tau(
+        [g], [from_torch(params[0].grad)], tau, "float64", f"torch strict [{value}]", tau / 2
+    )
     clipped, _ = jclip.clip_tree_by_global_norm([jnp.asarray(g)], tau, strict=True)
-    _assert_clipped_onto_tau([g], [np.asarray(clipped[0])], tau, "float64", f"JAX strict [{value}]", tau / 2)
+    _assert_clipped_onto_tau(
+        [g], [np.asarray(clipped[0])], tau, "float64", f"JAX strict [{value}]", tau / 2
+    )
 
 
 @pytest.mark.parametrize("given, meant", [("inf", math.inf), ("3", 3.0), (np.int64(3), 3.0)])
@@ -113,7 +123,9 @@ def test_norm_type_given_as_a_string_or_numpy_integer(given, meant):
     np.testing.assert_array_equal(from_torch(a[0].grad), from_torch(b[0].grad))
     c = _params(g)
     torch.nn.utils.clip_grad_norm_(c, 1.0, norm_type=meant)
-    np.testing.assert_array_equal(from_torch(a[0].grad), from_torch(c[0].grad), err_msg="not torch's bits")
+    np.testing.assert_array_equal(
+        from_torch(a[0].grad), from_torch(c[0].grad), err_msg="not torch's bits"
+    )
 
 
 def test_a_zero_dim_float32_tensor_max_norm_keeps_torchs_bits():
@@ -132,7 +144,9 @@ def test_single_entry_float32_in_two_to_the_125_keeps_torchs_bits(mantissa):
     ours, theirs = _params(g), _params(g)
     n_ours = tclip.clip_grad_norm_(ours, 1.0)
     n_theirs = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
-    assert math.isfinite(float(n_theirs)), "torch's norm is finite here (the single entry is its own norm)"
+    assert math.isfinite(float(n_theirs)), (
+        "torch's norm is finite here (the single entry is its own norm)"
+    )
     assert float(n_ours) == float(n_theirs)
     np.testing.assert_array_equal(from_torch(ours[0].grad), from_torch(theirs[0].grad))
 
@@ -151,8 +165,12 @@ def test_low_precision_with_tau_equal_to_the_rounded_norm(dtype, backend):
             out = from_torch(params[0].grad)
         else:
             out = np.asarray(jclip.clip_tree_by_global_norm([jnp.asarray(x)], tau)[0][0])
-        assert norm_at_most([out], tau), f"{backend} {dtype} x{scale}: ||g'|| = {exact_norm([out])!r} > tau = {tau!r}"
-        assert np.all(np.asarray(out, np.float64) * np.asarray(x, np.float64) >= 0) and np.any(out != 0)
+        assert norm_at_most([out], tau), (
+            f"{backend} {dtype} x{scale}: ||g'|| = {exact_norm([out])!r} > tau = {tau!r}"
+        )
+        assert np.all(np.asarray(out, np.float64) * np.asarray(x, np.float64) >= 0) and np.any(
+            out != 0
+        )
 
 
 def test_get_total_norm_zero_norm_type_raises_on_nan():
@@ -166,7 +184,9 @@ def test_the_empty_generator_warning_points_at_the_callers_line():
         line = _line_of_next_call()
         tclip.clip_grad_norm_((p for p in []), 1.0)
     (w,) = [w for w in caught if "empty generator" in str(w.message)]
-    assert w.filename == __file__ and w.lineno == line + 1, f"warning points at {w.filename}:{w.lineno}"
+    assert w.filename == __file__ and w.lineno == line + 1, (
+        f"warning points at {w.filename}:{w.lineno}"
+    )
 
 
 def _line_of_next_call() -> int:
@@ -180,4 +200,6 @@ def test_clip_tree_with_norm_takes_a_python_float_norm():
     with_float = jclip.clip_tree_with_norm(tree, 1.0, 5.0)
     with_array = jclip.clip_tree_with_norm(tree, 1.0, jnp.asarray(5.0, jnp.float32))
     np.testing.assert_array_equal(np.asarray(with_float[0]), np.asarray(with_array[0]))
-    np.testing.assert_allclose(np.asarray(with_float[0], np.float64), [0.6, 0.8], rtol=2**-23)  # one float32 rounding
+    np.testing.assert_allclose(
+        np.asarray(with_float[0], np.float64), [0.6, 0.8], rtol=2**-23
+    )  # one float32 rounding

@@ -47,14 +47,21 @@ def test_library_clipping_differs_across_backends_by_the_torch_epsilon(two_runs,
     the whole gap is the epsilon: it is measured here, not hidden behind a tolerance.
     """
     data, _ = two_runs
-    runs = {b: train_cli(tmp_path, b, data, "--clip-impl", "library", name=f"lib-{b}") for b in ("torch", "jax")}
+    runs = {
+        b: train_cli(tmp_path, b, data, "--clip-impl", "library", name=f"lib-{b}")
+        for b in ("torch", "jax")
+    }
     a, b = checkpoint.load(runs["torch"]), checkpoint.load(runs["jax"])
     gap = max(errors(a.params[k], b.params[k])[1] for k in a.params)
-    rounding = TOLERANCES["float64"]["trajectory"].rel  # what the same runs with one formula stay under
+    rounding = TOLERANCES["float64"][
+        "trajectory"
+    ].rel  # what the same runs with one formula stay under
     # At most 1e-6/tau per clipped step (library_gap), fed back once per step: the
     # trajectory allowance of the parity ladder. Above rounding: the gap is the epsilon.
     bound = a.step * library_gap("library", 0.5)
-    assert rounding < gap <= bound, f"library clipping gap {gap:.3g}, expected in ({rounding:g}, {bound:.3g}]"
+    assert rounding < gap <= bound, (
+        f"library clipping gap {gap:.3g}, expected in ({rounding:g}, {bound:.3g}]"
+    )
 
 
 def test_float64_runs_agree_after_20_steps_across_backends(two_runs):
@@ -66,13 +73,22 @@ def test_float64_runs_agree_after_20_steps_across_backends(two_runs):
         other = b.params if part is a.params else b.adam
         worst = {name: errors(part[name], other[name])[1] for name in part}
         bad = {k: f"{v:.2e}" for k, v in worst.items() if not v <= tol.rel}
-        assert not bad, f"torch vs jax after 20 steps, relative to each tensor's scale (tolerance {tol.rel:g}: {tol.reason}): {bad}"
-    clipped = [[r["clipped"] for r in run.read_metrics(runs[k] / "metrics.jsonl") if "loss" in r] for k in runs]
-    assert clipped[0] == clipped[1] and any(clipped[0]), "clipping should fire on some steps, the same ones"
+        assert not bad, (
+            f"torch vs jax after 20 steps, relative to each tensor's scale (tolerance {tol.rel:g}: {tol.reason}): {bad}"
+        )
+    clipped = [
+        [r["clipped"] for r in run.read_metrics(runs[k] / "metrics.jsonl") if "loss" in r]
+        for k in runs
+    ]
+    assert clipped[0] == clipped[1] and any(clipped[0]), (
+        "clipping should fire on some steps, the same ones"
+    )
 
 
 @pytest.mark.parametrize("made_by, loaded_by", [("torch", "jax"), ("jax", "torch")])
-def test_a_checkpoint_loads_in_the_other_backend_with_the_same_loss(two_runs, capsys, made_by, loaded_by):
+def test_a_checkpoint_loads_in_the_other_backend_with_the_same_loss(
+    two_runs, capsys, made_by, loaded_by
+):
     _, runs = two_runs
     losses = {}
     for backend in (made_by, loaded_by):
@@ -87,10 +103,31 @@ def test_a_checkpoint_samples_the_same_text_in_both_backends(two_runs, capsys, m
     _, runs = two_runs
     texts = {}
     for backend in ("torch", "jax"):
-        assert cli.main(["sample", str(runs[made_by]), "--backend", backend, "--length", "200",
-                         "--seed", "5", "--prime", "ROMEO:", "--top-k", "10"]) == 0
+        assert (
+            cli.main(
+                [
+                    "sample",
+                    str(runs[made_by]),
+                    "--backend",
+                    backend,
+                    "--length",
+                    "200",
+                    "--seed",
+                    "5",
+                    "--prime",
+                    "ROMEO:",
+                    "--top-k",
+                    "10",
+                ]
+            )
+            == 0
+        )
         texts[backend] = capsys.readouterr().out
-    assert texts["torch"] == texts["jax"] and texts["torch"].startswith("ROMEO:") and len(texts["torch"]) == 207
+    assert (
+        texts["torch"] == texts["jax"]
+        and texts["torch"].startswith("ROMEO:")
+        and len(texts["torch"]) == 207
+    )
 
 
 def test_resume_continues_in_the_other_backend(two_runs, tmp_path):
@@ -100,9 +137,40 @@ def test_resume_continues_in_the_other_backend(two_runs, tmp_path):
 
     run_dir = tmp_path / "moved"
     shutil.copytree(runs["jax"], run_dir)
-    assert cli.main(["train", "--resume", str(run_dir), "--steps", "22", "--sample-chars", "0", "--no-progress"]) == 0
-    assert checkpoint.load(run_dir).backend == "jax", "without --backend a run resumes in the backend that wrote it"
-    assert cli.main(["train", "--backend", "torch", "--resume", str(run_dir), "--steps", "25",
-                     "--sample-chars", "0", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--resume",
+                str(run_dir),
+                "--steps",
+                "22",
+                "--sample-chars",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert checkpoint.load(run_dir).backend == "jax", (
+        "without --backend a run resumes in the backend that wrote it"
+    )
+    assert (
+        cli.main(
+            [
+                "train",
+                "--backend",
+                "torch",
+                "--resume",
+                str(run_dir),
+                "--steps",
+                "25",
+                "--sample-chars",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ck = checkpoint.load(run_dir)
     assert ck.step == 25 and ck.backend == "torch" and int(ck.adam["step"]) == 25

@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-if __name__ == "__main__":  # the subprocess: four virtual devices, before anything starts JAX's backend
+if (
+    __name__ == "__main__"
+):  # the subprocess: four virtual devices, before anything starts JAX's backend
     import jax
 
     jax.config.update("jax_num_cpu_devices", 4)
@@ -65,7 +67,11 @@ CASES += [(4, lay, "float64", TAU_ACTIVE, "reference", "") for lay in JIT_LAYOUT
 CASES += [(4, lay, "float64", TAU_ACTIVE, "library", "resume") for lay in ("fsdp", "shard_map")]
 # Dropout: masks of the global batch, sharded like x by the compiler (data) and by hand (shard_map)
 CASES += [(4, lay, "float64", TAU_ACTIVE, "library", "dropout") for lay in ("data", "shard_map")]
-CONTROLS = [(w, "shard_map", "float64", TAU_ACTIVE, "library", v) for w in WORLDS for v in ("per_shard", "counted_per_device")]
+CONTROLS = [
+    (w, "shard_map", "float64", TAU_ACTIVE, "library", v)
+    for w in WORLDS
+    for v in ("per_shard", "counted_per_device")
+]
 # Relative to the largest magnitude compared. The devices sum the batch in another
 # order, so results differ by rounding only: float64 a few ulp (2**-53 = 1.1e-16),
 # float32 a few tens of ulp (2**-24 = 6e-8) over STEPS steps of grad, clip and Adam.
@@ -73,20 +79,35 @@ TOL = {"float64": 1e-12, "float32": 2e-6}
 
 
 def _config(dtype: str, tau: float, impl: str, variant: str = "") -> TrainConfig:
-    return TrainConfig(steps=STEPS, batch_size=BATCH, seq_len=SEQ, lr=1e-2, dtype=dtype, clip=ClipConfig(max_norm=tau, impl=impl),
-                       dropout=0.3 if variant == "dropout" else 0.0)
+    return TrainConfig(
+        steps=STEPS,
+        batch_size=BATCH,
+        seq_len=SEQ,
+        lr=1e-2,
+        dtype=dtype,
+        clip=ClipConfig(max_norm=tau, impl=impl),
+        dropout=0.3 if variant == "dropout" else 0.0,
+    )
 
 
 def _batches():
     rng = np.random.default_rng(7)
-    return [(rng.integers(0, MODEL.vocab_size, (BATCH, SEQ)), rng.integers(0, MODEL.vocab_size, (BATCH, SEQ)))
-            for _ in range(STEPS)]
+    return [
+        (
+            rng.integers(0, MODEL.vocab_size, (BATCH, SEQ)),
+            rng.integers(0, MODEL.vocab_size, (BATCH, SEQ)),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def _clip(impl: str, tau: float):
     """(gradient tree) -> (clipped tree, norm) with optax's or the reference implementation."""
     if impl == "library":
-        return lambda g: (optax.clip_by_global_norm(tau).update(g, optax.EmptyState())[0], optax.tree.norm(g))
+        return lambda g: (
+            optax.clip_by_global_norm(tau).update(g, optax.EmptyState())[0],
+            optax.tree.norm(g),
+        )
     return lambda g: clipping.clip_tree_by_global_norm(g, tau)
 
 
@@ -101,17 +122,25 @@ def _clipped_gradient_fn(impl: str, tau: float):
 def _record(trainer, batches, clipped_gradient, record=None) -> dict:
     """Norms and clipped gradients per step, then the final state, as NumPy."""
     record = record or {"norm": [], "clip_norm": [], "grads": []}
-    for x, y in batches:  # the dropout masks of the global batch (None without dropout), as charclip.run draws them
+    for (
+        x,
+        y,
+    ) in (
+        batches
+    ):  # the dropout masks of the global batch (None without dropout), as charclip.run draws them
         masks = dropout.masks(MODEL, trainer.cfg, len(record["norm"]), *x.shape)
         grads, norm = clipped_gradient(trainer.params, trainer._hidden_for(len(x)), x, y, masks)
         record["grads"].append({k: np.asarray(v) for k, v in grads.items()})
         record["clip_norm"].append(float(norm))
         record["norm"].append(trainer.step(x, y, masks=masks).grad_norm)
-    record.update(params=trainer.params_numpy(), adam=trainer.adam_state(), hidden=trainer.hidden_state())
+    record.update(
+        params=trainer.params_numpy(), adam=trainer.adam_state(), hidden=trainer.hidden_state()
+    )
     return record
 
 
 # ---- the subprocess ----------------------------------------------------------------------
+
 
 def _wrong_norms():
     from jax import lax
@@ -119,7 +148,9 @@ def _wrong_norms():
     def per_shard(grads, split, axis):  # no psum: this device's slices (and the whole tensors) only
         return jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in grads.values()))
 
-    def counted_per_device(grads, split, axis):  # whole tensors inside the psum: counted once per device
+    def counted_per_device(
+        grads, split, axis
+    ):  # whole tensors inside the psum: counted once per device
         return jnp.sqrt(lax.psum(sum(jnp.sum(jnp.square(g)) for g in grads.values()), axis))
 
     return {"per_shard": per_shard, "counted_per_device": counted_per_device}
@@ -135,8 +166,11 @@ def _run_case(case) -> dict:
     devices = D.use_devices(world)
     original = D.sharded_global_norm
     if variant in _wrong_norms():
-        D.sharded_global_norm = _wrong_norms()[variant]  # read when the step is traced, on its first call
+        D.sharded_global_norm = _wrong_norms()[
+            variant
+        ]  # read when the step is traced, on its first call
     try:
+
         def make(params, **kw):
             return D.MeshTrainer(MODEL, cfg, params, layout=layout, devices=devices, **kw)
 
@@ -144,19 +178,35 @@ def _run_case(case) -> dict:
         if layout == "shard_map":
             body = D.make_clipped_gradient(MODEL, cfg, trainer.specs)
             batch, hidden, mask = P("data", None), P(None, "data", None), P("data", None, None)
-            clipped = jax.jit(jax.shard_map(lambda *a: body(*a)[:2], mesh=trainer.mesh,
-                                            in_specs=(trainer.specs, hidden, batch, batch, mask),
-                                            out_specs=(trainer.specs, P()), check_vma=False))
+            clipped = jax.jit(
+                jax.shard_map(
+                    lambda *a: body(*a)[:2],
+                    mesh=trainer.mesh,
+                    in_specs=(trainer.specs, hidden, batch, batch, mask),
+                    out_specs=(trainer.specs, P()),
+                    check_vma=False,
+                )
+            )
         else:
             b = trainer.batch_sharding
-            clipped = jax.jit(_clipped_gradient_fn(impl, tau),
-                              in_shardings=(trainer.shardings, trainer.state_sharding, b, b, trainer.mask_sharding),
-                              out_shardings=(trainer.shardings, trainer._on(P())))
+            clipped = jax.jit(
+                _clipped_gradient_fn(impl, tau),
+                in_shardings=(
+                    trainer.shardings,
+                    trainer.state_sharding,
+                    b,
+                    b,
+                    trainer.mask_sharding,
+                ),
+                out_shardings=(trainer.shardings, trainer._on(P())),
+            )
         batches = _batches()
         split = {k: any(spec) for k, spec in trainer.specs.items()}
         if variant != "resume":
             return _record(trainer, batches, clipped) | {"split": split}
-        first = _record(trainer, batches[:2], clipped)  # then a fresh trainer from the gathered state, as a resume builds
+        first = _record(
+            trainer, batches[:2], clipped
+        )  # then a fresh trainer from the gathered state, as a resume builds
         resumed = make(first["params"], adam=first["adam"], hidden=first["hidden"])
         rest = {k: first[k] for k in ("norm", "clip_norm", "grads")}
         return _record(resumed, batches[2:], clipped, rest) | {"split": split}
@@ -170,7 +220,13 @@ def _save(records: dict, path) -> None:
     flat = {}
 
     def walk(node, where):
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
+        items = (
+            node.items()
+            if isinstance(node, dict)
+            else enumerate(node)
+            if isinstance(node, list)
+            else None
+        )
         if node is None:
             flat[json.dumps(where + [["none", 0]])] = np.zeros(0)
             return
@@ -220,11 +276,17 @@ if __name__ == "__main__":
 
 # ---- the tests -----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """{case: record} from the 4-device subprocess; the one-device runs are computed here meanwhile."""
     out = tmp_path_factory.mktemp("mesh") / "runs.pkl"
-    p = subprocess.Popen([sys.executable, __file__, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, __file__, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for case in CASES:
         _single(case)
     _, err = p.communicate(timeout=600)
@@ -270,11 +332,15 @@ def test_equals_one_device(runs, case):
     want = _single(case)
     tau = case[3]
     if tau == TAU_ACTIVE:
-        assert min(want["norm"]) > tau, f"clipping was meant to act on every step: norms {want['norm']}"
+        assert min(want["norm"]) > tau, (
+            f"clipping was meant to act on every step: norms {want['norm']}"
+        )
     else:
         assert max(want["norm"]) < tau, f"clipping was meant to stay idle: norms {want['norm']}"
     split = runs[case]["split"]
-    if case[1] != "data":  # parameters sharded: some split, some whole, the mix the norm must get right
+    if (
+        case[1] != "data"
+    ):  # parameters sharded: some split, some whole, the mix the norm must get right
         assert any(split.values()) and not all(split.values()), split
     _check(runs[case], want, TOL[case[2]])
 
@@ -301,22 +367,82 @@ def test_cli_mesh_run_writes_the_usual_checkpoint(tmp_path):
     from parity_tests.helpers import small_corpus
 
     corpus = small_corpus(tmp_path)
-    args = ["train", "--backend", "jax", "--devices", "2", "--mesh", "fsdp", "--data", str(corpus), "--batch-size", "8",
-            "--seq-len", "16", "--hidden", "12", "--embed", "6", "--layers", "1", "--lr", "0.01", "--clip-norm", "0.5",
-            "--steps", "4", "--eval-every", "4", "--eval-batches", "2", "--checkpoint-every", "2", "--dtype", "float64",
-            "--sample-chars", "0", "--no-progress"]
-    p = subprocess.run([sys.executable, "-m", "charclip", *args, "--out", str(tmp_path / "mesh")], capture_output=True, text=True,
-                       timeout=300)
+    args = [
+        "train",
+        "--backend",
+        "jax",
+        "--devices",
+        "2",
+        "--mesh",
+        "fsdp",
+        "--data",
+        str(corpus),
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "16",
+        "--hidden",
+        "12",
+        "--embed",
+        "6",
+        "--layers",
+        "1",
+        "--lr",
+        "0.01",
+        "--clip-norm",
+        "0.5",
+        "--steps",
+        "4",
+        "--eval-every",
+        "4",
+        "--eval-batches",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--dtype",
+        "float64",
+        "--sample-chars",
+        "0",
+        "--no-progress",
+    ]
+    p = subprocess.run(
+        [sys.executable, "-m", "charclip", *args, "--out", str(tmp_path / "mesh")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
-    cfg = TrainConfig(steps=4, batch_size=8, seq_len=16, lr=0.01, dtype="float64", eval_every=4, eval_batches=2,
-                      checkpoint_every=2, clip=ClipConfig(max_norm=0.5))
-    one = run.train(ModelConfig(vocab_size=1, hidden_size=12, num_layers=1, embedding_dim=6), cfg, backend="jax",
-                    out_dir=tmp_path / "one", data_path=str(corpus), progress=False, sample_chars=0, log=lambda *a: None)
+    cfg = TrainConfig(
+        steps=4,
+        batch_size=8,
+        seq_len=16,
+        lr=0.01,
+        dtype="float64",
+        eval_every=4,
+        eval_batches=2,
+        checkpoint_every=2,
+        clip=ClipConfig(max_norm=0.5),
+    )
+    one = run.train(
+        ModelConfig(vocab_size=1, hidden_size=12, num_layers=1, embedding_dim=6),
+        cfg,
+        backend="jax",
+        out_dir=tmp_path / "one",
+        data_path=str(corpus),
+        progress=False,
+        sample_chars=0,
+        log=lambda *a: None,
+    )
     got, want = checkpoint.load(tmp_path / "mesh"), checkpoint.load(one["checkpoint"])
     assert got.step == want.step == 4
     for part in ("params", "adam", "hidden"):
         for name in getattr(want, part):
-            _close(f"checkpoint {part} {name}", getattr(got, part)[name], getattr(want, part)[name], TOL["float64"])
+            _close(
+                f"checkpoint {part} {name}",
+                getattr(got, part)[name],
+                getattr(want, part)[name],
+                TOL["float64"],
+            )
 
 
 def test_too_few_devices_is_one_line(capsys, tmp_path):
@@ -324,6 +450,18 @@ def test_too_few_devices_is_one_line(capsys, tmp_path):
     from charclip import cli
 
     jnp.zeros(1)  # make sure the backend is up, as it is in any process that already used JAX
-    code = cli.main(["train", "--backend", "jax", "--devices", "3", "--steps", "1", "--out", str(tmp_path / "r")])
+    code = cli.main(
+        [
+            "train",
+            "--backend",
+            "jax",
+            "--devices",
+            "3",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--devices 3" in err, err

@@ -32,15 +32,31 @@ from torch_impl.train import Trainer
 
 WORLDS = (2, 4)
 STEPS = 3
-MODEL = ModelConfig(vocab_size=13, cell="lstm", hidden_size=6, num_layers=2, embedding_dim=5)  # 13, 5: uneven slices
+MODEL = ModelConfig(
+    vocab_size=13, cell="lstm", hidden_size=6, num_layers=2, embedding_dim=5
+)  # 13, 5: uneven slices
 BATCH, SEQ = 8, 5
 TAU_ACTIVE, TAU_IDLE = 0.05, 1e3  # the gradient norm here is about 0.1 to 0.3
 # (parallel, dtype, max_norm, clip impl, variant); variant "" is the plain run.
-CASES = [(par, dt, tau, "library", "") for par in D.PARALLEL for dt in ("float64", "float32") for tau in (TAU_ACTIVE, TAU_IDLE)]
-CASES += [(par, dt, TAU_ACTIVE, "reference", "") for par in D.PARALLEL for dt in ("float64", "float32")]
-CASES += [(par, "float64", TAU_ACTIVE, "library", "resume") for par in D.PARALLEL]  # Adam and hidden state reloaded after 2 steps
-CASES += [(par, "float64", TAU_ACTIVE, "library", "dropout") for par in D.PARALLEL]  # global masks, each rank its rows
-CONTROLS = [("fsdp", "float64", TAU_ACTIVE, "library", "per_shard"), ("ddp", "float64", TAU_ACTIVE, "library", "counted_per_rank")]
+CASES = [
+    (par, dt, tau, "library", "")
+    for par in D.PARALLEL
+    for dt in ("float64", "float32")
+    for tau in (TAU_ACTIVE, TAU_IDLE)
+]
+CASES += [
+    (par, dt, TAU_ACTIVE, "reference", "") for par in D.PARALLEL for dt in ("float64", "float32")
+]
+CASES += [
+    (par, "float64", TAU_ACTIVE, "library", "resume") for par in D.PARALLEL
+]  # Adam and hidden state reloaded after 2 steps
+CASES += [
+    (par, "float64", TAU_ACTIVE, "library", "dropout") for par in D.PARALLEL
+]  # global masks, each rank its rows
+CONTROLS = [
+    ("fsdp", "float64", TAU_ACTIVE, "library", "per_shard"),
+    ("ddp", "float64", TAU_ACTIVE, "library", "counted_per_rank"),
+]
 # Relative to the largest magnitude compared. The ranks sum the batch in another order,
 # so results differ by rounding: measured at most 1.1e-15 in float64 and 6e-7 (10 ulp
 # of 2**-24) in float32, over STEPS steps of backward, clip and Adam.
@@ -48,18 +64,32 @@ TOL = {"float64": 1e-12, "float32": 2e-6}
 
 
 def _config(dtype: str, tau: float, impl: str, variant: str = "") -> TrainConfig:
-    return TrainConfig(steps=STEPS, batch_size=BATCH, seq_len=SEQ, lr=1e-2, dtype=dtype, clip=ClipConfig(max_norm=tau, impl=impl),
-                       dropout=0.3 if variant == "dropout" else 0.0)
+    return TrainConfig(
+        steps=STEPS,
+        batch_size=BATCH,
+        seq_len=SEQ,
+        lr=1e-2,
+        dtype=dtype,
+        clip=ClipConfig(max_norm=tau, impl=impl),
+        dropout=0.3 if variant == "dropout" else 0.0,
+    )
 
 
 def _batches():
     rng = np.random.default_rng(7)
-    return [(rng.integers(0, MODEL.vocab_size, (BATCH, SEQ)), rng.integers(0, MODEL.vocab_size, (BATCH, SEQ)))
-            for _ in range(STEPS)]
+    return [
+        (
+            rng.integers(0, MODEL.vocab_size, (BATCH, SEQ)),
+            rng.integers(0, MODEL.vocab_size, (BATCH, SEQ)),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def _module(trainer):
-    return getattr(trainer, "module", trainer.model)  # DistributedTrainer keeps the CharRNN apart from its wrapper
+    return getattr(
+        trainer, "module", trainer.model
+    )  # DistributedTrainer keeps the CharRNN apart from its wrapper
 
 
 def _record(trainer, batches, record=None) -> dict:
@@ -67,14 +97,26 @@ def _record(trainer, batches, record=None) -> dict:
     record = record or {"norm": [], "grads": []}
 
     def grab(optimizer, args, kwargs):  # after clipping, before Adam: what Adam is fed
-        record["grads"].append({n: D._full(p.grad).detach().numpy().copy() for n, p in _module(trainer).named_parameters()})
+        record["grads"].append(
+            {
+                n: D._full(p.grad).detach().numpy().copy()
+                for n, p in _module(trainer).named_parameters()
+            }
+        )
 
     handle = trainer.optimizer.register_step_pre_hook(grab)
-    for x, y in batches:  # the dropout masks of the global batch (None without dropout), as charclip.run draws them
+    for (
+        x,
+        y,
+    ) in (
+        batches
+    ):  # the dropout masks of the global batch (None without dropout), as charclip.run draws them
         masks = dropout.masks(MODEL, trainer.cfg, len(record["norm"]), *x.shape)
         record["norm"].append(trainer.step(x, y, masks=masks).grad_norm)
     handle.remove()
-    record.update(params=trainer.params_numpy(), adam=trainer.adam_state(), hidden=trainer.hidden_state())
+    record.update(
+        params=trainer.params_numpy(), adam=trainer.adam_state(), hidden=trainer.hidden_state()
+    )
     return record
 
 
@@ -90,7 +132,9 @@ def _wrong_clip(trainer, variant: str, tau: float):
         return norm
 
     def counted_per_rank():
-        grads = [p.grad for p in trainer.module.parameters()]  # whole and identical on every rank after DDP
+        grads = [
+            p.grad for p in trainer.module.parameters()
+        ]  # whole and identical on every rank after DDP
         sq = torch.nn.utils.get_total_norm(grads) ** 2
         dist.all_reduce(sq)  # as if the ranks held different parts: each tensor counted N times
         norm = sq.sqrt()
@@ -109,8 +153,12 @@ def _run_case(case) -> dict:
         trainer._clip = _wrong_clip(trainer, variant, tau)
     if variant != "resume":
         return _record(trainer, batches)
-    first = _record(trainer, batches[:2])  # then a fresh trainer from the gathered state, as a resumed run builds
-    resumed = D.DistributedTrainer(MODEL, cfg, first["params"], parallel=parallel, adam=first["adam"], hidden=first["hidden"])
+    first = _record(
+        trainer, batches[:2]
+    )  # then a fresh trainer from the gathered state, as a resumed run builds
+    resumed = D.DistributedTrainer(
+        MODEL, cfg, first["params"], parallel=parallel, adam=first["adam"], hidden=first["hidden"]
+    )
     return _record(resumed, batches[2:], {"norm": first["norm"], "grads": first["grads"]})
 
 
@@ -151,7 +199,9 @@ def _close(what: str, got, want, tol: float) -> None:
 
 def _check(record: dict, want: dict, tol: float) -> None:
     """The distributed record equals the single-process one: norms, clipped gradients, final state."""
-    assert len(record["grads"]) == len(want["grads"]) == STEPS, "the pre-step hook did not see every step"
+    assert len(record["grads"]) == len(want["grads"]) == STEPS, (
+        "the pre-step hook did not see every step"
+    )
     _close("global norm", record["norm"], want["norm"], tol)
     for step, (g, w) in enumerate(zip(record["grads"], want["grads"], strict=True)):
         for name in w:
@@ -168,7 +218,9 @@ def test_equals_one_process(runs, world, case):
     want = _single(case)
     tau = case[2]
     if tau == TAU_ACTIVE:
-        assert min(want["norm"]) > tau, f"clipping was meant to act on every step: norms {want['norm']}"
+        assert min(want["norm"]) > tau, (
+            f"clipping was meant to act on every step: norms {want['norm']}"
+        )
     else:
         assert max(want["norm"]) < tau, f"clipping was meant to stay idle: norms {want['norm']}"
     _check(runs[world, case], want, TOL[case[1]])
@@ -189,18 +241,57 @@ def test_replicated_gradient_counted_per_rank_is_caught(runs, world):
     """Summing the squared norms of DDP's identical gradients over N ranks gives sqrt(N) times the norm."""
     case = CONTROLS[1]
     record, want = runs[world, case], _single(case)
-    _close("norm / sqrt(N) on the first step", record["norm"][0] / np.sqrt(world), want["norm"][0], TOL["float64"])
+    _close(
+        "norm / sqrt(N) on the first step",
+        record["norm"][0] / np.sqrt(world),
+        want["norm"][0],
+        TOL["float64"],
+    )
     with pytest.raises(AssertionError, match="global norm"):
         _check(record, want, TOL["float64"])
 
 
 # ---- the command line: rank 0 writes the usual checkpoint; failures are one line ----
 
+
 def _cli(tmp_path, corpus, out, *extra, **popen):
-    args = [sys.executable, "-m", "charclip", "train", "--backend", "torch", "--data", str(corpus), "--out", str(out),
-            "--batch-size", "8", "--seq-len", "16", "--hidden", "12", "--embed", "6", "--layers", "1", "--lr", "0.01",
-            "--clip-norm", "0.5", "--eval-every", "4", "--eval-batches", "2", "--sample-chars", "0", "--no-progress", *extra]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    args = [
+        sys.executable,
+        "-m",
+        "charclip",
+        "train",
+        "--backend",
+        "torch",
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "16",
+        "--hidden",
+        "12",
+        "--embed",
+        "6",
+        "--layers",
+        "1",
+        "--lr",
+        "0.01",
+        "--clip-norm",
+        "0.5",
+        "--eval-every",
+        "4",
+        "--eval-batches",
+        "2",
+        "--sample-chars",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
+    )
 
 
 @pytest.fixture(scope="module")
@@ -213,20 +304,59 @@ def corpus(tmp_path_factory):
 def test_cli_fsdp_checkpoint_equals_one_process(tmp_path, corpus):
     from charclip import run
 
-    p = _cli(tmp_path, corpus, tmp_path / "fsdp", "--nproc", "2", "--parallel", "fsdp", "--steps", "6",
-             "--checkpoint-every", "3", "--dtype", "float64")
+    p = _cli(
+        tmp_path,
+        corpus,
+        tmp_path / "fsdp",
+        "--nproc",
+        "2",
+        "--parallel",
+        "fsdp",
+        "--steps",
+        "6",
+        "--checkpoint-every",
+        "3",
+        "--dtype",
+        "float64",
+    )
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
-    cfg = TrainConfig(steps=6, batch_size=8, seq_len=16, lr=0.01, dtype="float64", eval_every=4, eval_batches=2,
-                      checkpoint_every=3, clip=ClipConfig(max_norm=0.5))
-    one = run.train(ModelConfig(vocab_size=1, hidden_size=12, num_layers=1, embedding_dim=6), cfg, backend="torch",
-                    out_dir=tmp_path / "one", data_path=str(corpus), progress=False, sample_chars=0, log=lambda *a: None)
+    cfg = TrainConfig(
+        steps=6,
+        batch_size=8,
+        seq_len=16,
+        lr=0.01,
+        dtype="float64",
+        eval_every=4,
+        eval_batches=2,
+        checkpoint_every=3,
+        clip=ClipConfig(max_norm=0.5),
+    )
+    one = run.train(
+        ModelConfig(vocab_size=1, hidden_size=12, num_layers=1, embedding_dim=6),
+        cfg,
+        backend="torch",
+        out_dir=tmp_path / "one",
+        data_path=str(corpus),
+        progress=False,
+        sample_chars=0,
+        log=lambda *a: None,
+    )
     got, want = checkpoint.load(tmp_path / "fsdp"), checkpoint.load(one["checkpoint"])
     assert got.step == want.step == 6 and got.backend == "torch"
     for part in ("params", "adam", "hidden"):
         for name in getattr(want, part):
-            _close(f"checkpoint {part} {name}", getattr(got, part)[name], getattr(want, part)[name], TOL["float64"])
-    norms = [r["grad_norm"] for r in run.read_metrics(tmp_path / "fsdp" / "metrics.jsonl") if "grad_norm" in r]
+            _close(
+                f"checkpoint {part} {name}",
+                getattr(got, part)[name],
+                getattr(want, part)[name],
+                TOL["float64"],
+            )
+    norms = [
+        r["grad_norm"]
+        for r in run.read_metrics(tmp_path / "fsdp" / "metrics.jsonl")
+        if "grad_norm" in r
+    ]
     want_norms = [r["grad_norm"] for r in run.read_metrics(one["metrics"]) if "grad_norm" in r]
     _close("logged global norms", norms, want_norms, TOL["float64"])
     assert (tmp_path / "fsdp" / "training.png").is_file()
@@ -237,7 +367,9 @@ def _rank_pids(launcher: int) -> list[int]:
     return sorted(k for k in kids if b"spawn_main" in open(f"/proc/{k}/cmdline", "rb").read())
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank processes in /proc")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="finds the rank processes in /proc"
+)
 def test_dead_rank_is_one_line_and_leaves_whole_checkpoints(tmp_path, corpus):
     out = tmp_path / "run"
     p = _cli(tmp_path, corpus, out, "--nproc", "2", "--steps", "100000", "--checkpoint-every", "5")
@@ -248,18 +380,36 @@ def test_dead_rank_is_one_line_and_leaves_whole_checkpoints(tmp_path, corpus):
     os.kill(_rank_pids(p.pid)[-1], signal.SIGKILL)  # the rank started last: a follower
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2, err
-    assert err.count("\n") == 1 and err.startswith("charclip: error: rank 1 of 2 died (SIGKILL)"), err
+    assert err.count("\n") == 1 and err.startswith("charclip: error: rank 1 of 2 died (SIGKILL)"), (
+        err
+    )
     ck = checkpoint.load(out)  # LATEST names a whole checkpoint; its hashes are verified on load
-    assert ck.step > 0 and (ck.step % 5 == 0 or ck.step % 4 == 0)  # periodic, or a new best validation (every 4)
+    assert ck.step > 0 and (
+        ck.step % 5 == 0 or ck.step % 4 == 0
+    )  # periodic, or a new best validation (every 4)
     assert f"the last whole checkpoint is step {ck.step}: continue with --resume {out}" in err, err
-    assert [d.name for d in (out / "checkpoints").iterdir() if d.name.startswith(".")] == [], "a half-written folder remains"
+    assert [d.name for d in (out / "checkpoints").iterdir() if d.name.startswith(".")] == [], (
+        "a half-written folder remains"
+    )
 
 
 def test_ctrl_c_stops_every_rank_with_a_checkpoint(tmp_path, corpus):
     """SIGINT to the whole process group, as a terminal sends it: rank 0 finishes the step, gathers, saves."""
     out = tmp_path / "run"
-    p = _cli(tmp_path, corpus, out, "--nproc", "2", "--parallel", "fsdp", "--steps", "100000", "--checkpoint-every", "1000",
-             start_new_session=True)
+    p = _cli(
+        tmp_path,
+        corpus,
+        out,
+        "--nproc",
+        "2",
+        "--parallel",
+        "fsdp",
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "1000",
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     while not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").stat().st_size < 500:
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()
@@ -269,7 +419,9 @@ def test_ctrl_c_stops_every_rank_with_a_checkpoint(tmp_path, corpus):
     assert p.returncode == 130, err
     ck = checkpoint.load(out)
     assert f"interrupted at step {ck.step}; checkpoint written" in stdout, stdout
-    assert ck.hidden["h"].shape == (1, 8, 12) and ck.adam["step"] == ck.step  # gathered whole from both ranks
+    assert (
+        ck.hidden["h"].shape == (1, 8, 12) and ck.adam["step"] == ck.step
+    )  # gathered whole from both ranks
 
 
 def test_port_taken_is_one_line(tmp_path, corpus, monkeypatch, capsys):
@@ -281,8 +433,23 @@ def test_port_taken_is_one_line(tmp_path, corpus, monkeypatch, capsys):
         s.bind(("127.0.0.1", 0))
         s.listen()
         monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
-        code = cli.main(["train", "--backend", "torch", "--nproc", "2", "--data", str(corpus), "--out", str(tmp_path / "r"),
-                         "--steps", "2", "--batch-size", "8"])
+        code = cli.main(
+            [
+                "train",
+                "--backend",
+                "torch",
+                "--nproc",
+                "2",
+                "--data",
+                str(corpus),
+                "--out",
+                str(tmp_path / "r"),
+                "--steps",
+                "2",
+                "--batch-size",
+                "8",
+            ]
+        )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "port" in err and "MASTER_PORT" in err, err
     assert not (tmp_path / "r" / "checkpoints").exists()
@@ -291,7 +458,22 @@ def test_port_taken_is_one_line(tmp_path, corpus, monkeypatch, capsys):
 def test_uneven_batch_is_one_line(tmp_path, corpus, capsys):
     from charclip import cli
 
-    code = cli.main(["train", "--backend", "torch", "--nproc", "3", "--data", str(corpus), "--out", str(tmp_path / "r"),
-                     "--steps", "2", "--batch-size", "8"])
+    code = cli.main(
+        [
+            "train",
+            "--backend",
+            "torch",
+            "--nproc",
+            "3",
+            "--data",
+            str(corpus),
+            "--out",
+            str(tmp_path / "r"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--nproc 3" in err, err

@@ -31,8 +31,15 @@ def _model(cell="lstm", layers=2):
 
 def _cfg(**kw):
     # clipping far below the norm, reference convention on both sides: every step clips, no library gap
-    return TrainConfig(batch_size=B, seq_len=T, dtype="float64", dropout=P, lr=1e-2,
-                       clip=ClipConfig(max_norm=0.05, impl="reference"), **kw)
+    return TrainConfig(
+        batch_size=B,
+        seq_len=T,
+        dtype="float64",
+        dropout=P,
+        lr=1e-2,
+        clip=ClipConfig(max_norm=0.05, impl="reference"),
+        **kw,
+    )
 
 
 def _batches(n, seed=0):
@@ -68,7 +75,9 @@ def test_masks_are_inverted_bernoulli_with_the_right_rate():
     # keep-probability p) is off by 15 or more.
     sigma = math.sqrt(P * (1 - P) / n)
     share = float(np.mean(every == 0))
-    assert abs(share - P) <= 6 * sigma, f"share of zeros {share:.4f}, expected {P} +- {6 * sigma:.4f}"
+    assert abs(share - P) <= 6 * sigma, (
+        f"share of zeros {share:.4f}, expected {P} +- {6 * sigma:.4f}"
+    )
     # The mean is (1 - share) / (1 - p): about 1 (inverted dropout keeps the expected activation),
     # within the same 6 sigma scaled by 1 / (1 - p).
     mean = float(np.mean(every, dtype=np.float64))
@@ -82,9 +91,16 @@ def test_masks_are_a_function_of_seed_and_step():
     first = dropout.masks(model, cfg, 7, B, T)
     again = dropout.masks(model, cfg, 7, B, T)
     for a, b in zip(first, again):
-        np.testing.assert_array_equal(a, b, err_msg="the same (seed, step) must give the same masks (resume)")
-    for other in (dropout.masks(model, cfg, 8, B, T), dropout.masks(model, replace(cfg, seed=1), 7, B, T)):
-        assert not any(np.array_equal(a, b) for a, b in zip(first, other)), "another step or seed: other masks"
+        np.testing.assert_array_equal(
+            a, b, err_msg="the same (seed, step) must give the same masks (resume)"
+        )
+    for other in (
+        dropout.masks(model, cfg, 8, B, T),
+        dropout.masks(model, replace(cfg, seed=1), 7, B, T),
+    ):
+        assert not any(np.array_equal(a, b) for a, b in zip(first, other)), (
+            "another step or seed: other masks"
+        )
     # float32 and float64 runs drop the same units (the uniforms are float32 in both)
     single = dropout.masks(model, replace(cfg, dtype="float32"), 7, B, T)
     for a, b in zip(first, single):
@@ -115,18 +131,27 @@ def test_torch_layer_by_layer_with_ones_equals_the_one_multi_layer_call(cell):
     cfg = _model(cell, layers=3)
     module = M.build(cfg, init_params(cfg, 0, "float64"))
     x = torch.from_numpy(_batches(1)[0][0])
-    ones = tuple(torch.ones(B, T, cfg.hidden_size, dtype=torch.float64) for _ in range(cfg.num_layers))
+    ones = tuple(
+        torch.ones(B, T, cfg.hidden_size, dtype=torch.float64) for _ in range(cfg.num_layers)
+    )
     outs = []
     for masks in (None, ones):
         module.zero_grad()
         logits, final = module(x, None, masks)
-        (logits.square().mean() + sum(f.sum() for f in (final if isinstance(final, tuple) else (final,)))).backward()
-        outs.append((logits.detach(), final, {n: p.grad.clone() for n, p in module.named_parameters()}))
+        (
+            logits.square().mean()
+            + sum(f.sum() for f in (final if isinstance(final, tuple) else (final,)))
+        ).backward()
+        outs.append(
+            (logits.detach(), final, {n: p.grad.clone() for n, p in module.named_parameters()})
+        )
     (l0, f0, g0), (l1, f1, g1) = outs
     torch.testing.assert_close(l1, l0, rtol=0, atol=0)
     torch.testing.assert_close(f1, f0, rtol=0, atol=0)
     for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=lambda m, n=name: f"grad {n}: {m}")
+        torch.testing.assert_close(
+            g1[name], g0[name], rtol=0, atol=0, msg=lambda m, n=name: f"grad {n}: {m}"
+        )
 
 
 def _gradients_and_carried(backend, model, params, x, y, masks):
@@ -140,7 +165,9 @@ def _gradients_and_carried(backend, model, params, x, y, masks):
         return {n: p.grad.numpy() for n, p in module.named_parameters()}, M.hidden_to_numpy(final)
     from jax_impl import model as M
 
-    (_, final), grads = _jax_grad(model)(M.init(model, 0, "float64"), x, y, M.zero_state(model, B, np.float64), masks)
+    (_, final), grads = _jax_grad(model)(
+        M.init(model, 0, "float64"), x, y, M.zero_state(model, B, np.float64), masks
+    )
     return {k: np.asarray(v) for k, v in grads.items()}, M.hidden_to_numpy(final)
 
 
@@ -151,8 +178,11 @@ def _jax_grad(model):
 
     from jax_impl import model as M
 
-    return jax.jit(jax.value_and_grad(lambda p, x, y, s, m: M.loss(p, x, y, s, cfg=model, layer="fast", masks=m),
-                                      has_aux=True))
+    return jax.jit(
+        jax.value_and_grad(
+            lambda p, x, y, s, m: M.loss(p, x, y, s, cfg=model, layer="fast", masks=m), has_aux=True
+        )
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
@@ -168,16 +198,30 @@ def test_each_mask_sits_on_its_layers_output_and_the_carried_state_is_not_droppe
     _, carried = _gradients_and_carried(backend, model, params, x, y, (ones, ones))
     first, first_h = _gradients_and_carried(backend, model, params, x, y, (zeros, ones))
     for name in ("embedding.weight", "rnn.weight_ih_l0", "rnn.weight_ih_l1"):
-        np.testing.assert_array_equal(first[name], 0, err_msg=f"{backend}: {name} behind a mask of zeros")
-    assert np.abs(first["rnn.bias_ih_l1"]).max() > 0 and np.abs(first["head.weight"]).max() > 0, backend
+        np.testing.assert_array_equal(
+            first[name], 0, err_msg=f"{backend}: {name} behind a mask of zeros"
+        )
+    assert np.abs(first["rnn.bias_ih_l1"]).max() > 0 and np.abs(first["head.weight"]).max() > 0, (
+        backend
+    )
     last, last_h = _gradients_and_carried(backend, model, params, x, y, (ones, zeros))
-    np.testing.assert_array_equal(last["head.weight"], 0, err_msg=f"{backend}: the head saw the dropped layer")
-    np.testing.assert_array_equal(last["rnn.weight_ih_l1"], 0, err_msg=f"{backend}: gradient through a dropped head")
+    np.testing.assert_array_equal(
+        last["head.weight"], 0, err_msg=f"{backend}: the head saw the dropped layer"
+    )
+    np.testing.assert_array_equal(
+        last["rnn.weight_ih_l1"], 0, err_msg=f"{backend}: gradient through a dropped head"
+    )
     assert np.abs(last["head.bias"]).max() > 0, backend
     for part in carried:
-        np.testing.assert_array_equal(first_h[part][0], carried[part][0], err_msg=f"{backend}: layer 0's {part}")
-        assert np.abs(first_h[part][1] - carried[part][1]).max() > 1e-3, f"{backend}: layer 1 saw its input dropped"
-        np.testing.assert_array_equal(last_h[part], carried[part], err_msg=f"{backend}: carried {part} was dropped")
+        np.testing.assert_array_equal(
+            first_h[part][0], carried[part][0], err_msg=f"{backend}: layer 0's {part}"
+        )
+        assert np.abs(first_h[part][1] - carried[part][1]).max() > 1e-3, (
+            f"{backend}: layer 1 saw its input dropped"
+        )
+        np.testing.assert_array_equal(
+            last_h[part], carried[part], err_msg=f"{backend}: carried {part} was dropped"
+        )
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
@@ -191,9 +235,11 @@ def test_masks_of_ones_give_the_step_without_dropout_and_evaluation_never_drops(
     plain, r_plain = _train(backend, model, replace(_cfg(), dropout=0.0))
     masked, r_masked = _train(backend, model, _cfg(), masks_of=lambda i: ones)
     assert [r.loss for r in r_masked] == [r.loss for r in r_plain]
-    for got, want, what in ((masked.params_numpy(), plain.params_numpy(), "params"),
-                            (masked.adam_state(), plain.adam_state(), "adam"),
-                            (masked.hidden_state(), plain.hidden_state(), "hidden")):
+    for got, want, what in (
+        (masked.params_numpy(), plain.params_numpy(), "params"),
+        (masked.adam_state(), plain.adam_state(), "adam"),
+        (masked.hidden_state(), plain.hidden_state(), "hidden"),
+    ):
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=f"{backend} {what} {k}")
     val = _batches(2, seed=5)
@@ -231,7 +277,9 @@ def test_the_parity_ladders_trajectory_runs_with_dropout():
     batches = [(x, y, i == 0) for i, (x, y) in enumerate(_batches(3))]
     tr, finals = ladder.trajectory(model, cfg, init_params(model, 0, "float64"), batches)
     rows = ladder.trajectory_rows(tr, cfg)
-    assert rows[0].quantity.startswith("params over 3 steps, dropout 0.3") and all(r.ok for r in rows[:2]), rows
+    assert rows[0].quantity.startswith("params over 3 steps, dropout 0.3") and all(
+        r.ok for r in rows[:2]
+    ), rows
     # the ladder hands both sides the masks charclip.run draws: its torch side is _train's run, bit for bit
     trained, _ = _train("torch", model, cfg)
     for k, v in trained.params_numpy().items():

@@ -34,15 +34,22 @@ F64_REL = 1e-12  # see the module docstring
 
 
 def _setup(cell, layers, hidden, embed, vocab, batch, seq, seed, dtype="float64", rho=None):
-    cfg = ModelConfig(vocab_size=vocab, cell=cell, hidden_size=hidden, num_layers=layers, embedding_dim=embed)
+    cfg = ModelConfig(
+        vocab_size=vocab, cell=cell, hidden_size=hidden, num_layers=layers, embedding_dim=embed
+    )
     params = init_params(cfg, seed, dtype)
     if rho is not None and cell == "rnn":  # only the vanilla RNN's W_hh is square
         for k in range(layers):
-            params[f"rnn.weight_hh_l{k}"] = scale_spectral_radius(params[f"rnn.weight_hh_l{k}"], rho)
+            params[f"rnn.weight_hh_l{k}"] = scale_spectral_radius(
+                params[f"rnn.weight_hh_l{k}"], rho
+            )
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.integers(0, vocab, (batch, seq)))
     y = jnp.asarray(rng.integers(0, vocab, (batch, seq)))
-    state = tuple(jnp.asarray(rng.normal(size=(layers, batch, hidden)).astype(dtype)) for _ in M.zero_state(cfg, batch, dtype))
+    state = tuple(
+        jnp.asarray(rng.normal(size=(layers, batch, hidden)).astype(dtype))
+        for _ in M.zero_state(cfg, batch, dtype)
+    )
     return cfg, {k: jnp.asarray(v) for k, v in params.items()}, x, y, state
 
 
@@ -60,13 +67,17 @@ def _assert_same(ref, got, rel, what):
     (v_ref, (gp_ref, gs_ref)), (v_got, (gp_got, gs_got)) = ref, got
     np.testing.assert_allclose(v_got, v_ref, rtol=rel, err_msg=f"{what}: objective")
     named = [(f"grad {k}", gp_ref[k], gp_got[k]) for k in gp_ref]
-    named += [(f"grad initial state part {i}", a, b) for i, (a, b) in enumerate(zip(gs_ref, gs_got))]
+    named += [
+        (f"grad initial state part {i}", a, b) for i, (a, b) in enumerate(zip(gs_ref, gs_got))
+    ]
     for name, a, b in named:
         a, b = np.asarray(a), np.asarray(b)
         # A gradient can cancel to near zero (a bias gradient is a sum of p - onehot terms):
         # its rounding is that of its O(1) terms, so the scale is never below 1.
         scale = max(np.max(np.abs(a)), 1.0)
-        np.testing.assert_allclose(b, a, rtol=0, atol=rel * scale, err_msg=f"{what}: {name} (scale {scale:.3g})")
+        np.testing.assert_allclose(
+            b, a, rtol=0, atol=rel * scale, err_msg=f"{what}: {name} (scale {scale:.3g})"
+        )
 
 
 # Shape buckets (layers, hidden, embed, vocab, batch, seq): the degenerate sizes, and one
@@ -80,8 +91,12 @@ def _every_layer(cfg, params, x, y, state, masks=None):
     return {layer: _value_and_grads(cfg, params, x, y, state, layer, masks) for layer in M.LAYERS}
 
 
-@given(cell=st.sampled_from(["rnn", "lstm", "gru"]), bucket=st.sampled_from(BUCKETS), seed=st.integers(0, 2**32 - 1),
-       rho=st.sampled_from([None, 0.5, 3.0]))
+@given(
+    cell=st.sampled_from(["rnn", "lstm", "gru"]),
+    bucket=st.sampled_from(BUCKETS),
+    seed=st.integers(0, 2**32 - 1),
+    rho=st.sampled_from([None, 0.5, 3.0]),
+)
 def test_fast_gradients_equal_autodiff_of_the_scan_in_float64(cell, bucket, seed, rho):
     cfg, params, x, y, state = _setup(cell, *bucket, seed, rho=rho)
     out = _every_layer(cfg, params, x, y, state)
@@ -106,13 +121,17 @@ def test_trainers_with_either_layer_take_the_same_steps_and_evaluate_alike():
     for k, v in scan.params_numpy().items():
         np.testing.assert_allclose(fast.params_numpy()[k], v, rtol=0, atol=1e-13, err_msg=k)
     for part, v in scan.hidden_state().items():
-        np.testing.assert_allclose(fast.hidden_state()[part], v, rtol=0, atol=1e-13, err_msg=f"carried {part}")
+        np.testing.assert_allclose(
+            fast.hidden_state()[part], v, rtol=0, atol=1e-13, err_msg=f"carried {part}"
+        )
     np.testing.assert_allclose(fast.evaluate(batches), scan.evaluate(batches), rtol=F64_REL)
 
 
 def test_an_unknown_layer_is_a_clear_error():
     cfg, params, x, _, state = _setup("rnn", 1, 2, 2, 3, 1, 2, seed=0)
-    with pytest.raises(ValueError, match="unknown layer 'cudnn'; choose one of scan, fast, fast-no-table"):
+    with pytest.raises(
+        ValueError, match="unknown layer 'cudnn'; choose one of scan, fast, fast-no-table"
+    ):
         M.apply(params, x, state, cfg=cfg, layer="cudnn")
     with pytest.raises(ValueError, match="unknown layer"):
         T.make_train_step(cfg, TrainConfig(), T.optimizer(TrainConfig()), layer="cudnn")
@@ -162,8 +181,10 @@ def test_saturated_gates_are_accurate_element_by_element_in_float32(cell):
         return jax.tree_util.tree_leaves(jax.jit(jax.grad(fn, argnums=(0, 1, 2, 3)))(*args))
 
     def worst(fn, args):
-        return max(np.max(np.abs(np.asarray(g, np.float64) - e) / np.abs(e))
-                   for g, e in zip(grads(fn, args), exact))
+        return max(
+            np.max(np.abs(np.asarray(g, np.float64) - e) / np.abs(e))
+            for g, e in zip(grads(fn, args), exact)
+        )
 
     exact = [np.asarray(g) for g in grads(reference, args64)]
     err = worst(fast, args32)
@@ -181,8 +202,10 @@ def test_fast_gradients_with_dropout_masks_equal_autodiff_of_the_scan():
     with masks is compared with torch in test_dropout.py)."""
     cfg, params, x, y, state = _setup("lstm", *BUCKETS[1], seed=3)
     rng = np.random.default_rng(4)
-    masks = tuple(jnp.asarray((rng.random((x.shape[0], x.shape[1], cfg.hidden_size)) >= 0.5) * 2.0)
-                  for _ in range(cfg.num_layers))
+    masks = tuple(
+        jnp.asarray((rng.random((x.shape[0], x.shape[1], cfg.hidden_size)) >= 0.5) * 2.0)
+        for _ in range(cfg.num_layers)
+    )
 
     out = _every_layer(cfg, params, x, y, state, masks)
     for layer in ("fast", "fast-no-table"):

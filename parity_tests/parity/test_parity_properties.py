@@ -29,8 +29,9 @@ MAX_EXAMPLES = settings().max_examples if THOROUGH else min(settings().max_examp
 
 def make_setup(cell, dtype, vocab, hidden, layers, embed, batch, seq, seed, rho, lr):
     """The StepSetup of one draw (also an explicit example's)."""
-    cfg = ModelConfig(vocab_size=vocab, cell=cell, hidden_size=hidden, num_layers=layers,
-                      embedding_dim=embed)
+    cfg = ModelConfig(
+        vocab_size=vocab, cell=cell, hidden_size=hidden, num_layers=layers, embedding_dim=embed
+    )
     params = init_params(cfg, seed, dtype)
     if cell == "rnn":  # W_hh is square (H, H) only for the vanilla RNN
         for k in range(cfg.num_layers):
@@ -60,15 +61,29 @@ def setups(draw, cells=("rnn", "lstm", "gru"), dtypes=("float64", "float32")):
 def _check(setup: parity.StepSetup) -> None:
     rows = parity.compare_step(setup)
     bad = [r for r in rows if not r.ok]
-    assert not bad, f"\n{setup.model}, B x T = {setup.x.shape}, {setup.train.dtype}\n" + parity.format_table(rows)
+    assert not bad, (
+        f"\n{setup.model}, B x T = {setup.x.shape}, {setup.train.dtype}\n"
+        + parity.format_table(rows)
+    )
 
 
 # A draw of the shape the dev profile found failing (vanilla RNN, hidden 1, 2 layers, B = T = 1):
 # it failed the float32 gradient bound by 1.2e-5 (against 1e-5)
 # while JAX took tanh' as (1 - h)(1 + h) from its float32 tanh; the fast layer now takes it from
 # the pre-activation (docs/fast-layer.md, `python -m benchmarks.float32_draws`).
-SATURATED_TANH_DRAW = dict(cell="rnn", dtype="float32", vocab=7, hidden=1, layers=2, embed=3,
-                           batch=1, seq=1, seed=544675305, rho=3.0, lr=1e-3)
+SATURATED_TANH_DRAW = dict(
+    cell="rnn",
+    dtype="float32",
+    vocab=7,
+    hidden=1,
+    layers=2,
+    embed=3,
+    batch=1,
+    seq=1,
+    seed=544675305,
+    rho=3.0,
+    lr=1e-3,
+)
 
 
 @settings(max_examples=MAX_EXAMPLES)
@@ -86,8 +101,12 @@ def test_witness_agrees_on_drawn_vanilla_rnns(setup):
     tol = parity.TOLERANCES["float64"]
     for backend in parity.BACKENDS:
         q = parity.step_quantities(backend, setup)
-        rows = [parity.compare("loss", loss, q["loss"], tol["loss"]),
-                parity.compare("final h", final, q["final"]["h"], tol["forward"]),
-                parity.compare_group("grads", grads, q["grad"], tol["grad"]),
-                parity.compare("global grad norm", witness.global_norm(grads), q["grad_norm"], tol["norm"])]
+        rows = [
+            parity.compare("loss", loss, q["loss"], tol["loss"]),
+            parity.compare("final h", final, q["final"]["h"], tol["forward"]),
+            parity.compare_group("grads", grads, q["grad"], tol["grad"]),
+            parity.compare(
+                "global grad norm", witness.global_norm(grads), q["grad_norm"], tol["norm"]
+            ),
+        ]
         assert all(r.ok for r in rows), f"witness vs {backend}\n" + parity.format_table(rows)

@@ -18,9 +18,22 @@ from charclip import cli, parity
 from charclip.config import ClipConfig, ModelConfig
 from charclip.weights import param_shapes
 
-CONFIGS = [(cell, layers, dtype) for dtype in ("float64", "float32") for cell in ("rnn", "lstm", "gru") for layers in (1, 2)]
+CONFIGS = [
+    (cell, layers, dtype)
+    for dtype in ("float64", "float32")
+    for cell in ("rnn", "lstm", "gru")
+    for layers in (1, 2)
+]
 TINY_CLI = ["--hidden", "12", "--batch-size", "4", "--seq-len", "12"]
-SMALL = dict(hidden_size=12, embedding_dim=6, batch_size=4, seq_len=12, sample_chars=80, corpus_chars=20_000, progress=False)
+SMALL = dict(
+    hidden_size=12,
+    embedding_dim=6,
+    batch_size=4,
+    seq_len=12,
+    sample_chars=80,
+    corpus_chars=20_000,
+    progress=False,
+)
 
 
 def _failures(report: parity.Report) -> str:
@@ -33,15 +46,25 @@ def test_every_quantity_agrees(cell, layers, dtype):
     assert report.ok, _failures(report)
     names = [r.quantity for r in report.rows]
     # The ladder is complete: every parameter's gradient has its own row.
-    cfg = ModelConfig(vocab_size=report.config["vocab"], cell=cell, hidden_size=12, num_layers=layers, embedding_dim=6)
-    assert [n[len("grad "):] for n in names if n.startswith("grad ")] == list(param_shapes(cfg)), names
+    cfg = ModelConfig(
+        vocab_size=report.config["vocab"],
+        cell=cell,
+        hidden_size=12,
+        num_layers=layers,
+        embedding_dim=6,
+    )
+    assert [n[len("grad ") :] for n in names if n.startswith("grad ")] == list(param_shapes(cfg)), (
+        names
+    )
     tr = report.trajectory
     # Drift is measured at every step, not only bounded at the end.
     assert tr.steps == 50 and len(tr.param_drift_rel) == len(tr.loss_drift_rel) == 50
     # Clipping acted on some steps and not on others, on the same steps in both backends.
     assert tr.clipped["torch"] == tr.clipped["jax"]
     assert 0 < sum(tr.clipped["torch"]) < 50, tr.clipped["torch"]
-    np.testing.assert_array_equal(np.array(tr.grad_norm["torch"]) > tr.max_norm, tr.clipped["torch"])
+    np.testing.assert_array_equal(
+        np.array(tr.grad_norm["torch"]) > tr.max_norm, tr.clipped["torch"]
+    )
 
 
 def test_library_clipping_agrees_up_to_torchs_epsilon():
@@ -57,10 +80,14 @@ def test_a_wrong_norm_is_caught_although_adam_would_hide_it(monkeypatch):
 
     real = optax.clip_by_global_norm
     monkeypatch.setattr(optax, "clip_by_global_norm", lambda max_norm: real(2 * max_norm))
-    report = parity.run_parity("rnn", 1, "float64", steps=3, clip_impl="library", **{**SMALL, "sample_chars": 0})
+    report = parity.run_parity(
+        "rnn", 1, "float64", steps=3, clip_impl="library", **{**SMALL, "sample_chars": 0}
+    )
     failed = {r.quantity.split(" (")[0] for r in report.rows if not r.ok}
     assert "norm-clipped grads" in failed, _failures(report)
-    assert "value-clipped grads" not in failed and "global grad norm" not in failed, _failures(report)
+    assert "value-clipped grads" not in failed and "global grad norm" not in failed, _failures(
+        report
+    )
 
 
 def test_a_wrong_gate_order_is_caught_in_the_forward_pass(monkeypatch):
@@ -76,8 +103,14 @@ def test_a_wrong_gate_order_is_caught_in_the_forward_pass(monkeypatch):
         return jnp.concatenate([z, r, n], axis=-1)
 
     real_cell, real_fast = jax_model._cell, fastrnn._FORWARD["gru"]
-    monkeypatch.setattr(jax_model, "_cell", lambda cell, xw_t, *rest: real_cell(cell, swap(xw_t), *rest))
-    monkeypatch.setitem(fastrnn._FORWARD, "gru", lambda w_hh_t, b_hh, carry, xw_t: real_fast(w_hh_t, b_hh, carry, swap(xw_t)))
+    monkeypatch.setattr(
+        jax_model, "_cell", lambda cell, xw_t, *rest: real_cell(cell, swap(xw_t), *rest)
+    )
+    monkeypatch.setitem(
+        fastrnn._FORWARD,
+        "gru",
+        lambda w_hh_t, b_hh, carry, xw_t: real_fast(w_hh_t, b_hh, carry, swap(xw_t)),
+    )
     report = parity.run_parity("gru", 1, "float64", steps=2, **{**SMALL, "sample_chars": 0})
     failed = {r.quantity for r in report.rows if not r.ok}
     assert {"logits", "final h", "loss"} <= failed, _failures(report)
@@ -85,20 +118,42 @@ def test_a_wrong_gate_order_is_caught_in_the_forward_pass(monkeypatch):
 
 def test_cli_prints_the_table_writes_json_and_plot(tmp_path, capsys):
     out_json, out_png = tmp_path / "parity.json", tmp_path / "drift.png"
-    code = cli.main(["parity", "--cell", "rnn", "--layers", "1", "--dtype", "float32", "--steps", "50", *TINY_CLI,
-                     "--json", str(out_json), "--plot", str(out_png), "--no-progress"])
+    code = cli.main(
+        [
+            "parity",
+            "--cell",
+            "rnn",
+            "--layers",
+            "1",
+            "--dtype",
+            "float32",
+            "--steps",
+            "50",
+            *TINY_CLI,
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+            "--no-progress",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0, text
     assert "max abs err" in text and "all quantities agree" in text
     (report,) = json.loads(out_json.read_text())
     assert report["ok"] and report["config"]["dtype"] == "float32"
     assert len(report["trajectory"]["param_drift_rel"]) == 50
-    assert all({"quantity", "max_abs", "max_rel", "tol", "reason", "ok"} <= row.keys() for row in report["rows"])
+    assert all(
+        {"quantity", "max_abs", "max_rel", "tol", "reason", "ok"} <= row.keys()
+        for row in report["rows"]
+    )
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_exits_non_zero_when_something_differs(monkeypatch, capsys):
-    monkeypatch.setitem(parity.TOLERANCES["float64"], "loss", parity.Tolerance(-1.0, "a bound nothing meets"))
+    monkeypatch.setitem(
+        parity.TOLERANCES["float64"], "loss", parity.Tolerance(-1.0, "a bound nothing meets")
+    )
     code = cli.main(["parity", "--cell", "rnn", "--steps", "2", *TINY_CLI, "--no-progress"])
     out = capsys.readouterr().out
     assert code == 1 and "DIFFERS" in out and "rnn: loss" in out, out

@@ -62,16 +62,22 @@ def assert_same_bits(got, expected, what):
     assert len(got) == len(expected), what
     for g, e in zip(got, expected):
         assert g.dtype == e.dtype, f"{what}: dtype {g.dtype} != {e.dtype}"
-        np.testing.assert_array_equal(np.asarray(g, np.float64), np.asarray(e, np.float64), err_msg=what)
+        np.testing.assert_array_equal(
+            np.asarray(g, np.float64), np.asarray(e, np.float64), err_msg=what
+        )
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_signature_is_torchs_plus_keyword_only_extras(name):
     theirs = list(inspect.signature(getattr(LIB, name)).parameters.values())
     mine = list(inspect.signature(getattr(ours, name)).parameters.values())
-    assert [(p.name, p.kind, p.default) for p in mine[: len(theirs)]] == [(p.name, p.kind, p.default) for p in theirs]
-    extras = mine[len(theirs):]
-    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extras), f"{name}: {extras} not keyword-only"
+    assert [(p.name, p.kind, p.default) for p in mine[: len(theirs)]] == [
+        (p.name, p.kind, p.default) for p in theirs
+    ]
+    extras = mine[len(theirs) :]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extras), (
+        f"{name}: {extras} not keyword-only"
+    )
 
 
 def test_extras_cannot_be_passed_positionally():
@@ -83,11 +89,17 @@ def test_extras_cannot_be_passed_positionally():
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
 def test_returns_torchs_norm_dtype_and_device(dtype):
     arrays = [np.array([3.0, 4.0]), np.array([12.0])]
-    theirs, mine = params_of([a.astype(str(dtype)[6:]) for a in arrays]), params_of([a.astype(str(dtype)[6:]) for a in arrays])
+    theirs, mine = (
+        params_of([a.astype(str(dtype)[6:]) for a in arrays]),
+        params_of([a.astype(str(dtype)[6:]) for a in arrays]),
+    )
     expected, got = LIB.clip_grad_norm_(theirs, 1.0), ours.clip_grad_norm_(mine, 1.0)
     assert (got.dtype, got.device, got.shape) == (expected.dtype, expected.device, expected.shape)
     assert float(got) == float(expected) == 13.0
-    assert ours.clip_grads_with_norm_(mine, 1.0, got) is None and ours.clip_grad_value_(mine, 1.0) is None
+    assert (
+        ours.clip_grads_with_norm_(mine, 1.0, got) is None
+        and ours.clip_grad_value_(mine, 1.0) is None
+    )
 
 
 def test_low_precision_norm_is_float32_not_rounded():
@@ -108,8 +120,12 @@ def _warnings_of(fn):
 def test_empty_generator_warns_like_torch_and_points_at_the_caller():
     _, theirs = _warnings_of(lambda: LIB.clip_grad_norm_((p for p in []), 1.0))
     norm, mine = _warnings_of(lambda: ours.clip_grad_norm_((p for p in []), 1.0))
-    assert [(str(w.message), w.category) for w in mine] == [(str(w.message), w.category) for w in theirs]
-    assert len(mine) == 1 and mine[0].filename == __file__, f"warning attributed to {mine[0].filename}"
+    assert [(str(w.message), w.category) for w in mine] == [
+        (str(w.message), w.category) for w in theirs
+    ]
+    assert len(mine) == 1 and mine[0].filename == __file__, (
+        f"warning attributed to {mine[0].filename}"
+    )
     assert float(norm) == 0.0
 
 
@@ -118,21 +134,31 @@ def test_consumed_generator_warns_and_changes_nothing():
     gen = (p for p in params)
     list(gen)  # a training loop that already iterated model.parameters() once
     norm, caught = _warnings_of(lambda: ours.clip_grad_norm_(gen, 1.0))
-    assert [str(w.message) for w in caught] == ["`parameters` is an empty generator, no gradient clipping will occur."]
+    assert [str(w.message) for w in caught] == [
+        "`parameters` is an empty generator, no gradient clipping will occur."
+    ]
     assert float(norm) == 0.0 and params[0].grad.tolist() == [3.0, 4.0]
 
 
 def test_a_fresh_generator_and_a_list_do_not_warn():
     for make in (lambda ps: (p for p in ps), list):
-        params, theirs = params_of([np.array([3.0, 4.0], np.float32)]), params_of([np.array([3.0, 4.0], np.float32)])
-        _, caught = _warnings_of(lambda make=make, params=params: ours.clip_grad_norm_(make(params), 1.0))
+        params, theirs = (
+            params_of([np.array([3.0, 4.0], np.float32)]),
+            params_of([np.array([3.0, 4.0], np.float32)]),
+        )
+        _, caught = _warnings_of(
+            lambda make=make, params=params: ours.clip_grad_norm_(make(params), 1.0)
+        )
         assert caught == [], [str(w.message) for w in caught]
         LIB.clip_grad_norm_(make(theirs), 1.0)
         assert_same_bits(grads_of(params), grads_of(theirs), "clipped through a generator")
 
 
 def test_single_tensor_is_accepted_as_torch_does():
-    theirs, mine = params_of([np.array([6.0, 8.0], np.float32)]), params_of([np.array([6.0, 8.0], np.float32)])
+    theirs, mine = (
+        params_of([np.array([6.0, 8.0], np.float32)]),
+        params_of([np.array([6.0, 8.0], np.float32)]),
+    )
     assert float(ours.clip_grad_norm_(mine[0], 1.0)) == float(LIB.clip_grad_norm_(theirs[0], 1.0))
     assert_same_bits(grads_of(mine), grads_of(theirs), "single tensor")
     assert float(ours.get_total_norm(mine[0].grad)) == float(LIB.get_total_norm(theirs[0].grad))
@@ -144,7 +170,10 @@ def test_empty_inputs_and_missing_grads():
         norm = ours.clip_grad_norm_(params, 1.0)
         assert (float(norm), norm.dtype) == (0.0, LIB.clip_grad_norm_(params, 1.0).dtype)
     assert without[0].grad is None
-    assert float(ours.get_total_norm([])) == 0.0 and ours.clip_grads_with_norm_(without, 1.0, torch.tensor(5.0)) is None
+    assert (
+        float(ours.get_total_norm([])) == 0.0
+        and ours.clip_grads_with_norm_(without, 1.0, torch.tensor(5.0)) is None
+    )
     mixed = params_of([np.array([3.0, 4.0], np.float32)]) + without
     assert float(ours.clip_grad_norm_(mixed, 10.0)) == 5.0
 
@@ -170,7 +199,9 @@ def test_finite_gradient_whose_squares_overflow_is_not_an_error():
     with pytest.raises(RuntimeError):
         LIB.clip_grad_norm_(params_of([np.full(4, 1e20, np.float32)]), 1.0, error_if_nonfinite=True)
     params = params_of([np.full(4, 1e20, np.float32)])
-    assert float(ours.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)) == float(np.float32(2e20))
+    assert float(ours.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)) == float(
+        np.float32(2e20)
+    )
 
 
 def test_foreach_true_on_an_unsupported_device_raises_as_torch():
@@ -182,7 +213,9 @@ def test_foreach_true_on_an_unsupported_device_raises_as_torch():
         lambda m: m.get_total_norm(grads, foreach=True),
         lambda m: m.clip_grad_norm_(params, 1.0, foreach=True),
         lambda m: m.clip_grad_value_(params, 1.0, foreach=True),
-        lambda m: m.clip_grads_with_norm_(params, 1.0, torch.tensor(2.0, device="meta"), foreach=True),
+        lambda m: m.clip_grads_with_norm_(
+            params, 1.0, torch.tensor(2.0, device="meta"), foreach=True
+        ),
     ]
     for call in calls:
         with pytest.raises(RuntimeError) as theirs:
@@ -192,7 +225,10 @@ def test_foreach_true_on_an_unsupported_device_raises_as_torch():
         assert str(mine.value) == str(theirs.value)
     for foreach in (None, False):
         norm = ours.clip_grad_norm_(params, 1.0, foreach=foreach)
-        assert norm.device.type == "meta" and norm.dtype == LIB.get_total_norm(grads, foreach=foreach).dtype
+        assert (
+            norm.device.type == "meta"
+            and norm.dtype == LIB.get_total_norm(grads, foreach=foreach).dtype
+        )
 
 
 @pytest.mark.parametrize("bad", (-1.0, math.nan))
@@ -230,13 +266,19 @@ def _library_is_right(arrays, p: float, tau: float) -> bool:
     info = np.finfo(arrays[0].dtype)
     exact = exact_norm(arrays)
     n = sum(a.size for a in arrays)
-    low = (float(info.smallest_subnormal) * 2.0**64) ** (1 / p if p > 1 and not math.isinf(p) else 1) * n
-    return exact == 0 or (low < exact / n and exact * n < min(float(info.max) ** 0.5, tau * 2.0 ** (info.maxexp - 3)))
+    low = (float(info.smallest_subnormal) * 2.0**64) ** (
+        1 / p if p > 1 and not math.isinf(p) else 1
+    ) * n
+    return exact == 0 or (
+        low < exact / n and exact * n < min(float(info.max) ** 0.5, tau * 2.0 ** (info.maxexp - 3))
+    )
 
 
 @given(tree=gradient_trees(HIGH), tau=thresholds(), p=ORDERS, foreach=FOREACH)
 @example(tree=[np.array([6.0, 8.0], np.float32)], tau=1.0, p=2.0, foreach=None)
-@example(tree=[np.zeros(0, np.float32), np.array([1.0, 2.0], np.float32)], tau=0.5, p=2.0, foreach=True)
+@example(
+    tree=[np.zeros(0, np.float32), np.array([1.0, 2.0], np.float32)], tau=0.5, p=2.0, foreach=True
+)
 def test_clip_grad_norm_is_torch_bit_for_bit_on_ordinary_gradients(tree, tau, p, foreach):
     arrays = leaves(tree)
     if math.isinf(p):  # torch's foreach inf-norm raises on empty tensors (a pinned divergence)
@@ -246,13 +288,23 @@ def test_clip_grad_norm_is_torch_bit_for_bit_on_ordinary_gradients(tree, tau, p,
     expected = LIB.clip_grad_norm_(theirs, tau, norm_type=p, foreach=foreach)
     # Finite gradients whose p-th powers overflow give torch an infinite norm: torch is wrong
     # there (the extreme-gradient test below covers it), so those draws are not "ordinary".
-    hypothesis.assume(math.isfinite(float(expected)) or not all(np.isfinite(a).all() for a in arrays))
+    hypothesis.assume(
+        math.isfinite(float(expected)) or not all(np.isfinite(a).all() for a in arrays)
+    )
     got = ours.clip_grad_norm_(mine, tau, norm_type=p, foreach=foreach)
-    assert (got.dtype, float(got)) == (expected.dtype, float(expected)), f"norm {float(got)!r} != torch's {float(expected)!r}"
-    assert_same_bits(grads_of(mine), grads_of(theirs), f"clipped gradient (p={p}, foreach={foreach})")
+    assert (got.dtype, float(got)) == (expected.dtype, float(expected)), (
+        f"norm {float(got)!r} != torch's {float(expected)!r}"
+    )
+    assert_same_bits(
+        grads_of(mine), grads_of(theirs), f"clipped gradient (p={p}, foreach={foreach})"
+    )
 
 
-@given(tree=gradient_trees(HIGH, magnitudes="extreme"), tau=thresholds(), p=st.sampled_from((2.0, 1.0, math.inf)))
+@given(
+    tree=gradient_trees(HIGH, magnitudes="extreme"),
+    tau=thresholds(),
+    p=st.sampled_from((2.0, 1.0, math.inf)),
+)
 @example(tree=[np.full(4, 1e20, np.float32)], tau=1.0, p=2.0)
 def test_torch_bits_on_extreme_gradients_wherever_torch_is_right(tree, tau, p):
     arrays = [a for a in leaves(tree) if a.size] if math.isinf(p) else leaves(tree)
@@ -268,8 +320,13 @@ def test_torch_bits_on_extreme_gradients_wherever_torch_is_right(tree, tau, p):
         exact = exact_norm(arrays) if p == 2 else None
         if exact is not None and exact < float(info.max):
             # A sum of n squares in float64 and a rounding into the dtype (atol: a subnormal norm).
-            np.testing.assert_allclose(float(got), exact, rtol=2 * float(info.eps), atol=float(info.smallest_subnormal),
-                                       err_msg="norm where torch's over- or underflowed")
+            np.testing.assert_allclose(
+                float(got),
+                exact,
+                rtol=2 * float(info.eps),
+                atol=float(info.smallest_subnormal),
+                err_msg="norm where torch's over- or underflowed",
+            )
 
 
 @given(tree=gradient_trees(HIGH), p=ORDERS, foreach=FOREACH)
@@ -278,7 +335,9 @@ def test_get_total_norm_is_torch_bit_for_bit(tree, p, foreach):
     hypothesis.assume(tensors)
     expected = LIB.get_total_norm(tensors, p, foreach=foreach)
     got = ours.get_total_norm(tensors, p, foreach=foreach)
-    assert (got.dtype, float(got)) == (expected.dtype, float(expected)), f"{float(got)!r} != {float(expected)!r}"
+    assert (got.dtype, float(got)) == (expected.dtype, float(expected)), (
+        f"{float(got)!r} != {float(expected)!r}"
+    )
 
 
 @given(tree=gradient_trees(HIGH), tau=thresholds(), total=st.floats(0.0, 1e4), foreach=FOREACH)
@@ -317,9 +376,15 @@ def _exact_norm_at_most(arrays, tau: float, p: float) -> tuple[bool, float]:
     return squares <= t * t, float(squares / (t * t) - 1) if t else float(squares)
 
 
-@given(tree=gradient_trees(magnitudes="extreme"), tau=thresholds(), p=st.sampled_from((2.0, 2.0, 1.0, math.inf)),
-       convention=st.sampled_from(("torch", "optax")))
-@example(tree=[np.array([6.0, 8.0], np.float32)], tau=1.0, p=2.0, convention="optax")  # optax: an ulp above
+@given(
+    tree=gradient_trees(magnitudes="extreme"),
+    tau=thresholds(),
+    p=st.sampled_from((2.0, 2.0, 1.0, math.inf)),
+    convention=st.sampled_from(("torch", "optax")),
+)
+@example(
+    tree=[np.array([6.0, 8.0], np.float32)], tau=1.0, p=2.0, convention="optax"
+)  # optax: an ulp above
 @example(tree=[np.full(1000, 0.5, np.float32)], tau=1.0, p=2.0, convention="optax")
 @example(tree=[np.full(4, 3e38, np.float32)], tau=1e-3, p=2.0, convention="torch")
 def test_strict_clipped_norm_is_at_most_tau_exactly(tree, tau, p, convention):
@@ -336,17 +401,23 @@ def test_strict_clipped_norm_is_at_most_tau_exactly(tree, tau, p, convention):
 
 def test_hypothesis_finds_default_float32_clips_above_tau_that_strict_fixes():
     """Why strict exists: the default rounds as torch does, a few ulps above tau at times."""
-    arrays = st.lists(st.floats(-1e3, 1e3, width=32), min_size=2, max_size=6).map(lambda xs: [np.asarray(xs, np.float32)])
+    arrays = st.lists(st.floats(-1e3, 1e3, width=32), min_size=2, max_size=6).map(
+        lambda xs: [np.asarray(xs, np.float32)]
+    )
 
     def above(tree):
         params = params_of(tree)
         ours.clip_grad_norm_(params, 1.0, convention="optax")
         return not _exact_norm_at_most(grads_of(params), 1.0, 2.0)[0]
 
-    found = hypothesis.find(arrays, above, settings=hypothesis.settings(database=None, max_examples=500))
+    found = hypothesis.find(
+        arrays, above, settings=hypothesis.settings(database=None, max_examples=500)
+    )
     params = params_of(found)
     ours.clip_grad_norm_(params, 1.0, convention="optax", strict=True)
-    assert _exact_norm_at_most(grads_of(params), 1.0, 2.0)[0], f"strict left {grads_of(params)} above tau"
+    assert _exact_norm_at_most(grads_of(params), 1.0, 2.0)[0], (
+        f"strict left {grads_of(params)} above tau"
+    )
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -360,23 +431,37 @@ def test_strict_keeps_the_default_within_a_few_ulps(dtype):
     eps = float(torch.finfo(getattr(torch, dtype)).eps)
     for a, b in zip(grads_of(plain), grads_of(strict)):
         # The fix scales by at most a few ulps of the dtype and rounds toward zero once more.
-        np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64), rtol=4 * eps,
-                                   atol=float(torch.finfo(getattr(torch, dtype)).tiny), err_msg=f"strict vs default ({dtype})")
+        np.testing.assert_allclose(
+            np.asarray(b, np.float64),
+            np.asarray(a, np.float64),
+            rtol=4 * eps,
+            atol=float(torch.finfo(getattr(torch, dtype)).tiny),
+            err_msg=f"strict vs default ({dtype})",
+        )
 
 
 # The accelerator path: no value is read on the host; choices are made with torch.where.
 
 
-@given(tree=gradient_trees(magnitudes="extreme"), tau=thresholds(), convention=st.sampled_from(("torch", "optax")),
-       nonfinite=st.sampled_from(("propagate", "skip")), poison=st.booleans())
+@given(
+    tree=gradient_trees(magnitudes="extreme"),
+    tau=thresholds(),
+    convention=st.sampled_from(("torch", "optax")),
+    nonfinite=st.sampled_from(("propagate", "skip")),
+    poison=st.booleans(),
+)
 def test_branch_free_path_gives_the_cpu_paths_bits(tree, tau, convention, nonfinite, poison):
     """CPU tensors, but clipped as on a GPU (`_host_readable` says no): the same bits, except
     for norms within a factor 4 of where max_norm / norm turns subnormal (see divergences)."""
     arrays = leaves(tree)
     if poison:
-        arrays = arrays[:-1] + [np.append(arrays[-1].ravel(), np.asarray(math.nan, arrays[-1].dtype))]
+        arrays = arrays[:-1] + [
+            np.append(arrays[-1].ravel(), np.asarray(math.nan, arrays[-1].dtype))
+        ]
     dtype = torch.finfo(to_torch(arrays[0]).dtype)
-    hypothesis.assume(not exact_norm(arrays) * 4 >= 2.0 ** (math.frexp(dtype.max)[1] - 2) * min(1.0, tau))
+    hypothesis.assume(
+        not exact_norm(arrays) * 4 >= 2.0 ** (math.frexp(dtype.max)[1] - 2) * min(1.0, tau)
+    )
     host, device = params_of(arrays), params_of(arrays)
     expected = ours.clip_grad_norm_(host, tau, convention=convention, nonfinite=nonfinite)
     with mock.patch.object(clip_safeguards, "_host_readable", lambda d: False):
@@ -410,7 +495,10 @@ def test_compiles_with_fullgraph_as_torchs_own(convention):
 
 def test_huge_norm_keeps_direction_in_torch_convention():
     """tau / (n + 1e-6) is subnormal for n = 6e38 (above float32's max anyway): torch zeroes."""
-    theirs, mine = params_of([np.full(4, 3e38, np.float32)]), params_of([np.full(4, 3e38, np.float32)])
+    theirs, mine = (
+        params_of([np.full(4, 3e38, np.float32)]),
+        params_of([np.full(4, 3e38, np.float32)]),
+    )
     LIB.clip_grad_norm_(theirs, 1.0)
     assert float(ours.clip_grad_norm_(mine, 1.0)) == math.inf
     np.testing.assert_array_equal(grads_of(theirs)[0], 0.0, err_msg="torch no longer zeroes it")
@@ -430,6 +518,8 @@ def test_strict_fixes_torchs_float32_norm_of_a_large_tensor():
     assert torch.equal(mine.grad, theirs.grad), "default differs from torch"
     # float64 norms of float32 entries: within 1e-12 of exact here, far inside the 1e-5 margins.
     excess = float(torch.linalg.vector_norm(theirs.grad.double())) - 1.0
-    assert excess > 1e-5, f"torch's norm is accurate now (clipped norm 1 + {excess:.2e}): update docs/divergences.md"
+    assert excess > 1e-5, (
+        f"torch's norm is accurate now (clipped norm 1 + {excess:.2e}): update docs/divergences.md"
+    )
     after = float(torch.linalg.vector_norm(strict.grad.double()))
     assert 1.0 - 1e-5 < after <= 1.0, f"strict clipped norm {after!r}"

@@ -42,8 +42,15 @@ def _torch(cfg, params, x, y, h0):
 def _jax(cfg, params, x, y, h0):
     p = {k: jnp.asarray(v) for k, v in params.items()}
     logits, _ = jax_model.apply(p, x, (jnp.asarray(h0),), cfg=cfg)
-    (loss, (h,)), grads = jax.value_and_grad(jax_model.loss, has_aux=True)(p, x, y, (jnp.asarray(h0),), cfg=cfg)
-    return np.asarray(logits), np.asarray(h), float(loss), {k: np.asarray(v) for k, v in grads.items()}
+    (loss, (h,)), grads = jax.value_and_grad(jax_model.loss, has_aux=True)(
+        p, x, y, (jnp.asarray(h0),), cfg=cfg
+    )
+    return (
+        np.asarray(logits),
+        np.asarray(h),
+        float(loss),
+        {k: np.asarray(v) for k, v in grads.items()},
+    )
 
 
 @pytest.mark.parametrize("layers", [1, 2])
@@ -61,7 +68,9 @@ def test_witness_agrees_with_autodiff(backend, layers):
     for name in grads:
         # Relative to the tensor's largest entry: entries near zero carry absolute rounding only.
         scale = np.abs(grads[name]).max()
-        np.testing.assert_allclose(w_grads[name], grads[name], rtol=0, atol=RTOL * scale, err_msg=f"grad {name}")
+        np.testing.assert_allclose(
+            w_grads[name], grads[name], rtol=0, atol=RTOL * scale, err_msg=f"grad {name}"
+        )
 
 
 def test_witness_gradient_matches_finite_differences():
@@ -72,14 +81,21 @@ def test_witness_gradient_matches_finite_differences():
     for name, value in params.items():
         for idx in (tuple(rng.integers(0, n) for n in value.shape) for _ in range(3)):
             if name == "embedding.weight":
-                idx = (int(x[0, 0]), idx[1])  # a row the batch uses, so the gradient is not trivially zero
+                idx = (
+                    int(x[0, 0]),
+                    idx[1],
+                )  # a row the batch uses, so the gradient is not trivially zero
             hi, lo = dict(params), dict(params)
             hi[name], lo[name] = value.copy(), value.copy()
             hi[name][idx] += 1e-6
             lo[name][idx] -= 1e-6
-            numeric = (witness.loss_and_grads(hi, x, y, h0)[0] - witness.loss_and_grads(lo, x, y, h0)[0]) / 2e-6
+            numeric = (
+                witness.loss_and_grads(hi, x, y, h0)[0] - witness.loss_and_grads(lo, x, y, h0)[0]
+            ) / 2e-6
             # 1e-9 absolute: the loss (~2) loses ~1e-16/1e-6 = 1e-10 to cancellation, the truncation ~1e-12.
-            np.testing.assert_allclose(grads[name][idx], numeric, rtol=0, atol=1e-9, err_msg=f"{name}{idx}")
+            np.testing.assert_allclose(
+                grads[name][idx], numeric, rtol=0, atol=1e-9, err_msg=f"{name}{idx}"
+            )
 
 
 def test_witness_clipping_is_each_librarys_formula():
@@ -95,7 +111,9 @@ def test_witness_clipping_is_each_librarys_formula():
     torch_clipped = {k: t.grad.numpy() for k, t in tensors.items()}
     w_torch, w_norm = witness.clip_by_global_norm(grads, tau, eps=1e-6)  # torch's convention
     np.testing.assert_allclose(w_norm, torch_norm, rtol=RTOL, err_msg="norm vs torch")
-    np.testing.assert_allclose(w_norm, float(optax.tree.norm(grads)), rtol=RTOL, err_msg="norm vs optax")
+    np.testing.assert_allclose(
+        w_norm, float(optax.tree.norm(grads)), rtol=RTOL, err_msg="norm vs optax"
+    )
 
     j = {k: jnp.asarray(g) for k, g in grads.items()}
     optax_clipped, _ = optax.clip_by_global_norm(tau).update(j, optax.EmptyState())
@@ -103,9 +121,19 @@ def test_witness_clipping_is_each_librarys_formula():
     optax_value, _ = optax.clip(v).update(j, optax.EmptyState())
     for name in grads:
         scale = np.abs(grads[name]).max()
-        np.testing.assert_allclose(w_torch[name], torch_clipped[name], rtol=0, atol=RTOL * scale, err_msg=f"torch {name}")
-        np.testing.assert_allclose(w_optax[name], np.asarray(optax_clipped[name]), rtol=0, atol=RTOL * scale, err_msg=f"optax {name}")
-        np.testing.assert_array_equal(witness.clip_by_value(grads, v)[name], np.asarray(optax_value[name]), err_msg=name)
+        np.testing.assert_allclose(
+            w_torch[name], torch_clipped[name], rtol=0, atol=RTOL * scale, err_msg=f"torch {name}"
+        )
+        np.testing.assert_allclose(
+            w_optax[name],
+            np.asarray(optax_clipped[name]),
+            rtol=0,
+            atol=RTOL * scale,
+            err_msg=f"optax {name}",
+        )
+        np.testing.assert_array_equal(
+            witness.clip_by_value(grads, v)[name], np.asarray(optax_value[name]), err_msg=name
+        )
     # What clipping promises: the clipped norm is the threshold, and a gradient inside it is untouched.
     np.testing.assert_allclose(witness.global_norm(w_optax), tau, rtol=1e-14)
     small, _ = witness.clip_by_global_norm(grads, 2 * norm)

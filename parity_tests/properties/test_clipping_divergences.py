@@ -43,7 +43,9 @@ def ours_torch(values, tau, dtype=torch.float32, **options):
 
 
 def ours_jax(values, tau, dtype=torch.float32, **options):
-    clipped, norm = jclip.clip_tree_by_global_norm(jnp.asarray(values, JAX_DTYPES[dtype]), tau, **options)
+    clipped, norm = jclip.clip_tree_by_global_norm(
+        jnp.asarray(values, JAX_DTYPES[dtype]), tau, **options
+    )
     return np.asarray(clipped, np.float64), float(norm)
 
 
@@ -60,7 +62,9 @@ def test_finite_float32_gradient_whose_squares_overflow(ours):
     for library in (torch_library, optax_library):
         clipped, norm = library(values, 1.0)
         assert norm == math.inf, f"{library.__name__}: norm {norm}"
-        np.testing.assert_array_equal(clipped, 0.0, err_msg=f"{library.__name__} no longer zeroes the gradient")
+        np.testing.assert_array_equal(
+            clipped, 0.0, err_msg=f"{library.__name__} no longer zeroes the gradient"
+        )
     clipped, norm = ours(values, 1.0)
     # The true norm 2e20 rounded to float32.
     assert norm == float(np.float32(2e20)), f"norm {norm}"
@@ -72,21 +76,28 @@ def test_float32_norm_beyond_the_dtype_keeps_direction(ours):
     values = [3e38] * 4  # the norm 6e38 is not a float32
     for library in (torch_library, optax_library):
         clipped, _ = library(values, 1.0)
-        np.testing.assert_array_equal(clipped, 0.0, err_msg=f"{library.__name__} no longer zeroes the gradient")
+        np.testing.assert_array_equal(
+            clipped, 0.0, err_msg=f"{library.__name__} no longer zeroes the gradient"
+        )
     clipped, norm = ours(values, 1.0)
     assert norm == math.inf
     np.testing.assert_array_equal(clipped, 0.5, err_msg="direction lost")
 
 
 @pytest.mark.parametrize("ours", OURS)
-@pytest.mark.parametrize(("dtype", "library_after"), [(torch.bfloat16, 1.0036525776901595), (torch.float16, 0.9997923754682743)])
+@pytest.mark.parametrize(
+    ("dtype", "library_after"),
+    [(torch.bfloat16, 1.0036525776901595), (torch.float16, 0.9997923754682743)],
+)
 def test_low_precision_clipped_norm_exceeds_tau_in_libraries(ours, dtype, library_after):
     values = [0.5] * 1000  # norm 15.811
     for library in (torch_library, optax_library):
         clipped, norm = library(values, 1.0, dtype)
         # Both compute the norm in the gradient's dtype: 15.8125, not 15.8114.
         assert norm == 15.8125, f"{library.__name__}: norm {norm}"
-        assert _norm(clipped) == library_after, f"{library.__name__}: clipped norm {_norm(clipped)!r}"
+        assert _norm(clipped) == library_after, (
+            f"{library.__name__}: clipped norm {_norm(clipped)!r}"
+        )
     clipped, norm = ours(values, 1.0, dtype)
     assert norm == float(np.float32(math.sqrt(250.0))), f"norm {norm} not accumulated in float32"
     assert _norm(clipped) <= 1.0, f"clipped norm {_norm(clipped)!r} > tau"
@@ -117,8 +128,12 @@ def test_negative_or_nan_threshold(tau):
     torch_clipped, _ = torch_library([3.0, 4.0], tau)
     optax_clipped, _ = optax_library([3.0, 4.0], tau)
     if tau < 0:  # both flip the sign
-        np.testing.assert_allclose(torch_clipped, [-0.6, -0.8], rtol=1e-6, err_msg="torch")  # float32 divide and multiply
-        np.testing.assert_allclose(optax_clipped, [-0.6, -0.8], rtol=1e-6, err_msg="optax")  # float32 divide and multiply
+        np.testing.assert_allclose(
+            torch_clipped, [-0.6, -0.8], rtol=1e-6, err_msg="torch"
+        )  # float32 divide and multiply
+        np.testing.assert_allclose(
+            optax_clipped, [-0.6, -0.8], rtol=1e-6, err_msg="optax"
+        )  # float32 divide and multiply
     else:  # both return NaN everywhere
         assert np.isnan(torch_clipped).all() and np.isnan(optax_clipped).all()
     with pytest.raises(ValueError, match="max_norm must be >= 0"):
@@ -157,8 +172,9 @@ def test_quasi_norms_below_one_are_accepted_alike():
     got_jax = float(jclip.global_norm([jnp.asarray(values)], 0.5))
     # 4 roots (2 u each) summed (3 u), squared (doubling that: 10 u, then 2 u): 12 u; 16 u allowed
     for name, got in (("torch_impl", got_torch), ("jax_impl", got_jax)):
-        np.testing.assert_allclose(got, expected, rtol=16 * 2.0**-53,
-                                   err_msg=f"{name}: 0.5-quasi-norm")
+        np.testing.assert_allclose(
+            got, expected, rtol=16 * 2.0**-53, err_msg=f"{name}: 0.5-quasi-norm"
+        )
     clipped, _ = jclip.clip_tree_by_global_norm([jnp.asarray(values)], 1.0, norm_type=0.5)
     param = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     param.grad = grad.clone()
@@ -185,9 +201,15 @@ def test_torch_epsilon_matters_for_small_norms():
     """g = 2e-6, tau = 1e-6: torch scales by tau / (g + 1e-6) = 1/3, optax by tau / g = 1/2."""
     torch_clipped, _ = torch_library([2e-6], 1e-6)
     optax_clipped, _ = optax_library([2e-6], 1e-6)
-    np.testing.assert_allclose(torch_clipped, [2e-6 / 3], rtol=1e-6, err_msg="torch")  # float32 arithmetic
-    np.testing.assert_allclose(optax_clipped, [1e-6], rtol=1e-6, err_msg="optax")  # float32 arithmetic
-    np.testing.assert_array_equal(ours_jax([2e-6], 1e-6)[0], optax_clipped, err_msg="ours (optax convention)")
+    np.testing.assert_allclose(
+        torch_clipped, [2e-6 / 3], rtol=1e-6, err_msg="torch"
+    )  # float32 arithmetic
+    np.testing.assert_allclose(
+        optax_clipped, [1e-6], rtol=1e-6, err_msg="optax"
+    )  # float32 arithmetic
+    np.testing.assert_array_equal(
+        ours_jax([2e-6], 1e-6)[0], optax_clipped, err_msg="ours (optax convention)"
+    )
 
 
 def test_torch_epsilon_scales_just_below_tau():
@@ -196,12 +218,20 @@ def test_torch_epsilon_scales_just_below_tau():
     values = [0.6, 0.8]  # norm 1.0 in float32
     optax_clipped, _ = optax_library(values, 1.0)
     torch_clipped, _ = torch_library(values, 1.0)
-    np.testing.assert_array_equal(optax_clipped, np.float32(values), err_msg="optax changed g at g == tau")
-    assert torch_clipped[0] < np.float32(0.6), f"torch no longer scales at g == tau: {torch_clipped}"
-    np.testing.assert_allclose(torch_clipped, np.float32(values) / (1 + 1e-6), rtol=2e-7, err_msg="torch")  # float32 ulp
+    np.testing.assert_array_equal(
+        optax_clipped, np.float32(values), err_msg="optax changed g at g == tau"
+    )
+    assert torch_clipped[0] < np.float32(0.6), (
+        f"torch no longer scales at g == tau: {torch_clipped}"
+    )
+    np.testing.assert_allclose(
+        torch_clipped, np.float32(values) / (1 + 1e-6), rtol=2e-7, err_msg="torch"
+    )  # float32 ulp
     for ours in OURS:
         np.testing.assert_array_equal(ours(values, 1.0)[0], optax_clipped, err_msg=ours.__name__)
-        np.testing.assert_array_equal(ours(values, 1.0, convention="torch")[0], torch_clipped, err_msg=ours.__name__)
+        np.testing.assert_array_equal(
+            ours(values, 1.0, convention="torch")[0], torch_clipped, err_msg=ours.__name__
+        )
 
 
 def test_optax_boundary_rescales_at_g_equal_tau():
@@ -213,9 +243,13 @@ def test_optax_boundary_rescales_at_g_equal_tau():
     tau = 1.0152740478515625  # their float32 norm, exactly
     optax_clipped, optax_norm = optax_library(values, tau)
     assert optax_norm == tau
-    assert optax_clipped.tolist() == [0.07499999552965164, 1.0125000476837158], f"optax: {optax_clipped}"
+    assert optax_clipped.tolist() == [0.07499999552965164, 1.0125000476837158], (
+        f"optax: {optax_clipped}"
+    )
     np.testing.assert_array_equal(ours_jax(values, tau)[0], optax_clipped, err_msg="ours_jax")
-    ieee = np.float32(values) / np.float32(tau) * np.float32(tau)  # correctly rounded divide, multiply
+    ieee = (
+        np.float32(values) / np.float32(tau) * np.float32(tau)
+    )  # correctly rounded divide, multiply
     assert ieee[0] == np.float32(0.07500001043081284)
     np.testing.assert_array_equal(ours_torch(values, tau)[0], ieee, err_msg="ours_torch")
 
@@ -223,11 +257,15 @@ def test_optax_boundary_rescales_at_g_equal_tau():
 def test_torch_clipping_twice_shrinks_again():
     once, _ = torch_library([3.0], 1.0)
     twice, _ = torch_library(once.tolist(), 1.0)
-    assert once.tolist() == [0.9999996423721313] and twice.tolist() == [0.9999990463256836], f"{once}, {twice}"
+    assert once.tolist() == [0.9999996423721313] and twice.tolist() == [0.9999990463256836], (
+        f"{once}, {twice}"
+    )
     for ours in OURS:
         o, _ = ours([3.0], 1.0)
         t, _ = ours(o.tolist(), 1.0)
-        np.testing.assert_array_equal(t, o, err_msg=f"{ours.__name__}: optax convention is idempotent here")
+        np.testing.assert_array_equal(
+            t, o, err_msg=f"{ours.__name__}: optax convention is idempotent here"
+        )
 
 
 def test_infinity_norm_of_empty_tensors():
@@ -254,9 +292,14 @@ def test_subnormal_gradients():
     values = [1e-40] * 4
     assert torch_library(values, 1.0)[1] == 0.0
     assert optax_library(values, 1.0)[1] == 0.0
-    np.testing.assert_allclose(ours_torch(values, 1.0)[1], 2e-40, rtol=1e-4, err_msg="ours-torch")  # subnormal: ~5 digits
+    np.testing.assert_allclose(
+        ours_torch(values, 1.0)[1], 2e-40, rtol=1e-4, err_msg="ours-torch"
+    )  # subnormal: ~5 digits
     assert ours_jax(values, 1.0)[1] == 0.0
-    assert float(optax.clip(1.0).update(jnp.asarray([1e-40], jnp.float32), optax.EmptyState())[0][0]) == 0.0
+    assert (
+        float(optax.clip(1.0).update(jnp.asarray([1e-40], jnp.float32), optax.EmptyState())[0][0])
+        == 0.0
+    )
 
 
 # Non-finite gradients: each policy does what it says, in both backends.
@@ -285,19 +328,25 @@ def test_nonfinite_error_raises_before_touching_any_grad():
         tclip.clip_grad_norm_(params, 1.0, nonfinite="error")
     assert params[0].grad.tolist() == [3.0, 4.0], "a gradient was touched before raising"
     with pytest.raises(FloatingPointError, match="NaN or infinite"):
-        jclip.clip_tree_by_global_norm([jnp.asarray([3.0, math.nan], jnp.float32)], 1.0, nonfinite="error")
+        jclip.clip_tree_by_global_norm(
+            [jnp.asarray([3.0, math.nan], jnp.float32)], 1.0, nonfinite="error"
+        )
 
 
 def test_nonfinite_error_under_jit_zeroes_and_the_loop_raises():
     step = jax.jit(lambda g: jclip.clip_tree_by_global_norm(g, 1.0, nonfinite="error"))
     clipped, norm = step([jnp.asarray([3.0, math.inf], jnp.float32)])
-    np.testing.assert_array_equal(np.asarray(clipped[0]), 0.0, err_msg="update not zeroed under jit")
+    np.testing.assert_array_equal(
+        np.asarray(clipped[0]), 0.0, err_msg="update not zeroed under jit"
+    )
     with pytest.raises(FloatingPointError):
         jclip.raise_if_nonfinite(norm)
 
 
 def test_transformation_counts_skipped_steps():
-    transform = optax.chain(jclip.count_nonfinite(), jclip.clip_by_global_norm(1.0, nonfinite="skip"))
+    transform = optax.chain(
+        jclip.count_nonfinite(), jclip.clip_by_global_norm(1.0, nonfinite="skip")
+    )
     params = [jnp.zeros(2, jnp.float32)]
     state = transform.init(params)
     update = jax.jit(transform.update)

@@ -26,11 +26,18 @@ def _model_and_loss(seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     x, y = torch.randn(16, 6), torch.randn(16, 3)
-    return model, lambda: torch.nn.functional.mse_loss(model(x), y) * 100  # large enough to need clipping
+    return (
+        model,
+        lambda: torch.nn.functional.mse_loss(model(x), y) * 100,
+    )  # large enough to need clipping
 
 
 def _norm(model) -> float:
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()])))
+    return float(
+        torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()])
+        )
+    )
 
 
 @pytest.mark.parametrize("scale", [2.0**8, 2.0**16])
@@ -55,11 +62,16 @@ def test_clipping_before_unscaling_clips_the_scaled_gradient(scale):
             torch.nn.utils.clip_grad_norm_(model.parameters(), tau)
         return _norm(model)
 
-    right, wrong = clipped_norm("unscale, then clip (right)"), clipped_norm("clip, then unscale (wrong)")
+    right, wrong = (
+        clipped_norm("unscale, then clip (right)"),
+        clipped_norm("clip, then unscale (wrong)"),
+    )
     # float32 gradients, one multiply each by tau / (n + 1e-6): a few float32 ulps of tau.
     assert right == pytest.approx(tau, rel=1e-5)
     # Clipped to tau while still S times too large, then divided by S: tau / S, far below tau.
-    assert wrong == pytest.approx(tau / scale, rel=1e-5), f"wrong order left norm {wrong}, expected tau/S = {tau / scale}"
+    assert wrong == pytest.approx(tau / scale, rel=1e-5), (
+        f"wrong order left norm {wrong}, expected tau/S = {tau / scale}"
+    )
 
 
 @pytest.mark.parametrize("scale", [2.0**8, 2.0**16])
@@ -74,7 +86,10 @@ def test_in_jax_too_clipping_before_unscaling_clips_the_scaled_gradient(scale):
 
     tau = 1.0
     rng = np.random.default_rng(0)
-    w, x = jnp.asarray(rng.standard_normal((6, 3)), jnp.float32), jnp.asarray(rng.standard_normal((16, 6)), jnp.float32)
+    w, x = (
+        jnp.asarray(rng.standard_normal((6, 3)), jnp.float32),
+        jnp.asarray(rng.standard_normal((16, 6)), jnp.float32),
+    )
 
     def loss(w):
         return jnp.sum((x @ w) ** 2)
@@ -97,8 +112,16 @@ def test_a_clipped_sgd_step_moves_at_most_lr_t_tau_under_a_schedule():
     model = ModelConfig(vocab_size=9, cell="rnn", hidden_size=8, num_layers=1, embedding_dim=4)
     tau, sgd_lr = 0.05, 0.5
     cfg = train_config(s, ClipConfig(mode="norm", max_norm=tau, impl="reference"), seed=0)
-    cfg = replace(cfg, batch_size=4, seq_len=6, steps=12, lr=sgd_lr * SGD_EPS, schedule="cosine", warmup_steps=4,
-                  min_lr=0.1 * sgd_lr * SGD_EPS)
+    cfg = replace(
+        cfg,
+        batch_size=4,
+        seq_len=6,
+        steps=12,
+        lr=sgd_lr * SGD_EPS,
+        schedule="cosine",
+        warmup_steps=4,
+        min_lr=0.1 * sgd_lr * SGD_EPS,
+    )
     rng = np.random.default_rng(0)
     for backend in ("torch", "jax"):
         trainer = backends.trainer_factory(backend)(model, cfg, init_params(model, 0, "float64"))
@@ -111,7 +134,9 @@ def test_a_clipped_sgd_step_moves_at_most_lr_t_tau_under_a_schedule():
             moved = np.sqrt(sum(np.sum((after[k] - before[k]) ** 2) for k in after))
             bound = lr / SGD_EPS * min(r.grad_norm, tau)
             # Adam-as-SGD deviates from SGD by at most max|g| / eps relative (explode's bound): ~1e-9 here.
-            assert moved <= bound * (1 + 1e-6), f"{backend} step {step}: moved {moved:.3e} > lr_t tau {bound:.3e}"
+            assert moved <= bound * (1 + 1e-6), (
+                f"{backend} step {step}: moved {moved:.3e} > lr_t tau {bound:.3e}"
+            )
             clipped_steps += r.clipped
             before = after
         assert clipped_steps > 0, "the threshold must act on some steps for this to say anything"

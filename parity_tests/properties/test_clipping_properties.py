@@ -76,7 +76,9 @@ def clip(impl: str, tree, tau: float, norm_type: float = 2, **options):
             norm = torch.nn.utils.clip_grad_norm_(used, tau, norm_type=norm_type)
         else:
             convention = impl.split("/")[1]
-            norm = tclip.clip_grad_norm_(params, tau, norm_type=norm_type, convention=convention, **options)
+            norm = tclip.clip_grad_norm_(
+                params, tau, norm_type=norm_type, convention=convention, **options
+            )
         return [from_torch(p.grad) for p in params], float(norm)
     jtree = jax.tree.map(jnp.asarray, tree)
     if impl == "optax":
@@ -84,7 +86,9 @@ def clip(impl: str, tree, tau: float, norm_type: float = 2, **options):
         norm = optax.tree.norm(jtree)
     else:
         convention = impl.split("/")[1]
-        clipped, norm = jclip.clip_tree_by_global_norm(jtree, tau, norm_type=norm_type, convention=convention, **options)
+        clipped, norm = jclip.clip_tree_by_global_norm(
+            jtree, tau, norm_type=norm_type, convention=convention, **options
+        )
     return [np.asarray(c) for c in jax.tree.leaves(clipped)], float(norm)
 
 
@@ -98,18 +102,27 @@ def _rounding_bound(dtype, n: int) -> float:
 # clipped = c * g with 0 < c <= 1.
 
 
-def _assert_shrunk_onto_ball(impl: str, clipped, original, tau: float, rtol: float, exact_bound: bool):
+def _assert_shrunk_onto_ball(
+    impl: str, clipped, original, tau: float, rtol: float, exact_bound: bool
+):
     before, after = exact_norm(original), exact_norm(clipped)
     # exact_bound: the only slack is math.hypot's own float64 ulp.
     bound = tau * (1 + (2**-52 if exact_bound else rtol))
-    assert after <= bound, f"{impl}: clipped norm {after!r} > {bound!r} (excess {after / tau - 1:.3e})"
+    assert after <= bound, (
+        f"{impl}: clipped norm {after!r} > {bound!r} (excess {after / tau - 1:.3e})"
+    )
     if before == 0:
         assert after == 0, f"{impl}: a zero gradient became {clipped}"
         return
     assert 0 < after <= before * (1 + rtol), f"{impl}: c = {after / before!r} outside (0, 1]"
     flat = lambda arrays: np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])  # noqa: E731
-    np.testing.assert_allclose(flat(clipped) / after, flat(original) / before, rtol=0, atol=rtol,
-                               err_msg=f"{impl}: clipped / ||clipped|| differs from g / ||g||")
+    np.testing.assert_allclose(
+        flat(clipped) / after,
+        flat(original) / before,
+        rtol=0,
+        atol=rtol,
+        err_msg=f"{impl}: clipped / ||clipped|| differs from g / ||g||",
+    )
 
 
 @given(tree=gradient_trees(magnitudes="extreme"), tau=thresholds())
@@ -153,13 +166,19 @@ def test_below_threshold_unchanged(tree, factor):
         tau = (exact_norm(arrays) + margin) * factor or factor  # a zero gradient: any tau > 0
         clipped, _ = clip(impl, tree, tau)
         for before, after in zip(arrays, clipped):
-            np.testing.assert_array_equal(after, before, err_msg=f"{impl} changed a gradient of norm below tau={tau}")
+            np.testing.assert_array_equal(
+                after, before, err_msg=f"{impl} changed a gradient of norm below tau={tau}"
+            )
 
 
 # 4. Idempotence: clipping twice is clipping once.
 
 
-@given(ours_tree=gradient_trees(magnitudes="extreme"), library_tree=gradient_trees(HIGH), tau=thresholds())
+@given(
+    ours_tree=gradient_trees(magnitudes="extreme"),
+    library_tree=gradient_trees(HIGH),
+    tau=thresholds(),
+)
 def test_clipping_twice_is_clipping_once(ours_tree, library_tree, tau):
     for impl in OURS + LIBRARIES:
         tree = library_tree if impl in LIBRARIES else ours_tree
@@ -175,9 +194,13 @@ def test_clipping_twice_is_clipping_once(ours_tree, library_tree, tau):
             # test_clipping_divergences.py::test_torch_clipping_twice_shrinks_again).
             rtol += TORCH_EPS / tau
         for a, b in zip(once, twice):
-            np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64), rtol=rtol,
-                                       atol=float(finfo(_dtype_name(dtype)).smallest_normal),
-                                       err_msg=f"{impl}: clip(clip(g)) != clip(g)")
+            np.testing.assert_allclose(
+                np.asarray(b, np.float64),
+                np.asarray(a, np.float64),
+                rtol=rtol,
+                atol=float(finfo(_dtype_name(dtype)).smallest_normal),
+                err_msg=f"{impl}: clip(clip(g)) != clip(g)",
+            )
 
 
 # 5. Scale invariance: above the threshold, clip(a * g) == clip(g).
@@ -196,12 +219,16 @@ def test_scale_invariance_power_of_two(tree, tau, exponent):
         if impl.endswith("optax"):
             # (a g) / (a n) is g / n bit for bit when a is a power of two.
             for x, y in zip(base, other):
-                np.testing.assert_array_equal(y, x, err_msg=f"{impl}: clip(2**{exponent} g) != clip(g)")
+                np.testing.assert_array_equal(
+                    y, x, err_msg=f"{impl}: clip(2**{exponent} g) != clip(g)"
+                )
             continue
         # torch's epsilon: tau / (n + 1e-6) and tau / (a n + 1e-6) differ by 1e-6 / min(n, a n).
         rtol = TORCH_EPS / min(norm, a * norm) + _rounding_bound(arrays[0].dtype, _size(arrays))
         for x, y in zip(base, other):
-            np.testing.assert_allclose(y, x, rtol=rtol, err_msg=f"{impl}: clip(2**{exponent} g) != clip(g)")
+            np.testing.assert_allclose(
+                y, x, rtol=rtol, err_msg=f"{impl}: clip(2**{exponent} g) != clip(g)"
+            )
 
 
 @given(tree=nonzero(gradient_trees(HIGH)), tau=thresholds(), a=st.floats(1e-3, 1e3))
@@ -220,7 +247,9 @@ def test_scale_invariance_any_factor(tree, tau, a):
             rtol += TORCH_EPS / min(norm, scaled_norm)
         scale = max(float(np.max(np.abs(np.asarray(x, np.float64)), initial=0)) for x in base)
         for x, y in zip(base, other):
-            np.testing.assert_allclose(y, x, rtol=rtol, atol=rtol * scale, err_msg=f"{impl}: clip({a} g) != clip(g)")
+            np.testing.assert_allclose(
+                y, x, rtol=rtol, atol=rtol * scale, err_msg=f"{impl}: clip({a} g) != clip(g)"
+            )
 
 
 # 6. The global norm is the norm of the per-tensor norms, whatever the tree's shape.
@@ -247,14 +276,25 @@ def test_ours_global_norm_is_exact_norm(tree):
     for impl in ("ours-torch", "ours-jax"):
         got = _norm(impl, arrays)
         if expected > info.max:
-            assert got == math.inf, f"{impl}: norm {got} of a gradient whose norm {expected} overflows {acc}"
+            assert got == math.inf, (
+                f"{impl}: norm {got} of a gradient whose norm {expected} overflows {acc}"
+            )
             continue
         # An n-term sum of squares and a sqrt in the accumulation dtype. Absolute slack: XLA on
         # the CPU flushes subnormals to zero (up to sqrt(n) smallest normals lost); torch keeps
         # them, and a subnormal norm is exact only to one smallest subnormal.
-        atol = math.sqrt(_size(arrays)) * float(info.smallest_normal) if impl == "ours-jax" else float(info.smallest_subnormal)
-        np.testing.assert_allclose(got, expected, rtol=(_size(arrays) + 2) * _acc_eps(arrays[0].dtype), atol=atol,
-                                   err_msg=f"{impl}: global norm")
+        atol = (
+            math.sqrt(_size(arrays)) * float(info.smallest_normal)
+            if impl == "ours-jax"
+            else float(info.smallest_subnormal)
+        )
+        np.testing.assert_allclose(
+            got,
+            expected,
+            rtol=(_size(arrays) + 2) * _acc_eps(arrays[0].dtype),
+            atol=atol,
+            err_msg=f"{impl}: global norm",
+        )
 
 
 POW_ULPS = 2  # x**p and s**q in float32/float64, in units of u: at most 1.75 u and 1.9 u on 2,000
@@ -282,7 +322,9 @@ def _pnorm_error(k: int, p: float, norm: float, impl: str) -> float:
 
 @pytest.mark.parametrize("impl", ("ours-torch", "ours-jax", "torch", "optax"))
 @given(tree=gradient_trees(HIGH), norm_type=st.sampled_from((1, 2, 3.5, math.inf)), data=st.data())
-@example(tree=[np.array(4.00249476e-36)], norm_type=3.5, data=None).via("issue 20: ours-jax 40 u off")
+@example(tree=[np.array(4.00249476e-36)], norm_type=3.5, data=None).via(
+    "issue 20: ours-jax 40 u off"
+)
 def test_global_norm_is_norm_of_tensor_norms(impl, tree, norm_type, data):
     if impl == "optax" and norm_type == 3.5:
         norm_type = 2  # optax.tree.norm knows 1, 2 and inf only
@@ -301,14 +343,19 @@ def test_global_norm_is_norm_of_tensor_norms(impl, tree, norm_type, data):
     # (largest per-tensor error + the outer norm's) of it. Second-order terms are below 1e-27.
     n, u = _size(arrays), _eps(arrays[0].dtype) / 2
     err_whole = _pnorm_error(n, norm_type, whole, impl)
-    err_inner = max(_pnorm_error(a.size, norm_type, float(v), impl)
-                    for a, v in zip(arrays, per_tensor))
+    err_inner = max(
+        _pnorm_error(a.size, norm_type, float(v), impl) for a, v in zip(arrays, per_tensor)
+    )
     outer = _norm(impl, per_tensor, norm_type)
     rtol_nested = (err_whole + err_inner + _pnorm_error(len(arrays), norm_type, outer, impl)) * u
     np.testing.assert_allclose(outer, whole, rtol=rtol_nested, err_msg=f"{impl}: norm of norms")
     rtol = 2 * err_whole * u  # the same n entries, in another order or another layout
-    np.testing.assert_allclose(_norm(impl, shuffled, norm_type), whole, rtol=rtol, err_msg=f"{impl}: order")
-    np.testing.assert_allclose(_norm(impl, flat, norm_type), whole, rtol=rtol, err_msg=f"{impl}: one flat tensor")
+    np.testing.assert_allclose(
+        _norm(impl, shuffled, norm_type), whole, rtol=rtol, err_msg=f"{impl}: order"
+    )
+    np.testing.assert_allclose(
+        _norm(impl, flat, norm_type), whole, rtol=rtol, err_msg=f"{impl}: one flat tensor"
+    )
 
 
 # 7. Value clipping keeps every entry in [-v, v], and it can turn the gradient.
@@ -338,14 +385,18 @@ def test_value_clipping_bounds_every_entry(tree, v):
     for impl in ("torch", "optax", "ours-torch", "ours-jax"):
         for before, after in zip(arrays, clip_value(impl, tree, v)):
             b, a = np.asarray(before, np.float64), np.asarray(after, np.float64)
-            assert np.all(np.abs(a) <= bound), f"{impl}: entries {a[np.abs(a) > bound]} outside [-{bound}, {bound}]"
+            assert np.all(np.abs(a) <= bound), (
+                f"{impl}: entries {a[np.abs(a) > bound]} outside [-{bound}, {bound}]"
+            )
             inside = np.abs(b) <= bound
             if impl in ("optax", "ours-jax"):
                 # XLA on the CPU flushes float32/float64 subnormals to zero (bfloat16 ones too,
                 # computed in float32; float16 ones are normal in float32). Pinned as a divergence.
                 wide = np.float64 if before.dtype == np.float64 else np.float32
                 b = np.where(np.abs(b) < float(np.finfo(wide).smallest_normal), 0.0, b)
-            np.testing.assert_array_equal(a[inside], b[inside], err_msg=f"{impl}: changed an entry already inside")
+            np.testing.assert_array_equal(
+                a[inside], b[inside], err_msg=f"{impl}: changed an entry already inside"
+            )
 
 
 def _cosine(x: np.ndarray, y: np.ndarray) -> float:
@@ -355,16 +406,22 @@ def _cosine(x: np.ndarray, y: np.ndarray) -> float:
 @pytest.mark.parametrize("impl", ("ours-torch", "ours-jax"))
 def test_hypothesis_finds_a_gradient_whose_direction_value_clipping_changes(impl):
     """The teaching point: value clipping bounds each entry but may turn the gradient."""
-    vectors = st.lists(st.floats(-10, 10), min_size=2, max_size=2).map(lambda xs: np.asarray(xs, np.float64))
+    vectors = st.lists(st.floats(-10, 10), min_size=2, max_size=2).map(
+        lambda xs: np.asarray(xs, np.float64)
+    )
 
     def turned(g):
         clipped = clip_value(impl, [g], 1.0)[0]
         return np.linalg.norm(g) > 0 and _cosine(g, clipped) < 1 - 1e-3
 
-    found = hypothesis.find(vectors, turned, settings=hypothesis.settings(database=None, max_examples=200))
+    found = hypothesis.find(
+        vectors, turned, settings=hypothesis.settings(database=None, max_examples=200)
+    )
     clipped = clip_value(impl, [found], 1.0)[0]
     assert _cosine(found, clipped) < 1 - 1e-3, f"{found} -> {clipped} kept its direction"
-    norm_clipped, _ = clip("ours-jax/optax" if impl == "ours-jax" else "ours-torch/optax", [found], 1.0)
+    norm_clipped, _ = clip(
+        "ours-jax/optax" if impl == "ours-jax" else "ours-torch/optax", [found], 1.0
+    )
     assert _cosine(found, norm_clipped[0]) > 1 - 1e-12, "norm clipping turned the gradient"
 
 
@@ -381,7 +438,9 @@ def test_reference_is_library_bit_for_bit(tree, tau, norm_type):
     for ours, library, p in pairs:
         expected, expected_norm = clip(library, tree, tau, p)
         got, got_norm = clip(ours, tree, tau, p)
-        assert got_norm == expected_norm, f"{ours}: norm {got_norm!r} != {library}'s {expected_norm!r} (p={p})"
+        assert got_norm == expected_norm, (
+            f"{ours}: norm {got_norm!r} != {library}'s {expected_norm!r} (p={p})"
+        )
         for x, y in zip(expected, got):
             np.testing.assert_array_equal(y, x, err_msg=f"{ours} != {library} (p={p})")
 
@@ -394,15 +453,21 @@ def test_torch_and_jax_references_agree(convention, tree, tau):
     dtype = leaves(tree)[0].dtype
     n = _size(leaves(tree))
     # The backends sum the same n squares in different orders: each within (n + 2) eps.
-    np.testing.assert_allclose(jax_norm, torch_norm, rtol=2 * (n + 2) * _acc_eps(dtype), err_msg="norms differ")
+    np.testing.assert_allclose(
+        jax_norm, torch_norm, rtol=2 * (n + 2) * _acc_eps(dtype), err_msg="norms differ"
+    )
     low = _dtype_name(dtype) in LOW_PRECISION
     # float16/bfloat16: float32 results a few ulps apart may round to neighbouring values (one
     # ulp of the dtype); otherwise the norms' difference carries into every entry.
     rtol = _eps(dtype) if low else 2 * _rounding_bound(dtype, n)
     for x, y in zip(from_torch_side, from_jax_side):
-        np.testing.assert_allclose(np.asarray(y, np.float64), np.asarray(x, np.float64), rtol=rtol,
-                                   atol=float(finfo(_dtype_name(dtype)).smallest_normal),
-                                   err_msg=f"torch and JAX references differ ({convention} convention)")
+        np.testing.assert_allclose(
+            np.asarray(y, np.float64),
+            np.asarray(x, np.float64),
+            rtol=rtol,
+            atol=float(finfo(_dtype_name(dtype)).smallest_normal),
+            err_msg=f"torch and JAX references differ ({convention} convention)",
+        )
 
 
 # The jitted path: same bits as optax under jit, and one compilation for many calls.
@@ -419,14 +484,18 @@ def test_jitted_reference_is_optax_and_compiles_once():
         traces.append(1)  # a Python side effect runs only while tracing
         return jclip.clip_tree_by_global_norm(tree, 1.0)
 
-    library = jax.jit(lambda tree: optax.clip_by_global_norm(1.0).update(tree, optax.EmptyState())[0])
+    library = jax.jit(
+        lambda tree: optax.clip_by_global_norm(1.0).update(tree, optax.EmptyState())[0]
+    )
 
     @given(tree=FIXED)
     def check(tree):
         tree = [jnp.asarray(a) for a in leaves(tree)]
         clipped, norm = ours(tree)
         for x, y in zip(library(tree), clipped):
-            np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg="jitted reference != jitted optax")
+            np.testing.assert_array_equal(
+                np.asarray(y), np.asarray(x), err_msg="jitted reference != jitted optax"
+            )
 
     check()
     assert len(traces) == 1, f"traced {len(traces)} times for one shape and dtype"
@@ -450,8 +519,12 @@ def test_transformation_stands_in_optax_chain():
         updates, state = step(grads, state)
         expected, library_state = jax.jit(library.update)(grads, library_state, params)
         for x, y in zip(expected, updates):
-            np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=f"chain differs at scale {scale}")
-        assert state[0] == library_state[0] == optax.EmptyState(), f"state {state[0]} is not optax's empty state"
+            np.testing.assert_array_equal(
+                np.asarray(y), np.asarray(x), err_msg=f"chain differs at scale {scale}"
+            )
+        assert state[0] == library_state[0] == optax.EmptyState(), (
+            f"state {state[0]} is not optax's empty state"
+        )
     assert len(traces) == 1, f"traced {len(traces)} times for one shape and dtype"
 
 

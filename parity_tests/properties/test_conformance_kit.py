@@ -38,11 +38,24 @@ BREAKS = {
     # n**2 for n: the reported norm is wrong, n <= tau < n**2 clips, tau / n**2 is not scale-free,
     # sqrt(tau) < n < 1 leaves ||g'|| = tau / n > tau, and near float64's maximum n**2 overflows and
     # the factor tau / inf zeroes the gradient.
-    "missing_sqrt": {"norm_at_most_tau", "identity_below", "returns_true_norm", "scale_invariant", "overflow_safe"},
+    "missing_sqrt": {
+        "norm_at_most_tau",
+        "identity_below",
+        "returns_true_norm",
+        "scale_invariant",
+        "overflow_safe",
+    },
     # The other leaves keep their entries: longer than tau, turned, clipped again, leaf order matters,
     # tau = 0 leaves them non-zero.
-    "first_leaf_only": {"norm_at_most_tau", "direction_kept", "idempotent", "order_invariant", "overflow_safe",
-                        "scale_invariant", "tau_zero"},
+    "first_leaf_only": {
+        "norm_at_most_tau",
+        "direction_kept",
+        "idempotent",
+        "order_invariant",
+        "overflow_safe",
+        "scale_invariant",
+        "tau_zero",
+    },
     # tau / (n - 1e-6): the clipped norm is tau n / (n - 1e-6) > tau, and the factor depends on n's scale;
     # min(1, .) keeps it idempotent.
     "epsilon_wrong_side": {"norm_at_most_tau", "scale_invariant"},
@@ -55,8 +68,9 @@ MAY_BREAK = {"missing_sqrt": {"norm_at_most_tau"}}
 def test_a_correct_clipper_keeps_every_promise_in_every_dtype():
     report = check_clipper(exact_clip, max_examples=10, shrink_budget=0)
     assert report.ok, report.table()
-    assert {(r.promise, r.dtype) for r in report.rows} == {(p, d) for p in PROMISES
-                                                           for d in ("float16", "bfloat16", "float32", "float64")}
+    assert {(r.promise, r.dtype) for r in report.rows} == {
+        (p, d) for p in PROMISES for d in ("float16", "bfloat16", "float32", "float64")
+    }
 
 
 @pytest.mark.parametrize("name", sorted(CONTROLS))
@@ -64,23 +78,34 @@ def test_each_wrong_clipper_fails_exactly_the_promises_it_breaks(name):
     report = check_clipper(CONTROLS[name], dtypes=("float64",), max_examples=25, shrink_budget=0)
     failed = {r.promise for r in report.rows if r.verdict == "fails"} - MAY_BREAK.get(name, set())
     expected = BREAKS[name] - MAY_BREAK.get(name, set())
-    assert failed == expected, (f"{name}: fails {sorted(failed)}; expected {sorted(expected)}; "
-                                f"missed {sorted(expected - failed)}, unexpected {sorted(failed - expected)}")
+    assert failed == expected, (
+        f"{name}: fails {sorted(failed)}; expected {sorted(expected)}; "
+        f"missed {sorted(expected - failed)}, unexpected {sorted(failed - expected)}"
+    )
 
 
 def test_a_failure_shrinks_to_a_small_counterexample():
     """Value clipping exceeds tau with two entries at least; shrinking finds a gradient of two."""
-    report = check_clipper(CONTROLS["value_clip"], dtypes=("float64",), promises=["norm_at_most_tau"],
-                           max_examples=50, shrink_budget=200)
+    report = check_clipper(
+        CONTROLS["value_clip"],
+        dtypes=("float64",),
+        promises=["norm_at_most_tau"],
+        max_examples=50,
+        shrink_budget=200,
+    )
     (row,) = report.rows
     assert row.verdict == "fails" and row.promise == "norm_at_most_tau" and row.dtype == "float64"
     assert "> tau" in row.message, row.message
-    entries = row.counterexample.split("(float64)")[0].count(",") + 1  # "g = [[a, b]] (float64), ..."
+    entries = (
+        row.counterexample.split("(float64)")[0].count(",") + 1
+    )  # "g = [[a, b]] (float64), ..."
     assert entries <= 3, f"not shrunk: {row.counterexample}"
 
 
 def test_report_ok_ok_except_and_table():
-    report = check_clipper(CONTROLS["epsilon_wrong_side"], dtypes=("float64",), max_examples=20, shrink_budget=0)
+    report = check_clipper(
+        CONTROLS["epsilon_wrong_side"], dtypes=("float64",), max_examples=20, shrink_budget=0
+    )
     assert not report.ok
     assert report.ok_except({"norm_at_most_tau", "scale_invariant"})
     assert not report.ok_except({"norm_at_most_tau"})
@@ -94,13 +119,16 @@ def test_report_ok_ok_except_and_table():
         assert (row.verdict == "fails") == bool(row.counterexample), row
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(framework="tensorflow"), "framework must be one of"),
-    (dict(dtypes=("float8",)), "dtype must be one of"),
-    (dict(promises=("norm_below_tau",)), "unknown promises"),
-    (dict(nonfinite="ignore"), "nonfinite must be one of"),
-    (dict(ulps=-1), "ulps must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(framework="tensorflow"), "framework must be one of"),
+        (dict(dtypes=("float8",)), "dtype must be one of"),
+        (dict(promises=("norm_below_tau",)), "unknown promises"),
+        (dict(nonfinite="ignore"), "nonfinite must be one of"),
+        (dict(ulps=-1), "ulps must be >= 0"),
+    ],
+)
 def test_check_clipper_refuses_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         check_clipper(exact_clip, **kwargs)
@@ -115,10 +143,21 @@ def test_ulps_loosens_only_the_bound():
             return leaves
         return [((a / np.float32(n)) * np.float32(tau)).astype(a.dtype) for a in leaves]
 
-    exact = check_clipper(library_style, dtypes=("float32",), promises=["norm_at_most_tau"], max_examples=100,
-                          shrink_budget=0)
-    loose = check_clipper(library_style, dtypes=("float32",), promises=["norm_at_most_tau"], max_examples=100,
-                          ulps=2, shrink_budget=0)
+    exact = check_clipper(
+        library_style,
+        dtypes=("float32",),
+        promises=["norm_at_most_tau"],
+        max_examples=100,
+        shrink_budget=0,
+    )
+    loose = check_clipper(
+        library_style,
+        dtypes=("float32",),
+        promises=["norm_at_most_tau"],
+        max_examples=100,
+        ulps=2,
+        shrink_budget=0,
+    )
     assert not exact.ok and loose.ok, (exact.table(), loose.table())
 
 
@@ -130,7 +169,9 @@ def test_gradient_trees_in_each_framework(framework):
     @given(gradient_trees(framework=framework, dtypes=("bfloat16",)))
     def collect(tree):
         if framework == "torch":
-            assert all(isinstance(p, torch.nn.Parameter) and p.grad.dtype == torch.bfloat16 for p in tree)
+            assert all(
+                isinstance(p, torch.nn.Parameter) and p.grad.dtype == torch.bfloat16 for p in tree
+            )
             seen.append(len(tree))
         else:
             leaves = jax.tree.leaves(tree) if framework == "jax" else tree
@@ -150,8 +191,14 @@ def test_nonfinite_policies_are_checked_as_declared():
         return exact_clip(leaves, tau)
 
     for policy, ok in (("skip", True), ("propagate", True), ("error", False)):
-        report = check_clipper(skip, dtypes=("float32",), promises=["nonfinite_reported"], nonfinite=policy,
-                               max_examples=10, shrink_budget=0)
+        report = check_clipper(
+            skip,
+            dtypes=("float32",),
+            promises=["nonfinite_reported"],
+            nonfinite=policy,
+            max_examples=10,
+            shrink_budget=0,
+        )
         assert report.ok is ok, (policy, report.table())
 
 
@@ -164,9 +211,15 @@ def test_the_kit_finds_the_documented_divergences(target):
     kwargs = TARGETS[target].make()
     missed = []
     for promise, dtype in cases:
-        report = check_clipper(max_examples=25, shrink_budget=0, promises=[promise], dtypes=[dtype], **kwargs)
+        report = check_clipper(
+            max_examples=25, shrink_budget=0, promises=[promise], dtypes=[dtype], **kwargs
+        )
         (row,) = report.rows
-        if row.verdict != "fails" or row.message.startswith("raised") and promise != "nonfinite_reported":
+        if (
+            row.verdict != "fails"
+            or row.message.startswith("raised")
+            and promise != "nonfinite_reported"
+        ):
             missed.append((promise, dtype, row.message))
     assert not missed, f"{target}: the kit did not find {missed}"
 
@@ -174,12 +227,39 @@ def test_the_kit_finds_the_documented_divergences(target):
 def test_conform_command_small_profile():
     """The front door on the cheapest target, and its one-line error."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    bad = subprocess.run([sys.executable, "-m", "charclip", "conform", "--max-examples", "0"], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip() == "charclip: error: --max-examples must be 1 or more, got 0"
-    out = subprocess.run([sys.executable, "-m", "charclip", "conform", "--target", "torch-loop", "--max-examples",
-                          "3", "--shrink-budget", "0", "--seed", "1"], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "charclip", "conform", "--max-examples", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip() == "charclip: error: --max-examples must be 1 or more, got 0"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "charclip",
+            "conform",
+            "--target",
+            "torch-loop",
+            "--max-examples",
+            "3",
+            "--shrink-budget",
+            "0",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     line = next(x for x in out.stdout.splitlines() if x.startswith("| torch-loop |"))
     assert "bad_tau_refused" in out.stdout and line.count("|") == len(PROMISES) + 2, out.stdout
