@@ -21,6 +21,7 @@ from hypothesis import given
 from charclip.testing import PROMISES, check_clipper, gradient_trees, sum_of_squares
 from charclip.testing.command import DIVERGENCES
 from charclip.testing.controls import CONTROLS, exact_clip
+from charclip.testing.oracle import exact_norm, norm_at_most
 from charclip.testing.strategies import dtype_name
 from charclip.testing.targets import TARGETS
 
@@ -263,3 +264,16 @@ def test_conform_command_small_profile():
     assert out.returncode == 0, out.stderr
     line = next(x for x in out.stdout.splitlines() if x.startswith("| torch-loop |"))
     assert "bad_tau_refused" in out.stdout and line.count("|") == len(PROMISES) + 2, out.stdout
+
+
+def test_the_exact_clipper_ends_on_a_subnormal_threshold():
+    """With tau subnormal, c = tau / ||g|| is subnormal and c * (1 - 2**-50) rounds back to c:
+    a fixed shrink step never ended (the draw below hung the suite); a doubling one does."""
+    g = [
+        np.array([2.22823491923209e181]),
+        np.array([-1.8760439706833728e180, -6.1287423532014656e181, -4.591170880978641e179]),
+    ]
+    tau = 1.2132699368087e-311
+    clipped, norm = exact_clip(g, tau)
+    assert norm_at_most(clipped, tau), [a.tolist() for a in clipped]
+    assert norm == exact_norm(g)
