@@ -86,6 +86,7 @@ def _one_unit_value_and_grad(w, b, x0, target, *, steps: int):
 def one_unit_loss_grad(w, b, *, x0: float, steps: int, target: float):
     """The one-unit network's error and its gradient at every (w, b): (E, dE/dw, dE/db), float64 arrays shaped
     like np.broadcast(w, b). x_0 = x0, x_t = w sigmoid(x_{t-1}) + b, E = (sigmoid(x_steps) - target)^2."""
+    D.enable_x64()  # float64 parameters stay float64
     w, b = np.broadcast_arrays(np.asarray(w, np.float64), np.asarray(b, np.float64))
     out = _one_unit_value_and_grad(
         jnp.asarray(w.ravel()),
@@ -112,6 +113,7 @@ def one_unit_path(
     `threshold` when its norm is above it (the paper's Algorithm 1; `jax_impl.clipping`, strict, so no step is
     longer than lr * threshold) or left alone (threshold None). Returns the points (updates+1, 2) and the norms
     of the gradient before rescaling (updates,)."""
+    D.enable_x64()  # float64 parameters stay float64
     theta = jnp.array([w0, b0], jnp.float64)
     points, norms = [np.asarray(theta)], []
     for _ in range(updates):
@@ -168,6 +170,7 @@ def temporal_order_updates(
     """len(xs) plain SGD updates (the paper's MSGD; with the gradient's norm rescaled to `threshold` when above
     it: MSGD-C) on batches xs (K, B, T) of symbols, ys (K, B) classes. Returns the new parameters (NumPy), and
     per update the loss and the gradient norm before rescaling."""
+    D.enable_x64()  # float64 parameters stay float64
     p = {k: jnp.asarray(v) for k, v in params.items()}
     p, (loss, norm) = _temporal_order_updates(
         p,
@@ -191,5 +194,6 @@ def temporal_order_errors(
     params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, *, activation: str
 ) -> int:
     """How many of the sequences x (B, T) the network puts in the wrong class (argmax of the last output)."""
+    D.enable_x64()  # float64 parameters stay float64
     p = {k: jnp.asarray(v) for k, v in params.items()}
     return int(_temporal_order_errors(p, jnp.asarray(x), jnp.asarray(y), activation=activation))

@@ -66,14 +66,19 @@ before = jax.config.jax_enable_x64
 import jax_impl, jax_impl.clipping, jax_impl.distributed, jax_impl.explode, jax_impl.fastrnn
 import jax_impl.model, jax_impl.probe, jax_impl.sample, jax_impl.train
 after_import = jax.config.jax_enable_x64
+# The paper's one-unit network promises float64 too (it once ran in float32 here: only the
+# char-RNN entry points switched 64-bit mode on).
+E, _, _ = jax_impl.explode.one_unit_loss_grad(6.0, -2.5, x0=0.5, steps=5, target=0.7)
+paper = E.dtype
+jax.config.update("jax_enable_x64", False)
 from charclip.config import ModelConfig
 cfg = ModelConfig(vocab_size=3, cell="rnn", hidden_size=2, num_layers=1, embedding_dim=2)
 params = jax_impl.model.init(cfg, 0, "float64")
-print(before, after_import, jax.config.jax_enable_x64, params["head.weight"].dtype)
+print(before, after_import, paper, jax.config.jax_enable_x64, params["head.weight"].dtype)
 """
     env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "False", "True", "float64"], out.stdout
+    assert out.stdout.split() == ["False", "False", "float64", "True", "float64"], out.stdout
