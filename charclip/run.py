@@ -38,6 +38,13 @@ OVERFLOWS_SHOWN = 3  # fp16 loss-scale overflows reported on the console (all ar
 DIVERGENCE_FACTOR = 3.0  # char-rnn's rule: a loss this many times the first one means divergence
 
 
+def diverged(losses) -> bool:
+    """The rule over a finished run's losses: one is not finite, or one exceeds
+    DIVERGENCE_FACTOR times the first (the experiments' copy of the loop's warning)."""
+    arr = np.asarray(losses, dtype=float)
+    return bool(not np.isfinite(arr).all() or np.nanmax(arr) > DIVERGENCE_FACTOR * arr[0])
+
+
 class _DeferInterrupt(signals.Deferred):
     """Ctrl-C, SIGTERM or SIGHUP asks the loop to stop after the current step, not break into it.
 

@@ -34,6 +34,7 @@ from charclip.backends import module as backend_module
 from charclip.batching import Position, Streams, split
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
 from charclip.run import DIVERGENCE_FACTOR
+from charclip.run import diverged as _diverged
 from charclip.vocab import Vocab
 from charclip.weights import init_params, scale_spectral_radius
 
@@ -279,11 +280,7 @@ def verdict(loss: list[float], val_loss: float, unigram_entropy: float) -> dict:
     that has learned nothing about context cannot beat."""
     arr = np.asarray(loss, dtype=float)
     bad = ~np.isfinite(arr)
-    diverged = (
-        bool(bad.any())
-        or not math.isfinite(val_loss)
-        or bool(np.nanmax(arr) > DIVERGENCE_FACTOR * arr[0])
-    )
+    diverged = _diverged(arr) or not math.isfinite(val_loss)
     tail = arr[-max(len(arr) // 10, 1) :]
     return {
         "first_loss": float(arr[0]),

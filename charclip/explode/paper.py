@@ -24,9 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from charclip.run import (
-    DIVERGENCE_FACTOR,
-)  # a loss over this many times the first counts as diverged
+from charclip.run import diverged as _diverged
 
 # ---------------------------------------------------------------- the temporal-order task
 
@@ -357,7 +355,7 @@ def temporal_order_run(
         if not finite:
             break
     arr = np.asarray(losses)
-    diverged = bool(not np.isfinite(arr).all() or np.nanmax(arr) > DIVERGENCE_FACTOR * arr[0])
+    diverged = _diverged(arr)
     return {
         "backend": backend,
         "length": length,
