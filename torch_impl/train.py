@@ -60,7 +60,12 @@ class Trainer:
         if clip.mode == "norm":
             convention = clip.convention_in("torch")
             return clipping.clip_grad_norm_(params, clip.max_norm, convention=convention)
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # The norm the configured implementation measures, as jax_impl.train.gradient_norm picks it:
+        # charclip's is finite wherever the true norm is (torch's overflows on huge finite entries).
+        total_norm = (
+            torch.nn.utils.get_total_norm if clip.impl == "library" else clipping.get_total_norm
+        )
+        norm = total_norm([p.grad for p in params])
         if clip.mode == "value":
             value_clip = (
                 torch.nn.utils.clip_grad_value_

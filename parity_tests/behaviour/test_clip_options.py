@@ -157,3 +157,25 @@ def test_the_trainers_clip_by_the_chosen_formula(convention, monkeypatch):
     )
     optimizer(cfg)
     assert chosen == [clip.convention_in("jax")], f"jax built its clip with {chosen}"
+
+
+@pytest.mark.parametrize("impl", ["library", "charclip"])
+def test_the_torch_trainer_reports_the_chosen_implementations_norm_under_value_clipping(impl):
+    """Value clipping still logs the pre-clip norm. With charclip's implementation it is the
+    overflow-safe one, as JAX's trainer reports it (jax_impl.train.gradient_norm): float64
+    entries of 1e200 square to inf in torch's norm, not in ours."""
+    import math
+
+    import torch
+
+    from torch_impl.train import Trainer
+
+    clip = ClipConfig(mode="value", max_value=1.0, impl=impl)
+    cfg = TrainConfig(dtype="float64", clip=clip)
+    module = torch.nn.Linear(2, 1, bias=False, dtype=torch.float64)
+    module.weight.grad = torch.tensor([[3e200, 4e200]], dtype=torch.float64)
+    norm = float(Trainer._clip(type("T", (), {"cfg": cfg, "module": module})()))
+    if impl == "library":
+        assert norm == math.inf, norm  # torch's own get_total_norm, as torch users see it
+    else:
+        assert norm == pytest.approx(5e200, rel=1e-15), norm  # a few float64 roundings
