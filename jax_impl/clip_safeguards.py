@@ -251,8 +251,8 @@ def _enforce_bound(clipped: list[jax.Array], tau: jax.Array, p: float) -> list[j
     exact = p in (1, 2) and all(c.dtype != jnp.float64 for c in clipped)
     tau = tau.astype(jnp.float64)
     ok, upper = _certainly_within(clipped, wide, tau, p, exact)
-    c = clipping.coefficient(upper, tau, "optax")  # tau / upper where the bound is not certain
-    fix = c.tau / c.divisor * (1 - 2.0**-24)
+    coef = clipping.coefficient(upper, tau, "optax")  # tau / upper where the bound is not certain
+    fix = coef.tau / coef.divisor * (1 - 2.0**-24)
     return [jnp.where(ok, c, _shrink_into(w, fix, c.dtype)) for w, c in zip(wide, clipped)]
 
 
@@ -330,13 +330,15 @@ def _strict_leaves(leaves, tau, p, convention):
     huge = ~(upper < largest) & jnp.isfinite(scaled) & (scaled > 0)
     shrink = 1 - 4 * _F64_UNIT  # absorbs the float64 multiply's rounding
     b, a1, a2 = _float32_factors(factor)
+    top = clipping.coefficient(
+        scaled * (1 + m), tau, "optax", scale=scale
+    )  # the same for every leaf
     out = []
     for leaf in leaves:
         if leaf.dtype == jnp.float32:
             clipped = ((leaf * b) * a1) * a2
         else:
             wide = leaf.astype(jnp.float64)
-            top = clipping.coefficient(scaled * (1 + m), tau, "optax", scale=scale)
             clipped = jnp.where(
                 huge, (wide * scale) * (top.tau / top.divisor * shrink), wide * (factor * shrink)
             )

@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from charclip.clipspec import TORCH_EPS
 from charclip.testing.oracle import exact_norm, norm_at_most
 from charclip.testing.strategies import INFO, dtype_name
 
@@ -125,7 +126,7 @@ def epsilon_wrong_side(leaves, tau):
         return [np.array(a) for a in leaves], norm
     scaled, s = _scaled(leaves)  # g 2**-s: n may be beyond float64, n 2**-s is not
     keep = 2.0**s if s < 1024 else math.inf  # min(1, .) in units of the scaled gradient
-    c = min(keep, tau / (exact_norm(scaled) - math.ldexp(1e-6, -s)))
+    c = min(keep, tau / (exact_norm(scaled) - math.ldexp(TORCH_EPS, -s)))
     return [_toward_zero(a * c, leaf.dtype) for a, leaf in zip(scaled, leaves)], norm
 
 
