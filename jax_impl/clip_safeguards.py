@@ -366,6 +366,16 @@ def clip_leaves(leaves, tau, p, convention, strict, measured=None):
         _round_toward_zero(c, leaf.dtype) if is_low_precision(leaf.dtype) else c.astype(leaf.dtype)
         for c, leaf in zip(clipped, leaves)
     ]
+    if low:
+        # Below the threshold, a low-precision leaf itself, bit for bit (a select, as optax's
+        # `where`): XLA on the CPU reads a bfloat16 subnormal widened to float32 as zero, so the
+        # widened copy is not the leaf (a bfloat16 -9.2e-39 came back as -0, norm far below
+        # tau). float32/float64 leaves are not widened and keep their program unchanged.
+        keep = clipping.coefficient(norm, tau.astype(acc), convention).keep
+        clipped = [
+            jnp.where(keep, leaf, c) if is_low_precision(leaf.dtype) else c
+            for c, leaf in zip(clipped, leaves)
+        ]
     if strict or low:
         clipped = _enforce_bound(clipped, tau, p)
     return clipped, norm.astype(norm_dtype(leaves))

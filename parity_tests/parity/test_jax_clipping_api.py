@@ -401,6 +401,16 @@ strict_jit = jax.jit(
 )
 @example(tree={"w": np.full(4, 1e20, np.float32)}, tau=1e-3, convention="optax", jitted=True)
 @example(tree=[np.full(4, 1e300), np.zeros(0)], tau=1.0, convention="optax", jitted=True)
+@example(  # a bfloat16 subnormal, far below tau: widened through float32 it was read as zero
+    tree={
+        "w0": np.array(0.0263672, np_dtype("bfloat16")),
+        "w1": np.array(-9.18355e-39, np_dtype("bfloat16")),
+        "w2": np.array(-0.75, np_dtype("bfloat16")),
+    },
+    tau=1.0,
+    convention="optax",
+    jitted=False,
+)
 def test_strict_bound_holds_exactly(tree, tau, convention, jitted):
     arrays = leaves(tree)
     jtree = jax.tree.map(jnp.asarray, tree)
