@@ -37,7 +37,7 @@ def folders(monkeypatch):
 
 
 def test_the_cache_folder_and_its_switches(folders, monkeypatch, tmp_path):
-    assert folders() == str(corpus._cache_dir() / "xla")
+    assert folders() == str(corpus.cache_dir() / "xla")
     assert folders("torch") is None  # torch compiles nothing
     monkeypatch.setenv("CHARCLIP_COMPILATION_CACHE", str(tmp_path))
     assert folders() == str(tmp_path)
