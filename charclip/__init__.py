@@ -2,7 +2,50 @@
 
 This package is the framework-neutral part: corpus, vocabulary, batching,
 configuration, initial weights, checkpoint format, sampling draws and the CLI.
-It imports neither PyTorch nor JAX; `torch_impl` and `jax_impl` import it.
+It imports neither PyTorch nor JAX; `charclip.torch` and `charclip.jax` import it.
+
+Import paths: `charclip.torch` (the PyTorch backend, folder `torch_impl/` in the
+repository), `charclip.jax` (the JAX backend, folder `jax_impl/`) and
+`charclip.benchmarks` (folder `benchmarks/`). An installed wheel holds them inside
+`charclip/` (pyproject's package-dir), so nothing but `charclip` lands in
+site-packages; a source checkout (`PYTHONPATH=.`) reaches the same names through
+`_CheckoutFinder` below.
 """
 
+import sys as _sys
+from pathlib import Path as _Path
+
 __version__ = "0.1.0"
+
+# import path -> the repository folder that holds it (the same map as pyproject's package-dir)
+SOURCE_FOLDERS = {
+    "charclip.torch": "torch_impl",
+    "charclip.jax": "jax_impl",
+    "charclip.benchmarks": "benchmarks",
+}
+
+
+class _CheckoutFinder:
+    """Finds charclip.torch / .jax / .benchmarks in a source checkout, beside this folder.
+
+    Appended to the end of `sys.meta_path`, so an installed wheel (which has
+    `charclip/torch/` etc.) is found first, the usual way; this answers only when
+    nothing else did, and only for those three names."""
+
+    @staticmethod
+    def find_spec(fullname, path=None, target=None):
+        folder = SOURCE_FOLDERS.get(fullname)
+        if folder is None:
+            return None
+        init = _Path(__file__).resolve().parent.parent / folder / "__init__.py"
+        if not init.is_file():
+            return None
+        from importlib.util import spec_from_file_location
+
+        return spec_from_file_location(
+            fullname, init, submodule_search_locations=[str(init.parent)]
+        )
+
+
+if not any(getattr(f, "__name__", "") == "_CheckoutFinder" for f in _sys.meta_path):
+    _sys.meta_path.append(_CheckoutFinder)

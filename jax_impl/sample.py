@@ -5,12 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from charclip.jax import device as D
+from charclip.jax import model as M
 
 from charclip import sampling
 from charclip.config import ModelConfig
 from charclip.vocab import Vocab
-from jax_impl import device as D
-from jax_impl import model as M
 
 
 def sample(

@@ -56,6 +56,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
+from charclip.torch import clip_safeguards as safe
 
 from charclip.clipspec import (
     CONVENTIONS,
@@ -65,7 +66,6 @@ from charclip.clipspec import (
     check_norm_type,
     check_threshold,
 )
-from torch_impl import clip_safeguards as safe
 
 Tensors = torch.Tensor | Iterable[torch.Tensor]
 

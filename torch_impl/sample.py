@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from charclip.torch import device as D
+from charclip.torch import model as M
 
 from charclip import sampling
 from charclip.config import ModelConfig
 from charclip.vocab import Vocab
-from torch_impl import device as D
-from torch_impl import model as M
 
 
 def sample(
