@@ -112,6 +112,9 @@ def parity_output(reports: list[dict]) -> str:
     return "```\n" + head + "\n" + format_table([Row(**r) for r in report["rows"]]) + "\n```"
 
 
+SAMPLE_LINES = 6  # of the closing sample, in the README
+
+
 def default_run(summary: dict) -> str:
     """The README's paragraph on the default run, from its summary.json and metrics.jsonl."""
     records = [
@@ -138,7 +141,7 @@ def default_run(summary: dict) -> str:
         f"Clipping fired on {len(clipped)} of {len(steps)} steps{where} (largest pre-clip norm {norms[-1]:.2f}); "
         f"ordinary steps' norms lie between {p10:.2f} and {p90:.2f} (10th to 90th percentile). "
         "torch on 2 threads is not bit-reproducible from run to run, so a rerun differs in the third decimal. "
-        "The closing sample (temperature 0.8) reads like this:"
+        "The closing sample (temperature 0.8) begins like this:"
     )
     wrapped, line = [], ""
     for word in text.split(" "):
@@ -148,7 +151,8 @@ def default_run(summary: dict) -> str:
         else:
             line = f"{line} {word}" if line else word
     wrapped.append(line)
-    return "\n".join(wrapped) + "\n\n```\n" + summary["sample"].strip("\n") + "\n```"
+    sample = "\n".join(summary["sample"].strip("\n").splitlines()[:SAMPLE_LINES]).rstrip()
+    return "\n".join(wrapped) + "\n\n```\n" + sample + "\n```"
 
 
 def precision_table(result: dict) -> str:

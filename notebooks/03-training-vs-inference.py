@@ -34,13 +34,19 @@ import pathlib
 
 if importlib.util.find_spec("charclip") is None:
     # In a clone of the repository, the folder above this notebook is charclip's source.
-    # Elsewhere (Colab), set CHARCLIP_SOURCE to a pip requirement for it first: a folder
-    # you uploaded or a "git+https://..." address of the repository.
+    # Elsewhere (Colab): upload a wheel built in a clone (`pip wheel --no-deps .`) beside this
+    # notebook, or set CHARCLIP_SOURCE to a pip requirement: a folder or a "git+https://..." address.
     here = pathlib.Path.cwd()
     root = next((p for p in (here, *here.parents) if (p / "pyproject.toml").is_file() and (p / "charclip").is_dir()), None)
-    source = os.environ.get("CHARCLIP_SOURCE") or (str(root) if root else None)
+    wheels = sorted(here.glob("charclip-*.whl"))
+    source = (
+        os.environ.get("CHARCLIP_SOURCE") or (str(root) if root else None) or (str(wheels[-1]) if wheels else None)
+    )
     if source is None:
-        raise RuntimeError("charclip is not installed: set CHARCLIP_SOURCE to its folder or git address and rerun")
+        raise RuntimeError(
+            "charclip is not installed: upload a charclip wheel beside this notebook, or set CHARCLIP_SOURCE "
+            "to its folder or git address, and rerun"
+        )
     # The %pip magic, written as a call so that it can sit inside this `if`.
     get_ipython().run_line_magic("pip", f"install --quiet {source}")
     importlib.invalidate_caches()

@@ -116,6 +116,16 @@ def test_install_cell_installs_charclip_source_elsewhere(monkeypatch, tmp_path):
     ]
 
 
+def test_install_cell_installs_a_wheel_uploaded_beside_the_notebook(monkeypatch, tmp_path):
+    """Colab: no clone and no CHARCLIP_SOURCE, but a wheel built with `pip wheel --no-deps .`."""
+    monkeypatch.delenv("CHARCLIP_SOURCE", raising=False)
+    wheel = tmp_path / "charclip-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    assert _run_install_cell_without_charclip(monkeypatch, tmp_path) == [
+        ("pip", f"install --quiet {wheel}")
+    ]
+
+
 def test_install_cell_says_what_to_do_when_it_cannot_find_charclip(monkeypatch, tmp_path):
     monkeypatch.delenv("CHARCLIP_SOURCE", raising=False)
     with pytest.raises(RuntimeError, match="set CHARCLIP_SOURCE"):
