@@ -18,8 +18,8 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-from charclip.benchmarks.harness import interleaved, timed
 
+from charclip.benchmarks.harness import interleaved, timed
 from charclip.config import BACKENDS, DEVICES
 
 MAX_NORM = 1e-3  # far below the norm of N(0, 1) gradients: every call scales

@@ -34,6 +34,7 @@ def table(points: int) -> list[tuple[str, str, list[float]]]:
     import jax
     import jax.numpy as jnp
     import torch
+
     from charclip.jax import fastrnn
 
     a = np.linspace(0.0, RANGES[-1][1], points, dtype=np.float32)

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from charclip.benchmarks import harness
 from charclip.benchmarks.suite import RESULTS
-
 from charclip.config import DEVICES
 
 
@@ -106,10 +106,10 @@ def fast_vs_scan(grid: Grid, device: str) -> list[dict]:
     """float64 gradients of the JAX fast layer against autodiff of the scan reference, on the device."""
     import jax
     import jax.numpy as jnp
-    from charclip.jax import model as M
-    from charclip.jax.device import resolve as device_of
 
     from charclip.config import ModelConfig
+    from charclip.jax import model as M
+    from charclip.jax.device import resolve as device_of
     from charclip.weights import init_params
 
     dev = device_of(device)
@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     import torch
+
     from charclip.jax.device import enable_x64
 
     enable_x64()  # as every charclip run has it

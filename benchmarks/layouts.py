@@ -13,6 +13,7 @@ import argparse
 import os
 
 import numpy as np
+
 from charclip.benchmarks.harness import interleaved
 
 

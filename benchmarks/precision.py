@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 from charclip.benchmarks.harness import environment, paired_ratio, stats
-
 from charclip.config import BACKENDS, PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -353,10 +353,10 @@ def write(r: dict, out: Path) -> str:
 
 def run(args) -> int:
     import torch
-    from charclip.jax.device import enable_x64
     from tqdm import tqdm
 
     from charclip.cli import fill
+    from charclip.jax.device import enable_x64
 
     enable_x64()  # as every charclip run has it
     from charclip.benchmarks import harness

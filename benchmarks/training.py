@@ -19,8 +19,8 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
-from charclip.benchmarks.harness import interleaved, paired_ratio, stats, timed
 
+from charclip.benchmarks.harness import interleaved, paired_ratio, stats, timed
 from charclip.config import GATES, ClipConfig, ModelConfig, TrainConfig
 
 CORPUS_CHARS = 2_000_000  # enough for 512 x 64 x several batches, quick to encode
@@ -156,6 +156,7 @@ def sgemm_peak(device: str, repeats: int, n: int = 1024) -> dict:
     import jax
     import jax.numpy as jnp
     import torch
+
     from charclip.jax.device import resolve as device_of
 
     dev = "cuda" if device == "gpu" else "cpu"
@@ -417,6 +418,7 @@ def cudnn(case: Case, *, device: str, repeats: int) -> dict:
 def torch_saved_bytes(trainer, batch) -> int:
     """Bytes of the distinct tensors autograd keeps for backward in one forward pass (activation memory)."""
     import torch
+
     from charclip.torch import model as torch_model
 
     seen: dict[int, int] = {}

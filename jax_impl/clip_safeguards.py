@@ -21,10 +21,10 @@ import operator
 
 import jax
 import jax.numpy as jnp
-from charclip.jax import clipping
 from jax import lax
 
 from charclip.clipspec import TORCH_EPS
+from charclip.jax import clipping
 
 _F64_UNIT = 2.0**-53  # unit roundoff of float64, where the strict bound is computed
 

@@ -48,7 +48,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from charclip.jax import clip_safeguards as safe
 
 from charclip.clipspec import (
     CONVENTIONS,
@@ -58,6 +57,7 @@ from charclip.clipspec import (
     check_norm_type,
     check_threshold,
 )
+from charclip.jax import clip_safeguards as safe
 
 
 def _threshold(name: str, value) -> jax.Array | float:

@@ -32,10 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from charclip.jax import clipping
-from charclip.jax import device as D
-from charclip.jax import model as M
-from charclip.jax import train as T
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -43,6 +39,10 @@ from jax.sharding import PartitionSpec as P
 from charclip.config import LAYOUTS as _LAYOUTS
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
 from charclip.errors import CharclipError
+from charclip.jax import clipping
+from charclip.jax import device as D
+from charclip.jax import model as M
+from charclip.jax import train as T
 
 LAYOUTS = _LAYOUTS["jax"]
 BATCH_AXIS = {"data": "data", "model": None, "fsdp": "data", "2d": "data", "shard_map": "data"}

@@ -14,11 +14,11 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from charclip.config import ModelConfig
 from charclip.jax import device as D
 from charclip.jax import model as M
 from charclip.jax.clipping import clip_tree_by_global_norm, global_norm
-
-from charclip.config import ModelConfig
 
 
 def grad_through_time(

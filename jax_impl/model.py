@@ -17,10 +17,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from charclip.jax import device as D
-from charclip.jax import fastrnn
 
 from charclip.config import CELLS, ModelConfig
+from charclip.jax import device as D
+from charclip.jax import fastrnn
 from charclip.weights import init_params
 
 

@@ -11,10 +11,10 @@ import contextlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from charclip.jax import device as D
-from charclip.jax import model as M
 
 from charclip.config import ModelConfig
+from charclip.jax import device as D
+from charclip.jax import model as M
 
 
 def logits(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from charclip.jax import device as D
-from charclip.jax import model as M
 
 from charclip import sampling
 from charclip.config import ModelConfig
+from charclip.jax import device as D
+from charclip.jax import model as M
 from charclip.vocab import Vocab
 
 

@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from charclip.jax import clipping
-from charclip.jax import device as D
-from charclip.jax import model as M
 
 from charclip.config import ModelConfig, TrainConfig, compute_dtype, loss_scaled
 from charclip.contract import StepResult, update_applies, verdict
+from charclip.jax import clipping
+from charclip.jax import device as D
+from charclip.jax import model as M
 
 
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:

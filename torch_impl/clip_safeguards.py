@@ -21,8 +21,9 @@ import math
 from typing import NamedTuple
 
 import torch
-from charclip.torch import clipping
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from charclip.torch import clipping
 
 _CHUNK = (
     1 << 14

@@ -56,7 +56,6 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
-from charclip.torch import clip_safeguards as safe
 
 from charclip.clipspec import (
     CONVENTIONS,
@@ -66,6 +65,7 @@ from charclip.clipspec import (
     check_norm_type,
     check_threshold,
 )
+from charclip.torch import clip_safeguards as safe
 
 Tensors = torch.Tensor | Iterable[torch.Tensor]
 

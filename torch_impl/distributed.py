@@ -48,7 +48,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from charclip.torch.train import Trainer
 from torch.nn.parallel import DistributedDataParallel
 
 from charclip import signals
@@ -56,6 +55,7 @@ from charclip.config import LAYOUTS, ModelConfig, TrainConfig
 from charclip.contract import NonFiniteStep
 from charclip.errors import CharclipError
 from charclip.signals import STOP_SIGNALS
+from charclip.torch.train import Trainer
 
 PARALLEL = LAYOUTS["torch"]  # --parallel: replicated (DDP) or sharded (FSDP2) parameters
 HOST = "127.0.0.1"  # loopback only: nothing listens beyond this machine

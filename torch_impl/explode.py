@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from charclip.torch import model as M
-from charclip.torch.clipping import clip_grad_norm_, get_total_norm
 
 from charclip.config import ModelConfig
+from charclip.torch import model as M
+from charclip.torch.clipping import clip_grad_norm_, get_total_norm
 
 
 def grad_through_time(

@@ -10,10 +10,10 @@ import contextlib
 
 import numpy as np
 import torch
-from charclip.torch import device as D
-from charclip.torch import model as M
 
 from charclip.config import ModelConfig
+from charclip.torch import device as D
+from charclip.torch import model as M
 
 
 def logits(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from charclip.torch import device as D
-from charclip.torch import model as M
 
 from charclip import sampling
 from charclip.config import ModelConfig
+from charclip.torch import device as D
+from charclip.torch import model as M
 from charclip.vocab import Vocab
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from charclip.torch import clipping
-from charclip.torch import device as D
-from charclip.torch import model as M
 
 from charclip.config import ModelConfig, TrainConfig, compute_dtype, loss_scaled
 from charclip.contract import NonFiniteStep, StepResult, verdict
 from charclip.errors import CharclipError
+from charclip.torch import clipping
+from charclip.torch import device as D
+from charclip.torch import model as M
 
 
 class Trainer:

@@ -4,7 +4,6 @@ import json
 
 from charclip.benchmarks import clip_cost, report
 from charclip.benchmarks.training import Case
-
 from charclip.config import ModelConfig, TrainConfig
 
 

@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from charclip.jax import fastrnn
-from charclip.jax import model as M
-from charclip.torch import model as TM
 
 from charclip.config import CELLS, ModelConfig
 from charclip.errors import CharclipError
+from charclip.jax import fastrnn
+from charclip.jax import model as M
+from charclip.torch import model as TM
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -121,6 +121,7 @@ def test_the_trainers_clip_by_the_chosen_formula(convention, monkeypatch):
     """torch: g = (6, 8), tau = 1 clipped by the step's own clip; torch's formula gives 1 / (10 + 1e-6)
     of g, optax's 1 / 10: other bits. JAX: the chain is built with the chosen convention."""
     import torch
+
     from charclip.jax import clipping as jclip
     from charclip.jax.train import optimizer
     from charclip.torch import clipping as tclip
@@ -166,6 +167,7 @@ def test_the_torch_trainer_reports_the_chosen_implementations_norm_under_value_c
     import math
 
     import torch
+
     from charclip.torch.train import Trainer
 
     clip = ClipConfig(mode="value", max_value=1.0, impl=impl)

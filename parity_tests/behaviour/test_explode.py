@@ -14,11 +14,11 @@ import math
 
 import numpy as np
 import pytest
-from charclip.jax import explode as jax_explode
-from charclip.torch import explode as torch_explode
 
 from charclip.cli import main
 from charclip.config import ModelConfig
+from charclip.jax import explode as jax_explode
+from charclip.torch import explode as torch_explode
 from charclip.weights import init_params, scale_spectral_radius
 
 BACKENDS = {"torch": torch_explode, "jax": jax_explode}

@@ -664,7 +664,6 @@ def test_resume_finishes_a_closing_phase_that_failed(
 @pytest.fixture
 def no_work(monkeypatch):
     import charclip.benchmarks.suite
-
     import charclip.explode.command
     import charclip.parity.command
 

@@ -8,13 +8,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from charclip.jax import train as jax_train
-from charclip.torch import model as torch_model
 
 from charclip import backends, checkpoint, cli, run
 from charclip.batching import Position, Streams
 from charclip.config import ModelConfig, RunOptions
+from charclip.jax import train as jax_train
 from charclip.metrics import read_metrics
+from charclip.torch import model as torch_model
 from charclip.weights import init_params
 from parity_tests.helpers import small_corpus, tiny_model, tiny_train, train_cli
 

@@ -133,6 +133,7 @@ def _multisteps_params(params, accumulator_dtype):
     import jax
     import jax.numpy as jnp
     import optax
+
     from charclip.jax import train as JT
 
     tx = optax.MultiSteps(

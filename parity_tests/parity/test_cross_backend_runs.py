@@ -7,12 +7,12 @@ import json
 
 import numpy as np
 import pytest
-from charclip.jax import model as jax_model
-from charclip.torch import model as torch_model
 
 from charclip import checkpoint, cli, run
 from charclip.config import ModelConfig
+from charclip.jax import model as jax_model
 from charclip.parity import TOLERANCES, errors, library_gap
+from charclip.torch import model as torch_model
 from charclip.weights import init_params, param_shapes
 from parity_tests.helpers import small_corpus, train_cli
 

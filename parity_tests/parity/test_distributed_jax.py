@@ -39,12 +39,12 @@ if (
 import jax
 import jax.numpy as jnp
 import optax
-from charclip.jax import clipping
-from charclip.jax import model as M
-from charclip.jax.train import Trainer
 
 from charclip import dropout
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
+from charclip.jax import clipping
+from charclip.jax import model as M
+from charclip.jax.train import Trainer
 from charclip.weights import init_params
 
 WORLDS = (2, 4)
@@ -157,8 +157,9 @@ def _wrong_norms():
 
 
 def _run_case(case) -> dict:
-    from charclip.jax import distributed as D
     from jax.sharding import PartitionSpec as P
+
+    from charclip.jax import distributed as D
 
     world, layout, dtype, tau, impl, variant = case
     cfg = _config(dtype, tau, impl, variant)

@@ -23,11 +23,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from charclip.torch import distributed as D
-from charclip.torch.train import Trainer
 
 from charclip import checkpoint, dropout
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
+from charclip.torch import distributed as D
+from charclip.torch.train import Trainer
 from charclip.weights import init_params
 
 WORLDS = (2, 4)

@@ -175,6 +175,7 @@ def _gradients_and_carried(backend, model, params, x, y, masks):
 def _jax_grad(model):
     """The gradient of the fast layer's loss (the JAX Trainer's default), jitted once: the masks are traced."""
     import jax
+
     from charclip.jax import model as M
 
     return jax.jit(

@@ -21,13 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from charclip.jax import fastrnn
-from charclip.jax import model as M
-from charclip.jax import train as T
 from hypothesis import given
 from hypothesis import strategies as st
 
 from charclip.config import ModelConfig, TrainConfig
+from charclip.jax import fastrnn
+from charclip.jax import model as M
+from charclip.jax import train as T
 from charclip.weights import init_params, scale_spectral_radius
 
 F64_REL = 1e-12  # see the module docstring

@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from charclip.jax import clipping
-from charclip.jax import model as M
-from charclip.jax import train as T
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
+from charclip.jax import clipping
+from charclip.jax import model as M
+from charclip.jax import train as T
 from charclip.testing.oracle import sum_of_squares
 from charclip.weights import init_params
 from parity_tests.strategies import finfo, gradient_trees, leaves, np_dtype, thresholds

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from charclip.jax import explode as jax_explode
-from charclip.torch import explode as torch_explode
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from charclip.explode.paper import temporal_order_batch, temporal_order_init
+from charclip.jax import explode as jax_explode
+from charclip.torch import explode as torch_explode
 
 BACKENDS = {"torch": torch_explode, "jax": jax_explode}
 KW = {"x0": 0.5, "steps": 50, "target": 0.7}

@@ -94,6 +94,7 @@ def test_a_wrong_gate_order_is_caught_in_the_forward_pass(monkeypatch):
     """Swap the GRU's reset and update gates in JAX, in the scan reference (the logits rung) and in
     the fast layer (the Trainer's: final state and loss): the first rungs of the ladder fail."""
     import jax.numpy as jnp
+
     from charclip.jax import fastrnn
     from charclip.jax import model as jax_model
 

@@ -18,12 +18,12 @@ import hypothesis
 import numpy as np
 import pytest
 import torch
-from charclip.torch import clip_safeguards
-from charclip.torch import clipping as ours
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from charclip.testing.oracle import sum_of_squares
+from charclip.torch import clip_safeguards
+from charclip.torch import clipping as ours
 from parity_tests.strategies import (
     FLOAT_DTYPES,
     exact_norm,

@@ -10,11 +10,11 @@ import optax
 import pytest
 import torch
 import torch.nn.functional as F
-from charclip.jax import model as jax_model
-from charclip.torch import model as torch_model
 
 from charclip import witness
 from charclip.config import ModelConfig
+from charclip.jax import model as jax_model
+from charclip.torch import model as torch_model
 from charclip.weights import init_params
 
 # float64 everywhere: a handful of matmuls over T steps round to ~1e-15 relative.

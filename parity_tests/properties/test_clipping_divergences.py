@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+
 from charclip.jax import clipping as jclip
 from charclip.torch import clipping as tclip
 

@@ -81,6 +81,7 @@ def test_in_jax_too_clipping_before_unscaling_clips_the_scaled_gradient(scale):
     import jax
     import jax.numpy as jnp
     import optax
+
     from charclip.jax.train import unscale
 
     tau = 1.0

@@ -19,12 +19,12 @@ import numpy as np
 import optax
 import pytest
 import torch
-from charclip.jax import clipping as jclip
-from charclip.torch import clipping as tclip
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from charclip.clipspec import TORCH_EPS
+from charclip.jax import clipping as jclip
+from charclip.torch import clipping as tclip
 from parity_tests.strategies import (
     FLOAT_DTYPES,
     LOW_PRECISION,
