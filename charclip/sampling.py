@@ -114,10 +114,11 @@ def generate(
     if emit is not None:
         emit(prime)
     out = []
-    for _ in range(length):
+    for i in range(length):
         token = draw(logits, rng.random(), temperature, top_k, top_p)
         out.append(token)
         if emit is not None:
             emit(vocab.decode([token]))
-        logits, state = step(token, state)
+        if i + 1 < length:  # the last character's logits would never be drawn from
+            logits, state = step(token, state)
     return prime + vocab.decode(out)

@@ -46,3 +46,22 @@ def test_top_p_one_is_no_filter_and_combines_with_top_k():
 def test_bad_top_p_is_refused(top_p):
     with pytest.raises(CharclipError, match="--top-p must lie in"):
         check_options(Vocab.from_text("abc"), "a", 5, 1.0, None, top_p)
+
+
+@pytest.mark.parametrize("length", [1, 5])
+def test_generate_runs_one_step_per_character_it_needs(length):
+    """The prime's characters each take a step, then every drawn character but the last is fed
+    back: the last one's logits would never be drawn from, so no step is spent on them."""
+    from charclip.sampling import generate
+
+    vocab = Vocab.from_text("abc")
+    fed = []
+
+    def step(token, state):
+        fed.append(token)
+        return np.array([0.0, 5.0, 0.0]), state
+
+    text = generate(step, vocab, "ab", length, temperature=1e-3, seed=0)
+    assert len(text) == 2 + length
+    assert len(fed) == 2 + length - 1, fed
+    assert fed[2:] == [vocab.encode(c)[0] for c in text[2:-1]]
