@@ -32,6 +32,7 @@ from charclip.cli import main
 from charclip.config import TrainConfig
 from charclip.errors import CharclipError
 from charclip.metrics import Metrics, read_metrics
+from parity_tests.helpers import reseal, rewrite_meta
 
 BACKENDS = ("torch", "jax")
 TINY = [
@@ -342,7 +343,7 @@ def _rewrite_state(folder: Path, edit) -> None:
     meta["files"][ckpt_io.STATE_FILE] = hashlib.sha256(
         (folder / ckpt_io.STATE_FILE).read_bytes()
     ).hexdigest()
-    (folder / ckpt_io.META_FILE).write_text(json.dumps(meta))
+    rewrite_meta(folder, meta)
 
 
 def _first(state: dict, prefix: str) -> str:
@@ -402,7 +403,7 @@ def test_a_run_gone_nonfinite_keeps_latest_on_its_last_finite_checkpoint(
         (folder / ckpt_io.MODEL_FILE).read_bytes()
     ).hexdigest()
     meta["train"]["nonfinite"] = "propagate"
-    (folder / ckpt_io.META_FILE).write_text(json.dumps(meta))
+    rewrite_meta(folder, meta)
     line = _one_error_line(capsys, main(["train", "--resume", str(out), "--steps", "6", *TINY]))
     assert "not finite" in line and folder.name in line, line
     assert (out / "checkpoints" / "LATEST").read_text().strip() == folder.name
@@ -413,7 +414,7 @@ def test_a_run_gone_nonfinite_keeps_latest_on_its_last_finite_checkpoint(
 
 META_FAULTS = {
     "repeated vocab key": lambda raw: raw.replace('"vocab":', '"vocab": ["x"], "vocab":', 1),
-    "format version -7": lambda raw: raw.replace('"format_version": 1', '"format_version": -7', 1),
+    "format version -7": lambda raw: raw.replace('"format_version": 2', '"format_version": -7', 1),
     "5000-digit step": lambda raw: raw.replace('"step": 4', '"step": 4' + "0" * 5000, 1),
 }
 
@@ -428,6 +429,7 @@ def test_a_malformed_checkpoint_json_is_one_line_everywhere(
     raw = meta.read_text()
     meta.write_text(META_FAULTS[fault](raw))
     assert meta.read_text() != raw
+    reseal(meta.parent)  # past the seal: the strict parse itself meets the fault
     argv = {
         "sample": ["sample", str(out), "--length", "3"],
         "eval": ["eval", str(out)],
@@ -438,7 +440,68 @@ def test_a_malformed_checkpoint_json_is_one_line_everywhere(
     outside.assert_untouched()
 
 
-@pytest.mark.parametrize("which", [ckpt_io.MODEL_FILE, ckpt_io.STATE_FILE, ckpt_io.META_FILE])
+TAMPERS = {
+    # json keeps the last of two keys: the second vocabulary would remap every character
+    "repeated vocab key": lambda raw: raw.replace('"vocab":', '"vocab": ["x"], "vocab":', 1),
+    # a well-formed number that every other check accepts: only the SHA-256 can tell
+    "edited learning rate": lambda raw: raw.replace('"lr": 0.003', '"lr": 0.03', 1),
+    # an older version has no seal to check: claiming one must not skip the check
+    "claims format version 1": lambda raw: raw.replace(
+        '"format_version": 2', '"format_version": 1', 1
+    ),
+}
+
+
+@pytest.mark.parametrize("tamper", TAMPERS)
+def test_a_tampered_checkpoint_json_is_damaged(finished_runs, tmp_path, capsys, outside, tamper):
+    """checkpoint.json is covered by a SHA-256 as the tensor files are (format version 2)."""
+    out = _copy(finished_runs, "torch", tmp_path)
+    meta = ckpt_io.resolve(out) / ckpt_io.META_FILE
+    raw = meta.read_text(encoding="utf-8")
+    meta.write_text(TAMPERS[tamper](raw), encoding="utf-8")
+    assert meta.read_text(encoding="utf-8") != raw, "the tamper changed nothing"
+    line = _one_error_line(capsys, main(["eval", str(out)]))
+    assert ckpt_io.META_FILE in line and "damaged" in line, line
+    outside.assert_untouched()
+
+
+def test_checkpoint_json_records_its_sha256_like_sha256sum(finished_runs):
+    folder = ckpt_io.resolve(finished_runs["jax"])
+    digest = hashlib.sha256((folder / ckpt_io.META_FILE).read_bytes()).hexdigest()
+    seal = (folder / ckpt_io.META_SEAL_FILE).read_text(encoding="ascii")
+    assert seal == f"{digest}  {ckpt_io.META_FILE}\n", seal  # `sha256sum -c` reads this line
+    assert json.loads((folder / ckpt_io.META_FILE).read_text())["format_version"] == 2
+
+
+def test_a_checkpoint_without_its_seal_is_damaged(finished_runs, tmp_path, capsys):
+    out = _copy(finished_runs, "torch", tmp_path)
+    (ckpt_io.resolve(out) / ckpt_io.META_SEAL_FILE).unlink()
+    line = _one_error_line(capsys, main(["sample", str(out), "--length", "3"]))
+    assert ckpt_io.META_SEAL_FILE in line and "damaged" in line, line
+
+
+OLD = Path(__file__).parents[1] / "data" / "checkpoint-v1"  # parity_tests/data/README.md
+
+
+def test_a_format_1_checkpoint_still_loads_and_is_saved_as_format_2(tmp_path, capsys):
+    """Checkpoints written before the seal (format version 1, committed as written) load as they
+    did; saving one again writes the current format, sealed."""
+    assert not (OLD / ckpt_io.META_SEAL_FILE).exists()
+    assert json.loads((OLD / ckpt_io.META_FILE).read_text())["format_version"] == 1
+    old = ckpt_io.load(OLD)
+    assert (old.step, "".join(old.vocab.chars), old.model.hidden_size) == (2, " .acehmnost", 4)
+    assert main(["sample", str(OLD), "--length", "12", "--prime", "t"]) == 0
+    assert len(capsys.readouterr().out.rstrip("\n")) == 13  # the prime and 12 characters
+    again = ckpt_io.load(ckpt_io.save(tmp_path / "run", old))
+    assert json.loads((again.path / ckpt_io.META_FILE).read_text())["format_version"] == 2
+    assert (again.path / ckpt_io.META_SEAL_FILE).is_file()
+    for name, value in old.params.items():
+        np.testing.assert_array_equal(again.params[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "which", [ckpt_io.MODEL_FILE, ckpt_io.STATE_FILE, ckpt_io.META_FILE, "checkpoint.json.sha256"]
+)
 def test_an_io_error_reading_a_checkpoint_says_what_happened(
     finished_runs, tmp_path, capsys, monkeypatch, which
 ):
