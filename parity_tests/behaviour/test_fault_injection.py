@@ -620,6 +620,88 @@ def test_an_address_space_limit_is_taken_into_account(text, tmp_path, capsys, mo
     assert not (tmp_path / "run").exists()
 
 
+def _fake_cgroups(root: Path, membership: str, files: dict[str, str]) -> Path:
+    """A cgroup mount under `root` holding `files` (path: content), and a /proc/self/cgroup."""
+    root.mkdir(parents=True)
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(content)
+    (root / "proc-self-cgroup").write_text(membership)
+    return root / "proc-self-cgroup"
+
+
+MIB = 1 << 20
+CGROUPS = {  # (/proc/self/cgroup, files under the mount, bytes left or None)
+    "v2, limit on an ancestor": (
+        "0::/batch.slice/job-7\n",
+        {
+            "batch.slice/job-7/memory.max": "max\n",  # the job's own group sets none
+            "batch.slice/job-7/memory.current": f"{100 * MIB}\n",
+            "batch.slice/memory.max": f"{1024 * MIB}\n",
+            "batch.slice/memory.current": f"{256 * MIB}\n",
+        },
+        768 * MIB,
+    ),
+    "v2, the tighter of two": (
+        "0::/a/b\n",
+        {
+            "a/b/memory.max": f"{512 * MIB}\n",
+            "a/b/memory.current": f"{12 * MIB}\n",
+            "a/memory.max": f"{600 * MIB}\n",
+            "a/memory.current": f"{200 * MIB}\n",
+        },
+        400 * MIB,
+    ),
+    "v2 container (namespace root)": (
+        "0::/\n",
+        {"memory.max": f"{64 * MIB}\n", "memory.current": f"{80 * MIB}\n"},  # over: none left
+        0,
+    ),
+    "v1 docker": (
+        "12:pids:/docker/c0ffee\n4:memory:/docker/c0ffee\n0::/\n",
+        {
+            "memory/docker/c0ffee/memory.limit_in_bytes": f"{256 * MIB}\n",
+            "memory/docker/c0ffee/memory.usage_in_bytes": f"{56 * MIB}\n",
+            "memory/memory.limit_in_bytes": "9223372036854771712\n",  # v1's "no limit"
+        },
+        200 * MIB,
+    ),
+    "v1 without a limit": (
+        "4:memory:/\n",
+        {"memory/memory.limit_in_bytes": "9223372036854771712\n"},
+        None,
+    ),
+    "no cgroup files": ("0::/\n", {}, None),
+}
+
+
+@pytest.mark.parametrize("case", CGROUPS)
+def test_the_cgroup_memory_limit_is_read(tmp_path, case):
+    from charclip import run
+
+    membership, files, left = CGROUPS[case]
+    proc = _fake_cgroups(tmp_path / "cgroup", membership, files)
+    got = run.cgroup_memory_left(tmp_path / "cgroup", proc)
+    assert got == left, f"{case}: {got} bytes left, expected {left}"
+
+
+def test_a_cgroup_limit_refuses_a_model_that_cannot_fit(text, tmp_path, capsys, monkeypatch):
+    from charclip import run
+
+    proc = _fake_cgroups(
+        tmp_path / "cgroup",
+        "0::/\n",
+        {"memory.max": f"{512 * MIB}\n", "memory.current": f"{300 * MIB}\n"},
+    )
+    monkeypatch.setattr(run, "CGROUP_ROOT", tmp_path / "cgroup")
+    monkeypatch.setattr(run, "PROC_CGROUP", proc)
+    argv = ["train", "--data", str(text), "--out", str(tmp_path / "run"), "--steps", "2", *TINY]
+    # ~0.3 GiB of state: fits the machine and the address space, not the 212 MiB the group leaves
+    line = _one_error_line(capsys, main([*argv, "--hidden", "2048"]))
+    assert "cgroup" in line and "0.2 GiB" in line, line
+    assert not (tmp_path / "run").exists()
+
+
 # ---- 14. a reader racing a writer that rotates checkpoints ------------------------------------------
 
 
