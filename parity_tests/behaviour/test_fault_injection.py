@@ -934,6 +934,49 @@ def test_no_stray_warnings_from_numpy_or_matplotlib(tmp_path, capsys):
     assert "Warning" not in capsys.readouterr().err
 
 
+def _as_float64(finished_runs, backend: str, tmp_path: Path) -> Path:
+    """The finished float32 run's checkpoint, every float tensor widened: a float64 checkpoint."""
+    from dataclasses import replace
+
+    ck = ckpt_io.load(finished_runs[backend])
+    ck.train = replace(ck.train, dtype="float64")
+    assert "loss_scale" not in ck.adam  # full precision: every float tensor follows the dtype
+    ck.adam = {
+        k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in ck.adam.items()
+    }
+    ck.params = {k: v.astype(np.float64) for k, v in ck.params.items()}
+    ck.hidden = {k: v.astype(np.float64) for k, v in ck.hidden.items()}
+    return ckpt_io.save(tmp_path / "run64", ck)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_numpy_warning_at_the_smallest_temperatures(
+    finished_runs, tmp_path, capsys, backend, dtype
+):
+    """A temperature of 5e-324 (the smallest double) overflows logits / temperature: without the
+    guard in sampling.draw NumPy warns "overflow encountered in divide". Nothing reaches stderr,
+    and the draw is the argmax, as the limit of a vanishing temperature is."""
+    folder = (
+        ckpt_io.resolve(finished_runs[backend])
+        if dtype == "float32"
+        else _as_float64(finished_runs, backend, tmp_path)
+    )
+    capsys.readouterr()
+    texts = set()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for temperature in ("5e-324", "1e-300"):
+            for extra in ([], ["--top-k", "3"], ["--top-p", "0.5"]):
+                argv = ["sample", str(folder), "--length", "12", "--prime", "t", *extra]
+                assert main([*argv, "--temperature", temperature]) == 0
+                out, err = capsys.readouterr()
+                assert "Warning" not in err, err
+                texts.add(out)
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
+    assert len(texts) == 1, f"a vanishing temperature is greedy, whatever the seed draws: {texts}"
+
+
 # ---- 18. every bad input is one line, naming the option typed ---------------------------------------
 
 
