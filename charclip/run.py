@@ -29,7 +29,7 @@ from charclip.contract import NonFiniteStep
 from charclip.errors import CharclipError
 
 # read_metrics is named here too for callers that imported it from charclip.run
-from charclip.metrics import Metrics, finite, read_metrics  # noqa: F401
+from charclip.metrics import Metrics, finite, json_safe, read_metrics  # noqa: F401
 from charclip.vocab import Vocab
 from charclip.weights import init_params
 
@@ -719,10 +719,7 @@ class Run:
             if sample is not None:
                 summary["sample"] = sample
         # The run's summary beside its metrics; NaN and infinities have no JSON spelling: null.
-        clean = {
-            k: None if isinstance(v, float) and not math.isfinite(v) else v
-            for k, v in summary.items()
-        }
+        clean = json_safe(summary)
         runfolder.write_file(self.out / "summary.json", json.dumps(clean, indent=1) + "\n")
         return summary
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from charclip.explode.figures import _plt
+from charclip.metrics import json_safe
 
 # What the paper's text states about Fig. 7 and the mixed-length run (section 4.1.1). Fig. 7's
 # per-length points are an image in the text sources reachable here, so they are not redrawn.
@@ -163,27 +163,13 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.wrap(text, width))
 
 
-def _safe(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, np.ndarray):
-        return _safe(x.tolist())
-    if isinstance(x, (np.floating, np.integer, np.bool_)):
-        return _safe(x.item())
-    if isinstance(x, dict):
-        return {str(k): _safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_safe(v) for v in x]
-    return x
-
-
 def write_paper_report(results: dict, out: Path) -> Path:
     """results.json, cliff.png, bifurcation.png, temporal-order.png and report.md in `out`."""
     s = results["settings"]
     results = {**results, "settings": asdict(s)}
     c, t = results["cliff"], results["temporal_order"]
     (out / "results.json").write_text(
-        json.dumps(_safe(results), separators=(",", ":")), encoding="utf-8"
+        json.dumps(json_safe(results), separators=(",", ":")), encoding="utf-8"
     )
     figs = [
         plot_cliff(results, out / "cliff.png").name,

@@ -15,17 +15,7 @@ from charclip.explode.figures import (
     plot_training,
     run_label,
 )
-
-
-def _json_safe(x):
-    """NaN and infinities as null: results.json stays strict JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
+from charclip.metrics import json_safe
 
 
 def _fmt(x) -> str:
@@ -37,7 +27,7 @@ def write_report(results: dict, out: Path) -> Path:
     backends = results["backends"]
     gtt = results["gradient_through_time"]
     (out / "results.json").write_text(
-        json.dumps(_json_safe(results), separators=(",", ":")), encoding="utf-8"
+        json.dumps(json_safe(results), separators=(",", ":")), encoding="utf-8"
     )
     figs = {
         "gtt": plot_gradient_through_time(gtt, backends, out / "gradient-through-time.png").name,

@@ -584,6 +584,28 @@ def test_nonfinite_metrics_are_null_with_a_flag_and_old_lines_are_repaired(tmp_p
     assert m.logged_steps == 3 and m.skipped == 1
 
 
+def test_one_json_cleaner_makes_every_report_strict_json():
+    """metrics.json_safe, which metrics.jsonl, summary.json, eval and both explode reports use."""
+    from charclip.metrics import json_safe
+
+    raw = {
+        "loss": math.nan,
+        "curve": (1.0, math.inf, -math.inf),
+        "norms": np.array([[0.5, np.nan]]),
+        np.int64(3): {"x": np.float32(np.inf), "n": np.int64(7), "ok": True, "none": None},
+        "label": "nan",
+    }
+    clean = json_safe(raw)
+    assert clean == {
+        "loss": None,
+        "curve": [1.0, None, None],
+        "norms": [[0.5, None]],
+        3: {"x": None, "n": 7, "ok": True, "none": None},
+        "label": "nan",
+    }, clean
+    assert json.loads(json.dumps(clean, allow_nan=False))["3"]["n"] == 7
+
+
 # ---- 13. memory limits besides the machine's ------------------------------------------------------
 
 
