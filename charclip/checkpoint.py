@@ -64,6 +64,7 @@ STATE_FILE = "train_state.safetensors"
 META_FILE = "checkpoint.json"
 META_SEAL_FILE = "checkpoint.json.sha256"
 SEALED_FROM = 2  # the first format version whose checkpoints carry META_SEAL_FILE
+_MAX_SEAL_BYTES = 256
 KEEP = 2  # newest checkpoints kept per run (besides LATEST's, BEST's and final ones); older ones go after a save
 POINTERS = ("LATEST", "BEST")
 MAX_POINTER_BYTES = 64  # a pointer holds one folder name; a longer file is not one of ours
@@ -380,8 +381,11 @@ def _read_meta(folder: Path) -> dict:
     except OSError as e:  # not damage: say what happened
         raise runfolder.os_error(e, f"cannot read {path}") from None
     seal_path = folder / META_SEAL_FILE
+    if seal_path.exists() and not seal_path.is_file():  # a FIFO would block the read
+        raise CharclipError(f"{seal_path} is not a regular file; the checkpoint is damaged")
     try:
-        recorded = seal_path.read_bytes()
+        with open(seal_path, "rb") as f:
+            recorded = f.read(_MAX_SEAL_BYTES + 1)  # ours is 82 bytes; a longer file is not one
     except FileNotFoundError:
         recorded = None  # a format 1 checkpoint; from format 2 on this is damage (below)
     except OSError as e:

@@ -473,9 +473,15 @@ def test_checkpoint_json_records_its_sha256_like_sha256sum(finished_runs):
     assert json.loads((folder / ckpt_io.META_FILE).read_text())["format_version"] == 2
 
 
-def test_a_checkpoint_without_its_seal_is_damaged(finished_runs, tmp_path, capsys):
+@pytest.mark.parametrize("instead", ["nothing", "a FIFO", "a folder"])
+def test_a_checkpoint_without_its_seal_is_damaged(finished_runs, tmp_path, capsys, instead):
     out = _copy(finished_runs, "torch", tmp_path)
-    (ckpt_io.resolve(out) / ckpt_io.META_SEAL_FILE).unlink()
+    seal = ckpt_io.resolve(out) / ckpt_io.META_SEAL_FILE
+    seal.unlink()
+    if instead == "a FIFO":
+        os.mkfifo(seal)  # reading it would block for ever
+    elif instead == "a folder":
+        seal.mkdir()
     line = _one_error_line(capsys, main(["sample", str(out), "--length", "3"]))
     assert ckpt_io.META_SEAL_FILE in line and "damaged" in line, line
 
