@@ -13,7 +13,14 @@ naming the checkpoint with the lowest one. Each folder holds:
   count of clean steps since the last change (`adam.loss_scale_good_steps`);
 - `checkpoint.json`: format version, backend, configuration, vocabulary, step,
   data position, and the SHA-256 of both tensor files. It is parsed strictly: a
-  repeated key, a format version below 1 or an integer of absurd length is damage.
+  repeated key, a format version below 1 or an integer of absurd length is damage;
+- `checkpoint.json.sha256`: the SHA-256 of `checkpoint.json` itself, one line as `sha256sum`
+  writes it (so `sha256sum -c checkpoint.json.sha256` checks it too). An edited number in
+  `checkpoint.json` that every other check would accept is damage too.
+
+Format versions: 2 adds `checkpoint.json.sha256` (required from 2 on); 1 lacks it and still
+loads, its `checkpoint.json` checked by the strict parse alone. The seal is checked whenever it
+is there, whatever version `checkpoint.json` claims, so editing the version does not skip it.
 
 Every tensor a resume needs is required, and the training state (Adam's moments, the
 hidden state, the loss scale) must be finite, both on load and on save: a state holding
@@ -51,10 +58,13 @@ from charclip.vocab import Vocab
 from charclip.weights import param_shapes
 
 FORMAT = "charclip-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checkpoint.json.sha256 seals checkpoint.json
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
 META_FILE = "checkpoint.json"
+META_SEAL_FILE = "checkpoint.json.sha256"
+SEALED_FROM = 2  # the first format version whose checkpoints carry META_SEAL_FILE
+_MAX_SEAL_BYTES = 256
 KEEP = 2  # newest checkpoints kept per run (besides LATEST's, BEST's and final ones); older ones go after a save
 POINTERS = ("LATEST", "BEST")
 MAX_POINTER_BYTES = 64  # a pointer holds one folder name; a longer file is not one of ours
@@ -99,6 +109,12 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def seal(raw: bytes) -> str:
+    """The content of checkpoint.json.sha256 for checkpoint.json's bytes `raw`: one line in
+    `sha256sum`'s format, the hex digest, two spaces, the file name."""
+    return f"{hashlib.sha256(raw).hexdigest()}  {META_FILE}\n"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -268,15 +284,9 @@ def _write_folder(tmp: Path, ckpt: Checkpoint) -> None:
         "corpus": ckpt.corpus,
         "files": {MODEL_FILE: _sha256(tmp / MODEL_FILE), STATE_FILE: _sha256(tmp / STATE_FILE)},
     }
-    fd = os.open(
-        tmp / META_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666
-    )
-    with open(
-        fd, "w", encoding="utf-8"
-    ) as f:  # a new file in the new folder; the mode follows the umask
-        json.dump(meta, f, indent=1, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
+    raw = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
+    runfolder.create_new(tmp / META_FILE, raw)  # new files, never through a link; umask's mode
+    runfolder.create_new(tmp / META_SEAL_FILE, seal(raw).encode("ascii"))
     _fsync_dir(tmp)
 
 
@@ -370,6 +380,21 @@ def _read_meta(folder: Path) -> dict:
         raw = path.read_bytes()
     except OSError as e:  # not damage: say what happened
         raise runfolder.os_error(e, f"cannot read {path}") from None
+    seal_path = folder / META_SEAL_FILE
+    if seal_path.exists() and not seal_path.is_file():  # a FIFO would block the read
+        raise CharclipError(f"{seal_path} is not a regular file; the checkpoint is damaged")
+    try:
+        with open(seal_path, "rb") as f:
+            recorded = f.read(_MAX_SEAL_BYTES + 1)  # ours is 82 bytes; a longer file is not one
+    except FileNotFoundError:
+        recorded = None  # a format 1 checkpoint; from format 2 on this is damage (below)
+    except OSError as e:
+        raise runfolder.os_error(e, f"cannot read {seal_path}") from None
+    if recorded is not None and recorded != seal(raw).encode("ascii"):
+        raise CharclipError(
+            f"{path} does not match the SHA-256 recorded in {META_SEAL_FILE}: "
+            "the checkpoint is damaged"
+        )
     try:
         meta = parse_meta(raw)
     except _Malformed as e:
@@ -388,6 +413,10 @@ def _read_meta(folder: Path) -> dict:
     if version < 1:
         raise CharclipError(
             f"{path} has format version {version}, which no charclip wrote; the checkpoint is damaged"
+        )
+    if version >= SEALED_FROM and recorded is None:
+        raise CharclipError(
+            f"{seal_path} is missing (format version {version} writes it); the checkpoint is damaged"
         )
     missing, extra = _META_KEYS - meta.keys(), meta.keys() - _META_KEYS
     if missing or extra:

@@ -295,6 +295,7 @@ def _eval(a) -> int:
     from charclip import checkpoint, corpus
     from charclip.backends import module as backend_module
     from charclip.batching import Streams, split
+    from charclip.metrics import json_safe
 
     o = fill(EvalOptions, a)
     ck = checkpoint.load(a.checkpoint)
@@ -333,16 +334,18 @@ def _eval(a) -> int:
         )
     print(
         json.dumps(
-            {
-                "loss": loss if math.isfinite(loss) else None,
-                "unit": "nats/char",
-                "characters": streams.batches_per_epoch * batch * cfg.seq_len,
-                "checkpoint": str(ck.path),
-                "step": ck.step,
-                "backend": o.backend,
-                "data": o.data or "validation split",
-                "batches": streams.batches_per_epoch,
-            },
+            json_safe(
+                {
+                    "loss": loss,
+                    "unit": "nats/char",
+                    "characters": streams.batches_per_epoch * batch * cfg.seq_len,
+                    "checkpoint": str(ck.path),
+                    "step": ck.step,
+                    "backend": o.backend,
+                    "data": o.data or "validation split",
+                    "batches": streams.batches_per_epoch,
+                }
+            ),
             allow_nan=False,
         )
     )

@@ -18,16 +18,34 @@ from charclip import runfolder
 from charclip.errors import CharclipError
 
 
+def json_safe(x):
+    """`x` ready for strict JSON: every NaN or infinite float becomes None (JSON has no spelling
+    for them; Python's json would write a bare NaN), through dicts, lists and tuples. NumPy arrays
+    and scalars become Python lists and numbers; a key JSON cannot spell becomes its str()."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {_json_key(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # NumPy, without importing it
+        return json_safe(x.tolist())
+    return x
+
+
+def _json_key(k):
+    if isinstance(k, (str, int, float, bool)) or k is None:
+        return k  # json spells these itself
+    return _json_key(k.item()) if hasattr(k, "item") else str(k)
+
+
 def json_line(record: dict) -> str:
     """One metrics line, strict JSON: a NaN or infinite value is written as null, and its key is
     listed under "nonfinite" (bare NaN, which Python's json writes by default, is no JSON)."""
     bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
     if bad:
         flagged = record.get("nonfinite") if isinstance(record.get("nonfinite"), list) else []
-        record = {
-            **{k: None if k in bad else v for k, v in record.items()},
-            "nonfinite": sorted(set(flagged) | set(bad), key=str),
-        }
+        record = {**json_safe(record), "nonfinite": sorted(set(flagged) | set(bad), key=str)}
     return json.dumps(record, allow_nan=False) + "\n"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import warnings
 from pathlib import Path
 
@@ -25,7 +24,7 @@ def plot_training(metrics_path, out_png, threshold: float | None) -> Path:
 
 def _plot_training(metrics_path, out_png, threshold: float | None) -> Path:
     from charclip.metrics import describe_clipped, read_records
-    from charclip.runfolder import write_file
+    from charclip.runfolder import save_figure
 
     rows = [r for r in read_records(Path(metrics_path)) if _numbers(r, "loss", "grad_norm")]
     steps = np.array([r["step"] for r in rows])
@@ -70,10 +69,8 @@ def _plot_training(metrics_path, out_png, threshold: float | None) -> Path:
     ax2.legend()
     ax2.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
+    save_figure(fig, Path(out_png), dpi=110)
     plt.close(fig)
-    write_file(Path(out_png), png.getvalue())
     return Path(out_png)
 
 

@@ -29,7 +29,7 @@ from charclip.contract import NonFiniteStep
 from charclip.errors import CharclipError
 
 # read_metrics is named here too for callers that imported it from charclip.run
-from charclip.metrics import Metrics, finite, read_metrics  # noqa: F401
+from charclip.metrics import Metrics, finite, json_safe, read_metrics  # noqa: F401
 from charclip.vocab import Vocab
 from charclip.weights import init_params
 
@@ -116,7 +116,7 @@ def machine_memory() -> int | None:
         return None
 
 
-def _read_int(path: str) -> int | None:
+def _read_int(path) -> int | None:
     try:
         with open(path, encoding="ascii") as f:
             text = f.read().strip()
@@ -137,11 +137,69 @@ def _own_address_space() -> int:
     return 0
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # where the cgroup file systems are mounted
+PROC_CGROUP = Path("/proc/self/cgroup")  # which cgroups this process is in
+_CGROUP_V2 = ("", "memory.max", "memory.current")  # (hierarchy folder, limit, usage)
+_CGROUP_V1 = ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes")
+_NO_LIMIT = 1 << 62  # cgroup v1 spells "no limit" as about 2**63 bytes
+
+
+def _cgroup_folders(root: Path, membership: Path) -> list[tuple[Path, str, str]]:
+    """(folder, limit file, usage file) for this process's memory cgroup and each of its ancestors,
+    innermost first, from /proc/self/cgroup: `0::/PATH` (v2) or `N:...memory...:/PATH` (v1)."""
+    try:
+        lines = membership.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        lines = []
+    found = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        number, controllers, path = parts
+        if number == "0" and controllers == "":
+            sub, limit, usage = _CGROUP_V2
+        elif "memory" in controllers.split(","):
+            sub, limit, usage = _CGROUP_V1
+        else:
+            continue
+        base = root / sub if sub else root
+        folder = base.joinpath(*[p for p in path.split("/") if p and p != ".."])
+        while True:  # a limit on any ancestor bounds this process too
+            found.append((folder, limit, usage))
+            if folder == base:
+                break
+            folder = folder.parent
+    if not found:  # no /proc: the mount's top folders, which a container shows as its own group
+        found = [
+            (root / sub if sub else root, limit, usage)
+            for sub, limit, usage in (_CGROUP_V2, _CGROUP_V1)
+        ]
+    return found
+
+
+def cgroup_memory_left(root: Path = CGROUP_ROOT, membership: Path = PROC_CGROUP) -> int | None:
+    """Bytes this process may still allocate under its cgroups' memory limits (containers,
+    systemd slices, batch schedulers), or None where no limit is set or none can be read.
+
+    For the process's memory cgroup and each ancestor that sets a limit (v2 `memory.max`, v1
+    `memory.limit_in_bytes`), the limit less that group's usage (`memory.current`,
+    `memory.usage_in_bytes`); the smallest. `root` and `membership` are the cgroup mount and
+    /proc/self/cgroup, to be pointed elsewhere by tests."""
+    left = None
+    for folder, limit_file, usage_file in _cgroup_folders(Path(root), Path(membership)):
+        limit = _read_int(folder / limit_file)
+        if limit is None or limit >= _NO_LIMIT:
+            continue
+        here = max(limit - (_read_int(folder / usage_file) or 0), 0)
+        left = here if left is None else min(left, here)
+    return left
+
+
 def memory_limits() -> list[tuple[str, int]]:
     """(what, bytes still available) for every bound on this process's memory that can be read: the
     machine's physical memory, the address-space limit (`ulimit -v`, less what is mapped already)
-    and
-    the cgroup's limit (containers; less what the cgroup uses already)."""
+    and the cgroups' limits (less what the groups use already; `cgroup_memory_left`)."""
     limits = []
     have = machine_memory()
     if have is not None:
@@ -156,24 +214,9 @@ def memory_limits() -> list[tuple[str, int]]:
             )
     except (ImportError, AttributeError, OSError, ValueError):
         pass
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        (
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-        ),
-    ):
-        limit = _read_int(limit_file)
-        if limit is not None and (
-            have is None or limit < have
-        ):  # v1 reports "no limit" as a huge number
-            limits.append(
-                (
-                    "the container's memory limit (cgroup) leaves",
-                    max(limit - (_read_int(usage_file) or 0), 0),
-                )
-            )
-            break
+    left = cgroup_memory_left(CGROUP_ROOT, PROC_CGROUP)  # read at each call: tests point them away
+    if left is not None and (have is None or left < have):
+        limits.append(("the memory limit of this process's cgroup (container) leaves", left))
     return limits
 
 
@@ -676,10 +719,7 @@ class Run:
             if sample is not None:
                 summary["sample"] = sample
         # The run's summary beside its metrics; NaN and infinities have no JSON spelling: null.
-        clean = {
-            k: None if isinstance(v, float) and not math.isfinite(v) else v
-            for k, v in summary.items()
-        }
+        clean = json_safe(summary)
         runfolder.write_file(self.out / "summary.json", json.dumps(clean, indent=1) + "\n")
         return summary
 

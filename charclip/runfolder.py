@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import re
 import shutil
@@ -82,6 +83,14 @@ def write_file(path: Path, data: bytes | str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def save_figure(fig, path: Path, **savefig) -> None:
+    """Render the matplotlib figure `fig` as PNG and write it to `path` with `write_file`
+    (atomically, never through a link planted there). `savefig`: its options (dpi, ...)."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", **savefig)
+    write_file(path, png.getvalue())
 
 
 def remove_stale_temporaries(folder: Path) -> None:

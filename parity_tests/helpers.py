@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from charclip import checkpoint as ckpt_io
 from charclip import cli, corpus
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
 
@@ -73,3 +77,16 @@ def train_cli(tmp_path, backend, data, *extra, name=None):
     ]
     assert cli.main(argv) == 0
     return out
+
+
+def reseal(folder: Path) -> None:
+    """Record the SHA-256 of a checkpoint's edited checkpoint.json, as a careful forger would, so
+    that a test's edit meets the loader's other checks rather than the seal."""
+    raw = (Path(folder) / ckpt_io.META_FILE).read_bytes()
+    (Path(folder) / ckpt_io.META_SEAL_FILE).write_text(ckpt_io.seal(raw), encoding="ascii")
+
+
+def rewrite_meta(folder: Path, meta: dict) -> None:
+    """Write `meta` as the checkpoint's checkpoint.json, resealed."""
+    (Path(folder) / ckpt_io.META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+    reseal(folder)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from charclip import runfolder
 from charclip.explode.experiments import DIVERGENCE_FACTOR, MODES, RHOS
 
 
@@ -55,7 +56,7 @@ def plot_gradient_through_time(gtt: dict, backends, path: Path) -> Path:
     axes[0].set_ylabel("||dL/dh_{T-k}|| / ||dL/dh_T||   (dotted: rho^k)")
     axes[1].legend(fontsize=7, ncol=2, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    runfolder.save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -84,7 +85,7 @@ def plot_bounds(gtt: dict, backends, path: Path) -> Path:
         ax.set_ylabel("||dL/dh_{T-k}||")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    runfolder.save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -147,7 +148,7 @@ def plot_training(results: dict, path: Path) -> Path:
         for ax in axes[:, col]:
             ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    runfolder.save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -194,6 +195,6 @@ def plot_sweep(results: dict, path: Path) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    runfolder.save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from charclip import runfolder
 from charclip.explode.figures import _plt
+from charclip.metrics import json_safe
 
 # What the paper's text states about Fig. 7 and the mixed-length run (section 4.1.1). Fig. 7's
 # per-length points are an image in the text sources reachable here, so they are not redrawn.
@@ -81,7 +82,7 @@ def plot_cliff(results: dict, path: Path) -> Path:
     ax2.set_title(f"from above; gradient descent with lr = {c['lr']:g}")
     ax2.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    runfolder.save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -107,7 +108,7 @@ def plot_bifurcation(results: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    runfolder.save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -152,7 +153,7 @@ def plot_temporal_order(results: dict, path: Path) -> Path:
         fontsize=8,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    runfolder.save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -163,27 +164,13 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.wrap(text, width))
 
 
-def _safe(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, np.ndarray):
-        return _safe(x.tolist())
-    if isinstance(x, (np.floating, np.integer, np.bool_)):
-        return _safe(x.item())
-    if isinstance(x, dict):
-        return {str(k): _safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_safe(v) for v in x]
-    return x
-
-
 def write_paper_report(results: dict, out: Path) -> Path:
     """results.json, cliff.png, bifurcation.png, temporal-order.png and report.md in `out`."""
     s = results["settings"]
     results = {**results, "settings": asdict(s)}
     c, t = results["cliff"], results["temporal_order"]
-    (out / "results.json").write_text(
-        json.dumps(_safe(results), separators=(",", ":")), encoding="utf-8"
+    runfolder.write_file(
+        out / "results.json", json.dumps(json_safe(results), separators=(",", ":"))
     )
     figs = [
         plot_cliff(results, out / "cliff.png").name,
@@ -256,7 +243,7 @@ def write_paper_report(results: dict, out: Path) -> Path:
         ]
     lines += ["", "The paper's text on this figure:", ""] + [f"- {x}" for x in PAPER_STATEMENTS]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    runfolder.write_file(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from charclip import runfolder
 from charclip.explode.figures import (
     plot_bounds,
     plot_gradient_through_time,
@@ -15,17 +16,7 @@ from charclip.explode.figures import (
     plot_training,
     run_label,
 )
-
-
-def _json_safe(x):
-    """NaN and infinities as null: results.json stays strict JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
+from charclip.metrics import json_safe
 
 
 def _fmt(x) -> str:
@@ -36,8 +27,8 @@ def write_report(results: dict, out: Path) -> Path:
     """results.json, four figures and report.md in `out`."""
     backends = results["backends"]
     gtt = results["gradient_through_time"]
-    (out / "results.json").write_text(
-        json.dumps(_json_safe(results), separators=(",", ":")), encoding="utf-8"
+    runfolder.write_file(
+        out / "results.json", json.dumps(json_safe(results), separators=(",", ":"))
     )
     figs = {
         "gtt": plot_gradient_through_time(gtt, backends, out / "gradient-through-time.png").name,
@@ -143,7 +134,7 @@ def write_report(results: dict, out: Path) -> Path:
             f"| {tau:g} | {vals} | {sum(r['diverged'] for r in rs)}/{len(rs)} | {fractions} |"
         )
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    runfolder.write_file(path, "\n".join(lines) + "\n")
     return path
 
 

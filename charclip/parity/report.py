@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from charclip import runfolder
 from charclip.parity.tolerances import Row, tolerances_for
 
 if TYPE_CHECKING:
@@ -90,6 +91,6 @@ def plot_drift(reports: list[Report], out_png) -> Path:
     ax2.set_xlabel("step")
     ax2.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    runfolder.save_figure(fig, out_png, dpi=110)
     plt.close(fig)
     return Path(out_png)

@@ -16,6 +16,7 @@ from charclip.config import ClipConfig, ModelConfig, TrainConfig
 from charclip.errors import CharclipError
 from charclip.vocab import Vocab
 from charclip.weights import init_params
+from parity_tests.helpers import rewrite_meta
 
 
 def _clip_from(*flags: str) -> ClipConfig:
@@ -110,7 +111,7 @@ def test_checkpoints_of_either_era_load(tmp_path, old, impl, convention):
     assert meta["train"]["clip"]["convention"] == convention
     del meta["train"]["clip"]["convention"]  # the era before --clip-convention wrote no such key
     meta["train"]["clip"]["impl"] = old
-    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    rewrite_meta(folder, meta)
     loaded = ckpt_io.load(folder).train.clip
     assert (loaded.impl, loaded.convention) == (impl, convention), f"{old!r} read as {loaded}"
     assert np.isfinite(loaded.max_norm)

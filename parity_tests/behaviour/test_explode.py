@@ -66,15 +66,32 @@ def test_grad_through_time_is_the_backward_recurrence(backend, rho):
     np.testing.assert_array_equal(states[0], 0.0, err_msg="h_0 is the zero initial state")
 
 
+REPORT_FILES = (
+    "results.json",
+    "report.md",
+    "gradient-through-time.png",
+    "jacobian-bounds.png",
+    "training.png",
+    "threshold-sweep.png",
+)
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("explode")
+    outside = tmp_path_factory.mktemp("outside") / "precious.txt"
+    outside.write_text("not charclip's")
+    for name in REPORT_FILES:  # links planted where the report goes: replaced, never followed
+        (out / name).symlink_to(outside)
     assert main(["explode", "--quick", "--no-progress", "--out", str(out)]) == 0
+    assert outside.read_text() == "not charclip's", "the report was written through a link"
     return out, json.loads((out / "results.json").read_text(encoding="utf-8"))
 
 
 def test_quick_run_writes_its_report(quick):
     out, res = quick
+    linked = [name for name in REPORT_FILES if (out / name).is_symlink()]
+    assert not linked, f"still links, so written through them: {linked}"
     report = (out / "report.md").read_text(encoding="utf-8")
     for png in (
         "gradient-through-time.png",

@@ -32,6 +32,7 @@ from charclip.cli import main
 from charclip.config import TrainConfig
 from charclip.errors import CharclipError
 from charclip.metrics import Metrics, read_metrics
+from parity_tests.helpers import reseal, rewrite_meta
 
 BACKENDS = ("torch", "jax")
 TINY = [
@@ -342,7 +343,7 @@ def _rewrite_state(folder: Path, edit) -> None:
     meta["files"][ckpt_io.STATE_FILE] = hashlib.sha256(
         (folder / ckpt_io.STATE_FILE).read_bytes()
     ).hexdigest()
-    (folder / ckpt_io.META_FILE).write_text(json.dumps(meta))
+    rewrite_meta(folder, meta)
 
 
 def _first(state: dict, prefix: str) -> str:
@@ -402,7 +403,7 @@ def test_a_run_gone_nonfinite_keeps_latest_on_its_last_finite_checkpoint(
         (folder / ckpt_io.MODEL_FILE).read_bytes()
     ).hexdigest()
     meta["train"]["nonfinite"] = "propagate"
-    (folder / ckpt_io.META_FILE).write_text(json.dumps(meta))
+    rewrite_meta(folder, meta)
     line = _one_error_line(capsys, main(["train", "--resume", str(out), "--steps", "6", *TINY]))
     assert "not finite" in line and folder.name in line, line
     assert (out / "checkpoints" / "LATEST").read_text().strip() == folder.name
@@ -413,7 +414,7 @@ def test_a_run_gone_nonfinite_keeps_latest_on_its_last_finite_checkpoint(
 
 META_FAULTS = {
     "repeated vocab key": lambda raw: raw.replace('"vocab":', '"vocab": ["x"], "vocab":', 1),
-    "format version -7": lambda raw: raw.replace('"format_version": 1', '"format_version": -7', 1),
+    "format version -7": lambda raw: raw.replace('"format_version": 2', '"format_version": -7', 1),
     "5000-digit step": lambda raw: raw.replace('"step": 4', '"step": 4' + "0" * 5000, 1),
 }
 
@@ -428,6 +429,7 @@ def test_a_malformed_checkpoint_json_is_one_line_everywhere(
     raw = meta.read_text()
     meta.write_text(META_FAULTS[fault](raw))
     assert meta.read_text() != raw
+    reseal(meta.parent)  # past the seal: the strict parse itself meets the fault
     argv = {
         "sample": ["sample", str(out), "--length", "3"],
         "eval": ["eval", str(out)],
@@ -438,7 +440,74 @@ def test_a_malformed_checkpoint_json_is_one_line_everywhere(
     outside.assert_untouched()
 
 
-@pytest.mark.parametrize("which", [ckpt_io.MODEL_FILE, ckpt_io.STATE_FILE, ckpt_io.META_FILE])
+TAMPERS = {
+    # json keeps the last of two keys: the second vocabulary would remap every character
+    "repeated vocab key": lambda raw: raw.replace('"vocab":', '"vocab": ["x"], "vocab":', 1),
+    # a well-formed number that every other check accepts: only the SHA-256 can tell
+    "edited learning rate": lambda raw: raw.replace('"lr": 0.003', '"lr": 0.03', 1),
+    # an older version has no seal to check: claiming one must not skip the check
+    "claims format version 1": lambda raw: raw.replace(
+        '"format_version": 2', '"format_version": 1', 1
+    ),
+}
+
+
+@pytest.mark.parametrize("tamper", TAMPERS)
+def test_a_tampered_checkpoint_json_is_damaged(finished_runs, tmp_path, capsys, outside, tamper):
+    """checkpoint.json is covered by a SHA-256 as the tensor files are (format version 2)."""
+    out = _copy(finished_runs, "torch", tmp_path)
+    meta = ckpt_io.resolve(out) / ckpt_io.META_FILE
+    raw = meta.read_text(encoding="utf-8")
+    meta.write_text(TAMPERS[tamper](raw), encoding="utf-8")
+    assert meta.read_text(encoding="utf-8") != raw, "the tamper changed nothing"
+    line = _one_error_line(capsys, main(["eval", str(out)]))
+    assert ckpt_io.META_FILE in line and "damaged" in line, line
+    outside.assert_untouched()
+
+
+def test_checkpoint_json_records_its_sha256_like_sha256sum(finished_runs):
+    folder = ckpt_io.resolve(finished_runs["jax"])
+    digest = hashlib.sha256((folder / ckpt_io.META_FILE).read_bytes()).hexdigest()
+    seal = (folder / ckpt_io.META_SEAL_FILE).read_text(encoding="ascii")
+    assert seal == f"{digest}  {ckpt_io.META_FILE}\n", seal  # `sha256sum -c` reads this line
+    assert json.loads((folder / ckpt_io.META_FILE).read_text())["format_version"] == 2
+
+
+@pytest.mark.parametrize("instead", ["nothing", "a FIFO", "a folder"])
+def test_a_checkpoint_without_its_seal_is_damaged(finished_runs, tmp_path, capsys, instead):
+    out = _copy(finished_runs, "torch", tmp_path)
+    seal = ckpt_io.resolve(out) / ckpt_io.META_SEAL_FILE
+    seal.unlink()
+    if instead == "a FIFO":
+        os.mkfifo(seal)  # reading it would block for ever
+    elif instead == "a folder":
+        seal.mkdir()
+    line = _one_error_line(capsys, main(["sample", str(out), "--length", "3"]))
+    assert ckpt_io.META_SEAL_FILE in line and "damaged" in line, line
+
+
+OLD = Path(__file__).parents[1] / "data" / "checkpoint-v1"  # parity_tests/data/README.md
+
+
+def test_a_format_1_checkpoint_still_loads_and_is_saved_as_format_2(tmp_path, capsys):
+    """Checkpoints written before the seal (format version 1, committed as written) load as they
+    did; saving one again writes the current format, sealed."""
+    assert not (OLD / ckpt_io.META_SEAL_FILE).exists()
+    assert json.loads((OLD / ckpt_io.META_FILE).read_text())["format_version"] == 1
+    old = ckpt_io.load(OLD)
+    assert (old.step, "".join(old.vocab.chars), old.model.hidden_size) == (2, " .acehmnost", 4)
+    assert main(["sample", str(OLD), "--length", "12", "--prime", "t"]) == 0
+    assert len(capsys.readouterr().out.rstrip("\n")) == 13  # the prime and 12 characters
+    again = ckpt_io.load(ckpt_io.save(tmp_path / "run", old))
+    assert json.loads((again.path / ckpt_io.META_FILE).read_text())["format_version"] == 2
+    assert (again.path / ckpt_io.META_SEAL_FILE).is_file()
+    for name, value in old.params.items():
+        np.testing.assert_array_equal(again.params[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "which", [ckpt_io.MODEL_FILE, ckpt_io.STATE_FILE, ckpt_io.META_FILE, "checkpoint.json.sha256"]
+)
 def test_an_io_error_reading_a_checkpoint_says_what_happened(
     finished_runs, tmp_path, capsys, monkeypatch, which
 ):
@@ -521,6 +590,28 @@ def test_nonfinite_metrics_are_null_with_a_flag_and_old_lines_are_repaired(tmp_p
     assert m.logged_steps == 3 and m.skipped == 1
 
 
+def test_one_json_cleaner_makes_every_report_strict_json():
+    """metrics.json_safe, which metrics.jsonl, summary.json, eval and both explode reports use."""
+    from charclip.metrics import json_safe
+
+    raw = {
+        "loss": math.nan,
+        "curve": (1.0, math.inf, -math.inf),
+        "norms": np.array([[0.5, np.nan]]),
+        np.int64(3): {"x": np.float32(np.inf), "n": np.int64(7), "ok": True, "none": None},
+        "label": "nan",
+    }
+    clean = json_safe(raw)
+    assert clean == {
+        "loss": None,
+        "curve": [1.0, None, None],
+        "norms": [[0.5, None]],
+        3: {"x": None, "n": 7, "ok": True, "none": None},
+        "label": "nan",
+    }, clean
+    assert json.loads(json.dumps(clean, allow_nan=False))["3"]["n"] == 7
+
+
 # ---- 13. memory limits besides the machine's ------------------------------------------------------
 
 
@@ -554,6 +645,88 @@ def test_an_address_space_limit_is_taken_into_account(text, tmp_path, capsys, mo
         ),
     )  # ~0.3 GiB of state: fits the machine, not the limit
     assert "ulimit -v" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def _fake_cgroups(root: Path, membership: str, files: dict[str, str]) -> Path:
+    """A cgroup mount under `root` holding `files` (path: content), and a /proc/self/cgroup."""
+    root.mkdir(parents=True)
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(content)
+    (root / "proc-self-cgroup").write_text(membership)
+    return root / "proc-self-cgroup"
+
+
+MIB = 1 << 20
+CGROUPS = {  # (/proc/self/cgroup, files under the mount, bytes left or None)
+    "v2, limit on an ancestor": (
+        "0::/batch.slice/job-7\n",
+        {
+            "batch.slice/job-7/memory.max": "max\n",  # the job's own group sets none
+            "batch.slice/job-7/memory.current": f"{100 * MIB}\n",
+            "batch.slice/memory.max": f"{1024 * MIB}\n",
+            "batch.slice/memory.current": f"{256 * MIB}\n",
+        },
+        768 * MIB,
+    ),
+    "v2, the tighter of two": (
+        "0::/a/b\n",
+        {
+            "a/b/memory.max": f"{512 * MIB}\n",
+            "a/b/memory.current": f"{12 * MIB}\n",
+            "a/memory.max": f"{600 * MIB}\n",
+            "a/memory.current": f"{200 * MIB}\n",
+        },
+        400 * MIB,
+    ),
+    "v2 container (namespace root)": (
+        "0::/\n",
+        {"memory.max": f"{64 * MIB}\n", "memory.current": f"{80 * MIB}\n"},  # over: none left
+        0,
+    ),
+    "v1 docker": (
+        "12:pids:/docker/c0ffee\n4:memory:/docker/c0ffee\n0::/\n",
+        {
+            "memory/docker/c0ffee/memory.limit_in_bytes": f"{256 * MIB}\n",
+            "memory/docker/c0ffee/memory.usage_in_bytes": f"{56 * MIB}\n",
+            "memory/memory.limit_in_bytes": "9223372036854771712\n",  # v1's "no limit"
+        },
+        200 * MIB,
+    ),
+    "v1 without a limit": (
+        "4:memory:/\n",
+        {"memory/memory.limit_in_bytes": "9223372036854771712\n"},
+        None,
+    ),
+    "no cgroup files": ("0::/\n", {}, None),
+}
+
+
+@pytest.mark.parametrize("case", CGROUPS)
+def test_the_cgroup_memory_limit_is_read(tmp_path, case):
+    from charclip import run
+
+    membership, files, left = CGROUPS[case]
+    proc = _fake_cgroups(tmp_path / "cgroup", membership, files)
+    got = run.cgroup_memory_left(tmp_path / "cgroup", proc)
+    assert got == left, f"{case}: {got} bytes left, expected {left}"
+
+
+def test_a_cgroup_limit_refuses_a_model_that_cannot_fit(text, tmp_path, capsys, monkeypatch):
+    from charclip import run
+
+    proc = _fake_cgroups(
+        tmp_path / "cgroup",
+        "0::/\n",
+        {"memory.max": f"{512 * MIB}\n", "memory.current": f"{300 * MIB}\n"},
+    )
+    monkeypatch.setattr(run, "CGROUP_ROOT", tmp_path / "cgroup")
+    monkeypatch.setattr(run, "PROC_CGROUP", proc)
+    argv = ["train", "--data", str(text), "--out", str(tmp_path / "run"), "--steps", "2", *TINY]
+    # ~0.3 GiB of state: fits the machine and the address space, not the 212 MiB the group leaves
+    line = _one_error_line(capsys, main([*argv, "--hidden", "2048"]))
+    assert "cgroup" in line and "0.2 GiB" in line, line
     assert not (tmp_path / "run").exists()
 
 
@@ -787,6 +960,49 @@ def test_no_stray_warnings_from_numpy_or_matplotlib(tmp_path, capsys):
             )
     assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
     assert "Warning" not in capsys.readouterr().err
+
+
+def _as_float64(finished_runs, backend: str, tmp_path: Path) -> Path:
+    """The finished float32 run's checkpoint, every float tensor widened: a float64 checkpoint."""
+    from dataclasses import replace
+
+    ck = ckpt_io.load(finished_runs[backend])
+    ck.train = replace(ck.train, dtype="float64")
+    assert "loss_scale" not in ck.adam  # full precision: every float tensor follows the dtype
+    ck.adam = {
+        k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in ck.adam.items()
+    }
+    ck.params = {k: v.astype(np.float64) for k, v in ck.params.items()}
+    ck.hidden = {k: v.astype(np.float64) for k, v in ck.hidden.items()}
+    return ckpt_io.save(tmp_path / "run64", ck)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_numpy_warning_at_the_smallest_temperatures(
+    finished_runs, tmp_path, capsys, backend, dtype
+):
+    """A temperature of 5e-324 (the smallest double) overflows logits / temperature: without the
+    guard in sampling.draw NumPy warns "overflow encountered in divide". Nothing reaches stderr,
+    and the draw is the argmax, as the limit of a vanishing temperature is."""
+    folder = (
+        ckpt_io.resolve(finished_runs[backend])
+        if dtype == "float32"
+        else _as_float64(finished_runs, backend, tmp_path)
+    )
+    capsys.readouterr()
+    texts = set()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for temperature in ("5e-324", "1e-300"):
+            for extra in ([], ["--top-k", "3"], ["--top-p", "0.5"]):
+                argv = ["sample", str(folder), "--length", "12", "--prime", "t", *extra]
+                assert main([*argv, "--temperature", temperature]) == 0
+                out, err = capsys.readouterr()
+                assert "Warning" not in err, err
+                texts.add(out)
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
+    assert len(texts) == 1, f"a vanishing temperature is greedy, whatever the seed draws: {texts}"
 
 
 # ---- 18. every bad input is one line, naming the option typed ---------------------------------------

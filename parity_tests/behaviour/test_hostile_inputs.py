@@ -25,6 +25,7 @@ from charclip import checkpoint as ckpt_io
 from charclip import corpus
 from charclip.cli import main
 from charclip.errors import CharclipError
+from parity_tests.helpers import reseal, rewrite_meta
 
 TINY = [
     "--batch-size",
@@ -73,13 +74,19 @@ def _rehash(folder: Path) -> None:
     meta["files"] = {
         f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in meta["files"]
     }
-    (folder / ckpt_io.META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+    rewrite_meta(folder, meta)
 
 
 def _edit_meta(folder: Path, edit) -> None:
     meta = json.loads((folder / ckpt_io.META_FILE).read_text(encoding="utf-8"))
     edit(meta)
-    (folder / ckpt_io.META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+    rewrite_meta(folder, meta)
+
+
+def _write_meta_text(folder: Path, text: str) -> None:
+    """Any text as checkpoint.json, resealed, so the parser itself meets it."""
+    (folder / ckpt_io.META_FILE).write_text(text)
+    reseal(folder)
 
 
 def _edit_tensors(folder: Path, name: str, edit) -> None:
@@ -123,13 +130,12 @@ BROKEN = {
         (lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:])((f / ckpt_io.STATE_FILE).read_bytes())
     ),
     "missing state file": lambda f: (f / ckpt_io.STATE_FILE).unlink(),
-    "empty json": lambda f: (f / ckpt_io.META_FILE).write_text(""),
-    "truncated json": lambda f: (f / ckpt_io.META_FILE).write_text(
-        (f / ckpt_io.META_FILE).read_text()[:50]
-    ),
-    "json is a list": lambda f: (f / ckpt_io.META_FILE).write_text("[1, 2]"),
-    "deeply nested json": lambda f: (f / ckpt_io.META_FILE).write_text(
-        "[" * 100_000 + "]" * 100_000
+    "empty json": lambda f: _write_meta_text(f, ""),
+    "truncated json": lambda f: _write_meta_text(f, (f / ckpt_io.META_FILE).read_text()[:50]),
+    "json is a list": lambda f: _write_meta_text(f, "[1, 2]"),
+    "deeply nested json": lambda f: _write_meta_text(f, "[" * 100_000 + "]" * 100_000),
+    "stale checkpoint.json seal": lambda f: (f / ckpt_io.META_FILE).write_text(
+        (f / ckpt_io.META_FILE).read_text().replace('"step": 5', '"step": 4', 1)
     ),
     "header lies about sizes": _lying_header,
     "header claims 2**62 bytes": lambda f: (
@@ -392,6 +398,13 @@ _FILES = (ckpt_io.META_FILE, ckpt_io.MODEL_FILE, ckpt_io.STATE_FILE)
 _fuzz = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
+def _reseal_or_rehash(folder: Path, which: str) -> None:
+    if which == ckpt_io.META_FILE:
+        reseal(folder)
+    else:
+        _rehash(folder)
+
+
 def _load_or_refuse(folder: Path) -> None:
     try:
         ck = ckpt_io.load(folder)
@@ -409,8 +422,8 @@ def _load_or_refuse(folder: Path) -> None:
 def test_fuzz_any_bytes_in_a_checkpoint_file(good, tmp_path_factory, which, data, rehash):
     folder = _copy(good, tmp_path_factory.mktemp("fuzz"))
     (folder / which).write_bytes(data)
-    if rehash and which != ckpt_io.META_FILE:
-        _rehash(folder)  # past the checksum, so the parser itself meets the bytes
+    if rehash:  # past the checksums, so the parser itself meets the bytes
+        _reseal_or_rehash(folder, which)
     _load_or_refuse(folder)
 
 
@@ -438,8 +451,8 @@ def test_fuzz_mutations_of_a_valid_checkpoint(
     else:
         raw[i : i + length] = bytes(min(length, len(raw) - i))
     (folder / which).write_bytes(bytes(raw))
-    if rehash and which != ckpt_io.META_FILE:
-        _rehash(folder)
+    if rehash:
+        _reseal_or_rehash(folder, which)
     _load_or_refuse(folder)
 
 

@@ -38,11 +38,18 @@ def test_the_report_writes_its_figures_and_a_table_row_per_cell(tmp_path):
     # JAX alone (the backends' agreement is the parity tests'); the shapes of the test above, so no new compiles.
     micro = replace(TINY, grid=11, path_updates=3, max_updates=250)
     results = run_paper(micro, ("jax",), progress=False)
-    write_paper_report(results, tmp_path)
-    for name in ("cliff.png", "bifurcation.png", "temporal-order.png", "report.md", "results.json"):
-        assert (tmp_path / name).stat().st_size > 0, name
-    saved = json.loads((tmp_path / "results.json").read_text())
-    report = (tmp_path / "report.md").read_text()
+    out, outside = tmp_path / "report", tmp_path / "precious.txt"
+    out.mkdir()
+    outside.write_text("not charclip's")
+    names = ("cliff.png", "bifurcation.png", "temporal-order.png", "report.md", "results.json")
+    for name in names:  # links planted where the report goes: replaced, never followed
+        (out / name).symlink_to(outside)
+    write_paper_report(results, out)
+    assert outside.read_text() == "not charclip's", "the report was written through a link"
+    for name in names:
+        assert not (out / name).is_symlink() and (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
     for row in saved["temporal_order"]["table"]:
         method = "MSGD-C" if row["clip"] else "MSGD"
         line = f"| {row['length']} | {row['lr']:g} | {method} | {row['solved']}/{row['runs']} |"

@@ -202,7 +202,7 @@ def _assert_same_checkpoint(got: Path, want: Path, story: str) -> None:
             if got_meta.get(k) != want_meta.get(k)
         }
     )
-    for name in (ckpt_io.MODEL_FILE, ckpt_io.STATE_FILE, ckpt_io.META_FILE):
+    for name in (ckpt_io.MODEL_FILE, ckpt_io.STATE_FILE, ckpt_io.META_FILE, ckpt_io.META_SEAL_FILE):
         assert (got / name).read_bytes() == (want / name).read_bytes(), (
             f"{name} is not byte-identical ({story})"
         )

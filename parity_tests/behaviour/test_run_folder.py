@@ -28,6 +28,7 @@ from charclip import corpus, run, runfolder
 from charclip.cli import main
 from charclip.errors import CharclipError
 from charclip.metrics import Metrics, describe_clipped, read_metrics
+from parity_tests.helpers import rewrite_meta
 
 TINY = [
     "--batch-size",
@@ -561,7 +562,7 @@ def test_a_checkpoint_pointing_its_corpus_at_a_fifo_is_refused(finished, tmp_pat
     for folder in (finished / "checkpoints").glob("step-*"):
         meta = json.loads((folder / ckpt_io.META_FILE).read_text())
         meta["corpus"]["path"] = str(fifo)
-        (folder / ckpt_io.META_FILE).write_text(json.dumps(meta))
+        rewrite_meta(folder, meta)
     for argv in (
         ["eval", str(finished)],
         ["train", "--resume", str(finished), "--steps", "12", "--no-progress"],
@@ -676,7 +677,7 @@ def _nan_params(finished: Path) -> Path:
     meta["files"][ckpt_io.MODEL_FILE] = hashlib.sha256(
         (folder / ckpt_io.MODEL_FILE).read_bytes()
     ).hexdigest()
-    (folder / ckpt_io.META_FILE).write_text(json.dumps(meta))
+    rewrite_meta(folder, meta)
     return folder
 
 
