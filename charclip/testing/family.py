@@ -97,9 +97,12 @@ def _agc_cases(draw, dtype: str, threshold=None) -> FamilyCase:
     few = (SHAPES[2],) if threshold is not None else SHAPES
     shapes = draw(st.lists(st.sampled_from(few), min_size=1, max_size=1 if len(few) == 1 else 3))
     grads = tuple(draw(_leaf(dtype, s)) for s in shapes)
-    params = tuple(draw(_leaf(dtype, s, zero=draw(st.booleans()) and i == 0)) for i, s in
-                   enumerate(shapes))
-    clipping = draw(threshold if threshold is not None else st.sampled_from((0.01, 0.1, 1.0, 1000.0)))
+    params = tuple(
+        draw(_leaf(dtype, s, zero=draw(st.booleans()) and i == 0)) for i, s in enumerate(shapes)
+    )
+    clipping = draw(
+        threshold if threshold is not None else st.sampled_from((0.01, 0.1, 1.0, 1000.0))
+    )
     return FamilyCase(dtype, grads, clipping, params)
 
 
@@ -146,6 +149,12 @@ def _shapes_kept(got: list[np.ndarray], want: Iterable[np.ndarray]) -> list[np.n
     return got
 
 
+def _norm_text(arrays) -> str:
+    """The exact norm, or the entries themselves when some are not finite."""
+    flat = _flat(arrays)
+    return repr(exact_norm([flat])) if np.all(np.isfinite(flat)) else repr(flat.tolist())
+
+
 def _refused(call: Callable[[], object], what: str, value: float) -> None:
     try:
         call()
@@ -178,7 +187,7 @@ def agc_promises(layout: str) -> dict[str, Promise]:
                 limit = Fraction(m) * (1 + _slack(case.dtype, gu.size, o))
                 if not np.all(np.isfinite(gu)) or sum_of_squares([gu]) > limit * limit:
                     raise Broken(
-                        f"leaf {leaf}, unit {u}: ||g'_u|| = {exact_norm([gu]) if np.all(np.isfinite(gu)) else gu.tolist()!r}"
+                        f"leaf {leaf}, unit {u}: ||g'_u|| = {_norm_text([gu])}"
                         f" > clipping * max(||w_u||, eps) = {m!r}"
                     )
 
@@ -202,15 +211,30 @@ def agc_promises(layout: str) -> dict[str, Promise]:
     def bad_refused(fn, case: FamilyCase, o: Options) -> None:
         _refused(lambda: _agc_call(fn, case), "clipping", case.threshold)
 
-    return _named("agc", (
-        ("unit_bound", "each unit's norm <= clipping * max(||w_u||, eps)", _agc_cases,
-         unit_bound),
-        ("identity_below", "a unit below its bound is unchanged", _agc_cases, identity_below),
-        ("direction_kept", "each unit g'_u = c_u g_u, 0 <= c_u <= 1", _agc_cases,
-         direction_kept),
-        ("bad_clipping_refused", "negative or NaN clipping raises",
-         lambda d: _agc_cases(d, st.sampled_from(INVALID)), bad_refused),
-    ))
+    return _named(
+        "agc",
+        (
+            (
+                "unit_bound",
+                "each unit's norm <= clipping * max(||w_u||, eps)",
+                _agc_cases,
+                unit_bound,
+            ),
+            ("identity_below", "a unit below its bound is unchanged", _agc_cases, identity_below),
+            (
+                "direction_kept",
+                "each unit g'_u = c_u g_u, 0 <= c_u <= 1",
+                _agc_cases,
+                direction_kept,
+            ),
+            (
+                "bad_clipping_refused",
+                "negative or NaN clipping raises",
+                lambda d: _agc_cases(d, st.sampled_from(INVALID)),
+                bad_refused,
+            ),
+        ),
+    )
 
 
 def _block_call(fn, case: FamilyCase, threshold: float | None = None) -> list[np.ndarray]:
@@ -243,8 +267,9 @@ def _block_identity(fn, case: FamilyCase, o: Options) -> None:
 
 def _block_direction(fn, case: FamilyCase, o: Options) -> None:
     for g, g0 in zip(_block_call(fn, case), case.leaves):
-        _assert_direction(_flat([g0]), _flat([g]), case.dtype, float(_slack(case.dtype, 0, o)),
-                          False)
+        _assert_direction(
+            _flat([g0]), _flat([g]), case.dtype, float(_slack(case.dtype, 0, o)), False
+        )
 
 
 def _block_zero(fn, case: FamilyCase, o: Options) -> None:
@@ -273,7 +298,7 @@ def _pe_bound(fn, case: FamilyCase, o: Options) -> None:
         limit = Fraction(case.threshold) * (1 + _slack(case.dtype, sum(a.size for a in one), o))
         if not np.all(np.isfinite(_flat(out))) or sum_of_squares(out) > limit * limit:
             raise Broken(
-                f"example {b} alone: ||clipped|| = {exact_norm(out) if np.all(np.isfinite(_flat(out))) else _flat(out).tolist()!r}"
+                f"example {b} alone: ||clipped|| = {_norm_text(out)}"
                 f" > l2_norm_clip = {case.threshold!r}"
             )
 
@@ -282,17 +307,22 @@ def _pe_sum(fn, case: FamilyCase, o: Options) -> None:
     out, _ = _per_example_call(fn, case.leaves, case.threshold)
     out = _shapes_kept(out, [a[0] for a in case.leaves])
     batch = case.leaves[0].shape[0]
-    c = [min(1.0, case.threshold / n) if (n := exact_norm(_example(case, b))) else 1.0
-         for b in range(batch)]
+    c = [
+        min(1.0, case.threshold / n) if (n := exact_norm(_example(case, b))) else 1.0
+        for b in range(batch)
+    ]
     want = [sum(c[b] * np.asarray(a[b], np.float64) for b in range(batch)) for a in case.leaves]
     size = sum(a[0].size for a in case.leaves)
     rtol = float(_slack(case.dtype, size + batch, o))
     for i, (got, w, a) in enumerate(zip(out, want, case.leaves)):
         scale = sum(c[b] * np.abs(np.asarray(a[b], np.float64)) for b in range(batch))
-        off = np.abs(np.asarray(got, np.float64) - w) - (rtol * scale + INFO[case.dtype].smallest_normal)
+        off = np.abs(np.asarray(got, np.float64) - w) - (
+            rtol * scale + INFO[case.dtype].smallest_normal
+        )
         if not np.all(np.isfinite(got)) or np.any(off > 0):
-            raise Broken(f"leaf {i}: sum {np.asarray(got).tolist()}, expected {w.tolist()} "
-                         f"(factors {c})")
+            raise Broken(
+                f"leaf {i}: sum {np.asarray(got).tolist()}, expected {w.tolist()} (factors {c})"
+            )
 
 
 def _pe_count(fn, case: FamilyCase, o: Options) -> None:
@@ -303,37 +333,65 @@ def _pe_count(fn, case: FamilyCase, o: Options) -> None:
     surely = sum(n > case.threshold * (1 + s) for n in norms)
     maybe = sum(n > case.threshold * (1 - s) for n in norms)
     if not surely <= int(count) <= maybe:
-        raise Broken(f"num_clipped = {int(count)}; example norms {norms} against "
-                     f"l2_norm_clip = {case.threshold!r}")
+        raise Broken(
+            f"num_clipped = {int(count)}; example norms {norms} against "
+            f"l2_norm_clip = {case.threshold!r}"
+        )
 
 
 def _pe_refused(fn, case: FamilyCase, o: Options) -> None:
-    _refused(lambda: _per_example_call(fn, case.leaves, case.threshold), "l2_norm_clip",
-             case.threshold)
+    _refused(
+        lambda: _per_example_call(fn, case.leaves, case.threshold), "l2_norm_clip", case.threshold
+    )
 
 
 def _named(family: str, specs) -> dict[str, Promise]:
-    return {f"{family}_{n}": Promise(f"{family}_{n}", says, inputs, check)
-            for n, says, inputs, check in specs}
+    return {
+        f"{family}_{n}": Promise(f"{family}_{n}", says, inputs, check)
+        for n, says, inputs, check in specs
+    }
 
 
-BLOCK_RMS = _named("block_rms", (
-    ("bound", "each leaf's rms <= threshold", _block_cases, _block_bound),
-    ("identity_below", "a leaf below the threshold is unchanged", _block_cases, _block_identity),
-    ("direction_kept", "each leaf g' = c g, 0 <= c <= 1", _block_cases, _block_direction),
-    ("threshold_zero", "threshold 0 gives zeros, not NaN",
-     lambda d: _block_cases(d, st.just(0.0), zeros=True), _block_zero),
-    ("bad_threshold_refused", "negative or NaN threshold raises",
-     lambda d: _block_cases(d, st.sampled_from(INVALID)), _block_refused),
-))
+BLOCK_RMS = _named(
+    "block_rms",
+    (
+        ("bound", "each leaf's rms <= threshold", _block_cases, _block_bound),
+        (
+            "identity_below",
+            "a leaf below the threshold is unchanged",
+            _block_cases,
+            _block_identity,
+        ),
+        ("direction_kept", "each leaf g' = c g, 0 <= c <= 1", _block_cases, _block_direction),
+        (
+            "threshold_zero",
+            "threshold 0 gives zeros, not NaN",
+            lambda d: _block_cases(d, st.just(0.0), zeros=True),
+            _block_zero,
+        ),
+        (
+            "bad_threshold_refused",
+            "negative or NaN threshold raises",
+            lambda d: _block_cases(d, st.sampled_from(INVALID)),
+            _block_refused,
+        ),
+    ),
+)
 
-PER_EXAMPLE = _named("per_example", (
-    ("bound", "each example's clipped norm <= l2_norm_clip", _batch_cases, _pe_bound),
-    ("sum", "the sum of min(1, C/||g_b||) g_b", _batch_cases, _pe_sum),
-    ("count", "num_clipped counts examples above C", _batch_cases, _pe_count),
-    ("bad_clip_refused", "negative or NaN l2_norm_clip raises",
-     lambda d: _batch_cases(d, st.sampled_from(INVALID)), _pe_refused),
-))
+PER_EXAMPLE = _named(
+    "per_example",
+    (
+        ("bound", "each example's clipped norm <= l2_norm_clip", _batch_cases, _pe_bound),
+        ("sum", "the sum of min(1, C/||g_b||) g_b", _batch_cases, _pe_sum),
+        ("count", "num_clipped counts examples above C", _batch_cases, _pe_count),
+        (
+            "bad_clip_refused",
+            "negative or NaN l2_norm_clip raises",
+            lambda d: _batch_cases(d, st.sampled_from(INVALID)),
+            _pe_refused,
+        ),
+    ),
+)
 
 
 def family_promises(family: str, layout: str = "out_last") -> dict[str, Promise]:
@@ -343,7 +401,9 @@ def family_promises(family: str, layout: str = "out_last") -> dict[str, Promise]
 
 
 FAMILY_PROMISES: dict[str, Promise] = {
-    **agc_promises("out_last"), **BLOCK_RMS, **PER_EXAMPLE
+    **agc_promises("out_last"),
+    **BLOCK_RMS,
+    **PER_EXAMPLE,
 }  # names and sayings (the AGC checks depend on the layout: `agc_promises`)
 
 

@@ -48,7 +48,17 @@ def _agree(got: np.ndarray, want: np.ndarray, terms: int, what: str) -> None:
 
 
 # torch shapes (out, in, *kernel): bias, scalar, Linear, (1, n) and (n, 1), Conv1d/2d/3d, rank 6
-TORCH_SHAPES = [(), (5,), (6, 4), (1, 7), (7, 1), (4, 3, 5), (4, 3, 3, 3), (3, 2, 2, 3, 2), (2, 3, 2, 2, 2, 2)]
+TORCH_SHAPES = [
+    (),
+    (5,),
+    (6, 4),
+    (1, 7),
+    (7, 1),
+    (4, 3, 5),
+    (4, 3, 3, 3),
+    (3, 2, 2, 3, 2),
+    (2, 3, 2, 2, 2, 2),
+]
 
 
 def _draw(shape, seed):
@@ -72,7 +82,9 @@ def test_agc_torch_equals_jax_across_layouts():
     ct.adaptive_grad_clip_(params, 0.05, eps=1e-3)
     # optax reads a rank-3 kernel as multi-head (in, heads, dim); a Conv1D's unit needs (0, 1),
     # so the rank-3 weight goes through its own transformation.
-    tree = lambda i: {str(s): jnp.asarray(to_optax_layout(d[i])) for s, d in zip(TORCH_SHAPES, drawn)}
+    tree = lambda i: {
+        str(s): jnp.asarray(to_optax_layout(d[i])) for s, d in zip(TORCH_SHAPES, drawn)
+    }
     g_tree, p_tree = tree(1), tree(0)
     conv1d = str((4, 3, 5))
     out, _ = jax.jit(cj.adaptive_grad_clip(0.05, eps=1e-3).update)(g_tree, None, p_tree)
@@ -177,7 +189,9 @@ def test_rank6_kernel_optax_raises_ours_clips_like_torch():
     with pytest.raises(ValueError, match="Expected parameter with shape"):
         optax.adaptive_grad_clip(0.05).update([k[0]], None, [k[1]])
     (ours,), _ = cj.adaptive_grad_clip(0.05).update([k[0]], None, [k[1]])
-    (explicit,), _ = optax.adaptive_grad_clip(0.05, axis=(0, 1, 2, 3, 4)).update([k[0]], None, [k[1]])
+    (explicit,), _ = optax.adaptive_grad_clip(0.05, axis=(0, 1, 2, 3, 4)).update(
+        [k[0]], None, [k[1]]
+    )
     np.testing.assert_array_equal(ours, explicit)  # optax itself, told the axes
     param = torch.nn.Parameter(torch.tensor(p))
     param.grad = torch.tensor(g)
@@ -202,8 +216,14 @@ def test_bad_thresholds_raise_a_one_line_error(bad):
     param = torch.nn.Parameter(torch.ones(2))
     param.grad = torch.ones(2)
     calls = {
-        "clipping": [lambda: ct.adaptive_grad_clip_(param, bad), lambda: cj.adaptive_grad_clip(bad)],
-        "threshold": [lambda: ct.clip_grad_block_rms_(param, bad), lambda: cj.clip_by_block_rms(bad)],
+        "clipping": [
+            lambda: ct.adaptive_grad_clip_(param, bad),
+            lambda: cj.adaptive_grad_clip(bad),
+        ],
+        "threshold": [
+            lambda: ct.clip_grad_block_rms_(param, bad),
+            lambda: cj.clip_by_block_rms(bad),
+        ],
         "l2_norm_clip": [
             lambda: ct.per_example_global_norm_clip([torch.ones(2, 2)], bad),
             lambda: cj.per_example_global_norm_clip([jnp.ones((2, 2))], bad),

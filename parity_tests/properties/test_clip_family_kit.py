@@ -53,8 +53,12 @@ def test_agc_read_in_the_wrong_layout_breaks_the_unit_bound():
     units above their bound: the promise tells the two layouts apart."""
     agc = {"agc": _torch_family()["agc"]}
     wrong = f.check_family(
-        agc, layout="out_last", promises=["agc_unit_bound"], dtypes=["float64"],
-        max_examples=40, shrink_budget=0,
+        agc,
+        layout="out_last",
+        promises=["agc_unit_bound"],
+        dtypes=["float64"],
+        max_examples=40,
+        shrink_budget=0,
     )
     (row,) = wrong.rows
     assert row.verdict == "fails" and "unit" in row.message, wrong.table()
