@@ -143,8 +143,8 @@ def test_jax_dropins_are_optax_bit_for_bit(dtype, mode):
             np.testing.assert_array_equal(got[k], want[k], err_msg=f"{ours} {k} {dtype}")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_per_example_dropin_is_optax_bit_for_bit(dtype):
+def test_per_example_dropin_is_optax_bit_for_bit():
+    dtype = "float32"  # float64 runs the same expressions; the torch parity test uses it
     rng = np.random.default_rng(3)
     grads = [
         jnp.asarray(rng.normal(size=(6, 3, 2)).astype(dtype)),
