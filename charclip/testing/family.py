@@ -583,7 +583,7 @@ def _toward_zero(x, dtype):
     return toward_zero(x, dtype)
 
 
-# control -> (family, the promises its mistake breaks, the layout it is checked under)
+# control -> (its family, the promises its mistake breaks); agc_wrong_axis checked as "out_last"
 FAMILY_CONTROLS = {
     "agc_wrong_axis": ("agc", {"agc_unit_bound"}),
     "block_rms_global": ("block_rms", {"block_rms_bound", "block_rms_identity_below"}),
