@@ -95,14 +95,14 @@ def _tensorflow() -> dict:
 def _charclip_torch(**options) -> dict:
     import torch
 
-    from torch_impl import clipping
+    from charclip.torch import clipping
 
     torch.set_num_threads(1)
     return dict(fn=functools.partial(clipping.clip_grad_norm_, **options), framework="torch")
 
 
 def _charclip_jax(**options) -> dict:
-    from jax_impl import clipping
+    from charclip.jax import clipping
 
     return dict(
         fn=lambda leaves, tau: clipping.clip_tree_by_global_norm(leaves, tau, **options),
@@ -126,8 +126,8 @@ def _optax_family() -> dict:
 
 
 def _charclip_jax_family() -> dict:
+    from charclip.jax import clip_family
     from charclip.testing import family as f
-    from jax_impl import clip_family
 
     return dict(
         clippers=dict(
@@ -143,7 +143,7 @@ def _charclip_torch_family() -> dict:
     import torch
 
     from charclip.testing import family as f
-    from torch_impl import clip_family
+    from charclip.torch import clip_family
 
     torch.set_num_threads(1)
     return dict(
@@ -189,25 +189,25 @@ TARGETS: dict[str, Target] = {
         Target("tensorflow", "`tf.clip_by_global_norm`", _tensorflow, needs="tensorflow"),
         Target(
             "charclip-torch",
-            "`torch_impl.clipping.clip_grad_norm_`",
+            "`charclip.torch.clipping.clip_grad_norm_`",
             _charclip_torch,
             needs="torch",
         ),
         Target(
             "charclip-torch-strict",
-            "`torch_impl.clipping.clip_grad_norm_(..., strict=True)`",
+            "`charclip.torch.clipping.clip_grad_norm_(..., strict=True)`",
             lambda: _charclip_torch(strict=True),
             needs="torch",
         ),
         Target(
             "charclip-jax",
-            "`jax_impl.clipping.clip_tree_by_global_norm`",
+            "`charclip.jax.clipping.clip_tree_by_global_norm`",
             _charclip_jax,
             needs="jax",
         ),
         Target(
             "charclip-jax-strict",
-            "`jax_impl.clipping.clip_tree_by_global_norm(..., strict=True)`",
+            "`charclip.jax.clipping.clip_tree_by_global_norm(..., strict=True)`",
             lambda: _charclip_jax(strict=True),
             needs="jax",
         ),
@@ -221,14 +221,14 @@ TARGETS: dict[str, Target] = {
         ),
         Target(
             "charclip-jax-family",
-            "`jax_impl.clip_family`: the same three, as drop-ins",
+            "`charclip.jax.clip_family`: the same three, as drop-ins",
             _charclip_jax_family,
             needs="jax",
             kind="family",
         ),
         Target(
             "charclip-torch-family",
-            "`torch_impl.clip_family`: `adaptive_grad_clip_`, `clip_grad_block_rms_`, "
+            "`charclip.torch.clip_family`: `adaptive_grad_clip_`, `clip_grad_block_rms_`, "
             "`per_example_global_norm_clip`",
             _charclip_torch_family,
             needs="torch",

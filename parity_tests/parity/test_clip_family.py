@@ -15,8 +15,8 @@ import optax
 import pytest
 import torch
 
-from jax_impl import clip_family as cj
-from torch_impl import clip_family as ct
+from charclip.jax import clip_family as cj
+from charclip.torch import clip_family as ct
 
 F64_EPS = 2.0**-52
 

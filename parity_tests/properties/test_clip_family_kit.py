@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from charclip.testing import family as f
-from torch_impl import clip_family as ct
+from charclip.torch import clip_family as ct
 
 CONTROLS = {
     "agc_wrong_axis": f.agc_wrong_axis("out_last"),
