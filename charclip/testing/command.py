@@ -138,11 +138,21 @@ def _cell(rows: list[dict], promise: str) -> str:
     return "holds" if not failing else "fails " + " ".join(failing)
 
 
-def matrix(reports: list[dict]) -> str:
-    from charclip.testing.promises import PROMISES
+def _kind(d: dict) -> str:
+    from charclip.testing.targets import TARGETS
+
+    return TARGETS[d["target"]].kind
+
+
+def matrix(reports: list[dict], kind: str = "norm") -> str:
+    """One row per target of `kind` ("norm" or "family"), one column per promise."""
+    if kind == "family":
+        from charclip.testing.family import FAMILY_PROMISES as PROMISES
+    else:
+        from charclip.testing.promises import PROMISES
 
     lines = ["| target | " + " | ".join(PROMISES) + " |", "|---" * (len(PROMISES) + 1) + "|"]
-    for d in reports:
+    for d in (d for d in reports if _kind(d) == kind):
         cells = (
             ["skipped"] * len(PROMISES)
             if d.get("skipped")
@@ -167,7 +177,7 @@ def failures(reports: list[dict]) -> str:
             continue
         bad = [r for r in d["rows"] if r["verdict"] == "fails"]
         if not bad:
-            lines.append("Every promise holds in every dtype.")
+            lines.append("Every promise holds in every dtype checked.")
             continue
         lines += [
             "| promise | dtype | minimal counterexample | what happened | upstream |",
@@ -232,6 +242,7 @@ def page(reports: list[dict], a, seconds: float) -> str:
         "",
         matrix(reports),
         "",
+        *_family_section(reports),
         "## Divergences of docs/divergences.md, found again by the kit",
         "",
         "| row | divergence | target / promise / dtype | found |",
@@ -246,6 +257,27 @@ def page(reports: list[dict], a, seconds: float) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _family_section(reports: list[dict]) -> list[str]:
+    from charclip.testing.family import FAMILY_DTYPES, FAMILY_PROMISES
+
+    if not any(_kind(d) == "family" for d in reports):
+        return []
+    return [
+        "## The rest of the clipping family",
+        "",
+        "Adaptive gradient clipping, block RMS and per-example clipping "
+        "(docs/clipping-family.md), checked by `charclip.testing.family.check_family` in "
+        f"{' and '.join(FAMILY_DTYPES)}, with the same examples and seed. `s` is the rounding "
+        "slack, (n + 4) eps for n entries; a unit is a slice along the output axis of the "
+        "layout the function reads (torch (out, in, ...), optax (..., in, out)).",
+        "",
+        *[f"- `{p.name}`: {p.says}" for p in FAMILY_PROMISES.values()],
+        "",
+        matrix(reports, "family"),
+        "",
+    ]
 
 
 def _main(a) -> int:
@@ -266,6 +298,8 @@ def _main(a) -> int:
         reports = list(pool.map(lambda n: _run(n, a), names))
     seconds = time.perf_counter() - start
     print(matrix(reports))
+    if any(_kind(d) == "family" for d in reports):
+        print("\n" + matrix(reports, "family"))
     print(failures(reports))
     print(f"\n{len(names)} targets in {seconds:.0f} s")
     if a.json:

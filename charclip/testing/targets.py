@@ -25,6 +25,7 @@ class Target:
     make: Callable[[], dict]  # -> check_clipper's keyword arguments (fn, framework, adapter, ...)
     env: tuple[tuple[str, str], ...] = ()
     needs: str = ""  # the module that must import, or the target is skipped
+    kind: str = "norm"  # "norm": check_clipper's promises; "family": check_family's
 
 
 def _torch(foreach: bool) -> dict:
@@ -109,6 +110,52 @@ def _charclip_jax(**options) -> dict:
     )
 
 
+def _optax_family() -> dict:
+    import optax
+
+    from charclip.testing import family as f
+
+    return dict(
+        clippers=dict(
+            agc=f.optax_agc(optax.adaptive_grad_clip),
+            block_rms=f.optax_leafwise(optax.clip_by_block_rms),
+            per_example=f.jax_per_example(optax.per_example_global_norm_clip),
+        ),
+        layout="out_last",
+    )
+
+
+def _charclip_jax_family() -> dict:
+    from charclip.jax import clip_family
+    from charclip.testing import family as f
+
+    return dict(
+        clippers=dict(
+            agc=f.optax_agc(clip_family.adaptive_grad_clip),
+            block_rms=f.optax_leafwise(clip_family.clip_by_block_rms),
+            per_example=f.jax_per_example(clip_family.per_example_global_norm_clip),
+        ),
+        layout="out_last",
+    )
+
+
+def _charclip_torch_family() -> dict:
+    import torch
+
+    from charclip.testing import family as f
+    from charclip.torch import clip_family
+
+    torch.set_num_threads(1)
+    return dict(
+        clippers=dict(
+            agc=f.torch_agc(clip_family.adaptive_grad_clip_),
+            block_rms=f.torch_leafwise(clip_family.clip_grad_block_rms_),
+            per_example=f.torch_per_example(clip_family.per_example_global_norm_clip),
+        ),
+        layout="out_first",
+    )
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -164,6 +211,29 @@ TARGETS: dict[str, Target] = {
             lambda: _charclip_jax(strict=True),
             needs="jax",
         ),
+        Target(
+            "optax-family",
+            "`optax.adaptive_grad_clip`, `optax.clip_by_block_rms`, "
+            "`optax.per_example_global_norm_clip`",
+            _optax_family,
+            needs="optax",
+            kind="family",
+        ),
+        Target(
+            "charclip-jax-family",
+            "`charclip.jax.clip_family`: the same three, as drop-ins",
+            _charclip_jax_family,
+            needs="jax",
+            kind="family",
+        ),
+        Target(
+            "charclip-torch-family",
+            "`charclip.torch.clip_family`: `adaptive_grad_clip_`, `clip_grad_block_rms_`, "
+            "`per_example_global_norm_clip`",
+            _charclip_torch_family,
+            needs="torch",
+            kind="family",
+        ),
     )
 }
 
@@ -203,12 +273,14 @@ def run_target(name: str, max_examples: int, seed: int | None, shrink_budget: in
             "rows": [],
         }
     from charclip.testing.check import check_clipper
+    from charclip.testing.family import check_family
 
+    check = check_family if t.kind == "family" else check_clipper
     kwargs = t.make()
-    report = check_clipper(
+    report = check(
         max_examples=max_examples, seed=seed, shrink_budget=shrink_budget, name=name, **kwargs
     )
-    return {**report.to_dict(), "title": t.title}
+    return {**report.to_dict(), "title": t.title, "kind": t.kind}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -170,6 +170,15 @@ ALLOWED = {
             "raise_if_nonfinite",
         )
     },
+    # clip_family: torch's in-place names for .grad (with `_`), optax's transformation names.
+    **{
+        ("clip_family", n): "torch.nn.utils' idiom: in place on .grad"
+        for n in ("adaptive_grad_clip_", "clip_grad_block_rms_", "Tensors")
+    },
+    **{
+        ("clip_family", n): "optax's names: GradientTransformations"
+        for n in ("adaptive_grad_clip", "clip_by_block_rms")
+    },
     # model: an nn.Module (built from weights) against pure functions over a pytree with an explicit state.
     ("model", "CharRNN"): "nn.Module idiom",
     ("model", "build"): "nn.Module idiom",
