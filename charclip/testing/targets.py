@@ -260,8 +260,16 @@ def upstream(target: str, promise: str) -> str:
     return UPSTREAM.get((family, promise), "")
 
 
-def run_target(name: str, max_examples: int, seed: int | None, shrink_budget: int) -> dict:
-    """The report of one target, in this process, as a dict (or why it could not run)."""
+def run_target(
+    name: str,
+    max_examples: int,
+    seed: int | None,
+    shrink_budget: int,
+    promises: list[str] | None = None,
+    dtypes: list[str] | None = None,
+) -> dict:
+    """The report of one target, in this process, as a dict (or why it could not run);
+    `promises` / `dtypes` narrow the check (default: all of them)."""
     t = TARGETS[name]
     try:
         __import__(t.needs)
@@ -277,6 +285,10 @@ def run_target(name: str, max_examples: int, seed: int | None, shrink_budget: in
 
     check = check_family if t.kind == "family" else check_clipper
     kwargs = t.make()
+    if promises:
+        kwargs["promises"] = promises
+    if dtypes:
+        kwargs["dtypes"] = dtypes
     report = check(
         max_examples=max_examples, seed=seed, shrink_budget=shrink_budget, name=name, **kwargs
     )
@@ -289,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-examples", type=int, default=20)
     p.add_argument("--seed", type=int)
     p.add_argument("--shrink-budget", type=int, default=30)
+    p.add_argument("--promise", action="append", help="check only this promise (repeatable)")
+    p.add_argument("--dtype", action="append", help="check only this dtype (repeatable)")
     a = p.parse_args(argv)
     for k, v in TARGETS[a.target].env:
         os.environ.setdefault(k, v)
@@ -296,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         import jax
 
         jax.config.update("jax_enable_x64", True)  # float64 gradients stay float64
-    print(json.dumps(run_target(a.target, a.max_examples, a.seed, a.shrink_budget)))
+    report = run_target(a.target, a.max_examples, a.seed, a.shrink_budget, a.promise, a.dtype)
+    print(json.dumps(report))
     return 0
 
 

@@ -277,3 +277,31 @@ def test_the_exact_clipper_ends_on_a_subnormal_threshold():
     clipped, norm = exact_clip(g, tau)
     assert norm_at_most(clipped, tau), [a.tolist() for a in clipped]
     assert norm == exact_norm(g)
+
+
+def test_a_divergence_the_table_missed_is_reported_by_its_focused_run():
+    """`rediscovered`: yes from the table's run, else from the focused run, else NO; not run when
+    the target did not run (or was skipped)."""
+    from charclip.testing.command import DIVERGENCES, FOCUSED_EXAMPLES, rediscovered
+
+    _, _, target, promise, dtype = next(d for d in DIVERGENCES if d[0] == "15")
+
+    def report(verdict):
+        return {
+            "target": target,
+            "rows": [{"promise": promise, "dtype": dtype, "verdict": verdict}],
+        }
+
+    def verdict(reports, focused=None):
+        rows = rediscovered(reports, focused)
+        return next(v for row, _, where, v in rows if row == "15")
+
+    assert verdict([report("fails")]) == "yes"
+    assert verdict([report("holds")]) == "NO"
+    focused = {(target, promise, dtype): report("fails")}
+    assert verdict([report("holds")], focused) == (
+        f"yes, in a focused run ({FOCUSED_EXAMPLES} examples)"
+    )
+    assert verdict([report("holds")], {(target, promise, dtype): report("holds")}) == "NO"
+    assert verdict([]) == "not run"
+    assert verdict([{"target": target, "skipped": "not installed", "rows": []}]) == "not run"
