@@ -57,7 +57,7 @@ def _lstm_forward(w_hh_t, b_hh, carry, xw_t):
     g = jnp.tanh(a_g)
     c = f * c + i * g
     h = o * jnp.tanh(c)
-    return (h, c), (h, (s.at[:, 2 * hid : 3 * hid].set(a_g), g, c))
+    return (h, c), (h, (i, f, a_g, o, c))
 
 
 def _gru_forward(w_hh_t, b_hh, carry, xw_t):
@@ -74,7 +74,7 @@ def _gru_forward(w_hh_t, b_hh, carry, xw_t):
     a_n = xw_t[:, 2 * hid :] + r * hn
     n = jnp.tanh(a_n)
     h_new = (1 - z) * n + z * h
-    return (h_new,), (h_new, (rz, n, hn, a_n))
+    return (h_new,), (h_new, (r, z, n, hn, a_n))
 
 
 # ---------------------------------------------------------------- one time step, backward
@@ -106,9 +106,8 @@ def _rnn_backward(w_hh, carry, xs):
 
 
 def _lstm_backward(w_hh, carry, xs):
-    (dh, dc), (dh_above, _, (s, g, c), c_prev) = carry, xs
-    hid = dh.shape[-1]
-    i, f, a_g, o = s[:, :hid], s[:, hid : 2 * hid], s[:, 2 * hid : 3 * hid], s[:, 3 * hid :]
+    (dh, dc), (dh_above, _, (i, f, a_g, o, c), c_prev) = carry, xs
+    g = jnp.tanh(a_g)  # recomputed: cheaper than storing it
     dh = dh + dh_above
     tc = jnp.tanh(c)
     dc = dc + dh * o * tanh_grad(c)
@@ -127,14 +126,13 @@ def _lstm_backward(w_hh, carry, xs):
 
 
 def _gru_backward(w_hh, carry, xs):
-    (dh,), (dh_above, _, (rz, n, hn, a_n), h_prev) = carry, xs
-    hid = dh.shape[-1]
-    r, z = rz[:, :hid], rz[:, hid:]
+    (dh,), (dh_above, _, (r, z, n, hn, a_n), h_prev) = carry, xs
     dh = dh + dh_above
     dan = dh * (1 - z) * tanh_grad(a_n)  # through h' = (1 - z) n + z h and n = tanh(a_n)
-    drz = jnp.concatenate([dan * hn, dh * (h_prev - n)], axis=-1) * rz * (1 - rz)
-    dxw = jnp.concatenate([drz, dan], axis=-1)
-    dhw = jnp.concatenate([drz, dan * r], axis=-1)  # n's pre-activation holds r * (W_hn h + b_hn)
+    dr = dan * hn * r * (1 - r)
+    dz = dh * (h_prev - n) * z * (1 - z)
+    dxw = jnp.concatenate([dr, dz, dan], axis=-1)
+    dhw = jnp.concatenate([dr, dz, dan * r], axis=-1)  # n's pre-activation holds r * (W_hn h + b_hn)
     return (dh * z + dhw @ w_hh,), (dxw, dhw)
 
 
@@ -154,8 +152,7 @@ def _weight_grad(d, x):
     (`python -m benchmarks.layouts`, docs/fast-layer.md).
     """
     rows = d.shape[0] * d.shape[1]
-    d_t = jax.lax.optimization_barrier(d.reshape(rows, -1).T)  # (G, T*B)
-    return d_t @ x.reshape(rows, -1)
+    return jax.lax.optimization_barrier(x.reshape(rows, -1).T @ d.reshape(rows, -1)).T
 
 
 @jax.custom_vjp
@@ -214,7 +211,7 @@ def _layer_bwd(cell, unroll, res, cotangents):
     )
     h_prev = jnp.concatenate([state[0][None], hs[:-1]])  # (T, B, H): h_{t-1} for every t
     # c_{t-1} when the state has a cell part (the LSTM), else h_{t-1}
-    extra = jnp.concatenate([state[1][None], saved[2][:-1]]) if len(state) > 1 else h_prev
+    extra = jnp.concatenate([state[1][None], saved[-1][:-1]]) if len(state) > 1 else h_prev
     step = functools.partial(_BACKWARD[cell], w_hh)
     dstate, (dxw, dhw) = jax.lax.scan(
         step, dfinal, (dhs, hs, saved, extra), reverse=True, unroll=unroll
