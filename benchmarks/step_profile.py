@@ -11,6 +11,11 @@ step's own program does differently (fusion across pieces, buffers, loop bookkee
 torch: `torch.profiler` over the same number of whole steps, CPU time per operator
 (self time, so nothing is counted twice), grouped into the same headings where an
 operator belongs to one (oneDNN's fused LSTM, forward and backward, is one operator each).
+
+`--trace N`: instead, the JAX step's own program, traced with `jax.profiler` (run with
+XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true): the time of each of its N largest operations
+(XLA's fused kernels, by name, summed over the loop's iterations), per step. The names are
+those of the optimized HLO (`jax.jit(...).lower(...).compile().as_text()`).
 """
 
 from __future__ import annotations
@@ -49,9 +54,7 @@ def _jax_pieces(case: Case, t, data):
     cell = case.cell
     fwd_step = fastrnn._FORWARD[cell]
     bwd_step = fastrnn._BACKWARD[cell]
-    _, _, saved = jax.jit(fastrnn._scan_forward, static_argnums=(0, 5))(
-        cell, xw, st, w_hh, b_hh, 1
-    )
+    _, _, saved = jax.jit(fastrnn._scan_forward, static_argnums=(0, 5))(cell, xw, st, w_hh, b_hh, 1)
     hs = arr(case.seq, case.batch, hid)
     dhs = arr(case.seq, case.batch, hid)
     extra = saved[-1] if cell == "lstm" else hs
@@ -105,9 +108,7 @@ def _jax_pieces(case: Case, t, data):
 
         return jax.grad(f, argnums=(0, 1, 2))(seq, w, b)
 
-    grads = jax.jit(
-        lambda p, x, y, s: TR.loss_and_grads(mcfg, cfg, p, x, y, s)[1]
-    )(p, x, y, state)
+    grads = jax.jit(lambda p, x, y, s: TR.loss_and_grads(mcfg, cfg, p, x, y, s)[1])(p, x, y, state)
     measure = TR.gradient_norm(cfg)
 
     def opt(grads, opt_state, params):
@@ -116,9 +117,7 @@ def _jax_pieces(case: Case, t, data):
         return TR.optax.apply_updates(params, upd), new, norm
 
     def table0(p, x):
-        return jax.grad(
-            lambda p: jnp.sum(fastrnn.input_table(p, x.T)[x.T])
-        )(p)
+        return jax.grad(lambda p: jnp.sum(fastrnn.input_table(p, x.T)[x.T]))(p)
 
     lg = jax.jit(lambda p, x, y, s: TR.loss_and_grads(mcfg, cfg, p, x, y, s))
     loss_only = jax.jit(lambda p, x, y, s: M.loss(p, x, y, s, cfg=mcfg, layer="fast"))
@@ -162,10 +161,14 @@ def _jax_pieces(case: Case, t, data):
         "clip + Adam": functools_partial(sync(jax.jit(opt)), grads, t.opt_state, p),
     }
     counts = {
-        "layer forward": n_layers, "layer forward + backward": n_layers,
-        "recurrent matmul, forward": n_layers, "recurrent matmul, backward": n_layers,
-        "gate elementwise, forward": n_layers, "gate elementwise, backward": n_layers,
-        "weight-gradient GEMM": 2 * n_layers - 1, "input projection": n_layers - 1,
+        "layer forward": n_layers,
+        "layer forward + backward": n_layers,
+        "recurrent matmul, forward": n_layers,
+        "recurrent matmul, backward": n_layers,
+        "gate elementwise, forward": n_layers,
+        "gate elementwise, backward": n_layers,
+        "weight-gradient GEMM": 2 * n_layers - 1,
+        "input projection": n_layers - 1,
         "input gradient": n_layers - 1,
     }
     flops = {
@@ -213,12 +216,53 @@ def _torch_profile(t, data, steps: int) -> list[tuple[str, float, int]]:
     return rows
 
 
+def _trace(case: Case, t, data, steps: int, top: int) -> None:
+    """Per-operation time of the JAX step's program, from a `jax.profiler` trace."""
+    import collections
+    import glob
+    import tempfile
+
+    import jax
+    from jax._src.lib import _profile_data  # jax's reader of the trace (xplane.pb) files
+
+    for i in range(2):
+        t.step(*data[i % len(data)])
+    folder = tempfile.mkdtemp(prefix="charclip-trace-")
+    jax.profiler.start_trace(folder)
+    for i in range(steps):
+        t.step(*data[i % len(data)])
+    jax.profiler.stop_trace()
+    (path,) = glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)
+    total, calls = collections.Counter(), collections.Counter()
+    for plane in _profile_data.ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            if "XLAEigen" not in line.name:  # the thread that runs the compiled program
+                continue
+            for ev in line.events:
+                if ev.name.startswith("ThunkExecutor"):
+                    continue
+                total[ev.name] += ev.duration_ns
+                calls[ev.name] += 1
+    print(f"{case.label}: the JAX step's operations, ms per step (mean of {steps} traced steps)\n")
+    print("| operation (optimized HLO) | ms per step | calls per step |")
+    print("|---|---|---|")
+    for name, ns in total.most_common(top):
+        print(f"| {name} | {ns / 1e6 / steps:.2f} | {calls[name] // steps} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.step_profile", description=__doc__)
     ap.add_argument("--cell", default="lstm", choices=("rnn", "lstm", "gru"))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--top", type=int, default=14, help="torch operators listed")
+    ap.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        metavar="N",
+        help="trace the JAX step instead and list its N largest operations",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -226,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.torch_threads)
     case = Case.default(cell=args.cell)
     data = batches(case, 4)
+    if args.trace:
+        _trace(case, trainers(case, "cpu", ("jax",))["jax"], data, args.repeats, args.trace)
+        return 0
     tr = trainers(case, "cpu", ("torch", "jax"))
     load0 = os.getloadavg()[0]
     pieces, counts, flops = _jax_pieces(case, tr["jax"], data)
@@ -237,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         f"load {load0:.1f} -> {load1:.1f}\n"
     )
     step = res["whole step (Trainer.step)"]["median"]
-    print("| JAX piece (each jitted alone) | ms | x per step | ms per step | share of step | GFLOP/s |")
+    print(
+        "| JAX piece (each jitted alone) | ms | x per step | ms per step | share of step "
+        "| GFLOP/s |"
+    )
     print("|---|---|---|---|---|---|")
     for name, s in res.items():
         if name.startswith("torch"):

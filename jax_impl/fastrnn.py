@@ -45,13 +45,16 @@ def _rnn_forward(w_hh_t, b_hh, carry, xw_t):
 def _lstm_forward(w_hh_t, b_hh, carry, xw_t):
     """PyTorch's LSTM step (gates i, f, g, o).
 
-    Saved: s, the sigmoid of gates i, f and o with g's pre-activation in g's quarter (tanh' is
-    taken from it), g itself, and c'.
+    Saved: the sigmoids i, f and o, g's pre-activation a_g (tanh' is taken from it, and the
+    backward recomputes g = tanh(a_g) instead of storing it), and c'. Each is its own (B, H)
+    array, so the backward reads each gate as one contiguous block: an elementwise kernel that
+    reads a column slice of a step's (B, 4H) slab runs several times slower on XLA's CPU
+    backend (docs/fast-layer.md).
     """
     h, c = carry
     hid = h.shape[-1]
     a = xw_t + h @ w_hh_t + b_hh  # (B, 4H) pre-activations
-    s = jax.nn.sigmoid(a)  # one sigmoid over all four gates; g's quarter is replaced below
+    s = jax.nn.sigmoid(a)  # one sigmoid over all four gates; g's quarter is unused
     i, f, o = s[:, :hid], s[:, hid : 2 * hid], s[:, 3 * hid :]
     a_g = a[:, 2 * hid : 3 * hid]
     g = jnp.tanh(a_g)
@@ -63,7 +66,8 @@ def _lstm_forward(w_hh_t, b_hh, carry, xw_t):
 def _gru_forward(w_hh_t, b_hh, carry, xw_t):
     """PyTorch's GRU step (gates r, z, n).
 
-    Saved: sigmoid(r, z), n, W_hn h + b_hn, and n's pre-activation (tanh' is taken from it).
+    Saved: r, z, n, W_hn h + b_hn, and n's pre-activation (tanh' is taken from it), each its
+    own (B, H) array (see `_lstm_forward`).
     """
     (h,) = carry
     hid = h.shape[-1]
@@ -107,7 +111,7 @@ def _rnn_backward(w_hh, carry, xs):
 
 def _lstm_backward(w_hh, carry, xs):
     (dh, dc), (dh_above, _, (i, f, a_g, o, c), c_prev) = carry, xs
-    g = jnp.tanh(a_g)  # recomputed: cheaper than storing it
+    g = jnp.tanh(a_g)  # recomputed: cheaper than storing and reading it back
     dh = dh + dh_above
     tc = jnp.tanh(c)
     dc = dc + dh * o * tanh_grad(c)
@@ -132,7 +136,8 @@ def _gru_backward(w_hh, carry, xs):
     dr = dan * hn * r * (1 - r)
     dz = dh * (h_prev - n) * z * (1 - z)
     dxw = jnp.concatenate([dr, dz, dan], axis=-1)
-    dhw = jnp.concatenate([dr, dz, dan * r], axis=-1)  # n's pre-activation holds r * (W_hn h + b_hn)
+    # n's pre-activation holds r * (W_hn h + b_hn)
+    dhw = jnp.concatenate([dr, dz, dan * r], axis=-1)
     return (dh * z + dhw @ w_hh,), (dxw, dhw)
 
 
@@ -146,9 +151,10 @@ _BACKWARD = {"rnn": _rnn_backward, "lstm": _lstm_backward, "gru": _gru_backward}
 def _weight_grad(d, x):
     """d^T @ x over all T*B rows: (T, B, G) and (T, B, K) -> (G, K), one matmul.
 
-    d^T is laid out explicitly first (the barrier keeps XLA from folding the transpose
-    back into the dot): on a CPU, XLA runs the dot with a transposed operand about a
-    third slower than the plain (G, rows) x (rows, K) product, more than the copy costs
+    Computed as (x^T d)^T: XLA's CPU dot contracting the first dimension of x (K, the
+    narrower operand) runs at about the plain product's rate, faster than d^T laid out first
+    or folded into the dot; the barrier keeps XLA from folding the final, small (K, G)
+    transpose into the dot, which would make it the slow form again
     (`python -m benchmarks.layouts`, docs/fast-layer.md).
     """
     rows = d.shape[0] * d.shape[1]
