@@ -25,8 +25,8 @@ import os
 
 import numpy as np
 
-from benchmarks.harness import interleaved
-from benchmarks.training import Case, batches, trainers
+from charclip.benchmarks.harness import interleaved
+from charclip.benchmarks.training import Case, batches, trainers
 
 
 def _jax_pieces(case: Case, t, data):
@@ -34,9 +34,9 @@ def _jax_pieces(case: Case, t, data):
     import jax.numpy as jnp
 
     from charclip.config import GATES
-    from jax_impl import fastrnn
-    from jax_impl import model as M
-    from jax_impl import train as TR
+    from charclip.jax import fastrnn
+    from charclip.jax import model as M
+    from charclip.jax import train as TR
 
     cfg, mcfg = t.cfg, t.model_cfg
     p, state = t.params, t._hidden_for(case.batch)
