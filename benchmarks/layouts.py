@@ -49,6 +49,12 @@ def forms(rows: int, g: int, k: int, batch: int):
             big,
         ),
         "dW^T = x.T @ d": (lambda d, x: x.T @ d, arr(rows, g), arr(rows, k), big),
+        "dW = barrier(x.T @ d).T (the fast layer's form)": (
+            lambda d, x: barrier(x.T @ d).T,
+            arr(rows, g),
+            arr(rows, k),
+            big,
+        ),
         "projection x @ W.T (all steps)": (lambda x, w: x @ w.T, arr(rows, k), arr(g, k), big),
         "dx = d @ W (all steps)": (lambda d, w: d @ w, arr(rows, g), arr(g, k), big),
         f"one step h @ W.T ({batch} rows)": (lambda h, w: h @ w.T, arr(batch, k), arr(g, k), small),

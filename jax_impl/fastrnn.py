@@ -45,25 +45,29 @@ def _rnn_forward(w_hh_t, b_hh, carry, xw_t):
 def _lstm_forward(w_hh_t, b_hh, carry, xw_t):
     """PyTorch's LSTM step (gates i, f, g, o).
 
-    Saved: s, the sigmoid of gates i, f and o with g's pre-activation in g's quarter (tanh' is
-    taken from it), g itself, and c'.
+    Saved: the sigmoids i, f and o, g's pre-activation a_g (tanh' is taken from it, and the
+    backward recomputes g = tanh(a_g) instead of storing it), and c'. Each is its own (B, H)
+    array, so the backward reads each gate as one contiguous block: an elementwise kernel that
+    reads a column slice of a step's (B, 4H) slab runs several times slower on XLA's CPU
+    backend (docs/fast-layer.md).
     """
     h, c = carry
     hid = h.shape[-1]
     a = xw_t + h @ w_hh_t + b_hh  # (B, 4H) pre-activations
-    s = jax.nn.sigmoid(a)  # one sigmoid over all four gates; g's quarter is replaced below
+    s = jax.nn.sigmoid(a)  # one sigmoid over all four gates; g's quarter is unused
     i, f, o = s[:, :hid], s[:, hid : 2 * hid], s[:, 3 * hid :]
     a_g = a[:, 2 * hid : 3 * hid]
     g = jnp.tanh(a_g)
     c = f * c + i * g
     h = o * jnp.tanh(c)
-    return (h, c), (h, (s.at[:, 2 * hid : 3 * hid].set(a_g), g, c))
+    return (h, c), (h, (i, f, a_g, o, c))
 
 
 def _gru_forward(w_hh_t, b_hh, carry, xw_t):
     """PyTorch's GRU step (gates r, z, n).
 
-    Saved: sigmoid(r, z), n, W_hn h + b_hn, and n's pre-activation (tanh' is taken from it).
+    Saved: r, z, n, W_hn h + b_hn, and n's pre-activation (tanh' is taken from it), each its
+    own (B, H) array (see `_lstm_forward`).
     """
     (h,) = carry
     hid = h.shape[-1]
@@ -74,7 +78,7 @@ def _gru_forward(w_hh_t, b_hh, carry, xw_t):
     a_n = xw_t[:, 2 * hid :] + r * hn
     n = jnp.tanh(a_n)
     h_new = (1 - z) * n + z * h
-    return (h_new,), (h_new, (rz, n, hn, a_n))
+    return (h_new,), (h_new, (r, z, n, hn, a_n))
 
 
 # ---------------------------------------------------------------- one time step, backward
@@ -106,9 +110,8 @@ def _rnn_backward(w_hh, carry, xs):
 
 
 def _lstm_backward(w_hh, carry, xs):
-    (dh, dc), (dh_above, _, (s, g, c), c_prev) = carry, xs
-    hid = dh.shape[-1]
-    i, f, a_g, o = s[:, :hid], s[:, hid : 2 * hid], s[:, 2 * hid : 3 * hid], s[:, 3 * hid :]
+    (dh, dc), (dh_above, _, (i, f, a_g, o, c), c_prev) = carry, xs
+    g = jnp.tanh(a_g)  # recomputed: cheaper than storing and reading it back
     dh = dh + dh_above
     tc = jnp.tanh(c)
     dc = dc + dh * o * tanh_grad(c)
@@ -127,14 +130,14 @@ def _lstm_backward(w_hh, carry, xs):
 
 
 def _gru_backward(w_hh, carry, xs):
-    (dh,), (dh_above, _, (rz, n, hn, a_n), h_prev) = carry, xs
-    hid = dh.shape[-1]
-    r, z = rz[:, :hid], rz[:, hid:]
+    (dh,), (dh_above, _, (r, z, n, hn, a_n), h_prev) = carry, xs
     dh = dh + dh_above
     dan = dh * (1 - z) * tanh_grad(a_n)  # through h' = (1 - z) n + z h and n = tanh(a_n)
-    drz = jnp.concatenate([dan * hn, dh * (h_prev - n)], axis=-1) * rz * (1 - rz)
-    dxw = jnp.concatenate([drz, dan], axis=-1)
-    dhw = jnp.concatenate([drz, dan * r], axis=-1)  # n's pre-activation holds r * (W_hn h + b_hn)
+    dr = dan * hn * r * (1 - r)
+    dz = dh * (h_prev - n) * z * (1 - z)
+    dxw = jnp.concatenate([dr, dz, dan], axis=-1)
+    # n's pre-activation holds r * (W_hn h + b_hn)
+    dhw = jnp.concatenate([dr, dz, dan * r], axis=-1)
     return (dh * z + dhw @ w_hh,), (dxw, dhw)
 
 
@@ -148,14 +151,14 @@ _BACKWARD = {"rnn": _rnn_backward, "lstm": _lstm_backward, "gru": _gru_backward}
 def _weight_grad(d, x):
     """d^T @ x over all T*B rows: (T, B, G) and (T, B, K) -> (G, K), one matmul.
 
-    d^T is laid out explicitly first (the barrier keeps XLA from folding the transpose
-    back into the dot): on a CPU, XLA runs the dot with a transposed operand about a
-    third slower than the plain (G, rows) x (rows, K) product, more than the copy costs
+    Computed as (x^T d)^T: XLA's CPU dot contracting the first dimension of x (K, the
+    narrower operand) runs at about the plain product's rate, faster than d^T laid out first
+    or folded into the dot; the barrier keeps XLA from folding the final, small (K, G)
+    transpose into the dot, which would make it the slow form again
     (`python -m benchmarks.layouts`, docs/fast-layer.md).
     """
     rows = d.shape[0] * d.shape[1]
-    d_t = jax.lax.optimization_barrier(d.reshape(rows, -1).T)  # (G, T*B)
-    return d_t @ x.reshape(rows, -1)
+    return jax.lax.optimization_barrier(x.reshape(rows, -1).T @ d.reshape(rows, -1)).T
 
 
 @jax.custom_vjp
@@ -214,7 +217,7 @@ def _layer_bwd(cell, unroll, res, cotangents):
     )
     h_prev = jnp.concatenate([state[0][None], hs[:-1]])  # (T, B, H): h_{t-1} for every t
     # c_{t-1} when the state has a cell part (the LSTM), else h_{t-1}
-    extra = jnp.concatenate([state[1][None], saved[2][:-1]]) if len(state) > 1 else h_prev
+    extra = jnp.concatenate([state[1][None], saved[-1][:-1]]) if len(state) > 1 else h_prev
     step = functools.partial(_BACKWARD[cell], w_hh)
     dstate, (dxw, dhw) = jax.lax.scan(
         step, dfinal, (dhs, hs, saved, extra), reverse=True, unroll=unroll
