@@ -132,18 +132,29 @@ def _assert_direction(
         i = int(np.argmax(g * gc < 0))
         raise Broken(f"an entry changed sign: g_i = {float(g[i])!r} -> {float(gc[i])!r}")
     big = int(np.argmax(np.abs(gc)))  # the largest result carries the factor most precisely
-    c = float(gc[big] / g[big])
+    if gc[big] == 0:  # c = 0
+        if want_nonzero:
+            raise Broken("g' is all zeros: the direction is lost")
+        return
+    # gc / g may be far below the smallest normal (a huge gradient clipped to a small tau): a
+    # subnormal c has too few bits to measure 2 eps. So every term is multiplied by 2**k, with
+    # k chosen so that the scaled factor c_k = c 2**k lies in (1/8, 1/2]: exact (powers of two),
+    # and no scaled entry can overflow.
+    k = math.frexp(float(g[big]))[1] - math.frexp(float(gc[big]))[1] - 2
+    c_k = float(np.ldexp(gc[big], k) / g[big])
+    with np.errstate(over="ignore"):
+        c = float(np.ldexp(c_k, -k))  # may read 0.0 for the tiniest factors: only shown
     if c > 1 + rtol:
         raise Broken(f"g' = c g with c = {c!r} > 1: clipping made the gradient longer")
-    off = np.abs(gc - c * g) - (rtol * c * np.abs(g) + info.smallest_normal)
+    with np.errstate(over="ignore"):  # a slack beyond float64's range accepts every entry
+        slack = rtol * c_k * np.abs(g) + np.ldexp(info.smallest_normal, k)
+        off = np.abs(np.ldexp(gc, k) - c_k * g) - slack
     if np.any(off > 0):
         i = int(np.argmax(off))
         raise Broken(
             f"not one factor: entry {float(g[i])!r} -> {float(gc[i])!r} (ratio {float(gc[i] / g[i])!r}), "
             f"while entry {float(g[big])!r} -> {float(gc[big])!r} has ratio {c!r}"
         )
-    if want_nonzero and c == 0:
-        raise Broken("g' is all zeros: the direction is lost")
 
 
 def _assert_close(
