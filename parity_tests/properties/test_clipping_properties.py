@@ -177,6 +177,7 @@ def _assert_not_zeroed(clipper, impl: str, g, tau: float) -> None:
 @example(g=[np.full(4, 3e38, np.float32), np.zeros(0, np.float32)], tau=1e-3)
 @example(g=[np.array([0, 1, 4096], np_dtype("bfloat16"))], tau=1.0)
 @example(g=[np.array([2.0**26, 1.0], np_dtype("bfloat16"))], tau=1.0)
+@example(g=[np.array([1.0], np.float32), np.full(2, 2.0**126, np.float32)], tau=2.0)
 def test_ours_clips_onto_the_ball_and_keeps_direction(g, tau):
     eps = INFO[dtype_name(g[0].dtype)].eps
     low = dtype_name(g[0].dtype) in LOW_PRECISION
@@ -247,11 +248,14 @@ def test_clipping_twice_is_clipping_once(ours_g, library_g, tau):
 
 
 @given(g=kit_gradients(dtypes=HIGH), tau=kit_thresholds(), exponent=st.integers(-8, 8))
+@example(g=[np.full(2, 2.0**56, np.float32)], tau=1.0, exponent=8)
 def test_scale_invariance_power_of_two(g, tau, exponent):
     norm = exact_norm(g)
     a = 2.0**exponent
     hypothesis.assume(min(norm, a * norm) > 2 * tau)  # a zero gradient is never above tau
     for impl in OURS + LIBRARIES:
+        if impl in LIBRARIES and a * norm >= math.sqrt(INFO[dtype_name(g[0].dtype)].max):
+            continue  # the libraries' squares overflow (pinned in test_clipping_divergences.py)
         if impl.endswith("optax"):
             # (a g) / (a n) is g / n bit for bit when a is a power of two: more than the kit's
             # promise (two roundings), so asserted here.
