@@ -29,12 +29,13 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from charclip.clipspec import TORCH_EPS
+from charclip.jax import clipping as jclip
 from charclip.testing import adapters
 from charclip.testing import gradient_trees as kit_gradients
 from charclip.testing import thresholds as kit_thresholds
 from charclip.testing.promises import PROMISES, Case, Options
 from charclip.testing.strategies import INFO, Gradient, dtype_name
-from jax_impl import clipping as jclip
+from charclip.torch import clipping as tclip
 from parity_tests.strategies import (
     FLOAT_DTYPES,
     LOW_PRECISION,
@@ -48,7 +49,6 @@ from parity_tests.strategies import (
     thresholds,
     to_torch,
 )
-from torch_impl import clipping as tclip
 
 torch.set_num_threads(1)  # on 2 cores, 2 intra-op threads make each tiny op ~1000x slower
 
@@ -272,6 +272,7 @@ def test_scale_invariance_power_of_two(g, tau, exponent):
         eps = INFO[dtype_name(g[0].dtype)].eps
         ulps = TORCH_EPS / min(norm, a * norm) / eps + _size(g) + 2
         _promise("scale_invariant", KIT_CLIPPERS[impl], impl, g, tau, ulps, scale=f"2**{exponent}")
+
 
 @given(tree=nonzero(gradient_trees(HIGH)), tau=thresholds(), a=st.floats(1e-3, 1e3))
 def test_scale_invariance_any_factor(tree, tau, a):
