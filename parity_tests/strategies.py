@@ -20,12 +20,14 @@ import math
 import jax
 import ml_dtypes
 import numpy as np
-import torch
 from hypothesis import strategies as st
 
-from charclip.testing.oracle import exact_norm  # noqa: F401  (the one exact oracle, re-exported for the tests)
+# The conformance kit's copies: one exact oracle, one way to name a dtype and to move the same
+# bits between NumPy and torch (re-exported for the tests).
+from charclip.testing.oracle import exact_norm  # noqa: F401
+from charclip.testing.strategies import DTYPES, from_torch, np_dtype, to_torch  # noqa: F401
 
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+FLOAT_DTYPES = DTYPES  # the kit's four dtypes
 LOW_PRECISION = ("float16", "bfloat16")
 SHAPES = ((), (0,), (1,), (3,), (8,), (2, 4), (4, 4), (2, 3, 2))
 
@@ -37,10 +39,6 @@ ORDINARY_DECADES = {
     "float32": (-8, 8),
     "float64": (-60, 60),
 }
-
-
-def np_dtype(name: str) -> np.dtype:
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def finfo(name: str):
@@ -119,17 +117,3 @@ def nonzero(tree_strategy: st.SearchStrategy) -> st.SearchStrategy:
 def leaves(tree) -> list[np.ndarray]:
     """The arrays of a tree, in JAX's order (dict keys sorted)."""
     return jax.tree.leaves(tree)
-
-
-def to_torch(array: np.ndarray):
-    """A torch tensor with the same bits (bfloat16 goes through float32, exactly)."""
-    if array.dtype == np_dtype("bfloat16"):
-        return torch.from_numpy(np.asarray(array, np.float32)).to(torch.bfloat16)
-    return torch.from_numpy(np.array(array))
-
-
-def from_torch(tensor) -> np.ndarray:
-    """Back to NumPy with the same bits and dtype."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.float().numpy().astype(ml_dtypes.bfloat16)
-    return tensor.detach().numpy().copy()

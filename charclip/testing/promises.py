@@ -25,7 +25,8 @@ g' (and the norm it returns, if it returns one):
 
 Rounding slack is stated in units of eps of the input dtype; every entry may also be off
 by the dtype's smallest normal number, since many platforms (XLA on CPUs, GPUs) flush
-subnormal results to zero.
+subnormal results to zero (in `direction_kept` and `overflow_safe`, by max(1, tau) of them:
+in (g / n) * tau a flushed g_i / n is multiplied by tau).
 """
 
 from __future__ import annotations
@@ -117,11 +118,12 @@ def _finite(out: Output) -> np.ndarray:
 
 
 def _assert_direction(
-    g: np.ndarray, gc: np.ndarray, dtype: str, rtol: float, want_nonzero: bool
+    g: np.ndarray, gc: np.ndarray, dtype: str, rtol: float, want_nonzero: bool, tau: float = 1.0
 ) -> None:
     """gc = c g with 0 <= c <= 1 + rtol, each entry within rtol (relative) of c g_i, or
-    within the smallest normal number absolutely (flushed subnormals)."""
+    within max(1, tau) smallest normal numbers absolutely (flushed subnormals, times tau)."""
     info = INFO[dtype]
+    floor = info.smallest_normal * max(1.0, tau)
     if np.any((g == 0) & (gc != 0)):
         raise Broken(f"a zero entry became {gc[(g == 0) & (gc != 0)][:4].tolist()}")
     nz = g != 0
@@ -132,18 +134,29 @@ def _assert_direction(
         i = int(np.argmax(g * gc < 0))
         raise Broken(f"an entry changed sign: g_i = {float(g[i])!r} -> {float(gc[i])!r}")
     big = int(np.argmax(np.abs(gc)))  # the largest result carries the factor most precisely
-    c = float(gc[big] / g[big])
+    if gc[big] == 0:  # c = 0
+        if want_nonzero:
+            raise Broken("g' is all zeros: the direction is lost")
+        return
+    # gc / g may be far below the smallest normal (a huge gradient clipped to a small tau): a
+    # subnormal c has too few bits to measure 2 eps. So every term is multiplied by 2**k, with
+    # k chosen so that the scaled factor c_k = c 2**k lies in (1/8, 1/2]: exact (powers of two),
+    # and no scaled entry can overflow.
+    k = math.frexp(float(g[big]))[1] - math.frexp(float(gc[big]))[1] - 2
+    c_k = float(np.ldexp(gc[big], k) / g[big])
+    with np.errstate(over="ignore"):
+        c = float(np.ldexp(c_k, -k))  # may read 0.0 for the tiniest factors: only shown
     if c > 1 + rtol:
         raise Broken(f"g' = c g with c = {c!r} > 1: clipping made the gradient longer")
-    off = np.abs(gc - c * g) - (rtol * c * np.abs(g) + info.smallest_normal)
+    with np.errstate(over="ignore"):  # a slack beyond float64's range accepts every entry
+        slack = rtol * c_k * np.abs(g) + np.ldexp(floor, k)
+        off = np.abs(np.ldexp(gc, k) - c_k * g) - slack
     if np.any(off > 0):
         i = int(np.argmax(off))
         raise Broken(
             f"not one factor: entry {float(g[i])!r} -> {float(gc[i])!r} (ratio {float(gc[i] / g[i])!r}), "
             f"while entry {float(g[big])!r} -> {float(gc[big])!r} has ratio {c!r}"
         )
-    if want_nonzero and c == 0:
-        raise Broken("g' is all zeros: the direction is lost")
 
 
 def _assert_close(
@@ -207,7 +220,12 @@ def _direction_kept(clip: Clipper, case: Case, o: Options) -> None:
     g = case.gradient
     out = _call(clip, g, case.tau)
     _assert_direction(
-        _flat(g.leaves), _finite(out), g.dtype, _two_roundings(g.dtype, o), want_nonzero=False
+        _flat(g.leaves),
+        _finite(out),
+        g.dtype,
+        _two_roundings(g.dtype, o),
+        want_nonzero=False,
+        tau=case.tau,
     )
 
 
@@ -315,7 +333,9 @@ def _overflow_safe(clip: Clipper, case: Case, o: Options) -> None:
     rtol = _sum_rounding(g.dtype, g.size, o)
     if not norm_at_most(out.clipped, Fraction(case.tau) * (1 + Fraction(rtol))):
         raise Broken(f"||g'|| = {exact_norm(out.clipped)!r} > tau = {case.tau!r} beyond rounding")
-    _assert_direction(_flat(g.leaves), flat, g.dtype, _two_roundings(g.dtype, o), want_nonzero=True)
+    _assert_direction(
+        _flat(g.leaves), flat, g.dtype, _two_roundings(g.dtype, o), want_nonzero=True, tau=case.tau
+    )
 
 
 def _half_zero(dtype: str) -> st.SearchStrategy[Gradient]:

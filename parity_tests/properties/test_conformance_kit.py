@@ -19,10 +19,12 @@ import torch
 from hypothesis import given
 
 from charclip.testing import PROMISES, check_clipper, gradient_trees, sum_of_squares
+from charclip.testing.check import clipper_for
 from charclip.testing.command import DIVERGENCES
 from charclip.testing.controls import CONTROLS, exact_clip
 from charclip.testing.oracle import exact_norm, norm_at_most
-from charclip.testing.strategies import dtype_name
+from charclip.testing.promises import Case, Options
+from charclip.testing.strategies import Gradient, dtype_name
 from charclip.testing.targets import TARGETS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,6 +162,23 @@ def test_ulps_loosens_only_the_bound():
         shrink_budget=0,
     )
     assert not exact.ok and loose.ok, (exact.table(), loose.table())
+
+
+def test_direction_is_measured_when_the_factor_is_subnormal():
+    """[9e307, 9e307] clipped to 0.5 has the factor c = 3.9e-309, a float64 subnormal with
+    too few bits to measure 2 eps: the exact clipper keeps the direction there, and a result
+    with one entry 4 eps off still breaks it."""
+    case = Case(Gradient("float64", (np.full(2, 8.98846567431158e307),)), 0.5)
+    direction = PROMISES["direction_kept"]
+    direction.check(clipper_for(exact_clip, "numpy"), case, Options())
+
+    def bent(leaves, tau):
+        clipped, norm = exact_clip(leaves, tau)
+        clipped[0][1] *= 1 + 4 * 2.0**-52
+        return clipped, norm
+
+    with pytest.raises(AssertionError, match="not one factor"):
+        direction.check(clipper_for(bent, "numpy"), case, Options())
 
 
 @pytest.mark.parametrize("framework", ("numpy", "torch", "jax"))
