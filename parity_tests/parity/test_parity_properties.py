@@ -61,7 +61,7 @@ def setups(draw, cells=("rnn", "lstm", "gru"), dtypes=("float64", "float32")):
 
 
 def _check(setup: parity.StepSetup) -> None:
-    rows = parity.compare_step(setup)
+    rows = parity.compare_step(setup, derived=True)
     bad = [r for r in rows if not r.ok]
     assert not bad, (
         f"\n{setup.model}, B x T = {setup.x.shape}, {setup.train.dtype}\n"
@@ -121,7 +121,7 @@ def test_derived_bound_still_catches_a_wrong_port(draw, weight):
     wrong[weight] = wrong[weight] * np.float32(1 + 1e-3)
     t = parity.step_quantities("torch", setup)
     w = parity.step_quantities("torch", dataclasses.replace(setup, params=wrong))
-    rows = parity.compare_quantities(setup, t, w)
+    rows = parity.compare_quantities(setup, t, w, derived=True)
     widened = [r for r in rows if r.quantity.startswith("grad rnn.") and r.tol > 1e-5]
     assert widened and not all(r.ok for r in widened), (
         f"{weight} 1e-3 off passed the derived bounds:\n" + parity.format_table(rows)
