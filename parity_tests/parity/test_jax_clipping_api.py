@@ -420,6 +420,14 @@ strict_jit = jax.jit(
 @example(  # the clipped direction's factor, 2.6e-309, is subnormal: the oracle's a * c lost bits
     tree={"w": np.array([3.79e306, 37.5])}, tau=0.01, convention="optax", jitted=False
 )
+@example(  # the thorough profile's draw, reduced: scaled by 2**-1023 first, -0.33 was flushed
+    tree={
+        "w": np.array([-0.333, 2.793e307, 2.534e307, 2.321e307, 6.805e306, -6.769e306, -4.303e306])
+    },
+    tau=10.0,
+    convention="optax",
+    jitted=False,
+)
 def test_strict_bound_holds_exactly(tree, tau, convention, jitted):
     arrays = leaves(tree)
     jtree = jax.tree.map(jnp.asarray, tree)
