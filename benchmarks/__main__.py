@@ -1,5 +1,5 @@
 import sys
 
-from benchmarks.suite import main
+from charclip.benchmarks.suite import main
 
 sys.exit(main())

@@ -19,7 +19,7 @@ import itertools
 
 import numpy as np
 
-from benchmarks.harness import interleaved, timed
+from charclip.benchmarks.harness import interleaved, timed
 from charclip.config import BACKENDS, DEVICES
 
 MAX_NORM = 1e-3  # far below the norm of N(0, 1) gradients: every call scales
@@ -102,7 +102,7 @@ def _torch_impls(sizes: list[int], device: str):
         sync(),
     )
     try:
-        from torch_impl import clipping
+        from charclip.torch import clipping
     except ImportError:
         clipping = None
     if clipping is not None:
@@ -110,12 +110,15 @@ def _torch_impls(sizes: list[int], device: str):
         # (optax's convention, for cross-backend parity), and with the exact bound.
         c, d, e = params(), params(), params()
         tc, td, te = shrinking(), shrinking(), shrinking()
-        impls["torch_impl.clipping (ours)"] = lambda: (clipping.clip_grad_norm_(c, tc()), sync())
-        impls["torch_impl.clipping (ours, optax convention)"] = lambda: (
+        impls["charclip.torch.clipping (ours)"] = lambda: (
+            clipping.clip_grad_norm_(c, tc()),
+            sync(),
+        )
+        impls["charclip.torch.clipping (ours, optax convention)"] = lambda: (
             clipping.clip_grad_norm_(d, td(), convention="optax"),
             sync(),
         )
-        impls["torch_impl.clipping (ours, strict)"] = lambda: (
+        impls["charclip.torch.clipping (ours, strict)"] = lambda: (
             clipping.clip_grad_norm_(e, te(), strict=True),
             sync(),
         )
@@ -155,17 +158,17 @@ def _jax_impls(sizes: list[int], device: str):
     empty = tx.init(None)
     impls["optax.clip_by_global_norm (jit)"] = driver(lambda g: tx.update(g, empty)[0], tree())
     try:
-        from jax_impl import clipping
+        from charclip.jax import clipping
 
         # Ours as a user swaps it in: the same stateless transform, called the same way.
         ours, strict = (
             clipping.clip_by_global_norm(MAX_NORM),
             clipping.clip_by_global_norm(MAX_NORM, strict=True),
         )
-        impls["jax_impl.clipping.clip_by_global_norm (jit)"] = driver(
+        impls["charclip.jax.clipping.clip_by_global_norm (jit)"] = driver(
             lambda g: ours.update(g, None)[0], tree()
         )
-        impls["jax_impl.clipping.clip_by_global_norm strict (jit)"] = driver(
+        impls["charclip.jax.clipping.clip_by_global_norm strict (jit)"] = driver(
             lambda g: strict.update(g, None)[0], tree()
         )
     except ImportError:
@@ -217,7 +220,7 @@ def model_grad_sizes(model_cfg) -> list[int]:
 
 def clip_in_step(case, *, device: str, repeats: int) -> dict:
     """Isolated clip time on the default model's gradient shapes, next to a full step (both backends)."""
-    from benchmarks.training import tokens
+    from charclip.benchmarks.training import tokens
 
     model_cfg, _ = case.configs(tokens()[1])
     sizes = model_grad_sizes(model_cfg)
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", metavar="FILE", help="also write the table to FILE (markdown)")
     a = p.parse_args(argv)
     if a.in_step:
-        from benchmarks.training import Case, tokens
+        from charclip.benchmarks.training import Case, tokens
 
         sizes = model_grad_sizes(Case.default().configs(tokens()[1])[0])
         layouts = {f"default step ({len(sizes)})": sizes}

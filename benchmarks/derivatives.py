@@ -7,7 +7,7 @@ prints the worst relative error against float64 of:
 - torch's autograd (tanh' = 1 - y^2 and sigmoid' = y (1 - y), from the rounded output y);
 - JAX's autodiff, which the `lax.scan` reference uses (tanh' = (1 - y)(1 + y),
   sigmoid' = y (1 - y));
-- the fast layer's (`jax_impl.fastrnn`): tanh' from the pre-activation (`fastrnn.tanh_grad`),
+- the fast layer's (`charclip.jax.fastrnn`): tanh' from the pre-activation (`fastrnn.tanh_grad`),
   sigmoid' = s (1 - s) as torch.
 
 docs/fast-layer.md quotes this table.
@@ -35,7 +35,7 @@ def table(points: int) -> list[tuple[str, str, list[float]]]:
     import jax.numpy as jnp
     import torch
 
-    from jax_impl import fastrnn
+    from charclip.jax import fastrnn
 
     a = np.linspace(0.0, RANGES[-1][1], points, dtype=np.float32)
     a64 = a.astype(np.float64)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import harness
-from benchmarks.suite import RESULTS
+from charclip.benchmarks import harness
+from charclip.benchmarks.suite import RESULTS
 from charclip.config import DEVICES
 
 
@@ -108,9 +108,9 @@ def fast_vs_scan(grid: Grid, device: str) -> list[dict]:
     import jax.numpy as jnp
 
     from charclip.config import ModelConfig
+    from charclip.jax import model as M
+    from charclip.jax.device import resolve as device_of
     from charclip.weights import init_params
-    from jax_impl import model as M
-    from jax_impl.device import resolve as device_of
 
     dev = device_of(device)
     p = grid.parity
@@ -186,8 +186,8 @@ def jax_cudnn_lstm(case, device: str, repeats: int) -> dict:
 
 
 def throughput(grid: Grid, device: str) -> dict:
-    from benchmarks import training
-    from benchmarks.training import Case
+    from charclip.benchmarks import training
+    from charclip.benchmarks.training import Case
 
     rows = [
         training.throughput(
@@ -220,7 +220,7 @@ def copy_bandwidth(n: int, device: str, repeats: int) -> dict:
 
 
 def clipping(grid: Grid, device: str) -> list[dict]:
-    from benchmarks import clip_cost
+    from charclip.benchmarks import clip_cost
 
     out = []
     for n in grid.clip_params:
@@ -339,13 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from jax_impl.device import enable_x64
+    from charclip.jax.device import enable_x64
 
     enable_x64()  # as every charclip run has it
 
     if args.device == "gpu" and not torch.cuda.is_available():
         print(
-            "benchmarks.gpu: error: PyTorch sees no CUDA GPU; use --device cpu --tiny to check the script",
+            "charclip.benchmarks.gpu: error: PyTorch sees no CUDA GPU; use --device cpu --tiny to check the script",
             file=sys.stderr,
         )
         return 2
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         r[name] = fn(grid, args.device)
         print(
-            f"benchmarks.gpu: {name} done in {time.perf_counter() - t:.0f} s",
+            f"charclip.benchmarks.gpu: {name} done in {time.perf_counter() - t:.0f} s",
             file=sys.stderr,
             flush=True,
         )

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from benchmarks.harness import interleaved
+from charclip.benchmarks.harness import interleaved
 
 
 def forms(rows: int, g: int, k: int, batch: int):
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=15)
     a = p.parse_args(argv)
-    from jax_impl.device import enable_x64
+    from charclip.jax.device import enable_x64
 
     enable_x64()  # as every charclip run has it
 

@@ -36,7 +36,7 @@ def measure() -> dict:
 
     torch.set_num_threads(
         1
-    )  # beside XLA's threads on a small machine (torch_impl.probe.one_thread)
+    )  # beside XLA's threads on a small machine (charclip.torch.probe.one_thread)
     times, report = [], None
     for _ in range(2):
         model, port, batches, options = make_transformer(**CONFIG)

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import environment, paired_ratio, stats
+from charclip.benchmarks.harness import environment, paired_ratio, stats
 from charclip.config import BACKENDS, PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,11 +127,11 @@ def main(argv=None) -> int:
     )
     a = p.parse_args(argv)
     if a.steps < 12:
-        print("benchmarks.precision: error: --steps must be at least 12", file=sys.stderr)
+        print("charclip.benchmarks.precision: error: --steps must be at least 12", file=sys.stderr)
         return 2
     if a.tiny and a.out == DEFAULT_OUT:
         print(
-            "benchmarks.precision: error: --tiny results do not go to the committed table's source; pass --out",
+            "charclip.benchmarks.precision: error: --tiny results do not go to the committed table's source; pass --out",
             file=sys.stderr,
         )
         return 2

@@ -52,7 +52,7 @@ def markdown(r: dict) -> str:
         lines += [
             "## Training throughput (one full step: forward, loss, backward, clip, Adam)",
             "",
-            "JAX is the fast layer (`jax_impl.fastrnn`, training's default); JAX scan is the `lax.scan` reference "
+            "JAX is the fast layer (`charclip.jax.fastrnn`, training's default); JAX scan is the `lax.scan` reference "
             "differentiated by autodiff. torch/JAX: torch's time over JAX's, the median of the per-round ratios of "
             "one interleaved run (quartiles in brackets; > 1: JAX is faster). Load: 1-minute load average before "
             "and after the measurement.",
@@ -77,7 +77,7 @@ def markdown(r: dict) -> str:
                 "",
                 f"Peak: the best float32 {p['n']}x{p['n']} matmul of this run, "
                 + ", ".join(f"{n} {v['flop_per_s'] / 1e9:.0f}" for n, v in p["impls"].items())
-                + " GFLOP/s. FLOPs per step by formula (`benchmarks.training.step_flops`: forward matmuls, "
+                + " GFLOP/s. FLOPs per step by formula (`charclip.benchmarks.training.step_flops`: forward matmuls, "
                 "backward twice that), over the median step time.",
                 "",
                 "| configuration | GFLOP/step | torch GFLOP/s (% of peak) | JAX | JAX scan |",

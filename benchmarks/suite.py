@@ -81,8 +81,8 @@ def add_parser(sub) -> None:
 
 def _tasks(plan: Plan, device: str, torch_threads: int):
     """(name, function) pairs; each function stores its result in the shared dict `r`."""
-    from benchmarks import clip_cost, training
-    from benchmarks.training import Case
+    from charclip.benchmarks import clip_cost, training
+    from charclip.benchmarks.training import Case
 
     d = Case.default()
     reps = plan.repeats
@@ -217,9 +217,9 @@ def _tasks(plan: Plan, device: str, torch_threads: int):
 
 def _derive(r: dict) -> None:
     """Scaling fits, clipping shares and the goals, computed from the raw measurements."""
-    from benchmarks import harness
-    from benchmarks.report import fit_exponent
-    from benchmarks.training import Case
+    from charclip.benchmarks import harness
+    from charclip.benchmarks.report import fit_exponent
+    from charclip.benchmarks.training import Case
 
     d = dataclasses.asdict(Case.default())
     by_case = {json.dumps(t["case"], sort_keys=True): t for t in r["throughput"]}
@@ -338,7 +338,7 @@ def _derive(r: dict) -> None:
 
 def write(r: dict, out: Path) -> str:
     """Derived numbers, plots, results.json and results.md from the raw measurements in `r`; returns the markdown."""
-    from benchmarks import report
+    from charclip.benchmarks import report
 
     _derive(r)
     r["plots"] = report.plots(r, out)
@@ -353,10 +353,10 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from charclip.cli import fill
-    from jax_impl.device import enable_x64
+    from charclip.jax.device import enable_x64
 
     enable_x64()  # as every charclip run has it
-    from benchmarks import harness
+    from charclip.benchmarks import harness
 
     o = fill(BenchOptions, args)
     if o.device == "gpu" and not torch.cuda.is_available():

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.harness import interleaved, paired_ratio, stats, timed
+from charclip.benchmarks.harness import interleaved, paired_ratio, stats, timed
 from charclip.config import GATES, ClipConfig, ModelConfig, TrainConfig
 
 CORPUS_CHARS = 2_000_000  # enough for 512 x 64 x several batches, quick to encode
@@ -157,7 +157,7 @@ def sgemm_peak(device: str, repeats: int, n: int = 1024) -> dict:
     import jax.numpy as jnp
     import torch
 
-    from jax_impl.device import resolve as device_of
+    from charclip.jax.device import resolve as device_of
 
     dev = "cuda" if device == "gpu" else "cpu"
     a = torch.randn(n, n, device=dev)
@@ -242,9 +242,9 @@ class JaxStepper:
 
 
 def jax_variants(case: Case, *, device: str, repeats: int, unrolls: tuple[int, ...]) -> dict:
-    """The recurrent layers (`jax_impl.model.LAYERS`) and the scans' `unroll`, all timed alternately."""
-    from jax_impl import model as M
-    from jax_impl.train import make_train_step
+    """The recurrent layers (`charclip.jax.model.LAYERS`) and the scans' `unroll`, all timed alternately."""
+    from charclip.jax import model as M
+    from charclip.jax.train import make_train_step
 
     t = trainers(case, device, ("jax",))["jax"]
     data = batches(case, 4)
@@ -419,7 +419,7 @@ def torch_saved_bytes(trainer, batch) -> int:
     """Bytes of the distinct tensors autograd keeps for backward in one forward pass (activation memory)."""
     import torch
 
-    from torch_impl import model as torch_model
+    from charclip.torch import model as torch_model
 
     seen: dict[int, int] = {}
 
@@ -465,7 +465,7 @@ _RSS_CHILD = r"""
 import json, sys
 import torch
 torch.set_num_threads({threads})
-from benchmarks.training import Case, batches, trainers
+from charclip.benchmarks.training import Case, batches, trainers
 def hwm():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
@@ -496,7 +496,7 @@ import json, time
 t0 = time.perf_counter()
 import numpy as np
 {setup}
-from benchmarks.training import Case, batches, trainers
+from charclip.benchmarks.training import Case, batches, trainers
 t1 = time.perf_counter()
 case = Case(**{case})
 data = batches(case, 2)
@@ -517,7 +517,7 @@ def first_step_fresh(case: Case, backend: str, device: str, torch_threads_n: int
     setup = (
         f"import torch; torch.set_num_threads({torch_threads_n})"
         if backend == "torch"
-        else "from jax_impl.device import enable_x64; enable_x64()"
+        else "from charclip.jax.device import enable_x64; enable_x64()"
     )
     return _child(
         _FIRST_STEP_CHILD.format(
@@ -528,7 +528,7 @@ def first_step_fresh(case: Case, backend: str, device: str, torch_threads_n: int
 
 def jax_compile_split(case: Case, device: str) -> dict:
     """Trace+lower time and XLA compile time of the JAX train step, for a fresh jit."""
-    from jax_impl.train import make_train_step
+    from charclip.jax.train import make_train_step
 
     t = trainers(case, device, ("jax",))["jax"]
     x, y = batches(case, 1)[0]
@@ -569,9 +569,9 @@ _XLA_THREADS_CHILD = r"""
 import json, sys
 import torch
 torch.set_num_threads({threads})
-from jax_impl.device import enable_x64
+from charclip.jax.device import enable_x64
 enable_x64()
-from benchmarks.training import Case, throughput
+from charclip.benchmarks.training import Case, throughput
 print(json.dumps(throughput(Case(**{case}), device="cpu", repeats={repeats})))
 """
 

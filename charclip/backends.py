@@ -22,7 +22,7 @@ def check_backend(backend: str) -> str:
 
 
 def module(backend: str, name: str):
-    """`torch_impl.<name>` or `jax_impl.<name>`, with a clear error when the framework is missing."""
+    """`charclip.torch.<name>` or `charclip.jax.<name>`, with a clear error when the framework is missing."""
     check_backend(backend)
     try:
         return importlib.import_module(f"{backend}_impl.{name}")
@@ -47,7 +47,7 @@ def trainer_factory(
 
     One device: the backend's `train.Trainer`. Several JAX devices: a `MeshTrainer` over
     a mesh laid out by `layout`, in this process. Several torch processes are launched by
-    `launcher`, whose rank 0 gets its trainer from `torch_impl.distributed.leader_factory`.
+    `launcher`, whose rank 0 gets its trainer from `charclip.torch.distributed.leader_factory`.
     """
     check_backend(backend)
     _check_devices(backend, devices)
@@ -68,7 +68,7 @@ def launcher(backend: str, devices: int, layout: str | None):
     """`launch(train_fn, model_cfg, cfg, **kwargs)`: runs the training loop `train_fn` with the right trainers.
 
     In one process `train_fn` is called here with `make_trainer=trainer_factory(...)`; for
-    torch over several processes, `torch_impl.distributed.launch` starts the ranks and
+    torch over several processes, `charclip.torch.distributed.launch` starts the ranks and
     calls `train_fn` on rank 0 with the leader's factory (the others follow it).
     """
     check_backend(backend)

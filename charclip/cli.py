@@ -26,7 +26,7 @@ from charclip.errors import CharclipError
 
 COMMANDS: tuple[str, ...] = (
     "charclip.parity",
-    "benchmarks.suite",
+    "charclip.benchmarks.suite",
     "charclip.explode",
     "charclip.testing.command",
 )  # modules adding subcommands

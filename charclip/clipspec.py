@@ -1,6 +1,6 @@
 """The rules both reference clipping implementations share, written once.
 
-`torch_impl.clipping` and `jax_impl.clipping` implement the same algorithm in
+`charclip.torch.clipping` and `charclip.jax.clipping` implement the same algorithm in
 their frameworks' idioms; the constants of the two conventions and the checks
 of their arguments are framework-neutral, so they live here.
 """

@@ -2,7 +2,7 @@
 
 Both backends start from these arrays, so the same seed gives the same initial
 model in PyTorch and in JAX. The names, shapes and layouts are those of
-`torch_impl.model.CharRNN().state_dict()`; the distributions are PyTorch's
+`charclip.torch.model.CharRNN().state_dict()`; the distributions are PyTorch's
 defaults:
 
 - `embedding.weight` (V, E): N(0, 1), as nn.Embedding.

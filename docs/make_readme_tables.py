@@ -47,7 +47,10 @@ SOURCES = {  # name -> (the JSON, the command that writes it); the default run i
             "docs/figures/parity/drift-float64.png",
         ],
     ),
-    "precision": (PRECISION_JSON, [sys.executable, "-m", "benchmarks.precision", "--no-progress"]),
+    "precision": (
+        PRECISION_JSON,
+        [sys.executable, "-m", "charclip.benchmarks.precision", "--no-progress"],
+    ),
 }
 README_CELL = "lstm"  # the configuration the README shows; docs/parity.md shows all three
 

@@ -1,4 +1,4 @@
-"""The safeguards of jax_impl.clipping: what makes optax's formula safe where optax is wrong.
+"""The safeguards of charclip.jax.clipping: what makes optax's formula safe where optax is wrong.
 
 `jax_impl/clipping.py` is the algorithm: measure, take `coefficient(norm, tau,
 convention)`, scale. This module is how each step is made safe (docs/clipping.md,
@@ -12,7 +12,7 @@ convention)`, scale. This module is how each step is made safe (docs/clipping.md
 - the strict bound: an upper bound of the clipped norm, computed in float64, and one
   more scaling (rounded so no entry can grow) where it does not prove the norm <= tau.
 
-Nothing here is public API; `jax_impl.clipping` is.
+Nothing here is public API; `charclip.jax.clipping` is.
 """
 
 import functools
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from charclip.clipspec import TORCH_EPS
-from jax_impl import clipping
+from charclip.jax import clipping
 
 _F64_UNIT = 2.0**-53  # unit roundoff of float64, where the strict bound is computed
 

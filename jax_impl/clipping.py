@@ -57,7 +57,7 @@ from charclip.clipspec import (
     check_norm_type,
     check_threshold,
 )
-from jax_impl import clip_safeguards as safe
+from charclip.jax import clip_safeguards as safe
 
 
 def _threshold(name: str, value) -> jax.Array | float:
@@ -122,7 +122,7 @@ def global_norm(tree: Any, norm_type: float = 2) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)
-    if p == 0:  # as torch_impl's get_total_norm: how many entries are not zero
+    if p == 0:  # as charclip.torch's get_total_norm: how many entries are not zero
         return sum(jnp.count_nonzero(leaf) for leaf in leaves).astype(safe.norm_dtype(leaves))
     acc = safe.accumulation_dtype(leaves)
     wide = [leaf.astype(acc) for leaf in leaves]

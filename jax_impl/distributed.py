@@ -13,9 +13,9 @@ A parameter is split along its first axis whose length the mesh axis divides; on
 with no such axis (a bias of odd length, say) stays replicated, so every layout mixes
 split and whole tensors.
 
-For the first four, the step is `jax_impl.train`'s own jitted step, given shardings:
+For the first four, the step is `charclip.jax.train`'s own jitted step, given shardings:
 the compiler inserts the collectives, and `optax.tree.norm` (or the reference
-`jax_impl.clipping`) on a sharded gradient is the global norm, computed across devices.
+`charclip.jax.clipping`) on a sharded gradient is the global norm, computed across devices.
 The `shard_map` step is the teaching version of what the compiler does: each device
 sees only its slices, and the global norm is an explicit `psum` (docs/distributed.md):
 
@@ -39,10 +39,10 @@ from jax.sharding import PartitionSpec as P
 from charclip.config import LAYOUTS as _LAYOUTS
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
 from charclip.errors import CharclipError
-from jax_impl import clipping
-from jax_impl import device as D
-from jax_impl import model as M
-from jax_impl import train as T
+from charclip.jax import clipping
+from charclip.jax import device as D
+from charclip.jax import model as M
+from charclip.jax import train as T
 
 LAYOUTS = _LAYOUTS["jax"]
 BATCH_AXIS = {"data": "data", "model": None, "fsdp": "data", "2d": "data", "shard_map": "data"}
@@ -124,7 +124,7 @@ def _dtype(tree):
 
 
 def _clip(grads: dict, norm: jax.Array, clip) -> dict:
-    """The configured clipping by the psum'd norm: `jax_impl.clipping`'s, optax's formula bit for bit."""
+    """The configured clipping by the psum'd norm: `charclip.jax.clipping`'s, optax's formula bit for bit."""
     if clip.mode == "norm":
         return clipping.clip_tree_with_norm(grads, clip.max_norm, norm)
     if clip.mode == "value":
@@ -182,7 +182,7 @@ def make_shard_map_step(
     *,
     layer: str = "fast",
 ):
-    """`jax_impl.train.make_train_step`'s step, with every device's part written out in shard_map."""
+    """`charclip.jax.train.make_train_step`'s step, with every device's part written out in shard_map."""
     clipped_gradient = make_clipped_gradient(model_cfg, cfg, specs, layer=layer)
 
     def step(params, opt_state, state, x, y, lr, masks=None):
@@ -219,7 +219,7 @@ def make_shard_map_step(
 
 
 class MeshTrainer(T.Trainer):
-    """`jax_impl.train.Trainer` over a mesh: same methods; only the placement hooks differ."""
+    """`charclip.jax.train.Trainer` over a mesh: same methods; only the placement hooks differ."""
 
     def __init__(
         self,
@@ -272,7 +272,7 @@ class MeshTrainer(T.Trainer):
         return NamedSharding(self.mesh, spec)
 
     def _optimizer(self):
-        # shard_map clips inside its step; the others use jax_impl.train's chain (clip, then Adam).
+        # shard_map clips inside its step; the others use charclip.jax.train's chain (clip, then Adam).
         cfg = self.cfg
         return (
             T.optimizer(replace(cfg, clip=ClipConfig(mode="none")))

@@ -1,6 +1,6 @@
 """The gradient of a last-step loss with respect to every hidden state, in JAX.
 
-Mirrors `torch_impl.explode`. JAX has no `retain_grad`; its idiom is to add a
+Mirrors `charclip.torch.explode`. JAX has no `retain_grad`; its idiom is to add a
 zero perturbation eps_t to each hidden state and differentiate with respect to
 the perturbations: dL/d eps_t = dL/dh_t. The model's own `apply` runs
 one time step per iteration of a `lax.scan`. Used by
@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from charclip.config import ModelConfig
-from jax_impl import device as D
-from jax_impl import model as M
-from jax_impl.clipping import clip_tree_by_global_norm, global_norm
+from charclip.jax import device as D
+from charclip.jax import model as M
+from charclip.jax.clipping import clip_tree_by_global_norm, global_norm
 
 
 def grad_through_time(
@@ -66,7 +66,7 @@ _hidden_grads = jax.jit(jax.grad(_last_loss, has_aux=True), static_argnames="cfg
 
 
 # ---------------------------------------------------------------- Pascanu, Mikolov & Bengio (2013)
-# The two experiments of `charclip explode --paper` (docs/paper-rerun.md), mirrored in torch_impl.explode.
+# The two experiments of `charclip explode --paper` (docs/paper-rerun.md), mirrored in charclip.torch.explode.
 
 
 def _one_unit_loss(w, b, x0, target, steps: int):
@@ -110,7 +110,7 @@ def one_unit_path(
     target: float,
 ):
     """Gradient descent on the one-unit network from (w0, b0): `updates` steps of lr * g, with g rescaled to norm
-    `threshold` when its norm is above it (the paper's Algorithm 1; `jax_impl.clipping`, strict, so no step is
+    `threshold` when its norm is above it (the paper's Algorithm 1; `charclip.jax.clipping`, strict, so no step is
     longer than lr * threshold) or left alone (threshold None). Returns the points (updates+1, 2) and the norms
     of the gradient before rescaling (updates,)."""
     D.enable_x64()  # float64 parameters stay float64

@@ -1,6 +1,6 @@
 """The char-RNN's recurrent layers with a hand-written backward pass (`jax.custom_vjp`).
 
-Same model, same parameters, same numbers as `jax_impl.model`'s `lax.scan`
+Same model, same parameters, same numbers as `charclip.jax.model`'s `lax.scan`
 reference (PyTorch layouts and gate orders); only the order of the work differs.
 Autodiff of the reference computes dW_hh inside the backward loop: one small
 (G*H, B) x (B, H) product per time step, accumulated. Here the backward loop
@@ -251,13 +251,13 @@ def input_table(params, tokens, name: str = "rnn"):
 
 
 def apply(params, x, state, *, cfg: ModelConfig, table: bool = True, unroll: int = 1, masks=None):
-    """`jax_impl.model.apply` computed with `layer`: logits (B, T, V) and the final state, each part (L, B, H).
+    """`charclip.jax.model.apply` computed with `layer`: logits (B, T, V) and the final state, each part (L, B, H).
 
     `masks` (None, or one dropout mask (B, T, H) per layer) multiply each layer's output outside
     `layer`, so autodiff carries the product's cotangent, dhs * mask, into the layer's backward.
     """
     tokens = x.T  # (T, B): time-major from here on
-    # Under mixed precision (jax_impl.model.loss) the recurrent weights are in the compute
+    # Under mixed precision (charclip.jax.model.loss) the recurrent weights are in the compute
     # dtype and the embedding in the master dtype; otherwise both are the same.
     master, compute = params["embedding.weight"].dtype, params["rnn.weight_ih_l0"].dtype
     finals = []

@@ -1,7 +1,7 @@
 """The char-RNN as pure JAX functions over PyTorch's state_dict.
 
 `params` is a dict whose keys, shapes and layouts are exactly those of
-`torch_impl.model.CharRNN(cfg).state_dict()` (see `charclip.weights`), so a
+`charclip.torch.model.CharRNN(cfg).state_dict()` (see `charclip.weights`), so a
 checkpoint moves between the backends without conversion. Gate order follows
 PyTorch: i, f, g, o for the LSTM; r, z, n for the GRU, whose candidate is
 n = tanh(W_in x + b_in + r * (W_hn h + b_hn)).
@@ -9,7 +9,7 @@ n = tanh(W_in x + b_in + r * (W_hn h + b_hn)).
 Each layer computes its input projection for all time steps as one matmul,
 then runs the recurrence as a `lax.scan` over time: the readable reference,
 differentiated by autodiff. `layer="fast"` computes the same model with
-`jax_impl.fastrnn`, whose hand-written backward pass is what training uses.
+`charclip.jax.fastrnn`, whose hand-written backward pass is what training uses.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from charclip.config import CELLS, ModelConfig
+from charclip.jax import device as D
+from charclip.jax import fastrnn
 from charclip.weights import init_params
-from jax_impl import device as D
-from jax_impl import fastrnn
 
 
 def init(cfg: ModelConfig, seed: int, dtype: str = "float32") -> dict[str, jax.Array]:
-    """The same initial weights as torch_impl for the same seed (drawn by charclip.weights)."""
+    """The same initial weights as charclip.torch for the same seed (drawn by charclip.weights)."""
     D.enable_x64()  # float64 weights stay float64
     return {k: jnp.asarray(v) for k, v in init_params(cfg, seed, dtype).items()}
 
@@ -66,7 +66,7 @@ LAYERS = (
     "scan",
     "fast",
     "fast-no-table",
-)  # the reference; jax_impl.fastrnn with and without its lookup table
+)  # the reference; charclip.jax.fastrnn with and without its lookup table
 
 
 def apply(params, x, state, *, cfg: ModelConfig, layer: str = "scan", unroll: int = 1, masks=None):
@@ -127,7 +127,7 @@ def loss(
 
     `masks`: dropout's, one (B, T, H) per layer (`charclip.dropout`), or None.
 
-    `compute_dtype` (bfloat16, float16): mixed precision, the policy torch_impl.model.CharRNN
+    `compute_dtype` (bfloat16, float16): mixed precision, the policy charclip.torch.model.CharRNN
     follows too. The recurrent weights, the head's weight, the carried state and the masks are
     cast to it (casts that autodiff turns into casts of the gradients back to the master
     dtype) and the model runs in it; embedding rows are gathered in the master dtype and then

@@ -1,6 +1,6 @@
 """What the parity tools need from the JAX backend beyond its trainer, in public.
 
-Mirrors `torch_impl.probe`: the forward logits of given weights, full float32
+Mirrors `charclip.torch.probe`: the forward logits of given weights, full float32
 precision on a GPU, and the thread setting for running beside PyTorch.
 """
 
@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from charclip.config import ModelConfig
-from jax_impl import device as D
-from jax_impl import model as M
+from charclip.jax import device as D
+from charclip.jax import model as M
 
 
 def logits(

@@ -8,9 +8,9 @@ import numpy as np
 
 from charclip import sampling
 from charclip.config import ModelConfig
+from charclip.jax import device as D
+from charclip.jax import model as M
 from charclip.vocab import Vocab
-from jax_impl import device as D
-from jax_impl import model as M
 
 
 def sample(

@@ -1,9 +1,9 @@
 """One training step in JAX: loss, grad, clip, Adam, update, as one jitted function.
 
-`Trainer` implements `charclip.contract.Trainer` and mirrors `torch_impl.train.Trainer`
+`Trainer` implements `charclip.contract.Trainer` and mirrors `charclip.torch.train.Trainer`
 method for method; it only holds the state between calls of the pure, jitted
 `train_step`, which is compiled once per run (the shapes never change).
-`jax_impl.distributed.MeshTrainer` is this class over a mesh: it overrides only the
+`charclip.jax.distributed.MeshTrainer` is this class over a mesh: it overrides only the
 placement hooks at the end.
 """
 
@@ -18,9 +18,9 @@ import optax
 
 from charclip.config import ModelConfig, TrainConfig, compute_dtype, loss_scaled
 from charclip.contract import StepResult, update_applies, verdict
-from jax_impl import clipping
-from jax_impl import device as D
-from jax_impl import model as M
+from charclip.jax import clipping
+from charclip.jax import device as D
+from charclip.jax import model as M
 
 
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -235,8 +235,8 @@ def make_train_step(
 ):
     """The pure step (params, opt_state, state, x, y, lr, masks) -> (params, opt_state, state, metrics), jitted.
 
-    `layer` picks the recurrent layer (`jax_impl.model.LAYERS`): "fast", the default, is
-    `jax_impl.fastrnn`'s hand-written backward pass; "scan" is autodiff of the reference.
+    `layer` picks the recurrent layer (`charclip.jax.model.LAYERS`): "fast", the default, is
+    `charclip.jax.fastrnn`'s hand-written backward pass; "scan" is autodiff of the reference.
     """
     D.enable_x64()  # the clipping inside measures in float64
     if layer not in M.LAYERS:
@@ -407,7 +407,7 @@ class Trainer:
             )
         self.opt_state = self._put_opt_state(opt_state)
 
-    # ---- placement hooks: one device here; a mesh in jax_impl.distributed.MeshTrainer ----
+    # ---- placement hooks: one device here; a mesh in charclip.jax.distributed.MeshTrainer ----
 
     def _optimizer(self) -> optax.GradientTransformation:
         return optimizer(self.cfg)

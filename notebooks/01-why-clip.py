@@ -20,7 +20,7 @@
 # of this lesson falls into.
 #
 # Everything is computed with PyTorch's `torch.nn.utils.clip_grad_norm_` /
-# `clip_grad_value_` and with charclip's drop-in of them, `torch_impl.clipping`. The math is
+# `clip_grad_value_` and with charclip's drop-in of them, `charclip.torch.clipping`. The math is
 # in [docs/clipping.md](../docs/clipping.md).
 
 # %%
@@ -52,7 +52,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from torch_impl import clipping  # charclip's clipping, a drop-in for torch.nn.utils'
+from charclip.torch import clipping  # charclip's clipping, a drop-in for torch.nn.utils'
 
 print(f"torch {torch.__version__}")
 
@@ -78,7 +78,7 @@ print(f"torch.nn.utils.clip_grad_norm_: returned norm {before.item():g}, gradien
 
 w.grad = torch.tensor(4 * 10.0**3)
 before = clipping.clip_grad_norm_([w], max_norm=1.0)
-print(f"torch_impl.clipping.clip_grad_norm_: returned norm {before.item():g}, gradient now {w.grad.item():.8g}")
+print(f"charclip.torch.clipping.clip_grad_norm_: returned norm {before.item():g}, gradient now {w.grad.item():.8g}")
 
 # %% [markdown]
 # Both functions return the norm measured *before* clipping: a loop can log it to see how
@@ -232,7 +232,7 @@ print(f"p.grad = {fmt(p.grad)}, returned norm {returned.item():.4f}, "
       f"norm now {torch.linalg.vector_norm(p.grad).item():.4f}")
 
 # %% [markdown]
-# And charclip's drop-in, `torch_impl.clipping.clip_grad_norm_`, given the same plain tensor
+# And charclip's drop-in, `charclip.torch.clipping.clip_grad_norm_`, given the same plain tensor
 # (the sentence below is built from what the call did):
 
 # %%
@@ -251,7 +251,7 @@ else:
 outcome += [f"it warned ({w.category.__name__}): {w.message}" for w in caught]
 if raised is None and not caught:
     outcome.append("it gave no warning")
-print("torch_impl.clipping.clip_grad_norm_(g, 1.0) on a plain tensor: " + "; ".join(outcome) + ".")
+print("charclip.torch.clipping.clip_grad_norm_(g, 1.0) on a plain tensor: " + "; ".join(outcome) + ".")
 
 # %% [markdown]
 # A cheap check catches this mistake, and others like it, in any loop: after clipping, the

@@ -19,7 +19,7 @@
 # inference, it is fed its own output, one character at a time, and the next character is
 # drawn from its prediction (*sampling*, here with temperature and top-k).
 #
-# This notebook trains charclip's model (`torch_impl`) both with charclip's objective and with a
+# This notebook trains charclip's model (`charclip.torch`) both with charclip's objective and with a
 # common alternative that scores only the **last** step, on the same text and budget; samples
 # from the result; and explains, with numbers, what the loss of a model trained on random
 # targets says, relative to ln V.
@@ -59,9 +59,9 @@ from charclip.batching import Position, Streams, split
 from charclip.config import ModelConfig, TrainConfig
 from charclip.vocab import Vocab
 from charclip.weights import init_params
-from torch_impl import model as M
-from torch_impl.sample import sample
-from torch_impl.train import Trainer
+from charclip.torch import model as M
+from charclip.torch.sample import sample
+from charclip.torch.train import Trainer
 
 # %% [markdown]
 # ## One corpus, one budget
@@ -94,7 +94,7 @@ print(f"vocabulary V = {len(vocab)}, {len(train_tokens):,} training characters, 
 # %% [markdown]
 # ### charclip's objective: cross-entropy at every step
 #
-# `torch_impl.train.Trainer.step` runs the model over the T input characters of each
+# `charclip.torch.train.Trainer.step` runs the model over the T input characters of each
 # sequence and scores its prediction of each of the T next characters; the hidden state is
 # carried from batch to batch (truncated backpropagation through time).
 
@@ -185,7 +185,7 @@ else:
 #
 # ## Inference: sampling, with temperature and top-k
 #
-# At inference there is no true text to feed in. `torch_impl.sample.sample` feeds a *prime*,
+# At inference there is no true text to feed in. `charclip.torch.sample.sample` feeds a *prime*,
 # then repeatedly turns the last logits into a character and feeds it back. The draw itself is
 # `charclip.sampling.draw`, shared by both backends: softmax of `logits / temperature`, after
 # keeping only the `top_k` largest logits when `top_k` is given, sampled by inverting the

@@ -28,7 +28,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
 
-from jax_impl.device import enable_x64
+from charclip.jax.device import enable_x64
 
 enable_x64()  # float64 tests build float64 arrays before any entry point would switch it on
 

@@ -1,4 +1,4 @@
-"""The safeguards of torch_impl.clipping: what makes torch's formula safe where torch is wrong.
+"""The safeguards of charclip.torch.clipping: what makes torch's formula safe where torch is wrong.
 
 `torch_impl/clipping.py` is the algorithm: measure, take `coefficient(norm, tau,
 convention)`, scale. This module is how each step is made safe (docs/clipping.md,
@@ -12,7 +12,7 @@ convention)`, scale. This module is how each step is made safe (docs/clipping.md
 - the strict bound: the clipped gradient measured again in float64 and scaled once more
   where that does not prove its norm <= tau.
 
-Nothing here is public API; `torch_impl.clipping` is.
+Nothing here is public API; `charclip.torch.clipping` is.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from torch_impl import clipping
+from charclip.torch import clipping
 
 _CHUNK = (
     1 << 14

@@ -65,7 +65,7 @@ from charclip.clipspec import (
     check_norm_type,
     check_threshold,
 )
-from torch_impl import clip_safeguards as safe
+from charclip.torch import clip_safeguards as safe
 
 Tensors = torch.Tensor | Iterable[torch.Tensor]
 

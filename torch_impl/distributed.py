@@ -55,7 +55,7 @@ from charclip.config import LAYOUTS, ModelConfig, TrainConfig
 from charclip.contract import NonFiniteStep
 from charclip.errors import CharclipError
 from charclip.signals import STOP_SIGNALS
-from torch_impl.train import Trainer
+from charclip.torch.train import Trainer
 
 PARALLEL = LAYOUTS["torch"]  # --parallel: replicated (DDP) or sharded (FSDP2) parameters
 HOST = "127.0.0.1"  # loopback only: nothing listens beyond this machine
@@ -96,7 +96,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 class DistributedTrainer(Trainer):
-    """`torch_impl.train.Trainer` on one rank of a process group: only the placement hooks differ.
+    """`charclip.torch.train.Trainer` on one rank of a process group: only the placement hooks differ.
 
     Every rank is given the same global batch and trains on its slice of the streams;
     the checkpoint-facing methods (`params_numpy`, `adam_state`, `hidden_state`)

@@ -1,6 +1,6 @@
 """The gradient of a last-step loss with respect to every hidden state, in PyTorch.
 
-Mirrors `jax_impl.explode`. The model's own modules run one
+Mirrors `charclip.jax.explode`. The model's own modules run one
 time step per call (so nn.RNN's kernels do the work), and each intermediate
 hidden state keeps its gradient with `retain_grad`. Used by `charclip explode`
 (docs/exploding-gradients.md).
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from charclip.config import ModelConfig
-from torch_impl import model as M
-from torch_impl.clipping import clip_grad_norm_, get_total_norm
+from charclip.torch import model as M
+from charclip.torch.clipping import clip_grad_norm_, get_total_norm
 
 
 def grad_through_time(
@@ -50,7 +50,7 @@ def grad_through_time(
 
 
 # ---------------------------------------------------------------- Pascanu, Mikolov & Bengio (2013)
-# The two experiments of `charclip explode --paper` (docs/paper-rerun.md), mirrored in jax_impl.explode.
+# The two experiments of `charclip explode --paper` (docs/paper-rerun.md), mirrored in charclip.jax.explode.
 
 
 def _one_unit_loss(
@@ -86,7 +86,7 @@ def one_unit_path(
     target: float,
 ):
     """Gradient descent on the one-unit network from (w0, b0): `updates` steps of lr * g, with g rescaled to norm
-    `threshold` when its norm is above it (the paper's Algorithm 1; `torch_impl.clipping`, strict, so no step is
+    `threshold` when its norm is above it (the paper's Algorithm 1; `charclip.torch.clipping`, strict, so no step is
     longer than lr * threshold) or left alone (threshold None). Returns the points (updates+1, 2) and the norms
     of the gradient before rescaling (updates,)."""
     theta = torch.tensor([w0, b0], dtype=torch.float64, requires_grad=True)

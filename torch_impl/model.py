@@ -17,7 +17,9 @@ _ONE_LAYER = {"rnn": torch.rnn_tanh, "lstm": torch.lstm, "gru": torch.gru}
 def _module_for(cell: str):
     """The torch module of `cell`; a cell without one is an error, not a fallback."""
     if cell not in _RNN:
-        raise ValueError(f"torch_impl has no module for cell {cell!r}; it has {', '.join(_RNN)}")
+        raise ValueError(
+            f"charclip.torch has no module for cell {cell!r}; it has {', '.join(_RNN)}"
+        )
     return _RNN[cell]
 
 
@@ -44,7 +46,7 @@ class CharRNN(nn.Module):
         weights' own dtype), embedding rows are gathered in the master dtype and then rounded,
         the carried state and the masks enter in it, and the head's output returns to the
         master dtype before its bias is added, so the two large gradient sums (embedding rows,
-        head bias) accumulate in float32: the policy of jax_impl.model.loss's `compute_dtype`
+        head bias) accumulate in float32: the policy of charclip.jax.model.loss's `compute_dtype`
         too. torch.autocast is not used: on a CPU it leaves nn.LSTM and nn.GRU in float32
         (docs/precision.md).
         """

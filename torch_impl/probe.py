@@ -1,6 +1,6 @@
 """What the parity tools need from the PyTorch backend beyond its trainer, in public.
 
-Mirrors `jax_impl.probe`: the forward logits of given weights, full float32
+Mirrors `charclip.jax.probe`: the forward logits of given weights, full float32
 precision on a GPU, and the thread setting for running beside JAX.
 """
 
@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from charclip.config import ModelConfig
-from torch_impl import device as D
-from torch_impl import model as M
+from charclip.torch import device as D
+from charclip.torch import model as M
 
 
 def logits(

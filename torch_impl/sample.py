@@ -7,9 +7,9 @@ import torch
 
 from charclip import sampling
 from charclip.config import ModelConfig
+from charclip.torch import device as D
+from charclip.torch import model as M
 from charclip.vocab import Vocab
-from torch_impl import device as D
-from torch_impl import model as M
 
 
 def sample(

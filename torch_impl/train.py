@@ -1,8 +1,8 @@
 """One training step in PyTorch: forward, loss, backward, clip, Adam.
 
-`Trainer` implements `charclip.contract.Trainer` and mirrors `jax_impl.train.Trainer`
+`Trainer` implements `charclip.contract.Trainer` and mirrors `charclip.jax.train.Trainer`
 method for method; the loop around it (batches, logging, validation, checkpoints)
-lives once, in `charclip.run`. `torch_impl.distributed.DistributedTrainer` is this
+lives once, in `charclip.run`. `charclip.torch.distributed.DistributedTrainer` is this
 class on one rank of a process group: it overrides only the placement hooks at the
 end (`_parallel`, `_local`, `_global_loss`, `_whole`, `_placed`, `_gather_hidden`).
 """
@@ -15,9 +15,9 @@ import torch
 from charclip.config import ModelConfig, TrainConfig, compute_dtype, loss_scaled
 from charclip.contract import NonFiniteStep, StepResult, verdict
 from charclip.errors import CharclipError
-from torch_impl import clipping
-from torch_impl import device as D
-from torch_impl import model as M
+from charclip.torch import clipping
+from charclip.torch import device as D
+from charclip.torch import model as M
 
 
 class Trainer:
@@ -60,7 +60,7 @@ class Trainer:
         if clip.mode == "norm":
             convention = clip.convention_in("torch")
             return clipping.clip_grad_norm_(params, clip.max_norm, convention=convention)
-        # The norm the configured implementation measures, as jax_impl.train.gradient_norm picks it:
+        # The norm the configured implementation measures, as charclip.jax.train.gradient_norm picks it:
         # charclip's is finite wherever the true norm is (torch's overflows on huge finite entries).
         total_norm = (
             torch.nn.utils.get_total_norm if clip.impl == "library" else clipping.get_total_norm
@@ -126,7 +126,9 @@ class Trainer:
             self.scaler = self._scaler(self.adam_state())
             raise
         if not result.skipped:
-            for group in self.optimizer.param_groups:  # None: the configured rate, as in jax_impl
+            for (
+                group
+            ) in self.optimizer.param_groups:  # None: the configured rate, as in charclip.jax
                 group["lr"] = self.cfg.lr if lr is None else lr
             self.scaler.step(
                 self.optimizer
@@ -145,7 +147,7 @@ class Trainer:
                 p, grads[name]
             )  # placed like its parameter (a DTensor under FSDP)
         self._clip()
-        for group in self.optimizer.param_groups:  # None: the configured rate, as in jax_impl
+        for group in self.optimizer.param_groups:  # None: the configured rate, as in charclip.jax
             group["lr"] = self.cfg.lr if lr is None else lr
         self.optimizer.step()
 
@@ -223,7 +225,7 @@ class Trainer:
                 "exp_avg_sq": self._placed(p, adam[f"exp_avg_sq.{name}"]),
             }
 
-    # ---- placement hooks: one process here; one rank of a group in torch_impl.distributed ----
+    # ---- placement hooks: one process here; one rank of a group in charclip.torch.distributed ----
 
     def _parallel(self, module: torch.nn.Module) -> torch.nn.Module:
         return module

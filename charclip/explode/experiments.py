@@ -308,7 +308,7 @@ def run_all(s: Settings, backends: tuple[str, ...], *, progress: bool = True) ->
     )
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        for b in backends:  # one torch thread beside XLA's pool (torch_impl.probe.one_thread)
+        for b in backends:  # one torch thread beside XLA's pool (charclip.torch.probe.one_thread)
             stack.enter_context(backend_module(b, "probe").one_thread())
         bar = stack.enter_context(
             tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True)

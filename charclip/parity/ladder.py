@@ -1,6 +1,6 @@
 """Cross-backend parity, proven step by step: the ladder from the forward pass to sampled text.
 
-torch_impl and jax_impl are fed the same weights (`charclip.weights`), the same
+charclip.torch and charclip.jax are fed the same weights (`charclip.weights`), the same
 batches (`charclip.batching`) and the same initial hidden state, and compared
 quantity by quantity, the way llm.c checks its port: first the forward pass,
 then the loss, then every parameter's gradient by name, then the global norm
@@ -428,7 +428,7 @@ def run_parity(
     precision: str = "full",
     dropout: float = 0.0,
 ) -> Report:
-    """Compare torch_impl and jax_impl on one configuration (the ladder 1 to 7; the trajectory with `dropout`)."""
+    """Compare charclip.torch and charclip.jax on one configuration (the ladder 1 to 7; the trajectory with `dropout`)."""
     from charclip import corpus
     from charclip.batching import Position, Streams
     from charclip.vocab import Vocab
@@ -471,7 +471,7 @@ def run_parity(
     probes = [backends.module(b, "probe") for b in BACKENDS]
     with contextlib.ExitStack() as stack:
         # On a GPU, full float32 precision on both sides (no TF32); on the CPU, one torch thread
-        # while the backends alternate step by step (see torch_impl.probe.one_thread).
+        # while the backends alternate step by step (see charclip.torch.probe.one_thread).
         notes = [n for n in (stack.enter_context(p.full_precision(device)) for p in probes) if n]
         for p in probes:
             stack.enter_context(p.one_thread())

@@ -90,7 +90,7 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
 # on +-u: a standard deviation of u * sqrt(n / 3). Two backends round independently (their
 # float32 accumulations and transcendentals differ in the last float32 bits, which flips
 # low-precision roundings), so their difference has sqrt(2) times that. The bound is six
-# of those standard deviations. n is counted from jax_impl.fastrnn's step code, forward and
+# of those standard deviations. n is counted from charclip.jax.fastrnn's step code, forward and
 # backward of one time step: earlier steps' errors shrink through the recurrence (its
 # Jacobian's norm is below 1 at these weights), so they add little to the count.
 UNIT_ROUNDOFF = {

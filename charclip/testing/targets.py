@@ -94,14 +94,14 @@ def _tensorflow() -> dict:
 def _charclip_torch(**options) -> dict:
     import torch
 
-    from torch_impl import clipping
+    from charclip.torch import clipping
 
     torch.set_num_threads(1)
     return dict(fn=functools.partial(clipping.clip_grad_norm_, **options), framework="torch")
 
 
 def _charclip_jax(**options) -> dict:
-    from jax_impl import clipping
+    from charclip.jax import clipping
 
     return dict(
         fn=lambda leaves, tau: clipping.clip_tree_by_global_norm(leaves, tau, **options),
@@ -142,25 +142,25 @@ TARGETS: dict[str, Target] = {
         Target("tensorflow", "`tf.clip_by_global_norm`", _tensorflow, needs="tensorflow"),
         Target(
             "charclip-torch",
-            "`torch_impl.clipping.clip_grad_norm_`",
+            "`charclip.torch.clipping.clip_grad_norm_`",
             _charclip_torch,
             needs="torch",
         ),
         Target(
             "charclip-torch-strict",
-            "`torch_impl.clipping.clip_grad_norm_(..., strict=True)`",
+            "`charclip.torch.clipping.clip_grad_norm_(..., strict=True)`",
             lambda: _charclip_torch(strict=True),
             needs="torch",
         ),
         Target(
             "charclip-jax",
-            "`jax_impl.clipping.clip_tree_by_global_norm`",
+            "`charclip.jax.clipping.clip_tree_by_global_norm`",
             _charclip_jax,
             needs="jax",
         ),
         Target(
             "charclip-jax-strict",
-            "`jax_impl.clipping.clip_tree_by_global_norm(..., strict=True)`",
+            "`charclip.jax.clipping.clip_tree_by_global_norm(..., strict=True)`",
             lambda: _charclip_jax(strict=True),
             needs="jax",
         ),

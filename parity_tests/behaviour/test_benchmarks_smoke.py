@@ -2,8 +2,8 @@
 
 import json
 
-from benchmarks import clip_cost, report
-from benchmarks.training import Case
+from charclip.benchmarks import clip_cost, report
+from charclip.benchmarks.training import Case
 from charclip.config import ModelConfig, TrainConfig
 
 
@@ -38,7 +38,7 @@ def test_exponent_fit_recovers_a_power_law():
 
 def test_step_flops_of_the_default_configuration():
     """The issue's count: 7.1 GFLOP forward, 21.4 per step (LSTM 2x256, E 64, B 64, T 64, V 65)."""
-    from benchmarks.training import step_flops
+    from charclip.benchmarks.training import step_flops
 
     f = step_flops(Case.default(), 65)
     assert round(f["forward"] / 1e9, 1) == 7.1 and round(f["step"] / 1e9, 1) == 21.3, f
@@ -47,7 +47,7 @@ def test_step_flops_of_the_default_configuration():
 
 
 def test_paired_ratio_and_the_verdict_under_load():
-    from benchmarks.harness import paired_ratio, verdict
+    from charclip.benchmarks.harness import paired_ratio, verdict
 
     a, b = {"samples": [2.0, 4.0, 6.0]}, {"samples": [1.0, 1.0, 3.0]}
     assert paired_ratio(a, b) == {
@@ -62,7 +62,7 @@ def test_paired_ratio_and_the_verdict_under_load():
 
 
 def test_quick_and_partial_runs_never_write_the_committed_folder(tmp_path, monkeypatch, capsys):
-    from benchmarks import harness, suite
+    from charclip.benchmarks import harness, suite
 
     monkeypatch.setattr(suite, "RESULTS", tmp_path)
     assert suite.main(["--quick", "--only", "sgemm peak"]) == 0
@@ -75,9 +75,9 @@ def test_quick_and_partial_runs_never_write_the_committed_folder(tmp_path, monke
 
 
 def test_precision_benchmark_writes_six_comparable_runs(tmp_path):
-    """benchmarks.precision on a tiny model: six trainers, each with a validation loss, a
+    """charclip.benchmarks.precision on a tiny model: six trainers, each with a validation loss, a
     positive median step time and a paired time ratio (exactly 1 for float32 against itself)."""
-    from benchmarks import precision
+    from charclip.benchmarks import precision
 
     out = tmp_path / "p.json"
     assert precision.main(["--steps", "12", "--tiny", "--out", str(out), "--no-progress"]) == 0

@@ -1,5 +1,5 @@
 """The cell is described once (`charclip.config`'s cell table), an unknown cell is an error in
-every backend, and importing `jax_impl` changes no JAX setting."""
+every backend, and importing `charclip.jax` changes no JAX setting."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch
 
 from charclip.config import CELLS, ModelConfig
 from charclip.errors import CharclipError
-from jax_impl import fastrnn
-from jax_impl import model as M
-from torch_impl import model as TM
+from charclip.jax import fastrnn
+from charclip.jax import model as M
+from charclip.torch import model as TM
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -58,22 +58,22 @@ def test_an_unknown_cell_is_an_error_in_every_backend():
 
 
 def test_importing_jax_impl_changes_no_jax_setting():
-    """In a fresh process (the suite itself switches 64-bit mode on), importing every jax_impl
+    """In a fresh process (the suite itself switches 64-bit mode on), importing every charclip.jax
     module leaves jax_enable_x64 as it was; an entry point asked for float64 then switches it on."""
     code = """
 import jax
 before = jax.config.jax_enable_x64
-import jax_impl, jax_impl.clipping, jax_impl.distributed, jax_impl.explode, jax_impl.fastrnn
-import jax_impl.model, jax_impl.probe, jax_impl.sample, jax_impl.train
+import charclip.jax, charclip.jax.clipping, charclip.jax.distributed, charclip.jax.explode, charclip.jax.fastrnn
+import charclip.jax.model, charclip.jax.probe, charclip.jax.sample, charclip.jax.train
 after_import = jax.config.jax_enable_x64
 # The paper's one-unit network promises float64 too (it once ran in float32 here: only the
 # char-RNN entry points switched 64-bit mode on).
-E, _, _ = jax_impl.explode.one_unit_loss_grad(6.0, -2.5, x0=0.5, steps=5, target=0.7)
+E, _, _ = charclip.jax.explode.one_unit_loss_grad(6.0, -2.5, x0=0.5, steps=5, target=0.7)
 paper = E.dtype
 jax.config.update("jax_enable_x64", False)
 from charclip.config import ModelConfig
 cfg = ModelConfig(vocab_size=3, cell="rnn", hidden_size=2, num_layers=1, embedding_dim=2)
-params = jax_impl.model.init(cfg, 0, "float64")
+params = charclip.jax.model.init(cfg, 0, "float64")
 print(before, after_import, paper, jax.config.jax_enable_x64, params["head.weight"].dtype)
 """
     env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}

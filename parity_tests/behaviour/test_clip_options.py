@@ -122,10 +122,10 @@ def test_the_trainers_clip_by_the_chosen_formula(convention, monkeypatch):
     of g, optax's 1 / 10: other bits. JAX: the chain is built with the chosen convention."""
     import torch
 
-    from jax_impl import clipping as jclip
-    from jax_impl.train import optimizer
-    from torch_impl import clipping as tclip
-    from torch_impl.train import Trainer
+    from charclip.jax import clipping as jclip
+    from charclip.jax.train import optimizer
+    from charclip.torch import clipping as tclip
+    from charclip.torch.train import Trainer
 
     clip = ClipConfig(max_norm=1.0, impl="charclip", convention=convention)
     cfg = TrainConfig(dtype="float64", clip=clip)
@@ -162,13 +162,13 @@ def test_the_trainers_clip_by_the_chosen_formula(convention, monkeypatch):
 @pytest.mark.parametrize("impl", ["library", "charclip"])
 def test_the_torch_trainer_reports_the_chosen_implementations_norm_under_value_clipping(impl):
     """Value clipping still logs the pre-clip norm. With charclip's implementation it is the
-    overflow-safe one, as JAX's trainer reports it (jax_impl.train.gradient_norm): float64
+    overflow-safe one, as JAX's trainer reports it (charclip.jax.train.gradient_norm): float64
     entries of 1e200 square to inf in torch's norm, not in ours."""
     import math
 
     import torch
 
-    from torch_impl.train import Trainer
+    from charclip.torch.train import Trainer
 
     clip = ClipConfig(mode="value", max_value=1.0, impl=impl)
     cfg = TrainConfig(dtype="float64", clip=clip)

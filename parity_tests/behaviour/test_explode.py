@@ -17,9 +17,9 @@ import pytest
 
 from charclip.cli import main
 from charclip.config import ModelConfig
+from charclip.jax import explode as jax_explode
+from charclip.torch import explode as torch_explode
 from charclip.weights import init_params, scale_spectral_radius
-from jax_impl import explode as jax_explode
-from torch_impl import explode as torch_explode
 
 BACKENDS = {"torch": torch_explode, "jax": jax_explode}
 

@@ -663,7 +663,7 @@ def test_resume_finishes_a_closing_phase_that_failed(
 
 @pytest.fixture
 def no_work(monkeypatch):
-    import benchmarks.suite
+    import charclip.benchmarks.suite
     import charclip.explode.command
     import charclip.parity.command
 
@@ -672,7 +672,7 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(charclip.explode.command, "run_all", fail)
     monkeypatch.setattr(charclip.parity.command, "run_parity", fail)
-    monkeypatch.setattr(benchmarks.suite, "_tasks", fail)
+    monkeypatch.setattr(charclip.benchmarks.suite, "_tasks", fail)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@ so the GPU run cannot fail on a typo; its parity rows and gradient check must ho
 
 import json
 
-from benchmarks import gpu
+from charclip.benchmarks import gpu
 
 
 def test_the_gpu_check_runs_on_the_cpu_and_writes_its_results(tmp_path):
@@ -32,4 +32,4 @@ def test_without_a_gpu_the_gpu_check_is_a_one_line_error(capsys):
         return  # the message is for machines without one
     assert gpu.main([]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("benchmarks.gpu: error: ") and err.count("\n") == 1, err
+    assert err.startswith("charclip.benchmarks.gpu: error: ") and err.count("\n") == 1, err

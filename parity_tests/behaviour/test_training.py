@@ -12,11 +12,11 @@ import torch
 from charclip import backends, checkpoint, cli, run
 from charclip.batching import Position, Streams
 from charclip.config import ModelConfig, RunOptions
+from charclip.jax import train as jax_train
 from charclip.metrics import read_metrics
+from charclip.torch import model as torch_model
 from charclip.weights import init_params
-from jax_impl import train as jax_train
 from parity_tests.helpers import small_corpus, tiny_model, tiny_train, train_cli
-from torch_impl import model as torch_model
 
 
 def test_initial_distributions_match_pytorch_defaults():

@@ -94,8 +94,8 @@ def test_clipping_each_micro_batch_instead_bends_the_gradient():
     trainer = backends.trainer_factory("torch")(
         MODEL, cfg, init_params(MODEL, 0, "float64"), hidden=_hidden()
     )
-    from torch_impl import model as M
-    from torch_impl.train import _micro_batches
+    from charclip.torch import model as M
+    from charclip.torch.train import _micro_batches
 
     x, y = _batch()
     acc = {n: torch.zeros_like(p) for n, p in trainer.module.named_parameters()}
@@ -134,7 +134,7 @@ def _multisteps_params(params, accumulator_dtype):
     import jax.numpy as jnp
     import optax
 
-    from jax_impl import train as JT
+    from charclip.jax import train as JT
 
     tx = optax.MultiSteps(
         optax.chain(optax.clip_by_global_norm(1e-3), optax.adam(TrainConfig().lr)),
@@ -350,7 +350,7 @@ def test_resume_continues_the_schedule_bit_for_bit(tmp_path, backend):
 
 def test_accumulation_over_processes_must_split_evenly():
     """Each of N ranks takes batch/N streams, cut into K micro-batches: batch must be a multiple of N*K."""
-    from torch_impl.distributed import launch_training
+    from charclip.torch.distributed import launch_training
 
     with pytest.raises(CharclipError, match="use a multiple of 4"):
         launch_training(

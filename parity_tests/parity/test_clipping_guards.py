@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from charclip.jax import clipping as jclip
 from charclip.testing import exact_norm, norm_at_most
 from charclip.testing.strategies import INFO, from_torch, np_dtype, to_torch
-from jax_impl import clipping as jclip
-from torch_impl import clipping as tclip
+from charclip.torch import clipping as tclip
 
 torch.set_num_threads(1)  # on 2 cores, 2 intra-op threads make each tiny op ~1000x slower
 

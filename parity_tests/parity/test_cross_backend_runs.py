@@ -10,11 +10,11 @@ import pytest
 
 from charclip import checkpoint, cli, run
 from charclip.config import ModelConfig
+from charclip.jax import model as jax_model
 from charclip.parity import TOLERANCES, errors, library_gap
+from charclip.torch import model as torch_model
 from charclip.weights import init_params, param_shapes
-from jax_impl import model as jax_model
 from parity_tests.helpers import small_corpus, train_cli
-from torch_impl import model as torch_model
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])

@@ -3,11 +3,11 @@
 The multi-device runs happen in one subprocess per test module, started with four
 virtual CPU devices (`jax_num_cpu_devices` must be set before JAX's backend starts,
 and this pytest process has one device); 2-device meshes use the first two. The
-single-device runs are computed here with `jax_impl.train.Trainer`.
+single-device runs are computed here with `charclip.jax.train.Trainer`.
 
 Compared directly, step by step: the global norm the step logs, and the clipped
 gradient. For the compiler-sharded layouts the clipped gradient is the clipping
-function (optax's, or the reference `jax_impl.clipping`) applied to the sharded
+function (optax's, or the reference `charclip.jax.clipping`) applied to the sharded
 gradient under `jit` with the layout's shardings: the question is whether they give
 the global answer on sharded arrays. For `shard_map` it is the module's own
 `make_clipped_gradient`, the explicit psum. After the last step: the parameters,
@@ -42,10 +42,10 @@ import optax
 
 from charclip import dropout
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
+from charclip.jax import clipping
+from charclip.jax import model as M
+from charclip.jax.train import Trainer
 from charclip.weights import init_params
-from jax_impl import clipping
-from jax_impl import model as M
-from jax_impl.train import Trainer
 
 WORLDS = (2, 4)
 STEPS = 3
@@ -159,7 +159,7 @@ def _wrong_norms():
 def _run_case(case) -> dict:
     from jax.sharding import PartitionSpec as P
 
-    from jax_impl import distributed as D
+    from charclip.jax import distributed as D
 
     world, layout, dtype, tau, impl, variant = case
     cfg = _config(dtype, tau, impl, variant)

@@ -1,8 +1,8 @@
 """DDP and FSDP2 on 2 and 4 processes equal one process on the same global batch.
 
-One process group per world size runs every case (`torch_impl.distributed.launch`,
+One process group per world size runs every case (`charclip.torch.distributed.launch`,
 gloo on the CPU); the single-process runs are computed here with
-`torch_impl.train.Trainer`. Compared directly, step by step: the global norm and the
+`charclip.torch.train.Trainer`. Compared directly, step by step: the global norm and the
 clipped gradient (read by an optimizer pre-step hook, after clipping, before Adam);
 after the last step, the parameters, Adam's moments and the carried hidden state.
 Adam is nearly scale-invariant, so the parameters alone would hide a wrong norm.
@@ -26,9 +26,9 @@ import torch
 
 from charclip import checkpoint, dropout
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
+from charclip.torch import distributed as D
+from charclip.torch.train import Trainer
 from charclip.weights import init_params
-from torch_impl import distributed as D
-from torch_impl.train import Trainer
 
 WORLDS = (2, 4)
 STEPS = 3

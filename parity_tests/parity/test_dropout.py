@@ -126,7 +126,7 @@ def test_torch_layer_by_layer_with_ones_equals_the_one_multi_layer_call(cell):
     """With masks, torch runs layer k alone (same weights); masks of ones must give nn.LSTM's own
     result. Measured bit-identical on the CPU (ATen loops over the layers with the same kernel), so
     exactly equal is asserted: any difference means the layers are wired differently."""
-    from torch_impl import model as M
+    from charclip.torch import model as M
 
     cfg = _model(cell, layers=3)
     module = M.build(cfg, init_params(cfg, 0, "float64"))
@@ -157,13 +157,13 @@ def test_torch_layer_by_layer_with_ones_equals_the_one_multi_layer_call(cell):
 def _gradients_and_carried(backend, model, params, x, y, masks):
     """d(loss)/d(params) and the final state of one forward pass from zeros, through the model itself."""
     if backend == "torch":
-        from torch_impl import model as M
+        from charclip.torch import model as M
 
         module = M.build(model, params)
         loss, final = M.loss(module, x, y, None, masks)
         loss.backward()
         return {n: p.grad.numpy() for n, p in module.named_parameters()}, M.hidden_to_numpy(final)
-    from jax_impl import model as M
+    from charclip.jax import model as M
 
     (_, final), grads = _jax_grad(model)(
         M.init(model, 0, "float64"), x, y, M.zero_state(model, B, np.float64), masks
@@ -176,7 +176,7 @@ def _jax_grad(model):
     """The gradient of the fast layer's loss (the JAX Trainer's default), jitted once: the masks are traced."""
     import jax
 
-    from jax_impl import model as M
+    from charclip.jax import model as M
 
     return jax.jit(
         jax.value_and_grad(

@@ -1,4 +1,4 @@
-"""jax_impl.fastrnn's hand-written backward pass equals autodiff of the `lax.scan` reference.
+"""charclip.jax.fastrnn's hand-written backward pass equals autodiff of the `lax.scan` reference.
 
 The fast layer and the reference compute the same function; only the order of the
 sums differs (the weight gradients as one sum over T*B rows instead of T per-step
@@ -25,10 +25,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from charclip.config import ModelConfig, TrainConfig
+from charclip.jax import fastrnn
+from charclip.jax import model as M
+from charclip.jax import train as T
 from charclip.weights import init_params, scale_spectral_radius
-from jax_impl import fastrnn
-from jax_impl import model as M
-from jax_impl import train as T
 
 F64_REL = 1e-12  # see the module docstring
 

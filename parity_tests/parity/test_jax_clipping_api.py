@@ -1,4 +1,4 @@
-"""`jax_impl.clipping` as a drop-in for optax's clipping: the API optax users rely on.
+"""`charclip.jax.clipping` as a drop-in for optax's clipping: the API optax users rely on.
 
 Each test uses ours where optax's code would use optax's, and compares with optax run
 the same way: stateless transforms, `inject_hyperparams` with a schedule, a traced
@@ -21,11 +21,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from charclip.config import ClipConfig, ModelConfig, TrainConfig
+from charclip.jax import clipping
+from charclip.jax import model as M
+from charclip.jax import train as T
 from charclip.testing.oracle import sum_of_squares
 from charclip.weights import init_params
-from jax_impl import clipping
-from jax_impl import model as M
-from jax_impl import train as T
 from parity_tests.strategies import finfo, gradient_trees, leaves, np_dtype, thresholds
 
 HIGH = ("float32", "float64")
@@ -196,7 +196,7 @@ def test_bfloat16_updates_with_a_float32_threshold():
 
 
 def test_norm_type_below_one_is_refused_by_optax_and_follows_torch_here():
-    """optax.tree.norm knows 1, 2 and inf; ours takes the orders torch_impl takes (one check,
+    """optax.tree.norm knows 1, 2 and inf; ours takes the orders charclip.torch takes (one check,
     charclip.clipspec.check_norm_type): 0 < p < 1 clips, p = 0 counts non-zero entries."""
     grads = _grads(1.0)
     for bad in (0, 0.5):

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from charclip.explode.paper import temporal_order_batch, temporal_order_init
-from jax_impl import explode as jax_explode
-from torch_impl import explode as torch_explode
+from charclip.jax import explode as jax_explode
+from charclip.torch import explode as torch_explode
 
 BACKENDS = {"torch": torch_explode, "jax": jax_explode}
 KW = {"x0": 0.5, "steps": 50, "target": 0.7}

@@ -1,4 +1,4 @@
-"""Issue 4: torch_impl and jax_impl compute the same thing, quantity by quantity.
+"""Issue 4: charclip.torch and charclip.jax compute the same thing, quantity by quantity.
 
 For every cell, 1 and 2 layers, float64 and float32: forward pass, loss, every
 gradient by name, global norm, norm- and value-clipped gradients, one Adam
@@ -95,8 +95,8 @@ def test_a_wrong_gate_order_is_caught_in_the_forward_pass(monkeypatch):
     the fast layer (the Trainer's: final state and loss): the first rungs of the ladder fail."""
     import jax.numpy as jnp
 
-    from jax_impl import fastrnn
-    from jax_impl import model as jax_model
+    from charclip.jax import fastrnn
+    from charclip.jax import model as jax_model
 
     def swap(xw_t):
         r, z, n = jnp.split(xw_t, 3, axis=-1)

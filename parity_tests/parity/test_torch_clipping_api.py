@@ -1,4 +1,4 @@
-"""torch_impl.clipping is a drop-in for torch.nn.utils' clipping functions.
+"""charclip.torch.clipping is a drop-in for torch.nn.utils' clipping functions.
 
 What is checked against torch itself: the signatures, the return values (dtype and
 device of the norm too), the empty-generator warning, the error types, foreach on and
@@ -22,6 +22,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from charclip.testing.oracle import sum_of_squares
+from charclip.torch import clip_safeguards
+from charclip.torch import clipping as ours
 from parity_tests.strategies import (
     FLOAT_DTYPES,
     exact_norm,
@@ -32,8 +34,6 @@ from parity_tests.strategies import (
     thresholds,
     to_torch,
 )
-from torch_impl import clip_safeguards
-from torch_impl import clipping as ours
 
 torch.set_num_threads(1)  # on 2 cores, 2 intra-op threads make each tiny op ~1000x slower
 

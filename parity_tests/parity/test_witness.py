@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from charclip import witness
 from charclip.config import ModelConfig
+from charclip.jax import model as jax_model
+from charclip.torch import model as torch_model
 from charclip.weights import init_params
-from jax_impl import model as jax_model
-from torch_impl import model as torch_model
 
 # float64 everywhere: a handful of matmuls over T steps round to ~1e-15 relative.
 RTOL = 1e-10  # float64 single-step agreement, as in the parity ladder

@@ -13,8 +13,8 @@ import optax
 import pytest
 import torch
 
-from jax_impl import clipping as jclip
-from torch_impl import clipping as tclip
+from charclip.jax import clipping as jclip
+from charclip.torch import clipping as tclip
 
 torch.set_num_threads(1)  # on 2 cores, 2 intra-op threads make each tiny op ~1000x slower
 
@@ -171,7 +171,7 @@ def test_quasi_norms_below_one_are_accepted_alike():
     got_torch = float(tclip.get_total_norm([grad], 0.5))
     got_jax = float(jclip.global_norm([jnp.asarray(values)], 0.5))
     # 4 roots (2 u each) summed (3 u), squared (doubling that: 10 u, then 2 u): 12 u; 16 u allowed
-    for name, got in (("torch_impl", got_torch), ("jax_impl", got_jax)):
+    for name, got in (("charclip.torch", got_torch), ("charclip.jax", got_jax)):
         np.testing.assert_allclose(
             got, expected, rtol=16 * 2.0**-53, err_msg=f"{name}: 0.5-quasi-norm"
         )
@@ -179,7 +179,10 @@ def test_quasi_norms_below_one_are_accepted_alike():
     param = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     param.grad = grad.clone()
     tclip.clip_grad_norm_([param], 1.0, norm_type=0.5)
-    for name, result in (("torch_impl", param.grad.numpy()), ("jax_impl", np.asarray(clipped[0]))):
+    for name, result in (
+        ("charclip.torch", param.grad.numpy()),
+        ("charclip.jax", np.asarray(clipped[0])),
+    ):
         after = float(np.sum(np.sqrt(np.abs(result))) ** 2)
         # scaled by 1 / 10.6 (optax) or 1 / (10.6 + 1e-6) (torch): 1 within a few ulps
         assert after <= 1.0 + 16 * 2.0**-53, f"{name}: clipped 0.5-quasi-norm {after!r} above 1"

@@ -77,12 +77,12 @@ def test_clipping_before_unscaling_clips_the_scaled_gradient(scale):
 @pytest.mark.parametrize("scale", [2.0**8, 2.0**16])
 def test_in_jax_too_clipping_before_unscaling_clips_the_scaled_gradient(scale):
     """The same mistake spelled with optax: clip_by_global_norm chained before the unscaling
-    (what charclip's JAX step does the other way round: jax_impl.train.unscale, then the chain)."""
+    (what charclip's JAX step does the other way round: charclip.jax.train.unscale, then the chain)."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    from jax_impl.train import unscale
+    from charclip.jax.train import unscale
 
     tau = 1.0
     rng = np.random.default_rng(0)

@@ -23,7 +23,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from charclip.clipspec import TORCH_EPS
-from jax_impl import clipping as jclip
+from charclip.jax import clipping as jclip
+from charclip.torch import clipping as tclip
 from parity_tests.strategies import (
     FLOAT_DTYPES,
     LOW_PRECISION,
@@ -37,7 +38,6 @@ from parity_tests.strategies import (
     thresholds,
     to_torch,
 )
-from torch_impl import clipping as tclip
 
 torch.set_num_threads(1)  # on 2 cores, 2 intra-op threads make each tiny op ~1000x slower
 
