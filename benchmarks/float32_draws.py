@@ -6,7 +6,8 @@ radius drawn as that test draws them), takes one unclipped training step in torc
 JAX in float32 and in float64, and counts the draws whose float32 gradients differ between
 the backends by more than the ladder's bound (each gradient relative to its largest entry).
 For each such draw it prints how far each backend's float32 gradient is from the float64
-one, which says whose rounding the difference is. The same --seed examines the same draws
+one, which says whose rounding the difference is, and the draw's derived bound (the
+largest over the parameters; the ladder compares each parameter with its own). The same --seed examines the same draws
 on any version of the code; docs/fast-layer.md quotes a run.
 """
 
@@ -26,10 +27,9 @@ def draw(rng):
     )
 
 
-def gradients(vocab: int, embed: int, rho: float, seed: int) -> dict[str, dict[str, np.ndarray]]:
-    """One unclipped step's gradients: "torch" and "jax" in float32, "float64" (torch's)."""
-    from charclip import backends
-    from charclip.config import ClipConfig, ModelConfig, TrainConfig
+def model(vocab: int, embed: int, rho: float, seed: int):
+    """(config, float32 weights, x, y, initial state) of one draw, as the test's setups() make it."""
+    from charclip.config import ModelConfig
     from charclip.weights import init_params, scale_spectral_radius
 
     cfg = ModelConfig(
@@ -41,6 +41,24 @@ def gradients(vocab: int, embed: int, rho: float, seed: int) -> dict[str, dict[s
     rng = np.random.default_rng(seed)  # x, y and the initial state as the test's setups() draw them
     x, y = rng.integers(0, vocab, (1, 1)), rng.integers(0, vocab, (1, 1))
     h = np.tanh(np.random.default_rng([seed, 1]).standard_normal((2, 1, 1)))
+    return cfg, params, x, y, h
+
+
+def derived_bounds(vocab: int, embed: int, rho: float, seed: int) -> dict[str, float]:
+    """The ladder's derived gradient bounds of the draw, by parameter (at least the table's)."""
+    from charclip.parity.tolerances import TOLERANCES, at_least, draw_bounds
+
+    _, params, x, y, h = model(vocab, embed, rho, seed)
+    b = draw_bounds(params, x, y, h.astype("float32"), "float32")
+    return {k: at_least(TOLERANCES["float32"]["grad"], v).rel for k, v in b.grad.items()}
+
+
+def gradients(vocab: int, embed: int, rho: float, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """One unclipped step's gradients: "torch" and "jax" in float32, "float64" (torch's)."""
+    from charclip import backends
+    from charclip.config import ClipConfig, TrainConfig
+
+    cfg, params, x, y, h = model(vocab, embed, rho, seed)
     out = {}
     for name, backend, dtype in (
         ("torch", "torch", "float32"),
@@ -73,7 +91,7 @@ def worst(a: dict, b: dict) -> tuple[float, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from charclip.parity.tolerances import TOLERANCES
+    from charclip.parity.tolerances import TOLERANCES, errors
 
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.float32_draws", description=__doc__.split("\n\n")[0]
@@ -98,18 +116,27 @@ def main(argv: list[str] | None = None) -> int:
         g = gradients(*d)
         gap = worst(g["torch"], g["jax"])
         if gap[0] > bound:
-            failing.append((d, gap, worst(g["float64"], g["torch"]), worst(g["float64"], g["jax"])))
+            t, j = worst(g["float64"], g["torch"]), worst(g["float64"], g["jax"])
+            bounds = derived_bounds(*d)
+            beyond = [k for k in bounds if errors(g["torch"][k], g["jax"][k])[1] > bounds[k]]
+            failing.append((d, gap, t, j, bounds[gap[1]], beyond))
     what = f"{len(chosen)} chosen draws" if chosen else f"{args.draws} draws (seed {args.seed})"
     print(
         f"{what}: {len(failing)} differ between torch and JAX by more than "
         f"the float32 gradient bound {bound:g}\n"
     )
-    print("| vocab | embed | rho | seed | torch vs JAX | torch vs float64 | JAX vs float64 |")
-    print("|---|---|---|---|---|---|---|")
-    for (v, e, rho, seed), gap, t, j in failing:
+    print(
+        "| vocab | embed | rho | seed | torch vs JAX | torch vs float64 | JAX vs float64 "
+        "| its derived bound |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for (v, e, rho, seed), gap, t, j, b, _ in failing:
         print(
-            f"| {v} | {e} | {rho:g} | {seed} | {gap[0]:.2e} ({gap[1]}) | {t[0]:.2e} | {j[0]:.2e} |"
+            f"| {v} | {e} | {rho:g} | {seed} | {gap[0]:.2e} ({gap[1]}) | {t[0]:.2e} | {j[0]:.2e} "
+            f"| {b:.2e} |"
         )
+    beyond = sum(bool(f[-1]) for f in failing)
+    print(f"\n{beyond} of them beyond a parameter's derived bound (charclip.parity.step_bounds)")
     return 0
 
 

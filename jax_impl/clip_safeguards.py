@@ -284,6 +284,26 @@ def _strict_margin(n: int, p: float) -> float:
     return (n + (8 if p in (1, 2) else 64)) * _F64_UNIT
 
 
+def _times_ratio(wide, num, den, scale, shrink: float) -> jax.Array:
+    """wide * scale * (num / den) * shrink in float64, rounded once where the result is normal.
+
+    The huge-norm path: scale (a power of two) brings a norm near float64's largest to ~1.
+    Multiplied first, it sent an ordinary entry (0.33 * 2**-1022) below the smallest normal,
+    where XLA on the CPU flushes it to zero, though the clipped entry (7e-308) is normal.
+    Instead num / den * scale = m * 2**e with m = (num's mantissa / den's) * scale's (1/2),
+    in (1/4, 1): wide * m rounds once and cannot overflow; 2**e is two exact multiplies by
+    normal powers of two of the same sign, so no step passes below the final magnitude.
+    """
+    m_num, e_num = jnp.frexp(num)
+    m_den, e_den = jnp.frexp(den)
+    m_scale, e_scale = jnp.frexp(scale)
+    e = e_num - e_den + e_scale
+    half = e // 2
+    one = jnp.ones((), jnp.float64)
+    rounded = wide * (m_num / m_den * m_scale * shrink)
+    return (rounded * jnp.ldexp(one, half)) * jnp.ldexp(one, e - half)
+
+
 def _float32_factors(factor: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(b, a1, a2), float32, with leaf * b * a1 * a2 never above leaf * factor (float64, in [0, 1]).
 
@@ -340,7 +360,9 @@ def _strict_leaves(leaves, tau, p, convention):
         else:
             wide = leaf.astype(jnp.float64)
             clipped = jnp.where(
-                huge, (wide * scale) * (top.tau / top.divisor * shrink), wide * (factor * shrink)
+                huge,
+                _times_ratio(wide, top.tau, top.divisor, scale, shrink),
+                wide * (factor * shrink),
             )
         out.append(jnp.where(keep, leaf, clipped.astype(leaf.dtype)))
     return out, norm.astype(norm_dtype(leaves))

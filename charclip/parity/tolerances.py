@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from charclip import witness  # the float64 reference with the hand-written backward
 from charclip.clipspec import TORCH_EPS  # torch scales by tau / (norm + 1e-6); optax by tau / norm
 
 
@@ -185,6 +186,56 @@ def compare_group(quantity: str, a: dict, b: dict, tol: Tolerance) -> Row:
     errs = [errors(a[k], b[k]) for k in a]
     max_abs, max_rel = max(e[0] for e in errs), max(e[1] for e in errs)
     return Row(quantity, max_abs, max_rel, tol.rel, tol.reason, bool(max_rel <= tol.rel))
+
+
+# Unit roundoff of the full-precision dtypes, for the bounds derived per draw below.
+DTYPE_UNIT_ROUNDOFF = {"float32": 2.0**-24, "float64": 2.0**-53}
+
+
+@dataclass(frozen=True)
+class DrawBounds:
+    """Relative rounding bounds of one vanilla-RNN draw's gradients, torch against JAX.
+
+    From `charclip.witness.rounding_bound`, a first-order error bound e per gradient entry
+    worked out from the draw's float64 values; each backend is within it, so their
+    difference is within 2 e. Relative as the ladder measures: max e / max |g| per
+    parameter, and 2 ||e|| / ||g|| for the global norm (||g_a|| - ||g_b|| <= ||g_a - g_b||).
+    """
+
+    grad: dict[str, float]
+    norm: float
+
+    @property
+    def worst(self) -> float:
+        return max(self.grad.values(), default=0.0)
+
+
+def draw_bounds(params, x, y, h0, dtype: str) -> DrawBounds:
+    u = DTYPE_UNIT_ROUNDOFF[dtype]
+    _, g, _ = witness.loss_and_grads(params, x, y, h0)
+    e = witness.rounding_bound(params, x, y, h0, u)
+    rel = {k: _ratio(2 * float(np.max(e[k])), float(np.max(np.abs(g[k])))) for k in g}
+    norm = _ratio(
+        2 * math.sqrt(sum(float(np.sum(v**2)) for v in e.values())),
+        math.sqrt(sum(float(np.sum(v**2)) for v in g.values())),
+    )
+    return DrawBounds(rel, norm)
+
+
+def _ratio(error: float, scale: float) -> float:
+    return error / scale if scale > 0 else 0.0
+
+
+def at_least(tol: Tolerance, derived: float) -> Tolerance:
+    """`tol`, or the draw's derived bound where that is larger (a draw that amplifies rounding:
+    cancellation, or torch's tanh' near saturation; see docs/divergences.md)."""
+    if derived <= tol.rel:
+        return tol
+    return Tolerance(
+        derived,
+        f"{tol.reason}; this draw amplifies rounding: its first-order bound is {derived:.1e}"
+        " (charclip.witness.rounding_bound)",
+    )
 
 
 def library_gap(clip_impl: str, max_norm: float) -> float:

@@ -374,11 +374,17 @@ def _exact_square_norm(arrays) -> Fraction:
     return sum_of_squares(arrays)  # the conformance kit's exact oracle
 
 
-def _sqrt_of_ratio(a: Fraction, b: Fraction) -> float:
-    """sqrt(a / b) as a float, correct to an ulp even where a / b itself under- or overflows."""
+def _times_sqrt_of_ratio(x: np.ndarray, a: Fraction, b: Fraction) -> np.ndarray:
+    """x * sqrt(a / b) in float64, within 2 u of exact wherever the result is normal.
+
+    sqrt(a / b) itself can be below float64's smallest normal (tau = 0.01 over a norm of
+    3.8e306: 2.6e-309, a subnormal keeping 44 of 53 bits), so it is kept as s * 2**-k with s
+    in [1/2, 2): x * (s / 2) rounds once (and cannot overflow), the power of two is exact.
+    """
     r = a / b
     k = (r.denominator.bit_length() - r.numerator.bit_length()) // 2  # r * 4**k is near 1
-    return math.ldexp(math.sqrt(float(r * Fraction(4) ** k)), -k)
+    s = math.sqrt(float(r * Fraction(4) ** k))
+    return np.ldexp(np.asarray(x, np.float64) * (s / 2), 1 - k)
 
 
 strict_jit = jax.jit(
@@ -411,6 +417,17 @@ strict_jit = jax.jit(
     convention="optax",
     jitted=False,
 )
+@example(  # the clipped direction's factor, 2.6e-309, is subnormal: the oracle's a * c lost bits
+    tree={"w": np.array([3.79e306, 37.5])}, tau=0.01, convention="optax", jitted=False
+)
+@example(  # the thorough profile's draw, reduced: scaled by 2**-1023 first, -0.33 was flushed
+    tree={
+        "w": np.array([-0.333, 2.793e307, 2.534e307, 2.321e307, 6.805e306, -6.769e306, -4.303e306])
+    },
+    tau=10.0,
+    convention="optax",
+    jitted=False,
+)
 def test_strict_bound_holds_exactly(tree, tau, convention, jitted):
     arrays = leaves(tree)
     jtree = jax.tree.map(jnp.asarray, tree)
@@ -432,12 +449,11 @@ def test_strict_bound_holds_exactly(tree, tau, convention, jitted):
     # Direction: clipped = c * g, each entry rounded once (float16/bfloat16: toward zero, then
     # possibly once more by the exact check's rescale): 2 eps relative; entries XLA flushes to
     # zero (below the smallest normal of the dtype it computes in) are the absolute part.
-    c = _sqrt_of_ratio(after, before)
     for a, x in zip(arrays, out):
         name = "bfloat16" if a.dtype == np_dtype("bfloat16") else str(a.dtype)
         np.testing.assert_allclose(
             np.asarray(x, np.float64),
-            np.asarray(a, np.float64) * c,
+            _times_sqrt_of_ratio(a, after, before),
             rtol=2 * float(finfo(name).eps),
             atol=2 * float(finfo("float64" if name == "float64" else "float32").smallest_normal)
             + (float(finfo(name).smallest_normal) if name == "float16" else 0.0),

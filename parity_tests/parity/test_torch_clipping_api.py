@@ -387,6 +387,15 @@ def _exact_norm_at_most(arrays, tau: float, p: float) -> tuple[bool, float]:
 )  # optax: an ulp above
 @example(tree=[np.full(1000, 0.5, np.float32)], tau=1.0, p=2.0, convention="optax")
 @example(tree=[np.full(4, 3e38, np.float32)], tau=1e-3, p=2.0, convention="torch")
+@example(  # JAX's mirrored draw: tau / norm = 2.6e-309 is subnormal (the wide path scales first)
+    tree=[np.array([3.79e306, 37.5])], tau=0.01, p=2.0, convention="optax"
+)
+@example(  # JAX's mirrored draw: scaled by 2**-1023 first, XLA flushed -0.333 (torch keeps it)
+    tree=[np.array([-0.333, 2.793e307, 2.534e307, 2.321e307, 6.805e306, -6.769e306, -4.303e306])],
+    tau=10.0,
+    p=2.0,
+    convention="optax",
+)
 def test_strict_clipped_norm_is_at_most_tau_exactly(tree, tau, p, convention):
     arrays = leaves(tree)
     params = params_of(arrays)
