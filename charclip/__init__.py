@@ -28,9 +28,11 @@ SOURCE_FOLDERS = {
 class _CheckoutFinder:
     """Finds charclip.torch / .jax / .benchmarks in a source checkout, beside this folder.
 
-    Appended to the end of `sys.meta_path`, so an installed wheel (which has
-    `charclip/torch/` etc.) is found first, the usual way; this answers only when
-    nothing else did, and only for those three names."""
+    It answers only for those three names, and only when the folder sits beside the
+    `charclip` package actually imported, so the backends always come from the same
+    checkout as the core (first in `sys.meta_path`: an editable install of another
+    checkout, whose finder maps the same names, must not win). An installed wheel has no
+    such folder beside it, and its `charclip/torch/` is found the usual way."""
 
     @staticmethod
     def find_spec(fullname, path=None, target=None):
@@ -48,4 +50,4 @@ class _CheckoutFinder:
 
 
 if not any(getattr(f, "__name__", "") == "_CheckoutFinder" for f in _sys.meta_path):
-    _sys.meta_path.append(_CheckoutFinder)
+    _sys.meta_path.insert(0, _CheckoutFinder)
