@@ -253,7 +253,20 @@ def _enforce_bound(clipped: list[jax.Array], tau: jax.Array, p: float) -> list[j
     ok, upper = _certainly_within(clipped, wide, tau, p, exact)
     coef = clipping.coefficient(upper, tau, "optax")  # tau / upper where the bound is not certain
     fix = coef.tau / coef.divisor * (1 - 2.0**-24)
-    return [jnp.where(ok, c, _shrink_into(w, fix, c.dtype)) for w, c in zip(wide, clipped)]
+    return [_select(ok, c, _shrink_into(w, fix, c.dtype)) for w, c in zip(wide, clipped)]
+
+
+def _select(pred: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """jnp.where(pred, a, b) for a scalar `pred`, bit for bit in float16/bfloat16 too.
+
+    Under `jit`, XLA on the CPU fused a bfloat16 select with the arithmetic around it and a
+    subnormal of `a` came back as zero though `pred` was true (1.06e-38 with the norm far
+    below tau; an integer select on the bits did the same). A `lax.cond` hands `a` through
+    untouched. Only low-precision leaves take it: a cond copies whole gradients, which
+    costs float32/float64 (whose program keeps the float select)."""
+    if not is_low_precision(a.dtype):
+        return jnp.where(pred, a, b)
+    return lax.cond(pred, lambda: a, lambda: b.astype(a.dtype))
 
 
 def _shrink_into(wide: jax.Array, factor: jax.Array, dtype) -> jax.Array:
@@ -395,7 +408,7 @@ def clip_leaves(leaves, tau, p, convention, strict, measured=None):
         # tau). float32/float64 leaves are not widened and keep their program unchanged.
         keep = clipping.coefficient(norm, tau.astype(acc), convention).keep
         clipped = [
-            jnp.where(keep, leaf, c) if is_low_precision(leaf.dtype) else c
+            _select(keep, leaf, c) if is_low_precision(leaf.dtype) else c
             for c, leaf in zip(clipped, leaves)
         ]
     if strict or low:
