@@ -32,19 +32,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from charclip.clipspec import check_threshold
+from charclip.jax.clipping import _threshold as check_hyperparameter  # traced values pass through
 
 AGC_DIV_EPS = 1e-6  # optax's floor on the gradient's unit norm before dividing
-
-
-def _hyperparameter(name: str, value):
-    """Check a concrete hyperparameter (one-line ValueError); pass a traced one through."""
-    if not isinstance(value, jax.core.Tracer) and np.ndim(value) == 0:
-        check_threshold(name, value)
-    return value
 
 
 def _unit_axes(shape: tuple[int, ...], axis) -> tuple[int, ...] | None:
@@ -94,8 +86,8 @@ def adaptive_grad_clip(
     Returns:
       A stateless `optax.GradientTransformation`; its `update` needs `params`.
     """
-    _hyperparameter("clipping", clipping)
-    _hyperparameter("eps", eps)
+    check_hyperparameter("clipping", clipping)
+    check_hyperparameter("eps", eps)
 
     def update(updates, state, params=None):
         if params is None:
@@ -115,7 +107,7 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> optax.GradientTransfor
     Returns:
       A stateless `optax.GradientTransformation`.
     """
-    _hyperparameter("threshold", threshold)
+    check_hyperparameter("threshold", threshold)
 
     def clip_leaf(u: jax.Array) -> jax.Array:
         ratio = jnp.sqrt(jnp.mean(u * u)) / threshold
@@ -142,7 +134,7 @@ def per_example_global_norm_clip(
       `(clipped_sum, num_clipped)`: the tree of sums over the batch of the clipped
       per-example gradients, and how many examples were scaled down (an int32 array).
     """
-    _hyperparameter("l2_norm_clip", l2_norm_clip)
+    check_hyperparameter("l2_norm_clip", l2_norm_clip)
     leaves = jax.tree.leaves(grads)
     if not leaves or any(jnp.ndim(g) == 0 for g in leaves):
         raise ValueError("per_example_global_norm_clip needs arrays with a batch axis first")
