@@ -256,11 +256,9 @@ def _one_formula(g, tau: float, *norms: float) -> bool:
     clear of each switch's edge, which the fast sum's own rounding could cross."""
     info = INFO[dtype_name(g[0].dtype)]
     size = max(_size(g), 1)
-    floor = max(
-        2.0
-        ** ((math.log2(info.smallest_normal * info.eps) + 56) / 2),  # torch's trust floor (p = 2)
-        math.sqrt(size * info.smallest_normal / info.eps),  # the JAX fast sum's trust floor
-    )
+    torch_floor = 2.0 ** ((math.log2(info.smallest_normal * info.eps) + 56) / 2)  # p = 2
+    jax_floor = math.sqrt(size * info.smallest_normal / info.eps)  # the JAX fast sum's
+    floor = max(torch_floor, jax_floor)
     top = min(math.sqrt(info.max), 2.0 ** (info.maxexp - 2) * min(1.0, tau))
     return all(2 * floor <= n <= top / 2 for n in norms)
 
