@@ -226,7 +226,9 @@ def _ratio(error: float, scale: float) -> float:
     return error / scale if scale > 0 else 0.0
 
 
-def at_least(tol: Tolerance, derived: float) -> Tolerance:
+def at_least(
+    tol: Tolerance, derived: float, source: str = "charclip.witness.rounding_bound"
+) -> Tolerance:
     """`tol`, or the draw's derived bound where that is larger (a draw that amplifies rounding:
     cancellation, or torch's tanh' near saturation; see docs/divergences.md)."""
     if derived <= tol.rel:
@@ -234,8 +236,49 @@ def at_least(tol: Tolerance, derived: float) -> Tolerance:
     return Tolerance(
         derived,
         f"{tol.reason}; this draw amplifies rounding: its first-order bound is {derived:.1e}"
-        " (charclip.witness.rounding_bound)",
+        f" ({source})",
     )
+
+
+HEAD = ("head.weight", "head.bias")
+
+
+def head_cancellation(logits, y, head_weight) -> float:
+    """How much the head's backward amplifies relative rounding error, for any cell.
+
+    dL/dh_j = sum_v W_vj d_v at every position, with d = softmax(z) - onehot(y). Where the
+    terms cancel (two rows of W nearly equal, a confident prediction), the few ulps of error
+    in d become kappa = sum_v |W_vj d_v| / |sum_v W_vj d_v| times more, relative to dL/dh.
+    Returns the largest kappa over positions and hidden units: at least 1, and inf where
+    dL/dh is exactly 0 while its terms are not. A condition number, so the logits of a
+    float32 run give it as well as exact ones would.
+    """
+    z = np.asarray(logits, dtype=np.float64)  # (B, T, V)
+    d = np.exp(z - z.max(axis=-1, keepdims=True))
+    d /= d.sum(axis=-1, keepdims=True)
+    target = np.asarray(y)[..., None]
+    np.put_along_axis(d, target, np.take_along_axis(d, target, axis=-1) - 1.0, axis=-1)
+    w = np.asarray(head_weight, dtype=np.float64)  # (V, H)
+    terms, total = np.abs(d) @ np.abs(w), np.abs(d @ w)  # (B, T, H) each
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kappa = np.where(terms > 0, terms / total, 1.0)
+    return float(max(1.0, np.max(kappa, initial=1.0)))
+
+
+def head_bounds(kappa: float, grads: dict, dtype: str) -> DrawBounds:
+    """Bounds for the cells the witness does not cover (GRU, LSTM), from the head's cancellation.
+
+    d = softmax(z) - onehot(y) carries (V + 3) u from the softmax and u from the subtraction
+    in each backend (the witness's rule for d, with the logits' own error ordinary); the
+    head's sum makes that kappa times more relative to dL/dh, and every gradient below the
+    head is a linear function of dL/dh: 2 kappa (V + 4) u for the two backends, used where it
+    exceeds the table's bound (as the witness's bound is). The head's own gradients do not
+    pass through that sum: the table's bound.
+    """
+    vocab = next(iter(grads["head.bias"].shape))
+    extra = 2 * kappa * (vocab + 4) * DTYPE_UNIT_ROUNDOFF[dtype]
+    rel = {k: 0.0 if k in HEAD else extra for k in grads}
+    return DrawBounds(rel, max(rel.values(), default=0.0))
 
 
 def library_gap(clip_impl: str, max_norm: float) -> float:
@@ -246,6 +289,36 @@ def library_gap(clip_impl: str, max_norm: float) -> float:
     implementations use one convention on both sides: no gap.
     """
     return TORCH_EPS / max_norm if clip_impl == "library" else 0.0
+
+
+def adam_gap(gap: float, clipped: dict, update: dict, adam: dict, train) -> float:
+    """The libraries' clipping gap as it reaches Adam's update (relative, per parameter).
+
+    torch's clipped g is optax's times 1 - delta (delta <= `gap`), the same factor for every
+    entry. To first order that moves m = b1 m0 + (1 - b1) g by (1 - b1) g delta and v by
+    2 (1 - b2) g^2 delta, so an update U = lr m^ / (sqrt(v^) + eps) by at most
+    delta (lr (1 - b1) |g| / (c1 (sqrt(v^) + eps)) + |U| (1 - b2) g^2 / v). Where the warm m0
+    and the new term nearly cancel, that is more than delta |U|: relative to max |U| it can
+    exceed delta, so the gap is scaled by the largest such ratio (never below 1, the factor
+    for an update proportional to g).
+    """
+    if gap == 0:
+        return 0.0
+    b1, b2 = train.beta1, train.beta2
+    step = int(adam["step"]) + 1
+    c1, c2 = 1 - b1**step, 1 - b2**step
+    worst = 1.0
+    for name, g in clipped.items():
+        g = np.asarray(g, dtype=np.float64)
+        v = b2 * np.asarray(adam[f"exp_avg_sq.{name}"], dtype=np.float64) + (1 - b2) * g**2
+        u = np.abs(np.asarray(update[name], dtype=np.float64))
+        through_m = train.lr * (1 - b1) * np.abs(g) / (c1 * (np.sqrt(v / c2) + train.eps))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            through_v = np.where(v > 0, u * (1 - b2) * g**2 / v, 0.0)
+        scale = float(np.max(u, initial=0.0))
+        if scale > 0:
+            worst = max(worst, float(np.max(through_m + through_v)) / scale)
+    return gap * worst
 
 
 def widen(tol: Tolerance, gap: float, what: str = "") -> Tolerance:
