@@ -157,7 +157,7 @@ def compare_quantities(s: StepSetup, t: dict, j: dict, *, derived: bool = False)
     if derived and bounds is None and s.train.precision == "full":
         kappa = head_cancellation(t["logits"], s.y, s.params["head.weight"])
         if s.train.dtype in DTYPE_UNIT_ROUNDOFF:
-            bounds = head_bounds(kappa, t["grad"], s.train.dtype)
+            bounds = head_bounds(kappa, t["logits"], s.y, t["grad"], s.train.dtype)
             source = f"the head's backward cancels: kappa = {kappa:.3g}"
     if bounds is not None:
         # The clipping coefficient tau / norm carries the norm's relative error to every entry.

@@ -243,6 +243,17 @@ def at_least(
 HEAD = ("head.weight", "head.bias")
 
 
+def _head_terms(logits, y) -> tuple[np.ndarray, np.ndarray]:
+    """(p, d) in float64: p = softmax(z), d = p - onehot(y), each (B, T, V)."""
+    z = np.asarray(logits, dtype=np.float64)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    d = p.copy()
+    target = np.asarray(y)[..., None]
+    np.put_along_axis(d, target, np.take_along_axis(d, target, axis=-1) - 1.0, axis=-1)
+    return p, d
+
+
 def head_cancellation(logits, y, head_weight) -> float:
     """How much the head's backward amplifies relative rounding error, for any cell.
 
@@ -253,11 +264,7 @@ def head_cancellation(logits, y, head_weight) -> float:
     dL/dh is exactly 0 while its terms are not. A condition number, so the logits of a
     float32 run give it as well as exact ones would.
     """
-    z = np.asarray(logits, dtype=np.float64)  # (B, T, V)
-    d = np.exp(z - z.max(axis=-1, keepdims=True))
-    d /= d.sum(axis=-1, keepdims=True)
-    target = np.asarray(y)[..., None]
-    np.put_along_axis(d, target, np.take_along_axis(d, target, axis=-1) - 1.0, axis=-1)
+    _, d = _head_terms(logits, y)
     w = np.asarray(head_weight, dtype=np.float64)  # (V, H)
     terms, total = np.abs(d) @ np.abs(w), np.abs(d @ w)  # (B, T, H) each
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -265,20 +272,37 @@ def head_cancellation(logits, y, head_weight) -> float:
     return float(max(1.0, np.max(kappa, initial=1.0)))
 
 
-def head_bounds(kappa: float, grads: dict, dtype: str) -> DrawBounds:
-    """Bounds for the cells the witness does not cover (GRU, LSTM), from the head's cancellation.
+def head_bounds(kappa: float, logits, y, grads: dict, dtype: str) -> DrawBounds:
+    """Bounds for the cells the witness does not cover (GRU, LSTM), from the head's values.
 
-    d = softmax(z) - onehot(y) carries (V + 3) u from the softmax and u from the subtraction
-    in each backend (the witness's rule for d, with the logits' own error ordinary); the
-    head's sum makes that kappa times more relative to dL/dh, and every gradient below the
-    head is a linear function of dL/dh: 2 kappa (V + 4) u for the two backends, used where it
-    exceeds the table's bound (as the witness's bound is). The head's own gradients do not
-    pass through that sum: the table's bound.
+    Each backend's d = softmax(z) - onehot(y) carries p_v (V + 3) u from the softmax and
+    u |d_v| from the subtraction (the witness's rule for d, with the logits' own error
+    ordinary). Below the head: the head's sum makes that kappa times more relative to dL/dh,
+    and every gradient there is linear in dL/dh, so 2 kappa (V + 4) u for the two backends.
+    The head's own gradients sum d_v (times h_j, |h_j| <= 1 in all three cells) over the
+    B T positions, where a confident prediction (p_y near 1) and terms of both signs cancel:
+    e_v = sum (p_v (V + 4) u + 2 u |d_v|) + (B T - 1) u sum |d_v|, relative to the
+    parameter's largest |gradient|, twice. Each is used where it exceeds the table's bound.
     """
-    vocab = next(iter(grads["head.bias"].shape))
-    extra = 2 * kappa * (vocab + 4) * DTYPE_UNIT_ROUNDOFF[dtype]
-    rel = {k: 0.0 if k in HEAD else extra for k in grads}
-    return DrawBounds(rel, max(rel.values(), default=0.0))
+    u = DTYPE_UNIT_ROUNDOFF[dtype]
+    p, d = _head_terms(logits, y)
+    positions, vocab = d.shape[0] * d.shape[1], d.shape[-1]
+    below = 2 * kappa * (vocab + 4) * u
+    per_position = (vocab + 4) * u * p + 2 * u * np.abs(d)
+    e = per_position.sum(axis=(0, 1)) + (positions - 1) * u * np.abs(d).sum(axis=(0, 1))
+    e = e / positions  # the loss is the mean over positions, as the gradients are
+    own = {}
+    for name in HEAD:
+        scale = float(np.max(np.abs(np.asarray(grads[name], dtype=np.float64)), initial=0.0))
+        extra = u if name == "head.weight" else 0.0  # the product d_v h_j, rounded once more
+        own[name] = _ratio(2 * float(np.max(e + extra * np.abs(d).mean(axis=(0, 1)))), scale)
+    rel = {k: own[k] if k in HEAD else below for k in grads}
+    # The global norm moves by at most the norm of the entries' bounds (each rel times its
+    # parameter's largest |gradient|): ||g_a|| - ||g_b|| <= ||g_a - g_b||.
+    g = {k: np.abs(np.asarray(v, dtype=np.float64)) for k, v in grads.items()}
+    errs = sum(v.size * (rel[k] * float(np.max(v, initial=0.0))) ** 2 for k, v in g.items())
+    norm = _ratio(math.sqrt(errs), math.sqrt(sum(float(np.sum(v**2)) for v in g.values())))
+    return DrawBounds(rel, norm)
 
 
 def library_gap(clip_impl: str, max_norm: float) -> float:

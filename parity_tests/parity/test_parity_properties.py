@@ -117,6 +117,21 @@ CANCELLING_GRU_DRAW = dict(
     rho=0.5,
     lr=1e-3,
 )
+# An LSTM draw (float32, B = 1, T = 4) outside 1e-5 in the head's own bias gradient (1.08e-5):
+# sum over positions of p_0 - onehot_0 = -0.752 + 0.249 + 0.249 + 0.249 cancels by 270.
+CANCELLING_BIAS_DRAW = dict(
+    cell="lstm",
+    dtype="float32",
+    vocab=2,
+    hidden=1,
+    layers=1,
+    embed=1,
+    batch=1,
+    seq=4,
+    seed=138,
+    rho=0.5,
+    lr=1e-3,
+)
 
 # A float64 draw the dev profile found with Adam's row outside the libraries' clipping gap
 # (2.5e-6 against 1e-6 / tau = 1.5e-6): the warm first moment and the new gradient term nearly
@@ -144,6 +159,7 @@ ADAM_CANCELLING_DRAW = dict(
 @example(make_setup(**CANCELLING_DRAW))
 @example(make_setup(**CANCELLING_GRU_DRAW))
 @example(make_setup(**ADAM_CANCELLING_DRAW))
+@example(make_setup(**CANCELLING_BIAS_DRAW))
 def test_ladder_holds_on_drawn_models(setup):
     _check(setup)
 
