@@ -345,6 +345,23 @@ def adam_gap(gap: float, clipped: dict, update: dict, adam: dict, train) -> floa
     return gap * worst
 
 
+def update_rounding(params: dict, update: dict, dtype: str) -> float:
+    """How far two correct backends' Adam updates p_new - p may differ from p_new's rounding alone.
+
+    Each backend rounds p_new into the dtype (u |p_new|); p_new - p is then exact (Sterbenz),
+    so the difference carries both roundings, 2 u max|p_new|, relative to the parameter's
+    largest |p_new - p|: large where the update is small against the weight.
+    """
+    u = DTYPE_UNIT_ROUNDOFF.get(dtype, 0.0)
+    worst = 0.0
+    for name, step in update.items():
+        step = np.asarray(step, dtype=np.float64)
+        new = np.asarray(params[name], dtype=np.float64) + step
+        scale = float(np.max(np.abs(step), initial=0.0))
+        worst = max(worst, _ratio(2 * u * float(np.max(np.abs(new), initial=0.0)), scale))
+    return worst
+
+
 def widen(tol: Tolerance, gap: float, what: str = "") -> Tolerance:
     if gap == 0:
         return tol
