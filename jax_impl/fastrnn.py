@@ -14,9 +14,10 @@ does only what must be sequential, as cuDNN does:
         dW_hh = da^T @ h_prev               ((G*H, T*B) x (T*B, H): one large matmul)
         db_hh = sum of da over rows
 
-dW_ih and db_ih are one matmul too, in the backward pass of `project`, the input
-projection x @ W_ih^T + b_ih of all steps at once, outside the layer. Layer 0's
-input projection is a lookup table (see `input_table`).
+dW_ih is one matmul too, in the backward pass of `project`, the input products x @ W_ih^T
+of all steps at once, outside the layer; b_ih is added in the loop (`Biased`). Layer 0's
+input projection is a lookup table (see `input_table`), whose rows the loop gathers
+(`Gathered`).
 
 Everything inside is time-major, (T, B, ...), so each step reads and writes one
 contiguous (B, ...) slab, and T*B rows reshape for free.
@@ -25,6 +26,7 @@ contiguous (B, ...) slab, and T*B rows reshape for free.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -162,20 +164,24 @@ def _weight_grad(d, x):
 
 
 @jax.custom_vjp
-def project(x, w, b):
-    """The input projection of every step at once: x (T, B, K) @ w^T (K, G) + b -> (T, B, G)."""
-    return x @ w.T + b.reshape(
-        (1,) * (x.ndim - 1) + b.shape
-    )  # the bias broadcast explicitly over the leading axes
+def project(x, w):
+    """The input products of every step at once: x (T, B, K) @ w^T (K, G) -> (T, B, G).
+
+    The bias b_ih is not added here but in the loop, step by step (`Biased`): a separate pass
+    over the (T, B, G) result cost XLA's CPU backend a kernel of its own, while in the loop the
+    add joins the step's elementwise kernel. The sums are the same, (x W^T + b_ih) + h W_hh^T
+    + b_hh, in the same order.
+    """
+    return x @ w.T
 
 
-def _project_fwd(x, w, b):
-    return project(x, w, b), (x, w)
+def _project_fwd(x, w):
+    return x @ w.T, (x, w)
 
 
 def _project_bwd(res, d):
     x, w = res
-    return d @ w, _weight_grad(d, x), d.sum(axis=(0, 1))
+    return d @ w, _weight_grad(d, x)
 
 
 project.defvjp(_project_fwd, _project_bwd)
@@ -184,12 +190,44 @@ project.defvjp(_project_fwd, _project_bwd)
 # ---------------------------------------------------------------- the layer
 
 
+class Gathered(NamedTuple):
+    """A layer's input projection as rows of a lookup table, gathered step by step in the loop.
+
+    Layer 0's (`input_table`): each step gathers its B rows, and no (T, B, G*H) array of all
+    steps' rows is formed; the backward adds the rows' gradients into a (V, G*H) table.
+    """
+
+    table: jax.Array  # (V, G*H), any float dtype; each row rounded to W_hh's dtype once gathered
+    tokens: jax.Array  # (T, B) integer rows
+
+
+class Biased(NamedTuple):
+    """A layer's input projection without its bias, which the loop adds step by step."""
+
+    xw: jax.Array  # (T, B, G*H): x_t W_ih^T
+    bias: jax.Array  # (G*H,): b_ih
+
+
 def _scan_forward(cell, xw, state, w_hh, b_hh, unroll):
     if cell not in _FORWARD:
         raise ValueError(f"unknown cell {cell!r}; choose one of {', '.join(_FORWARD)}")
     # W_hh^T laid out once, outside the loop; the bias as a (1, G*H) row, broadcast over B explicitly
     step = functools.partial(_FORWARD[cell], w_hh.T, b_hh[None, :])
-    final, (hs, saved) = jax.lax.scan(step, state, xw, unroll=unroll)
+    if isinstance(xw, Gathered):
+        xs, dtype = xw.tokens, w_hh.dtype
+
+        def inner(carry, tokens_t):
+            return step(carry, xw.table[tokens_t].astype(dtype))
+
+    elif isinstance(xw, Biased):
+        xs, b_ih = xw.xw, xw.bias[None, :]
+
+        def inner(carry, xw_t):
+            return step(carry, xw_t + b_ih)
+
+    else:
+        xs, inner = xw, step
+    final, (hs, saved) = jax.lax.scan(inner, state, xs, unroll=unroll)
     return hs, final, saved
 
 
@@ -197,8 +235,10 @@ def _scan_forward(cell, xw, state, w_hh, b_hh, unroll):
 def layer(cell: str, xw, state, w_hh, b_hh, unroll: int):
     """One recurrent layer over a whole sequence, time-major.
 
-    xw: (T, B, G*H), the input projection x_t W_ih^T + b_ih of every step; state: (h0,)
-    or (h0, c0), each (B, H); w_hh (G*H, H) and b_hh (G*H,) in PyTorch's layout.
+    xw: (T, B, G*H), the input projection x_t W_ih^T + b_ih of every step, or that projection as
+    `Gathered` table rows or `Biased` (x_t W_ih^T and b_ih apart), whose cotangent is of the
+    same kind; state: (h0,) or (h0, c0), each (B, H); w_hh (G*H, H) and b_hh (G*H,) in PyTorch's
+    layout.
     Returns hs (T, B, H), every step's h, and the final state.
     """
     hs, final, _ = _scan_forward(cell, xw, state, w_hh, b_hh, unroll)
@@ -207,11 +247,18 @@ def layer(cell: str, xw, state, w_hh, b_hh, unroll: int):
 
 def _layer_fwd(cell, xw, state, w_hh, b_hh, unroll):
     hs, final, saved = _scan_forward(cell, xw, state, w_hh, b_hh, unroll)
-    return (hs, final), (hs, saved, state, w_hh)
+    return (hs, final), (hs, saved, state, w_hh, _input_info(xw))
+
+
+def _input_info(xw):
+    """What the backward needs to know of the layer's input: its kind, a table's rows and dtype."""
+    if isinstance(xw, Gathered):  # the table as an empty (V, 0) array: its row count and dtype
+        return Gathered(xw.table[:, :0], xw.tokens)
+    return Biased(None, None) if isinstance(xw, Biased) else None
 
 
 def _layer_bwd(cell, unroll, res, cotangents):
-    hs, saved, state, w_hh = res
+    hs, saved, state, w_hh, info = res
     dhs, dfinal = (
         cotangents  # the final state's cotangent seeds the carry: it is h_{T-1} (and c_{T-1})
     )
@@ -223,6 +270,11 @@ def _layer_bwd(cell, unroll, res, cotangents):
         step, dfinal, (dhs, hs, saved, extra), reverse=True, unroll=unroll
     )
     dhw = dxw if dhw is None else dhw
+    if isinstance(info, Gathered):  # the table rows' gradients, summed in the table's dtype
+        dtab = jnp.zeros((info.table.shape[0], dxw.shape[-1]), info.table.dtype)
+        dxw = Gathered(dtab.at[info.tokens].add(dxw.astype(dtab.dtype)), None)
+    elif isinstance(info, Biased):
+        dxw = Biased(dxw, dxw.sum(axis=(0, 1)))
     return dxw, dstate, _weight_grad(dhw, h_prev), dhw.sum(axis=(0, 1))
 
 
@@ -267,13 +319,12 @@ def apply(params, x, state, *, cfg: ModelConfig, table: bool = True, unroll: int
     for k in range(cfg.num_layers):
         if k == 0 and table:
             # gathered in the embedding's (master) dtype, then rounded: the rows' gradients sum in it
-            xw = input_table(params, tokens).astype(master)[tokens].astype(compute)  # (T, B, G*H)
+            xw = Gathered(input_table(params, tokens).astype(master), tokens)  # gathered per step
         else:
             if k == 0:
                 seq = params["embedding.weight"][tokens].astype(compute)  # (T, B, E)
-            xw = project(
-                seq, params[f"rnn.weight_ih_l{k}"], params[f"rnn.bias_ih_l{k}"]
-            )  # (T, B, G*H)
+            w_ih, b_ih = params[f"rnn.weight_ih_l{k}"], params[f"rnn.bias_ih_l{k}"]
+            xw = Biased(project(seq, w_ih), b_ih)  # b_ih is added in the loop
         seq, s_k = layer(
             cfg.cell,
             xw,
