@@ -251,6 +251,8 @@ def _enforce_bound(clipped: list[jax.Array], tau: jax.Array, p: float) -> list[j
     exact = p in (1, 2) and all(c.dtype != jnp.float64 for c in clipped)
     tau = tau.astype(jnp.float64)
     ok, upper = _certainly_within(clipped, wide, tau, p, exact)
+    if concrete_bool(ok):  # eager and already within: the leaves, as the select would return them
+        return clipped
     coef = clipping.coefficient(upper, tau, "optax")  # tau / upper where the bound is not certain
     fix = coef.tau / coef.divisor * (1 - 2.0**-24)
     return [_select(ok, c, _shrink_into(w, fix, c.dtype)) for w, c in zip(wide, clipped)]
@@ -266,6 +268,9 @@ def _select(pred: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     costs float32/float64 (whose program keeps the float select)."""
     if not is_low_precision(a.dtype):
         return jnp.where(pred, a, b)
+    known = concrete_bool(pred)
+    if known is not None:  # eager: a Python branch (an eager cond is traced and lowered per call)
+        return a if known else b.astype(a.dtype)
     return lax.cond(pred, lambda: a, lambda: b.astype(a.dtype))
 
 
