@@ -140,14 +140,17 @@ def _assert_direction(
         return
     # gc / g may be far below the smallest normal (a huge gradient clipped to a small tau): a
     # subnormal c has too few bits to measure 2 eps. So every term is multiplied by 2**k, with
-    # k chosen so that the scaled factor c_k = c 2**k lies in (1/8, 1/2]: exact (powers of two),
-    # and no scaled entry can overflow.
+    # k chosen so that the scaled factor c_k = c 2**k lies in (1/8, 1/2] and no scaled entry
+    # can overflow. The factor itself is taken exactly (fractions): 2**k gc[big] in floats
+    # would round where gc[big] is subnormal and k < 0 (38 units of 2**-1074 times 2**-2 is
+    # 9.5 units, rounded to 10: an unchanged entry read as c = 40/38).
     k = math.frexp(float(g[big]))[1] - math.frexp(float(gc[big]))[1] - 2
-    c_k = float(np.ldexp(gc[big], k) / g[big])
-    with np.errstate(over="ignore"):
-        c = float(np.ldexp(c_k, -k))  # may read 0.0 for the tiniest factors: only shown
-    if c > 1 + rtol:
+    ratio = Fraction(float(gc[big])) / Fraction(float(g[big]))
+    c_k = float(ratio * Fraction(2) ** k)
+    if ratio > 1 + Fraction(rtol):
+        c = float(ratio) if ratio < 2**1000 else math.inf
         raise Broken(f"g' = c g with c = {c!r} > 1: clipping made the gradient longer")
+    c = float(ratio)  # may read 0.0 for the tiniest factors: only shown
     with np.errstate(over="ignore"):  # a slack beyond float64's range accepts every entry
         slack = rtol * c_k * np.abs(g) + np.ldexp(floor, k)
         off = np.abs(np.ldexp(gc, k) - c_k * g) - slack
