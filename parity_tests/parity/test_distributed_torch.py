@@ -410,12 +410,17 @@ def test_ctrl_c_stops_every_rank_with_a_checkpoint(tmp_path, corpus):
         "1000",
         start_new_session=True,
     )
-    deadline = time.monotonic() + 240
-    while not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").stat().st_size < 500:
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGINT)
-    stdout, err = p.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").stat().st_size < 500:
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        os.killpg(p.pid, signal.SIGINT)
+        stdout, err = p.communicate(timeout=120)
+    finally:  # a failure here must not leave the ranks training 100000 steps in the background
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
     assert p.returncode == 130, err
     ck = checkpoint.load(out)
     assert f"interrupted at step {ck.step}; checkpoint written" in stdout, stdout
